@@ -1,0 +1,1 @@
+"""Hydra configuration tree of fl-imaging (shipped as package data; groups mirror the code)."""

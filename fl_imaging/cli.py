@@ -1,0 +1,167 @@
+"""The ``fl-imaging`` command: compose the Hydra config, check it, prepare sites, run the engine.
+
+Before Hydra starts a run, every override is composed once and checked against the schema, so a
+misspelt key or a wrong type stops in a second with a message naming the key and the allowed keys
+or values, not after the engine has started (for ``--multirun`` each swept value is checked).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, open_dict
+
+from fl_imaging.config import ConfigError, RunConfig, config_dir, validate_config
+from fl_imaging.data.sites import SiteDataError
+from strategies import StrategyError
+
+__all__ = ["check_overrides", "main", "run"]
+
+log = logging.getLogger("fl_imaging")
+
+#: Hydra options that take the next argument as their value.
+_OPTIONS_WITH_VALUE = {
+    "--config-name",
+    "-cn",
+    "--config-path",
+    "-cp",
+    "--config-dir",
+    "-cd",
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--experimental-rerun",
+}
+USER_ERRORS = (ConfigError, SiteDataError, StrategyError)
+
+
+def _overrides_of(argv: list[str]) -> list[str]:
+    overrides: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in _OPTIONS_WITH_VALUE:
+            skip = True
+            continue
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        overrides.append(arg)
+    return overrides
+
+
+def _variants(overrides: list[str]) -> list[list[str]]:
+    """Each swept value once: the first value of every sweep, then one list per other value."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    base: list[str] = []
+    sweeps: list[tuple[int, list[str]]] = []
+    for override in parsed:
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            values = [f"{key}={v}" for v in override.sweep_string_iterator()]
+            sweeps.append((len(base), values))
+            base.append(values[0])
+        else:
+            base.append(override.input_line or "")
+    variants = [base]
+    for index, values in sweeps:
+        for value in values[1:]:
+            variants.append(base[:index] + [value] + base[index + 1 :])
+    return variants
+
+
+def _allowed_after_failed_override(message: str) -> str:
+    match = re.search(r"Could not override '([^']+)'", message)
+    if not match:
+        return ""
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        node: object = compose("config")
+    known: list[str] = []
+    for part in match.group(1).split("."):
+        if not isinstance(node, DictConfig):
+            return ""
+        if part not in node:
+            where = ".".join(known)
+            keys = ", ".join(sorted(str(k) for k in node.keys() if k != "hydra"))
+            wrong = ".".join([*known, part])
+            scope = f" in {where}" if where else ""
+            return f"Unknown config key '{wrong}'. Allowed keys{scope}: {keys}."
+        known.append(part)
+        node = node[part]
+    return ""
+
+
+def check_overrides(overrides: list[str]) -> RunConfig:
+    """Compose the config with ``overrides`` (each swept value separately) and validate it.
+
+    Returns the validated config of the first variant; raises :class:`ConfigError` with a message
+    that names the key and the allowed keys or values.
+    """
+    first: RunConfig | None = None
+    GlobalHydra.instance().clear()
+    for variant in _variants(overrides):
+        try:
+            with initialize_config_dir(str(config_dir()), version_base="1.3"):
+                composed = compose("config", overrides=variant)
+        except HydraException as err:
+            text = str(err).split("\nConfig search path:")[0].strip()
+            raise ConfigError(_allowed_after_failed_override(text) or text) from None
+        with open_dict(composed):
+            composed.run_dir = "."
+        run = validate_config(composed)
+        first = first or run
+    assert first is not None
+    return first
+
+
+def run(cfg: RunConfig) -> Path:
+    """Prepare the sites of a validated config and run it on its engine; returns the run folder."""
+    from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
+    from fl_imaging.engines.simulation import run_simulation_engine
+
+    run_dir = Path(cfg.run_dir)
+    cfg, sites = prepare_sites(cfg)
+    table = write_partition_summary(partition_summary(sites), run_dir / "partition.csv")
+    log.info("sites of this run (cases per split):\n%s", table)
+    if cfg.engine.name != "simulation":
+        raise ConfigError(f"engine.name={cfg.engine.name}: allowed values: simulation")
+    run_simulation_engine(cfg, [s.name for s in sites])
+    log.info("results in %s: metrics.csv, curves.png, model.pt, config.yaml, summary.txt", run_dir)
+    return run_dir
+
+
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+def _hydra_main(composed: DictConfig) -> None:
+    try:
+        run(validate_config(composed))
+    except USER_ERRORS as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Entry point of ``fl-imaging``: check the overrides, then hand over to Hydra."""
+    argv = sys.argv[1:]
+    if not {"--help", "-h", "--hydra-help"} & set(argv):
+        try:
+            check_overrides(_overrides_of(argv))
+        except USER_ERRORS as err:
+            print(f"fl-imaging: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            GlobalHydra.instance().clear()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

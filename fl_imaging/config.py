@@ -1,0 +1,265 @@
+"""The typed schema of fl-imaging's Hydra configuration, and its validation.
+
+Hydra composes ``conf/`` into a plain ``DictConfig``; :func:`validate_config` checks it against the
+dataclasses below and turns OmegaConf's errors into messages that name the key, the expected type
+and the allowed keys or values. Every other module receives a validated :class:`RunConfig`.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EngineConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "StrategyConfig",
+    "TaskConfig",
+    "config_dir",
+    "config_from_yaml",
+    "config_to_yaml",
+    "validate_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must change before anything runs."""
+
+
+class TaskName(enum.StrEnum):
+    segmentation = "segmentation"
+    classification = "classification"
+
+
+class ModelName(enum.StrEnum):
+    unet = "unet"
+    segresnet = "segresnet"
+    densenet = "densenet"
+    resnet = "resnet"
+
+
+class OptimizerName(enum.StrEnum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+@dataclass
+class ModelConfig:
+    name: ModelName = ModelName.unet
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32])
+    num_res_units: int = 1
+    dropout: float = 0.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adam
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+
+
+@dataclass
+class TaskConfig:
+    name: TaskName = TaskName.segmentation
+    spatial_dims: int = 3
+    in_channels: int = 1
+    num_classes: int = 2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    local_epochs: int = 1
+    batch_size: int = 4
+    roi_size: list[int] = field(default_factory=lambda: [32, 32, 32])
+    spacing: list[float] | None = None
+    sw_batch_size: int = 4
+    sw_overlap: float = 0.25
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"
+    root: str | None = None
+    sites: list[str] = field(default_factory=list)
+    num_sites: int = 3
+    cases_per_site: int = 16
+    shape: list[int] = field(default_factory=lambda: [32, 32, 32])
+    dicom_sites: list[int] = field(default_factory=lambda: [0])
+    val_fraction: float = 0.25
+    cache: bool = True
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineConfig:
+    name: str = "simulation"
+    rounds: int = 3
+    clients_per_round: int | None = None
+    cpus_per_client: int = 1
+    num_cpus: int | None = None
+    torch_threads: int | None = None
+    round_timeout: float = 3600.0
+    verbose: bool = False
+
+
+@dataclass
+class RunConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    seed: int = 0
+    run_dir: str = "runs/latest"
+
+
+def config_dir() -> Path:
+    """Return the folder of the shipped Hydra config tree (``conf/``), installed or editable."""
+    return Path(str(importlib.resources.files("conf")))
+
+
+def _allowed_keys(schema: Any, full_key: str) -> list[str]:
+    """Keys of the schema node that holds ``full_key`` (e.g. ``task.model.chanels``)."""
+    node: Any = schema
+    for part in full_key.split(".")[:-1]:
+        if not hasattr(node, part):
+            break
+        node = getattr(node, part)
+    if isinstance(node, DictConfig):
+        return sorted(str(k) for k in node.keys())
+    return []
+
+
+def _enum_values(schema: Any, full_key: str) -> list[str]:
+    node: Any = schema
+    for part in full_key.split("."):
+        if not hasattr(node, part):
+            return []
+        node = getattr(node, part)
+    return [e.value for e in type(node)] if isinstance(node, enum.Enum) else []
+
+
+def validate_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
+    """Check a composed config against the schema and return it typed.
+
+    Takes the DictConfig Hydra composed (or a plain nested dict) and returns a :class:`RunConfig`
+    (an OmegaConf structured object behaving like the dataclass). Raises :class:`ConfigError` naming
+    the offending key with the allowed keys (for an unknown key) or the expected type and allowed
+    values (for a wrong value), and checks value ranges OmegaConf cannot express.
+    """
+    schema = OmegaConf.structured(RunConfig)
+    plain = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    try:
+        merged = OmegaConf.merge(schema, plain)
+    except ConfigKeyError as err:
+        key = err.full_key or str(err.key)
+        allowed = ", ".join(_allowed_keys(schema, key))
+        raise ConfigError(
+            f"Unknown config key '{key}'. Allowed keys here: {allowed}. "
+            "Check the spelling of your override or YAML file."
+        ) from None
+    except ValidationError as err:
+        key = err.full_key or str(err.key)
+        values = _enum_values(schema, key)
+        expected = f"one of: {', '.join(values)}" if values else _type_name(schema, key)
+        raise ConfigError(
+            f"Invalid value {err.value!r} for config key '{key}': expected {expected}."
+        ) from None
+    except OmegaConfBaseException as err:  # pragma: no cover - other OmegaConf failures
+        raise ConfigError(f"Invalid configuration: {err}") from None
+    run = OmegaConf.to_object(merged)
+    assert isinstance(run, RunConfig)
+    _check_ranges(run)
+    return run
+
+
+def _type_name(schema: Any, full_key: str) -> str:
+    node: Any = schema
+    parts = full_key.split(".")
+    for part in parts[:-1]:
+        node = getattr(node, part)
+    ref = OmegaConf.get_type(node, parts[-1]) if isinstance(node, DictConfig) else None
+    return f"a value of type {getattr(ref, '__name__', ref)}" if ref else "another type"
+
+
+def _check_ranges(run: RunConfig) -> None:
+    problems: list[str] = []
+    task, data, engine = run.task, run.data, run.engine
+    if task.spatial_dims not in (2, 3):
+        problems.append(f"task.spatial_dims={task.spatial_dims}: allowed values are 2 and 3")
+    if len(task.roi_size) != task.spatial_dims:
+        problems.append(
+            f"task.roi_size={task.roi_size} has {len(task.roi_size)} entries but "
+            f"task.spatial_dims={task.spatial_dims}: give one size per spatial axis"
+        )
+    if task.spacing is not None and len(task.spacing) != task.spatial_dims:
+        problems.append(f"task.spacing={task.spacing}: give one spacing (mm) per spatial axis")
+    if task.num_classes < 2:
+        problems.append(f"task.num_classes={task.num_classes}: must be 2 or more")
+    if not task.model.channels or min(task.model.channels) < 1:
+        problems.append(f"task.model.channels={task.model.channels}: give positive widths")
+    seg_models, cls_models = (
+        {ModelName.unet, ModelName.segresnet},
+        {
+            ModelName.densenet,
+            ModelName.resnet,
+        },
+    )
+    allowed_models = seg_models if task.name == TaskName.segmentation else cls_models
+    if task.model.name not in allowed_models:
+        problems.append(
+            f"task.model.name={task.model.name.value} does not fit task {task.name.value}: "
+            f"allowed values are {', '.join(sorted(m.value for m in allowed_models))}"
+        )
+    if task.model.name == ModelName.unet and len(task.model.channels) < 2:
+        problems.append("task.model.channels: the U-Net needs at least 2 levels, e.g. [8,16,32]")
+    if task.model.name == ModelName.resnet and len(task.model.channels) != 4:
+        problems.append(
+            f"task.model.channels={task.model.channels}: the ResNet needs exactly 4 widths, "
+            "e.g. [8,16,32,64]"
+        )
+    for name, value in (
+        ("task.local_epochs", task.local_epochs),
+        ("task.batch_size", task.batch_size),
+        ("engine.rounds", engine.rounds),
+        ("engine.cpus_per_client", engine.cpus_per_client),
+    ):
+        if value < 1:
+            problems.append(f"{name}={value}: must be 1 or more")
+    if task.optimizer.lr <= 0:
+        problems.append(f"task.optimizer.lr={task.optimizer.lr}: must be positive")
+    if not 0.0 < data.val_fraction < 1.0:
+        problems.append(f"data.val_fraction={data.val_fraction}: must be between 0 and 1")
+    if engine.clients_per_round is not None and engine.clients_per_round < 1:
+        problems.append(f"engine.clients_per_round={engine.clients_per_round}: must be 1 or more")
+    if problems:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def config_to_yaml(run: RunConfig) -> str:
+    """Serialise a validated config to YAML text (enums as plain strings)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(run))
+
+
+def config_from_yaml(text: str) -> RunConfig:
+    """Parse YAML written by :func:`config_to_yaml` back into a validated :class:`RunConfig`."""
+    loaded = OmegaConf.create(text)
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError("The configuration text is not a YAML mapping.")
+    return validate_config(loaded)

@@ -1,0 +1,105 @@
+"""Turn the ``data`` config into the federation's site folders, checked and split.
+
+For ``data=demo`` the synthetic demo is written first (reused when already there); for
+``data=folders`` the folders given in ``data.sites`` are used as they are.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from fl_imaging.data.demo import make_demo_data
+
+from fl_imaging.config import RunConfig
+from fl_imaging.data.sites import SiteData, SiteDataError, load_site
+
+__all__ = ["partition_summary", "prepare_sites", "write_partition_summary"]
+
+log = logging.getLogger("fl_imaging.data")
+
+
+def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData]]:
+    """Resolve, check and split every site of the federation.
+
+    Returns the config with ``data.sites`` set to absolute folder paths, and one
+    :class:`SiteData` per site in that order. Raises :class:`SiteDataError` for a missing or
+    broken site folder, naming it.
+    """
+    data = cfg.data
+    if data.name == "demo":
+        if not data.root:
+            raise SiteDataError("data.root is empty: give the folder for the demo data")
+        log.info(
+            "demo data: %d sites x %d cases in %s", data.num_sites, data.cases_per_site, data.root
+        )
+        folders = make_demo_data(
+            Path(data.root),
+            task=cfg.task.name.value,
+            num_sites=data.num_sites,
+            cases_per_site=data.cases_per_site,
+            shape=tuple(data.shape),
+            dicom_sites=tuple(data.dicom_sites),
+            seed=cfg.seed,
+        )
+    else:
+        if not data.sites:
+            raise SiteDataError(
+                "data.sites is empty: list the site folders, e.g. "
+                "data.sites=[/data/hospital-a,/data/hospital-b]"
+            )
+        folders = [Path(p) for p in data.sites]
+    if len(folders) < 1:
+        raise SiteDataError("the federation has no site")
+    folders = [f.resolve() for f in folders]
+    names = [f.name for f in folders]
+    duplicated = [n for n, k in Counter(names).items() if k > 1]
+    if duplicated:
+        raise SiteDataError(
+            f"site folder names must be unique, they name the sites: {', '.join(duplicated)} "
+            "appears more than once"
+        )
+    sites = [
+        load_site(f, cfg.task.name.value, val_fraction=data.val_fraction, seed=cfg.seed + i)
+        for i, f in enumerate(folders)
+    ]
+    resolved = replace(cfg, data=replace(data, sites=[str(f) for f in folders]))
+    return resolved, sites
+
+
+def partition_summary(sites: list[SiteData]) -> list[dict[str, str | int]]:
+    """One row per site: name, folder, train/val/test case counts and, for classification, the
+    number of training cases per class (``class_<k>``)."""
+    rows: list[dict[str, str | int]] = []
+    for site in sites:
+        row: dict[str, str | int] = {
+            "site": site.name,
+            "folder": str(site.root),
+            "train": len(site.train),
+            "val": len(site.val),
+            "test": len(site.test),
+        }
+        classes = Counter(c.label for c in site.train if isinstance(c.label, int))
+        for label, count in sorted(classes.items()):
+            row[f"class_{label}"] = count
+        rows.append(row)
+    return rows
+
+
+def write_partition_summary(rows: list[dict[str, str | int]], path: Path) -> str:
+    """Write the partition summary as CSV at ``path`` and return it as printable text."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval=0)
+        writer.writeheader()
+        writer.writerows(rows)
+    shown = [c for c in columns if c != "folder"]
+    lines = [shown] + [[str(row.get(c, 0)) for c in shown] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(shown))]
+    return "\n".join(
+        "  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in lines
+    )

@@ -1,0 +1,191 @@
+"""Find the cases of one hospital site folder and split them into train and validation.
+
+A site folder holds::
+
+    images/CASE_ID.nii.gz | CASE_ID.nii   NIfTI volumes
+    images/CASE_ID/                       one DICOM series per folder (any file names)
+    labels/CASE_ID.nii.gz                 segmentation masks, paired with images by case id
+    labels.csv                            classification labels: ``case_id,label[,split]``
+    split.csv                             optional ``case_id,split`` (train / val / test)
+
+Only file names are read here; decoding is MONAI's job (see ``tasks``). Every problem found is
+reported with the site and the file, and nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Case", "SiteData", "SiteDataError", "find_cases", "load_site"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+SPLITS = ("train", "val", "test")
+
+
+class SiteDataError(ValueError):
+    """A site folder that cannot be trained on as it is; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: ``image`` is a NIfTI file or a DICOM series folder; ``label`` a mask path
+    (segmentation) or a class index (classification); ``split`` train/val/test or None."""
+
+    case_id: str
+    image: str
+    label: str | int
+    split: str | None = None
+
+    def as_dict(self) -> dict[str, str | int]:
+        """Return the MONAI dictionary form ``{"image": ..., "label": ..., "case_id": ...}``."""
+        return {"image": self.image, "label": self.label, "case_id": self.case_id}
+
+
+@dataclass
+class SiteData:
+    """The cases of one site, split: ``train`` and ``val`` lists of :class:`Case`."""
+
+    name: str
+    root: Path
+    train: list[Case] = field(default_factory=list)
+    val: list[Case] = field(default_factory=list)
+    test: list[Case] = field(default_factory=list)
+
+    @property
+    def num_cases(self) -> int:
+        return len(self.train) + len(self.val) + len(self.test)
+
+
+def _case_id_of(path: Path) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+def _read_csv(path: Path, site: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SiteDataError(
+                f"[site {site}] {path}: missing column(s) {', '.join(missing)}; "
+                f"the header must start with {','.join(columns)}"
+            )
+        return list(reader)
+
+
+def find_cases(root: Path, task: str, site: str | None = None) -> list[Case]:
+    """List the cases of a site folder without decoding any image.
+
+    Takes the site folder, the task name (``segmentation`` or ``classification``) and a site name
+    for messages; returns the cases sorted by case id. Raises :class:`SiteDataError` listing every
+    problem: missing folder, empty ``images/``, an image without a label, a label without an image,
+    a label value that is not an integer.
+    """
+    site = site or root.name
+    images_dir = root / "images"
+    if not root.is_dir():
+        raise SiteDataError(f"[site {site}] site folder {root} does not exist: check the path")
+    if not images_dir.is_dir():
+        raise SiteDataError(
+            f"[site {site}] {images_dir} is missing: put the site's NIfTI files or DICOM series "
+            "folders in an images/ sub-folder (see the README's site layout)"
+        )
+    images: dict[str, Path] = {}
+    problems: list[str] = []
+    for entry in sorted(images_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() or entry.name.endswith(NIFTI_SUFFIXES):
+            case_id = _case_id_of(entry)
+            if case_id in images:
+                problems.append(f"{entry}: case id {case_id} appears twice in {images_dir}")
+            images[case_id] = entry
+        else:
+            problems.append(
+                f"{entry}: not a NIfTI file (.nii, .nii.gz) nor a DICOM series folder; "
+                "move it out of images/"
+            )
+    if not images and not problems:
+        raise SiteDataError(f"[site {site}] {images_dir} is empty: no NIfTI file or DICOM folder")
+
+    splits: dict[str, str] = {}
+    split_file = root / "split.csv"
+    if split_file.is_file():
+        for row in _read_csv(split_file, site, ("case_id", "split")):
+            splits[row["case_id"]] = row["split"].strip().lower()
+
+    labels: dict[str, str | int] = {}
+    if task == "segmentation":
+        labels_dir = root / "labels"
+        if not labels_dir.is_dir():
+            raise SiteDataError(
+                f"[site {site}] {labels_dir} is missing: segmentation needs one NIfTI mask per "
+                "image, named like the image, in labels/"
+            )
+        for entry in sorted(labels_dir.iterdir()):
+            if entry.name.endswith(NIFTI_SUFFIXES):
+                labels[_case_id_of(entry)] = str(entry)
+        for case_id in sorted(set(labels) - set(images)):
+            problems.append(f"{labels[case_id]}: label without an image (no images/{case_id}*)")
+    else:
+        labels_csv = root / "labels.csv"
+        if not labels_csv.is_file():
+            raise SiteDataError(
+                f"[site {site}] {labels_csv} is missing: classification needs a labels.csv with "
+                "columns case_id,label"
+            )
+        for line, row in enumerate(_read_csv(labels_csv, site, ("case_id", "label")), start=2):
+            try:
+                labels[row["case_id"]] = int(row["label"])
+            except ValueError:
+                problems.append(
+                    f"{labels_csv} line {line}: label {row['label']!r} of case {row['case_id']} "
+                    "is not an integer class index"
+                )
+            if row.get("split"):
+                splits[row["case_id"]] = row["split"].strip().lower()
+    for case_id in sorted(set(images) - set(labels)):
+        problems.append(f"{images[case_id]}: image without a label (case id {case_id})")
+    for case_id, split in sorted(splits.items()):
+        if split not in SPLITS:
+            problems.append(f"split of case {case_id} is {split!r}: use one of {', '.join(SPLITS)}")
+    if problems:
+        raise SiteDataError(
+            f"[site {site}] {len(problems)} problem(s) in {root}:\n  - " + "\n  - ".join(problems)
+        )
+    return [Case(c, str(images[c]), labels[c], splits.get(c)) for c in sorted(images)]
+
+
+def load_site(
+    root: Path, task: str, *, val_fraction: float, seed: int, name: str | None = None
+) -> SiteData:
+    """Find a site's cases and split them.
+
+    Cases with an explicit split keep it; the others are split at random (seeded by ``seed``) so
+    that a fraction ``val_fraction`` of them, at least one, goes to validation. Returns the
+    :class:`SiteData`; raises :class:`SiteDataError` when the site cannot give at least one
+    training and one validation case.
+    """
+    name = name or root.name
+    cases = find_cases(root, task, name)
+    site = SiteData(name=name, root=root)
+    unassigned = [c for c in cases if c.split is None]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(unassigned))
+    n_val = max(1, round(val_fraction * len(unassigned))) if unassigned else 0
+    val_ids = {unassigned[i].case_id for i in order[:n_val]}
+    for case in cases:
+        split = case.split or ("val" if case.case_id in val_ids else "train")
+        getattr(site, split).append(case)
+    if not site.train or not site.val:
+        raise SiteDataError(
+            f"[site {name}] {root}: {len(site.train)} training and {len(site.val)} validation "
+            "case(s); each site needs at least one of each: add cases or change split.csv"
+        )
+    return site

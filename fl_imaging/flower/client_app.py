@@ -1,0 +1,124 @@
+"""Flower ClientApp: one hospital site trains and evaluates the global model on its own data.
+
+Each site reads only its own folder: the one given by its SuperNode's ``--node-config
+data-dir=...`` (deployment) or, in simulation, the entry of ``data.sites`` at its partition id.
+Weights travel as NumPy arrays inside an ``ArrayRecord``; ``num-examples`` counts cases.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_imaging.config import RunConfig
+from fl_imaging.data.sites import load_site
+from fl_imaging.flower.protocol import (
+    LOCAL_EPOCHS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    SITE_NAME,
+    SITE_RECORD,
+    resolve_config,
+)
+from fl_imaging.site_training import SiteTrainer
+from tasks import build_task
+
+__all__ = ["app", "build_client_app", "site_of"]
+
+log = logging.getLogger("fl_imaging.client")
+
+#: Trainers kept for the life of the process (a Ray actor or a long-lived ClientApp process), so
+#: that volumes are decoded once, not once per round. Keyed by (config text, site folder).
+_TRAINERS: dict[tuple[str, str], SiteTrainer] = {}
+
+
+def site_of(context: Context, cfg: RunConfig) -> tuple[str, Path, int]:
+    """Return this node's (site name, data folder, site index) from its node_config.
+
+    Deployment: ``data-dir`` (and optional ``site-name``) given to ``flower-supernode``.
+    Simulation: ``partition-id`` indexes ``data.sites``.
+    """
+    node = context.node_config
+    if "data-dir" in node:
+        path = Path(str(node["data-dir"]))
+        return str(node.get("site-name", path.name)), path, int(node.get("site-index", 0))
+    index = int(node["partition-id"])
+    path = Path(cfg.data.sites[index])
+    return path.name, path, index
+
+
+def _trainer(context: Context, cfg: RunConfig) -> SiteTrainer:
+    name, path, index = site_of(context, cfg)
+    key = (repr(cfg), str(path))
+    if key not in _TRAINERS:
+        threads = cfg.engine.torch_threads or cfg.engine.cpus_per_client
+        torch.set_num_threads(threads)
+        site = load_site(
+            path,
+            cfg.task.name.value,
+            val_fraction=cfg.data.val_fraction,
+            seed=cfg.seed + index,
+            name=name,
+        )
+        _TRAINERS[key] = SiteTrainer(
+            name,
+            site.train,
+            site.val,
+            build_task(cfg.task),
+            batch_size=cfg.task.batch_size,
+            cache=cfg.data.cache,
+        )
+    return _TRAINERS[key]
+
+
+def _reply(msg: Message, trainer: SiteTrainer, metrics: dict[str, float], arrays: bool) -> Message:
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(metrics),
+            SITE_RECORD: ConfigRecord({SITE_NAME: trainer.name}),
+        }
+    )
+    if arrays:
+        content["arrays"] = ArrayRecord(trainer.state())
+    return Message(content=content, reply_to=msg)
+
+
+def build_client_app(config: RunConfig | None = None) -> ClientApp:
+    """Return a ClientApp bound to ``config`` (simulation), or reading it from run_config (None)."""
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = resolve_config(config, context)
+        trainer = _trainer(context, cfg)
+        trainer.load_state(msg.content["arrays"].to_torch_state_dict())
+        settings = msg.content["config"]
+        rnd = int(settings.get(SERVER_ROUND, 0))
+        epochs = int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs))
+        _, _, index = site_of(context, cfg)
+        result = trainer.fit(
+            epochs,
+            seed=cfg.seed * 100_003 + rnd * 1_009 + index,
+            log=lambda line: log.info("[site %s] round %d %s", trainer.name, rnd, line),
+        )
+        metrics = {"train_loss": result.loss, NUM_EXAMPLES: result.num_samples}
+        return _reply(msg, trainer, metrics, arrays=True)
+
+    @client.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg = resolve_config(config, context)
+        trainer = _trainer(context, cfg)
+        trainer.load_state(msg.content["arrays"].to_torch_state_dict())
+        metrics = {("val_loss" if k == "loss" else k): v for k, v in trainer.evaluate().items()}
+        metrics[NUM_EXAMPLES] = trainer.num_val
+        return _reply(msg, trainer, metrics, arrays=False)
+
+    return client
+
+
+#: The ClientApp for deployment (``flower-supernode``): config comes in run_config.
+app = build_client_app()

@@ -1,0 +1,41 @@
+"""Names shared by the ServerApp and the ClientApp: what travels in run_config and in messages."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+
+from fl_imaging.config import RunConfig, config_from_yaml
+
+__all__ = [
+    "CONFIG_KEY",
+    "LOCAL_EPOCHS",
+    "NUM_EXAMPLES",
+    "SERVER_ROUND",
+    "SITE_NAME",
+    "SITE_RECORD",
+    "resolve_config",
+]
+
+#: run_config key holding the whole resolved experiment config as YAML (deployment engine).
+CONFIG_KEY = "fl-imaging-config"
+#: ConfigRecord in every reply that names the site which sent it.
+SITE_RECORD = "site"
+SITE_NAME = "name"
+#: Metric Flower's strategies weight by: the number of samples (cases), never batches.
+NUM_EXAMPLES = "num-examples"
+SERVER_ROUND = "server-round"
+LOCAL_EPOCHS = "local-epochs"
+
+
+def resolve_config(bound: RunConfig | None, context: Context) -> RunConfig:
+    """Return the config an app was built with (simulation) or the one sent in run_config
+    (deployment). Raises ValueError when neither exists."""
+    if bound is not None:
+        return bound
+    text = context.run_config.get(CONFIG_KEY)
+    if not isinstance(text, str):
+        raise ValueError(
+            f"run_config has no '{CONFIG_KEY}': start runs with `fl-imaging`, which sends the "
+            "experiment config along."
+        )
+    return config_from_yaml(text)

@@ -1,0 +1,105 @@
+"""One site's training and evaluation: its cases, decoded once and cached, and a task's model.
+
+This is where site data meets a task. The Flower ClientApp holds one :class:`SiteTrainer` per site
+and keeps it between rounds, so volumes are decoded once per process, not once per round. The
+centralised baseline uses the same class on the pooled cases of all sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset
+from monai.transforms import Compose
+
+from fl_imaging.data.sites import Case, SiteDataError
+from tasks.base import ExtraLoss, ImagingTask, TrainResult
+
+__all__ = ["SiteTrainer"]
+
+
+class SiteTrainer:
+    """Model, cached datasets and loops of one site (or of a pooled set of cases).
+
+    Takes the site name (for messages), its training and validation cases, the task, the batch
+    size, and whether to cache decoded volumes in memory (MONAI ``CacheDataset``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        train_cases: Sequence[Case],
+        val_cases: Sequence[Case],
+        task: ImagingTask,
+        *,
+        batch_size: int,
+        cache: bool = True,
+    ) -> None:
+        self.name = name
+        self.task = task
+        self.model = task.build_model()
+        self.batch_size = batch_size
+        # Flat lists, so that CacheDataset caches everything before the first random transform.
+        loading = list(task.load_transforms().transforms)
+        self.train_transform = Compose([*loading, *task.train_transforms().transforms])
+        self.eval_transform = Compose([*loading, *task.eval_transforms().transforms])
+        self.train_data = self._dataset(train_cases, self.train_transform, cache)
+        self.val_data = self._dataset(val_cases, self.eval_transform, cache)
+
+    def _dataset(self, cases: Sequence[Case], transform: Compose, cache: bool) -> Dataset:
+        items = [case.as_dict() for case in cases]
+        if not cache:
+            return Dataset(items, transform=transform)
+        try:
+            return CacheDataset(items, transform=transform, progress=False, num_workers=0)
+        except Exception as err:  # MONAI wraps reader errors; name the site and the cause
+            raise SiteDataError(
+                f"[site {self.name}] could not decode its volumes: {err}. Run "
+                "`fl-imaging-data inspect` on the site folder to find the broken file."
+            ) from err
+
+    @property
+    def num_train(self) -> int:
+        """Number of training samples (cases)."""
+        return len(self.train_data)
+
+    @property
+    def num_val(self) -> int:
+        """Number of validation samples (cases)."""
+        return len(self.val_data)
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load global weights (a torch state dict) into the site's model."""
+        self.model.load_state_dict(state, strict=True)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Return the site model's weights as a CPU state dict."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def fit(
+        self,
+        epochs: int,
+        *,
+        seed: int,
+        extra_loss: ExtraLoss | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> TrainResult:
+        """Train the model in place for ``epochs`` local epochs, shuffling and augmenting with
+        ``seed``. Returns the last epoch's mean loss and the number of samples per epoch."""
+        torch.manual_seed(seed)
+        self.train_transform.set_random_state(seed=seed % (2**32))
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(
+            self.train_data,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=0,
+        )
+        return self.task.train(self.model, loader, epochs, extra_loss=extra_loss, log=log)
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate the current model on the site's validation cases; returns metric -> value."""
+        loader = DataLoader(self.val_data, batch_size=1, shuffle=False, num_workers=0)
+        return self.task.evaluate(self.model, loader)

@@ -1,0 +1,99 @@
+"""A bad config stops before any training with a message naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fl_imaging.cli import check_overrides
+from fl_imaging.config import ConfigError, validate_config
+from strategies import StrategyError, build_strategy
+
+
+def test_default_config_is_valid() -> None:
+    cfg = check_overrides([])
+    assert cfg.task.name.value == "segmentation"
+    assert cfg.engine.rounds == 3
+    assert cfg.strategy.name == "fedavg"
+
+
+def test_overrides_reach_the_config() -> None:
+    cfg = check_overrides(
+        [
+            "task=classification",
+            "engine.rounds=5",
+            "engine.clients_per_round=2",
+            "task.model.channels=[8,16,32]",
+            "seed=1",
+        ]
+    )
+    assert cfg.task.name.value == "classification"
+    assert cfg.engine.rounds == 5 and cfg.engine.clients_per_round == 2
+    assert cfg.task.model.channels == [8, 16, 32] and cfg.seed == 1
+
+
+def test_unknown_key_names_the_key_and_the_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        check_overrides(["task.modle.channels=[4,8]"])
+    text = str(err.value)
+    assert "task.modle" in text and "model" in text and "optimizer" in text
+
+
+def test_appended_unknown_key_is_refused_too() -> None:
+    with pytest.raises(ConfigError, match=r"task\.model\.chanels.*channels"):
+        check_overrides(["+task.model.chanels=[4,8]"])
+
+
+def test_wrong_type_names_the_key_and_the_type() -> None:
+    with pytest.raises(ConfigError, match=r"engine\.rounds.*int"):
+        check_overrides(["engine.rounds=three"])
+
+
+def test_wrong_enum_lists_the_allowed_values() -> None:
+    with pytest.raises(ConfigError, match=r"task\.model\.name.*unet, segresnet"):
+        check_overrides(["task.model.name=vnet"])
+
+
+def test_unknown_strategy_group_option_lists_the_strategies() -> None:
+    with pytest.raises(ConfigError, match=r"strategy/fedavgg[\s\S]*fedavg"):
+        check_overrides(["strategy=fedavgg"])
+
+
+def test_every_swept_value_is_checked() -> None:
+    with pytest.raises(ConfigError, match="engine.rounds"):
+        check_overrides(["engine.rounds=2,x"])
+
+
+def test_unknown_strategy_name_and_parameter() -> None:
+    cfg = check_overrides([])
+    with pytest.raises(StrategyError, match="Allowed values for strategy.name: fedavg"):
+        build_strategy(type(cfg.strategy)(name="krumm"), num_sites=3)
+    with pytest.raises(StrategyError, match="Unknown parameter strategy.params.lr"):
+        build_strategy(type(cfg.strategy)(name="fedavg", params={"lr": 1}), num_sites=3)
+
+
+def test_ranges_are_checked() -> None:
+    with pytest.raises(ConfigError, match="roi_size"):
+        check_overrides(["task.roi_size=[32,32]"])
+    with pytest.raises(ConfigError, match="does not fit task segmentation"):
+        check_overrides(["task.model.name=densenet"])
+
+
+def test_validate_accepts_plain_dicts() -> None:
+    with pytest.raises(ConfigError, match="Unknown config key 'engine.roundz'"):
+        validate_config({"engine": {"roundz": 2}})
+
+
+def test_cli_exits_2_before_training_with_the_message(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fl_imaging.cli", "engine.rounds=abc"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "engine.rounds" in proc.stderr and "int" in proc.stderr
+    assert not (tmp_path / "demo-data").exists()  # nothing was generated or trained
