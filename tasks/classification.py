@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fl_imaging.config import ModelName
-from tasks.base import ImagingTask
+from tasks.base import IMAGE_READERS, ORIENTATION_LABELS, ImagingTask
 
 __all__ = ["ClassificationTask"]
 
@@ -65,11 +65,11 @@ class ClassificationTask(ImagingTask):
     def load_transforms(self) -> Compose:
         dims = self.cfg.spatial_dims
         steps: list = [
-            LoadImaged(keys="image", image_only=True),
+            LoadImaged(keys="image", reader=list(IMAGE_READERS), image_only=True),
             EnsureChannelFirstd(keys="image"),
         ]
         if dims == 3:
-            steps.append(Orientationd(keys="image", axcodes="RAS"))
+            steps.append(Orientationd(keys="image", axcodes="RAS", labels=ORIENTATION_LABELS))
         if self.cfg.spacing is not None:
             steps.append(Spacingd(keys="image", pixdim=tuple(self.cfg.spacing)))
         steps += [

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fl_imaging.config import ModelName
-from tasks.base import ImagingTask
+from tasks.base import IMAGE_READERS, ORIENTATION_LABELS, ImagingTask
 
 __all__ = ["SegmentationTask"]
 
@@ -68,9 +68,11 @@ class SegmentationTask(ImagingTask):
     def load_transforms(self) -> Compose:
         keys = ["image", "label"]
         steps: list = [
-            LoadImaged(keys=keys, image_only=True),
+            LoadImaged(keys=keys, reader=list(IMAGE_READERS), image_only=True),
             EnsureChannelFirstd(keys=keys),
-            Orientationd(keys=keys, axcodes="RAS"[: self.cfg.spatial_dims]),
+            Orientationd(
+                keys=keys, axcodes="RAS"[: self.cfg.spatial_dims], labels=ORIENTATION_LABELS
+            ),
         ]
         if self.cfg.spacing is not None:
             steps.append(

@@ -12,9 +12,8 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from fl_imaging.data.demo import make_demo_data
-
 from fl_imaging.config import RunConfig
+from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.sites import SiteData, SiteDataError, load_site
 
 __all__ = ["partition_summary", "prepare_sites", "write_partition_summary"]

@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 
 from fl_imaging.config import RunConfig
 
@@ -15,12 +14,21 @@ __all__ = ["run_simulation_engine"]
 log = logging.getLogger("fl_imaging.engine")
 
 
+class _DropRunSimulationDeprecation(logging.Filter):
+    """Flower warns that ``run_simulation`` is deprecated in favour of ``flwr run``; we use it on
+    purpose (see :func:`run_simulation_engine`), so the warning is dropped, and only that one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def _quiet_flower(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
-    logging.getLogger("flwr").setLevel(level)
-    # Flower warns that run_simulation is deprecated in favour of `flwr run`; we use it on
-    # purpose (see run_simulation_engine) and say so once here instead of on every run.
-    warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(level)
+    if not any(isinstance(f, _DropRunSimulationDeprecation) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_DropRunSimulationDeprecation())
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def run_simulation_engine(cfg: RunConfig, site_names: list[str]) -> None:

@@ -8,6 +8,7 @@ Weights travel as NumPy arrays inside an ``ArrayRecord``; ``num-examples`` count
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -51,10 +52,21 @@ def site_of(context: Context, cfg: RunConfig) -> tuple[str, Path, int]:
     return path.name, path, index
 
 
+def _ensure_logging() -> None:
+    """Ray actors and ClientApp processes start without logging set up: show our progress."""
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def _trainer(context: Context, cfg: RunConfig) -> SiteTrainer:
     name, path, index = site_of(context, cfg)
     key = (repr(cfg), str(path))
     if key not in _TRAINERS:
+        _ensure_logging()
+        start = time.perf_counter()
         threads = cfg.engine.torch_threads or cfg.engine.cpus_per_client
         torch.set_num_threads(threads)
         site = load_site(
@@ -71,6 +83,14 @@ def _trainer(context: Context, cfg: RunConfig) -> SiteTrainer:
             build_task(cfg.task),
             batch_size=cfg.task.batch_size,
             cache=cfg.data.cache,
+        )
+        log.info(
+            "[site %s] %d training and %d validation cases from %s ready in %.1f s",
+            name,
+            len(site.train),
+            len(site.val),
+            path,
+            time.perf_counter() - start,
         )
     return _TRAINERS[key]
 

@@ -1,0 +1,1 @@
+"""Site data: demo generation, site folders, splits."""
