@@ -1,0 +1,112 @@
+"""Benchmark: what federating costs over the same training done centrally.
+
+Runs the same total training twice on the same demo data (4 sites, same epochs, batch size,
+model, evaluation after every round) and prints both wall times and their ratio:
+
+* federated: the ``fl-imaging`` command on Flower's simulation engine, one virtual site per folder;
+* centralised: plain MONAI training of one model on the pooled cases, in one process, using all
+  cores for torch.
+
+Both are whole processes started the same way, so imports count on both sides; the demo data is
+written before either clock starts. The target ratio is 1.15 or less.
+
+    python scripts/bench_overhead.py                 # default size
+    python scripts/bench_overhead.py engine.rounds=5 # any fl-imaging override
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fl_imaging.results import read_metrics
+
+DEFAULTS = [
+    "data.num_sites=4",
+    "data.cases_per_site=24",
+    "data.shape=[48,48,48]",
+    "task.roi_size=[32,32,32]",
+    "task.local_epochs=4",
+    "engine.rounds=6",
+]
+
+
+def centralised(overrides: list[str], out: Path) -> None:
+    """Train the pooled baseline for the config given by ``overrides``; write metrics to ``out``."""
+    import torch
+
+    from fl_imaging.cli import check_overrides
+    from fl_imaging.data.prepare import prepare_sites
+    from fl_imaging.pooled import train_pooled
+    from fl_imaging.results import write_metrics
+
+    cfg = check_overrides(overrides)
+    torch.set_num_threads(cfg.engine.num_cpus or os.cpu_count() or 1)
+    cfg, sites = prepare_sites(cfg)
+    rows, _ = train_pooled(cfg, sites)
+    write_metrics(rows, out)
+
+
+def _timed(cmd: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"benchmark step failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="fl-imaging overrides, after the defaults")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep data and runs here")
+    parser.add_argument("--centralised-only", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.centralised_only is not None:
+        centralised(args.overrides, args.centralised_only)
+        return
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    work.mkdir(parents=True, exist_ok=True)
+    overrides = [*DEFAULTS, f"data.root={work / 'demo'}", *args.overrides]
+    print(f"benchmark folder: {work}\noverrides: {' '.join(overrides)}")
+
+    from fl_imaging.cli import check_overrides
+    from fl_imaging.data.prepare import prepare_sites
+
+    prepare_sites(check_overrides(overrides))  # write the demo data before any clock starts
+
+    fed_dir, central_csv = work / "federated", work / "centralised.csv"
+    t_central = _timed(
+        [sys.executable, __file__, "--centralised-only", str(central_csv), *overrides], work
+    )
+    t_fed = _timed(
+        [sys.executable, "-m", "fl_imaging.cli", *overrides, f"hydra.run.dir={fed_dir}"], work
+    )
+    fed = read_metrics(fed_dir / "metrics.csv")
+    central = read_metrics(central_csv)
+    main_metric = "dice" if any(r.metric == "dice" for r in fed) else "accuracy"
+    last = max(r.round for r in fed)
+
+    def final(rows: list) -> float:
+        values = [r.value for r in rows if r.round == last and r.metric == main_metric]
+        return sum(values) / len(values)
+
+    fed_rounds = sorted((r.round, r.value) for r in fed if r.metric == "round_seconds")
+    central_rounds = sorted((r.round, r.value) for r in central if r.metric == "round_seconds")
+    print()
+    print(f"{'':24}{'centralised':>14}{'federated':>14}")
+    print(f"{'wall time (s)':24}{t_central:14.1f}{t_fed:14.1f}")
+    for (rnd, c), (_, f) in zip(central_rounds, fed_rounds, strict=True):
+        print(f"{f'round {rnd} (s)':24}{c:14.1f}{f:14.1f}")
+    print(f"{f'final mean {main_metric}':24}{final(central):14.3f}{final(fed):14.3f}")
+    print(f"\nratio federated / centralised: {t_fed / t_central:.2f}  (target <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()
