@@ -57,12 +57,16 @@ def _timed(cmd: list[str], cwd: Path) -> float:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        sys.exit(f"benchmark step failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        sys.exit(
+            f"benchmark step failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        )
     return seconds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("overrides", nargs="*", help="fl-imaging overrides, after the defaults")
     parser.add_argument("--workdir", type=Path, default=None, help="keep data and runs here")
     parser.add_argument("--centralised-only", type=Path, default=None, help=argparse.SUPPRESS)

@@ -40,11 +40,9 @@ class RecordingStrategy(Strategy):
     def __init__(
         self,
         inner: Strategy,
-        num_rounds: int,
         on_round_end: Callable[[int, list[MetricRow]], None] | None = None,
     ) -> None:
         self.inner = inner
-        self.num_rounds = num_rounds
         self.on_round_end = on_round_end
         self.rows: list[MetricRow] = []
         self.failures: list[tuple[int, str, str]] = []

@@ -52,7 +52,7 @@ def run_federation(grid: Grid, cfg: RunConfig, site_names: list[str]) -> Recordi
             values.get(("all", "round_seconds"), float("nan")),
         )
 
-    recorder = RecordingStrategy(strategy, rounds, on_round_end=progress)
+    recorder = RecordingStrategy(strategy, on_round_end=progress)
     result = recorder.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
