@@ -97,6 +97,7 @@ class DataConfig:
     dicom_sites: list[int] = field(default_factory=lambda: [0])
     val_fraction: float = 0.25
     cache: bool = True
+    exclude_bad_cases: bool = False
 
 
 @dataclass

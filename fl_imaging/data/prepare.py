@@ -14,9 +14,10 @@ from pathlib import Path
 
 from fl_imaging.config import RunConfig
 from fl_imaging.data.demo import make_demo_data
-from fl_imaging.data.sites import SiteData, SiteDataError, load_site
+from fl_imaging.data.inspect import inspect_site
+from fl_imaging.data.sites import Case, SiteData, SiteDataError, load_site, scan_site
 
-__all__ = ["partition_summary", "prepare_sites", "write_partition_summary"]
+__all__ = ["checked_cases", "partition_summary", "prepare_sites", "write_partition_summary"]
 
 log = logging.getLogger("fl_imaging.data")
 
@@ -62,11 +63,40 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData]]:
             "appears more than once"
         )
     sites = [
-        load_site(f, cfg.task.name.value, val_fraction=data.val_fraction, seed=cfg.seed + i)
-        for i, f in enumerate(folders)
+        load_site(
+            folder,
+            cfg.task.name.value,
+            val_fraction=data.val_fraction,
+            seed=cfg.seed + i,
+            cases=checked_cases(folder, cfg),
+        )
+        for i, folder in enumerate(folders)
     ]
     resolved = replace(cfg, data=replace(data, sites=[str(f) for f in folders]))
     return resolved, sites
+
+
+def checked_cases(folder: Path, cfg: RunConfig) -> list[Case]:
+    """Decode and check every case of a site folder (as ``fl-imaging-data inspect`` does).
+
+    Returns the cases that passed. Raises :class:`SiteDataError` listing every problem, unless
+    ``data.exclude_bad_cases`` is set: then the failing cases are left out and named in the log.
+    """
+    task = cfg.task.name.value
+    report = inspect_site(folder, task, num_classes=cfg.task.num_classes)
+    problems = report.all_problems
+    bad = {c.case_id for c in report.cases if c.problems}
+    if problems and (not cfg.data.exclude_bad_cases or report.problems and not report.cases):
+        raise SiteDataError(
+            f"[site {report.site}] {len(problems)} problem(s) in {folder}:\n  - "
+            + "\n  - ".join(problems)
+            + "\nFix them (fl-imaging-data inspect shows them again), or set "
+            "data.exclude_bad_cases=true to train without these cases."
+        )
+    for problem in problems:
+        log.warning("[site %s] excluded (data.exclude_bad_cases=true): %s", report.site, problem)
+    ok = {c.case_id for c in report.cases} - bad
+    return [c for c in scan_site(folder, task, report.site)[0] if c.case_id in ok]
 
 
 def partition_summary(sites: list[SiteData]) -> list[dict[str, str | int]]:

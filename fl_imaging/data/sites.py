@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Case", "SiteData", "SiteDataError", "find_cases", "load_site"]
+__all__ = ["Case", "SiteData", "SiteDataError", "find_cases", "load_site", "scan_site"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SPLITS = ("train", "val", "test")
@@ -84,8 +84,24 @@ def find_cases(root: Path, task: str, site: str | None = None) -> list[Case]:
 
     Takes the site folder, the task name (``segmentation`` or ``classification``) and a site name
     for messages; returns the cases sorted by case id. Raises :class:`SiteDataError` listing every
-    problem: missing folder, empty ``images/``, an image without a label, a label without an image,
-    a label value that is not an integer.
+    problem found by :func:`scan_site`.
+    """
+    site = site or root.name
+    cases, problems = scan_site(root, task, site)
+    if problems:
+        raise SiteDataError(
+            f"[site {site}] {len(problems)} problem(s) in {root}:\n  - " + "\n  - ".join(problems)
+        )
+    return cases
+
+
+def scan_site(root: Path, task: str, site: str | None = None) -> tuple[list[Case], list[str]]:
+    """List a site folder's complete cases and every problem of its layout, without decoding.
+
+    Returns (cases with both image and label, sorted by case id; problems, each naming the file).
+    Problems: an unknown file in ``images/``, a duplicated case id, an image without a label, a
+    label without an image, a class label that is not an integer, an unknown split. A missing or
+    empty folder raises :class:`SiteDataError` at once, since nothing else can be checked.
     """
     site = site or root.name
     images_dir = root / "images"
@@ -155,17 +171,20 @@ def find_cases(root: Path, task: str, site: str | None = None) -> list[Case]:
     for case_id, split in sorted(splits.items()):
         if split not in SPLITS:
             problems.append(f"split of case {case_id} is {split!r}: use one of {', '.join(SPLITS)}")
-    if problems:
-        raise SiteDataError(
-            f"[site {site}] {len(problems)} problem(s) in {root}:\n  - " + "\n  - ".join(problems)
-        )
-    return [Case(c, str(images[c]), labels[c], splits.get(c)) for c in sorted(images)]
+    complete = sorted(set(images) & set(labels))
+    return [Case(c, str(images[c]), labels[c], splits.get(c)) for c in complete], problems
 
 
 def load_site(
-    root: Path, task: str, *, val_fraction: float, seed: int, name: str | None = None
+    root: Path,
+    task: str,
+    *,
+    val_fraction: float,
+    seed: int,
+    name: str | None = None,
+    cases: list[Case] | None = None,
 ) -> SiteData:
-    """Find a site's cases and split them.
+    """Find a site's cases (or take ``cases``, already checked) and split them.
 
     Cases with an explicit split keep it; the others are split at random (seeded by ``seed``) so
     that a fraction ``val_fraction`` of them, at least one, goes to validation. Returns the
@@ -173,7 +192,7 @@ def load_site(
     training and one validation case.
     """
     name = name or root.name
-    cases = find_cases(root, task, name)
+    cases = find_cases(root, task, name) if cases is None else cases
     site = SiteData(name=name, root=root)
     unassigned = [c for c in cases if c.split is None]
     rng = np.random.default_rng(seed)
