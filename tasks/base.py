@@ -8,8 +8,6 @@ MONAI has none for this); everything inside it is MONAI's (networks, losses, met
 from __future__ import annotations
 
 import abc
-import logging
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,18 +17,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fl_imaging.config import OptimizerName, TaskConfig
+from fl_imaging.data.readers import IMAGE_READERS
 
 __all__ = ["IMAGE_READERS", "ORIENTATION_LABELS", "ImagingTask", "TrainResult", "build_optimizer"]
 
-#: MONAI readers tried first for every image: NIfTI (nibabel), DICOM series (pydicom), 2D (PIL).
-IMAGE_READERS = ("NibabelReader", "PydicomReader", "PILReader")
 #: World axes of RAS+ (left->right, posterior->anterior, inferior->superior) for Orientationd.
 ORIENTATION_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-# MONAI builds its GPU DICOM reader whenever LoadImage is created and, on a machine without
-# nvImageCodec, says so on every load; the CPU pydicom reader is used either way.
-logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin")
 
 #: Extra term added to the loss of every batch (e.g. FedProx's proximal term); takes the model.
 ExtraLoss = Callable[[nn.Module], torch.Tensor]

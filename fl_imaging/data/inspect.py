@@ -10,8 +10,6 @@ Decoding is MONAI's ``LoadImage`` with its nibabel and pydicom readers.
 
 from __future__ import annotations
 
-import logging
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,13 +18,11 @@ import numpy as np
 import pydicom
 from monai.transforms import LoadImage
 
+from fl_imaging.data.readers import IMAGE_READERS
 from fl_imaging.data.sites import Case, SiteDataError, scan_site
 
 __all__ = ["CaseReport", "SiteReport", "inspect_site"]
 
-READERS = ["NibabelReader", "PydicomReader"]
-logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin")
 
 
 @dataclass
@@ -56,6 +52,8 @@ class SiteReport:
     task: str
     cases: list[CaseReport] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: The complete cases found by the layout scan (image and label), in case-id order.
+    found: list[Case] = field(default_factory=list)
 
     @property
     def all_problems(self) -> list[str]:
@@ -69,6 +67,7 @@ class SiteReport:
     def to_dict(self) -> dict:
         """A JSON-ready dictionary of the report (NaN written as None)."""
         data = asdict(self)
+        data.pop("found")
         for case in data["cases"]:
             for key in ("min", "max"):
                 if isinstance(case[key], float) and np.isnan(case[key]):
@@ -94,7 +93,7 @@ def _series_uids(folder: Path) -> tuple[set[str], list[str]]:
 
 def _load(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Voxels as float32 (MONAI cannot hand over big-endian arrays as stored) and the affine."""
-    image = LoadImage(reader=READERS, image_only=True, dtype=np.float32)(path)
+    image = LoadImage(reader=list(IMAGE_READERS), image_only=True, dtype=np.float32)(path)
     return np.asarray(image), np.asarray(image.affine)
 
 
@@ -189,9 +188,9 @@ def inspect_site(
     site = site or root.name
     report = SiteReport(site=site, root=str(root), task=task)
     try:
-        cases, report.problems = scan_site(root, task, site)
+        report.found, report.problems = scan_site(root, task, site)
     except SiteDataError as err:
         report.problems.append(str(err))
         return report
-    report.cases = [_inspect_case(case, task, num_classes) for case in cases]
+    report.cases = [_inspect_case(case, task, num_classes) for case in report.found]
     return report

@@ -15,7 +15,7 @@ from pathlib import Path
 from fl_imaging.config import RunConfig
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.inspect import inspect_site
-from fl_imaging.data.sites import Case, SiteData, SiteDataError, load_site, scan_site
+from fl_imaging.data.sites import Case, SiteData, SiteDataError, load_site
 
 __all__ = ["checked_cases", "partition_summary", "prepare_sites", "write_partition_summary"]
 
@@ -95,8 +95,7 @@ def checked_cases(folder: Path, cfg: RunConfig) -> list[Case]:
         )
     for problem in problems:
         log.warning("[site %s] excluded (data.exclude_bad_cases=true): %s", report.site, problem)
-    ok = {c.case_id for c in report.cases} - bad
-    return [c for c in scan_site(folder, task, report.site)[0] if c.case_id in ok]
+    return [c for c in report.found if c.case_id not in bad]
 
 
 def partition_summary(sites: list[SiteData]) -> list[dict[str, str | int]]:
