@@ -22,6 +22,7 @@ __all__ = [
     "EngineConfig",
     "ModelConfig",
     "OptimizerConfig",
+    "PartitionConfig",
     "RunConfig",
     "StrategyConfig",
     "TaskConfig",
@@ -46,6 +47,30 @@ class ModelName(enum.StrEnum):
     segresnet = "segresnet"
     densenet = "densenet"
     resnet = "resnet"
+
+
+class DataName(enum.StrEnum):
+    """Where the sites' cases come from (see ``fl_imaging/data/``)."""
+
+    demo = "demo"  # synthetic demo, written on first use
+    folders = "folders"  # one folder per hospital, used as they are
+    msd = "msd"  # a Medical Segmentation Decathlon task, split into simulated sites
+    class_folders = "class_folders"  # 2D/3D images in one sub-folder per class, split into sites
+    medmnist = "medmnist"  # a MedMNIST .npz file (official train/val/test), split into sites
+
+
+class PartitionName(enum.StrEnum):
+    """How a public dataset is split into simulated sites (see ``fl_imaging/data/partition.py``)."""
+
+    iid = "iid"
+    dirichlet = "dirichlet"
+    sizes = "sizes"
+    shift = "shift"
+
+
+class PartitionBy(enum.StrEnum):
+    label = "label"  # classification: the class; segmentation: not available
+    size = "size"  # segmentation: foreground volume of the label (quantile bins)
 
 
 class OptimizerName(enum.StrEnum):
@@ -76,6 +101,7 @@ class TaskConfig:
     spatial_dims: int = 3
     in_channels: int = 1
     num_classes: int = 2
+    class_names: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     local_epochs: int = 1
@@ -87,15 +113,33 @@ class TaskConfig:
 
 
 @dataclass
+class PartitionConfig:
+    name: PartitionName = PartitionName.iid
+    seed: int = 0
+    alpha: float = 0.5
+    by: PartitionBy = PartitionBy.label
+    size_bins: int = 4
+    sizes: list[float] = field(default_factory=list)
+    min_cases: int = 2
+    shift_strength: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    name: str = "demo"
+    name: DataName = DataName.demo
     root: str | None = None
     sites: list[str] = field(default_factory=list)
     num_sites: int = 3
     cases_per_site: int = 16
     shape: list[int] = field(default_factory=lambda: [32, 32, 32])
     dicom_sites: list[int] = field(default_factory=lambda: [0])
+    flag: str | None = None
+    size: int = 28
+    max_cases: int | None = None
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    sites_dir: str = "data-sites"
     val_fraction: float = 0.25
+    test_fraction: float = 0.0
     cache: bool = True
     exclude_bad_cases: bool = False
 
@@ -247,6 +291,29 @@ def _check_ranges(run: RunConfig) -> None:
         problems.append(f"task.optimizer.lr={task.optimizer.lr}: must be positive")
     if not 0.0 < data.val_fraction < 1.0:
         problems.append(f"data.val_fraction={data.val_fraction}: must be between 0 and 1")
+    if not 0.0 <= data.test_fraction < 1.0 or data.val_fraction + data.test_fraction >= 1.0:
+        problems.append(
+            f"data.test_fraction={data.test_fraction}: must be in [0, 1) and leave training "
+            f"cases next to data.val_fraction={data.val_fraction}"
+        )
+    if data.num_sites < 1:
+        problems.append(f"data.num_sites={data.num_sites}: must be 1 or more")
+    if data.max_cases is not None and data.max_cases < data.num_sites:
+        problems.append(f"data.max_cases={data.max_cases}: must be at least data.num_sites")
+    part = data.partition
+    if part.alpha <= 0:
+        problems.append(f"data.partition.alpha={part.alpha}: must be positive (e.g. 0.5)")
+    if part.name == PartitionName.sizes and (
+        len(part.sizes) != data.num_sites or min(part.sizes, default=0) <= 0
+    ):
+        problems.append(
+            f"data.partition.sizes={part.sizes}: give one positive size (cases or share) per "
+            f"site, {data.num_sites} in all (data.num_sites)"
+        )
+    if part.min_cases < 1 or part.size_bins < 2 or part.shift_strength < 0:
+        problems.append(
+            "data.partition: min_cases must be >= 1, size_bins >= 2 and shift_strength >= 0"
+        )
     if engine.clients_per_round is not None and engine.clients_per_round < 1:
         problems.append(f"engine.clients_per_round={engine.clients_per_round}: must be 1 or more")
     if problems:

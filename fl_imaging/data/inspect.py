@@ -17,12 +17,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from monai.transforms import LoadImage
+from PIL import Image
 
 from fl_imaging.data.readers import IMAGE_READERS
-from fl_imaging.data.sites import Case, SiteDataError, scan_site
+from fl_imaging.data.sites import NIFTI_SUFFIXES, Case, SiteDataError, scan_site
 
 __all__ = ["CaseReport", "SiteReport", "inspect_site"]
-
 
 
 @dataclass
@@ -40,6 +40,8 @@ class CaseReport:
     min: float = float("nan")
     max: float = float("nan")
     label_values: list[int] = field(default_factory=list)
+    #: Segmentation: number of voxels of each class 0..num_classes-1 in the label.
+    label_voxels: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
@@ -97,8 +99,34 @@ def _load(path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(image), np.asarray(image.affine)
 
 
+#: PIL image modes -> the dtype of their pixels.
+_PIL_DTYPES = {
+    "1": "bool",
+    "L": "uint8",
+    "P": "uint8",
+    "RGB": "uint8",
+    "RGBA": "uint8",
+    "I;16": "uint16",
+    "I": "int32",
+    "F": "float32",
+}
+
+
+def _format_of(path: Path) -> str:
+    """``dicom`` (series folder), ``nifti``, or the 2D image type (``png``, ``jpeg`` ...)."""
+    if path.is_dir():
+        return "dicom"
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    suffix = path.suffix.lower().lstrip(".")
+    return "jpeg" if suffix == "jpg" else suffix
+
+
 def _stored_dtype(path: Path) -> str:
     """The dtype the file stores its voxels in (e.g. int16), read from the header."""
+    if not path.is_dir() and not path.name.lower().endswith(NIFTI_SUFFIXES):
+        with Image.open(path) as image:
+            return _PIL_DTYPES.get(image.mode, image.mode)
     if path.is_dir():
         header = pydicom.dcmread(
             next(p for p in sorted(path.rglob("*")) if p.is_file()), stop_before_pixels=True
@@ -110,7 +138,7 @@ def _stored_dtype(path: Path) -> str:
 
 def _inspect_case(case: Case, task: str, num_classes: int) -> CaseReport:
     image_path = Path(case.image)
-    report = CaseReport(case.case_id, case.image, "dicom" if image_path.is_dir() else "nifti")
+    report = CaseReport(case.case_id, case.image, _format_of(image_path))
     if image_path.is_dir():
         uids, problems = _series_uids(image_path)
         report.problems += problems
@@ -128,8 +156,9 @@ def _inspect_case(case: Case, task: str, num_classes: int) -> CaseReport:
         report.problems.append(f"{case.image}: cannot be read (unreadable or truncated): {reason}")
         return report
     report.shape = [int(s) for s in array.shape]
-    report.spacing = [round(float(s), 4) for s in np.linalg.norm(affine[:3, :3], axis=0)]
-    report.orientation = "".join(nib.orientations.aff2axcodes(affine))
+    dims = min(array.ndim, 3)
+    report.spacing = [round(float(s), 4) for s in np.linalg.norm(affine[:3, :dims], axis=0)]
+    report.orientation = "".join(nib.orientations.aff2axcodes(affine))[:dims]
     report.dtype = _stored_dtype(image_path)
     finite = np.isfinite(array)
     if not finite.all():
@@ -155,8 +184,10 @@ def _check_label(
     except Exception as err:
         report.problems.append(f"{case.label}: label cannot be read: {str(err).splitlines()[0]}")
         return
-    values = np.unique(label[np.isfinite(label)])
+    values, counts = np.unique(label[np.isfinite(label)], return_counts=True)
     report.label_values = [int(v) for v in values if float(v).is_integer()]
+    voxels = dict(zip(values.tolist(), counts.tolist(), strict=True))
+    report.label_voxels = [int(voxels.get(float(k), 0)) for k in range(num_classes)]
     if label.shape != shape:
         report.problems.append(
             f"{case.label}: label shape {list(label.shape)} does not match its image "
@@ -177,18 +208,24 @@ def _check_label(
 
 
 def inspect_site(
-    root: Path, task: str, *, num_classes: int = 2, site: str | None = None
+    root: Path,
+    task: str,
+    *,
+    num_classes: int = 2,
+    site: str | None = None,
+    class_names: list[str] | None = None,
 ) -> SiteReport:
     """Decode and check every case of the site folder ``root``.
 
     ``task`` is ``segmentation`` or ``classification``; label values must lie in
-    ``0..num_classes-1``. Returns a :class:`SiteReport`; a folder that does not exist or holds no
-    image gives a report with that single problem.
+    ``0..num_classes-1``; ``class_names`` orders class sub-folders (classification without
+    labels.csv). Returns a :class:`SiteReport`; a folder that does not exist or holds no image
+    gives a report with that single problem.
     """
     site = site or root.name
     report = SiteReport(site=site, root=str(root), task=task)
     try:
-        report.found, report.problems = scan_site(root, task, site)
+        report.found, report.problems = scan_site(root, task, site, class_names)
     except SiteDataError as err:
         report.problems.append(str(err))
         return report

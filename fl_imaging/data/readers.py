@@ -7,10 +7,14 @@ import warnings
 
 __all__ = ["IMAGE_READERS"]
 
-#: MONAI readers tried first for every image: NIfTI (nibabel), DICOM series (pydicom), 2D (PIL).
-IMAGE_READERS = ("NibabelReader", "PydicomReader", "PILReader")
+#: MONAI readers for every image: NIfTI (nibabel), DICOM series (pydicom), 2D (PIL). MONAI's
+#: LoadImage tries a given list from its end, so the commonest format (NIfTI) is tried first.
+IMAGE_READERS = ("PILReader", "PydicomReader", "NibabelReader")
 
 # MONAI builds its GPU DICOM reader whenever LoadImage is created and, on a machine without
 # nvImageCodec, says so on every load; the CPU pydicom reader is used either way.
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin")
+# LoadImage logs at INFO each reader that could not read a file before the one that can; when
+# none can, it raises with every reader's reason, which is what the user sees.
+logging.getLogger("LoadImage").setLevel(logging.WARNING)

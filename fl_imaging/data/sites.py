@@ -4,8 +4,11 @@ A site folder holds::
 
     images/CASE_ID.nii.gz | CASE_ID.nii   NIfTI volumes
     images/CASE_ID/                       one DICOM series per folder (any file names)
+    images/CASE_ID.png | .jpg             2D images (2D tasks)
     labels/CASE_ID.nii.gz                 segmentation masks, paired with images by case id
     labels.csv                            classification labels: ``case_id,label[,split]``
+    images/CLASS_NAME/...                 classification without labels.csv: one sub-folder
+                                          per class, holding the images (or DICOM series) above
     split.csv                             optional ``case_id,split`` (train / val / test)
 
 Only file names are read here; decoding is MONAI's job (see ``tasks``). Every problem found is
@@ -20,9 +23,22 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Case", "SiteData", "SiteDataError", "find_cases", "load_site", "scan_site"]
+__all__ = [
+    "IMAGE_2D_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "Case",
+    "SiteData",
+    "SiteDataError",
+    "case_id_of",
+    "find_cases",
+    "is_image_file",
+    "load_site",
+    "scan_site",
+]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: 2D image files read by MONAI's PILReader.
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 
 
@@ -60,11 +76,42 @@ class SiteData:
         return len(self.train) + len(self.val) + len(self.test)
 
 
-def _case_id_of(path: Path) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
+def case_id_of(path: Path) -> str:
+    """The case id of an image path: its name without the NIfTI or image suffix."""
+    for suffix in (*NIFTI_SUFFIXES, *IMAGE_2D_SUFFIXES):
+        if path.name.lower().endswith(suffix):
             return path.name[: -len(suffix)]
     return path.name
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a NIfTI file or a 2D image file (by its suffix)."""
+    return path.name.lower().endswith((*NIFTI_SUFFIXES, *IMAGE_2D_SUFFIXES))
+
+
+def _collect_images(folder: Path, images: dict[str, Path], problems: list[str]) -> list[str]:
+    """Add the images of ``folder`` (files, or DICOM series sub-folders) to ``images`` by case
+    id; return the case ids added. Unknown files and duplicated ids go to ``problems``."""
+    added: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() or is_image_file(entry):
+            case_id = case_id_of(entry)
+            if case_id in images:
+                problems.append(
+                    f"{entry}: case id {case_id} appears twice ({images[case_id]}); "
+                    "give every case its own id"
+                )
+                continue
+            images[case_id] = entry
+            added.append(case_id)
+        else:
+            problems.append(
+                f"{entry}: not a NIfTI file (.nii, .nii.gz), a 2D image (.png, .jpg ...) "
+                f"nor a DICOM series folder; move it out of {folder}"
+            )
+    return added
 
 
 def _read_csv(path: Path, site: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
@@ -79,15 +126,18 @@ def _read_csv(path: Path, site: str, columns: tuple[str, ...]) -> list[dict[str,
         return list(reader)
 
 
-def find_cases(root: Path, task: str, site: str | None = None) -> list[Case]:
+def find_cases(
+    root: Path, task: str, site: str | None = None, class_names: list[str] | None = None
+) -> list[Case]:
     """List the cases of a site folder without decoding any image.
 
-    Takes the site folder, the task name (``segmentation`` or ``classification``) and a site name
-    for messages; returns the cases sorted by case id. Raises :class:`SiteDataError` listing every
-    problem found by :func:`scan_site`.
+    Takes the site folder, the task name (``segmentation`` or ``classification``), a site name
+    for messages and, for class sub-folders, the class names in index order; returns the cases
+    sorted by case id. Raises :class:`SiteDataError` listing every problem found by
+    :func:`scan_site`.
     """
     site = site or root.name
-    cases, problems = scan_site(root, task, site)
+    cases, problems = scan_site(root, task, site, class_names)
     if problems:
         raise SiteDataError(
             f"[site {site}] {len(problems)} problem(s) in {root}:\n  - " + "\n  - ".join(problems)
@@ -95,13 +145,18 @@ def find_cases(root: Path, task: str, site: str | None = None) -> list[Case]:
     return cases
 
 
-def scan_site(root: Path, task: str, site: str | None = None) -> tuple[list[Case], list[str]]:
+def scan_site(
+    root: Path, task: str, site: str | None = None, class_names: list[str] | None = None
+) -> tuple[list[Case], list[str]]:
     """List a site folder's complete cases and every problem of its layout, without decoding.
 
-    Returns (cases with both image and label, sorted by case id; problems, each naming the file).
-    Problems: an unknown file in ``images/``, a duplicated case id, an image without a label, a
-    label without an image, a class label that is not an integer, an unknown split. A missing or
-    empty folder raises :class:`SiteDataError` at once, since nothing else can be checked.
+    Classification labels come from ``labels.csv`` or, without it, from class sub-folders of
+    ``images/``: class k is ``class_names[k]`` when given, else the k-th folder name in sorted
+    order. Returns (cases with both image and label, sorted by case id; problems, each naming the
+    file). Problems: an unknown file in ``images/``, a duplicated case id, an image without a
+    label, a label without an image, a class label that is not an integer, an unknown class
+    folder, an unknown split. A missing or empty folder raises :class:`SiteDataError` at once,
+    since nothing else can be checked.
     """
     site = site or root.name
     images_dir = root / "images"
@@ -114,19 +169,12 @@ def scan_site(root: Path, task: str, site: str | None = None) -> tuple[list[Case
         )
     images: dict[str, Path] = {}
     problems: list[str] = []
-    for entry in sorted(images_dir.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir() or entry.name.endswith(NIFTI_SUFFIXES):
-            case_id = _case_id_of(entry)
-            if case_id in images:
-                problems.append(f"{entry}: case id {case_id} appears twice in {images_dir}")
-            images[case_id] = entry
-        else:
-            problems.append(
-                f"{entry}: not a NIfTI file (.nii, .nii.gz) nor a DICOM series folder; "
-                "move it out of images/"
-            )
+    labels: dict[str, str | int] = {}
+    class_folders = task != "segmentation" and not (root / "labels.csv").is_file()
+    if class_folders:
+        _scan_class_folders(images_dir, class_names, images, labels, problems)
+    else:
+        _collect_images(images_dir, images, problems)
     if not images and not problems:
         raise SiteDataError(f"[site {site}] {images_dir} is empty: no NIfTI file or DICOM folder")
 
@@ -136,7 +184,6 @@ def scan_site(root: Path, task: str, site: str | None = None) -> tuple[list[Case
         for row in _read_csv(split_file, site, ("case_id", "split")):
             splits[row["case_id"]] = row["split"].strip().lower()
 
-    labels: dict[str, str | int] = {}
     if task == "segmentation":
         labels_dir = root / "labels"
         if not labels_dir.is_dir():
@@ -146,16 +193,11 @@ def scan_site(root: Path, task: str, site: str | None = None) -> tuple[list[Case
             )
         for entry in sorted(labels_dir.iterdir()):
             if entry.name.endswith(NIFTI_SUFFIXES):
-                labels[_case_id_of(entry)] = str(entry)
+                labels[case_id_of(entry)] = str(entry)
         for case_id in sorted(set(labels) - set(images)):
             problems.append(f"{labels[case_id]}: label without an image (no images/{case_id}*)")
-    else:
+    elif not class_folders:
         labels_csv = root / "labels.csv"
-        if not labels_csv.is_file():
-            raise SiteDataError(
-                f"[site {site}] {labels_csv} is missing: classification needs a labels.csv with "
-                "columns case_id,label"
-            )
         for line, row in enumerate(_read_csv(labels_csv, site, ("case_id", "label")), start=2):
             try:
                 labels[row["case_id"]] = int(row["label"])
@@ -175,6 +217,41 @@ def scan_site(root: Path, task: str, site: str | None = None) -> tuple[list[Case
     return [Case(c, str(images[c]), labels[c], splits.get(c)) for c in complete], problems
 
 
+def _scan_class_folders(
+    images_dir: Path,
+    class_names: list[str] | None,
+    images: dict[str, Path],
+    labels: dict[str, str | int],
+    problems: list[str],
+) -> None:
+    """Classification without labels.csv: ``images/CLASS/`` holds the cases of each class."""
+    folders = sorted(p for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = [p for p in images_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
+    series = [
+        f
+        for f in folders
+        if any(
+            p.is_file() and not p.name.startswith(".") and not is_image_file(p) for p in f.iterdir()
+        )
+    ]
+    if loose or series or not folders:
+        raise SiteDataError(
+            f"{images_dir.parent / 'labels.csv'} is missing: classification needs a labels.csv "
+            "with columns case_id,label, or one sub-folder of images/ per class holding that "
+            "class's images (NIfTI, 2D images or DICOM series folders)"
+        )
+    names = list(class_names) if class_names else [p.name for p in folders]
+    for folder in folders:
+        if folder.name not in names:
+            problems.append(
+                f"{folder}: class folder {folder.name!r} is not one of the configured classes "
+                f"{names} (task.class_names); rename it or add the class"
+            )
+            continue
+        for case_id in _collect_images(folder, images, problems):
+            labels[case_id] = names.index(folder.name)
+
+
 def load_site(
     root: Path,
     task: str,
@@ -183,6 +260,7 @@ def load_site(
     seed: int,
     name: str | None = None,
     cases: list[Case] | None = None,
+    class_names: list[str] | None = None,
 ) -> SiteData:
     """Find a site's cases (or take ``cases``, already checked) and split them.
 
@@ -192,7 +270,7 @@ def load_site(
     training and one validation case.
     """
     name = name or root.name
-    cases = find_cases(root, task, name) if cases is None else cases
+    cases = find_cases(root, task, name, class_names) if cases is None else cases
     site = SiteData(name=name, root=root)
     unassigned = [c for c in cases if c.split is None]
     rng = np.random.default_rng(seed)
