@@ -20,6 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
 from fl_imaging.config import ConfigError, RunConfig, config_dir, validate_config
+from fl_imaging.data.partition import PartitionError
 from fl_imaging.data.sites import SiteDataError
 from strategies import StrategyError
 
@@ -41,7 +42,7 @@ _OPTIONS_WITH_VALUE = {
     "-p",
     "--experimental-rerun",
 }
-USER_ERRORS = (ConfigError, SiteDataError, StrategyError)
+USER_ERRORS = (ConfigError, SiteDataError, PartitionError, StrategyError)
 
 
 def _overrides_of(argv: list[str]) -> list[str]:
@@ -130,8 +131,8 @@ def run(cfg: RunConfig) -> Path:
     from fl_imaging.engines.simulation import run_simulation_engine
 
     run_dir = Path(cfg.run_dir)
-    cfg, sites = prepare_sites(cfg)
-    table = write_partition_summary(partition_summary(sites), run_dir / "partition.csv")
+    cfg, sites, reports = prepare_sites(cfg)
+    table = write_partition_summary(partition_summary(sites, reports), run_dir / "partition.csv")
     log.info("sites of this run (cases per split):\n%s", table)
     if cfg.engine.name != "simulation":
         raise ConfigError(f"engine.name={cfg.engine.name}: allowed values: simulation")

@@ -47,7 +47,7 @@ def centralised(overrides: list[str], out: Path) -> None:
 
     cfg = check_overrides(overrides)
     torch.set_num_threads(cfg.engine.num_cpus or os.cpu_count() or 1)
-    cfg, sites = prepare_sites(cfg)
+    cfg, sites, _ = prepare_sites(cfg)
     rows, _ = train_pooled(cfg, sites)
     write_metrics(rows, out)
 

@@ -131,7 +131,7 @@ def test_exclude_bad_cases_trains_on_the_rest_and_says_which(nifti_site: Path, c
 
     path = nifti_site / "images" / "site2-case001.nii.gz"
     path.write_bytes(path.read_bytes()[:200])
-    _, (site,) = prepare_sites(_config(nifti_site, exclude_bad_cases=True, val_fraction=0.4))
+    _, (site,), _ = prepare_sites(_config(nifti_site, exclude_bad_cases=True, val_fraction=0.4))
     kept = {c.case_id for c in site.train + site.val}
     assert kept == {"site2-case000", "site2-case002"}
     assert any("excluded" in r.message and "site2-case001" in r.message for r in caplog.records)

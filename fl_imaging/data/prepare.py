@@ -1,36 +1,43 @@
 """Turn the ``data`` config into the federation's site folders, checked and split.
 
 For ``data=demo`` the synthetic demo is written first (reused when already there); for
-``data=folders`` the folders given in ``data.sites`` are used as they are.
+``data=folders`` the folders given in ``data.sites`` are used as they are; a public dataset
+(``msd``, ``class_folders``, ``medmnist``) is split into simulated site folders first
+(:mod:`fl_imaging.data.simulated`).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from fl_imaging.config import RunConfig
+from fl_imaging.config import DataName, RunConfig
 from fl_imaging.data.demo import make_demo_data
-from fl_imaging.data.inspect import inspect_site
+from fl_imaging.data.inspect import SiteReport, inspect_site
+from fl_imaging.data.shift import ScannerProfile
+from fl_imaging.data.simulated import simulated_sites
 from fl_imaging.data.sites import Case, SiteData, SiteDataError, load_site
 
 __all__ = ["checked_cases", "partition_summary", "prepare_sites", "write_partition_summary"]
 
 log = logging.getLogger("fl_imaging.data")
+#: Problems listed in a training error; `fl-imaging-data inspect` lists them all.
+MAX_SHOWN = 30
 
 
-def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData]]:
+def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteReport]]:
     """Resolve, check and split every site of the federation.
 
-    Returns the config with ``data.sites`` set to absolute folder paths, and one
-    :class:`SiteData` per site in that order. Raises :class:`SiteDataError` for a missing or
-    broken site folder, naming it.
+    Returns the config with ``data.sites`` set to absolute folder paths, one :class:`SiteData`
+    per site in that order, and each site's check report (as ``fl-imaging-data inspect`` gives
+    it). Raises :class:`SiteDataError` for a missing or broken site folder, naming it.
     """
     data = cfg.data
-    if data.name == "demo":
+    if data.name == DataName.demo:
         if not data.root:
             raise SiteDataError("data.root is empty: give the folder for the demo data")
         log.info(
@@ -45,6 +52,8 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData]]:
             dicom_sites=tuple(data.dicom_sites),
             seed=cfg.seed,
         )
+    elif data.name != DataName.folders:
+        folders = simulated_sites(cfg)
     else:
         if not data.sites:
             raise SiteDataError(
@@ -62,62 +71,96 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData]]:
             f"site folder names must be unique, they name the sites: {', '.join(duplicated)} "
             "appears more than once"
         )
-    sites = [
-        load_site(
-            folder,
-            cfg.task.name.value,
-            val_fraction=data.val_fraction,
-            seed=cfg.seed + i,
-            cases=checked_cases(folder, cfg),
+    sites: list[SiteData] = []
+    reports: list[SiteReport] = []
+    for i, folder in enumerate(folders):
+        log.info("checking site %d/%d: %s", i + 1, len(folders), folder)
+        cases, report = checked_cases(folder, cfg)
+        sites.append(
+            load_site(
+                folder,
+                cfg.task.name.value,
+                val_fraction=data.val_fraction,
+                seed=cfg.seed + i,
+                cases=cases,
+            )
         )
-        for i, folder in enumerate(folders)
-    ]
+        reports.append(report)
     resolved = replace(cfg, data=replace(data, sites=[str(f) for f in folders]))
-    return resolved, sites
+    return resolved, sites, reports
 
 
-def checked_cases(folder: Path, cfg: RunConfig) -> list[Case]:
+def checked_cases(folder: Path, cfg: RunConfig) -> tuple[list[Case], SiteReport]:
     """Decode and check every case of a site folder (as ``fl-imaging-data inspect`` does).
 
-    Returns the cases that passed. Raises :class:`SiteDataError` listing every problem, unless
-    ``data.exclude_bad_cases`` is set: then the failing cases are left out and named in the log.
+    Returns the cases that passed and the full report. Raises :class:`SiteDataError` listing
+    every problem, unless ``data.exclude_bad_cases`` is set: then the failing cases are left out
+    and named in the log.
     """
     task = cfg.task.name.value
-    report = inspect_site(folder, task, num_classes=cfg.task.num_classes)
+    report = inspect_site(
+        folder,
+        task,
+        num_classes=cfg.task.num_classes,
+        class_names=list(cfg.task.class_names) or None,
+    )
     problems = report.all_problems
     bad = {c.case_id for c in report.cases if c.problems}
     if problems and (not cfg.data.exclude_bad_cases or report.problems and not report.cases):
+        shown = problems[:MAX_SHOWN] + (
+            [f"... and {len(problems) - MAX_SHOWN} more: fl-imaging-data inspect {folder}"]
+            if len(problems) > MAX_SHOWN
+            else []
+        )
         raise SiteDataError(
             f"[site {report.site}] {len(problems)} problem(s) in {folder}:\n  - "
-            + "\n  - ".join(problems)
+            + "\n  - ".join(shown)
             + "\nFix them (fl-imaging-data inspect shows them again), or set "
             "data.exclude_bad_cases=true to train without these cases."
         )
     for problem in problems:
         log.warning("[site %s] excluded (data.exclude_bad_cases=true): %s", report.site, problem)
-    return [c for c in report.found if c.case_id not in bad]
+    return [c for c in report.found if c.case_id not in bad], report
 
 
-def partition_summary(sites: list[SiteData]) -> list[dict[str, str | int]]:
-    """One row per site: name, folder, train/val/test case counts and, for classification, the
-    number of training cases per class (``class_<k>``)."""
-    rows: list[dict[str, str | int]] = []
-    for site in sites:
-        row: dict[str, str | int] = {
+def partition_summary(
+    sites: list[SiteData], reports: list[SiteReport]
+) -> list[dict[str, str | int | float]]:
+    """One row per site: name, folder, train/val/test case counts, the label distribution and,
+    for a simulated site with acquisition shift, its scanner profile.
+
+    Label distribution: classification, the number of cases per class (``class_<k>``, all
+    splits); segmentation, the percentage of voxels of each class (``voxels_%_<k>``).
+    """
+    rows: list[dict[str, str | int | float]] = []
+    for site, report in zip(sites, reports, strict=True):
+        row: dict[str, str | int | float] = {
             "site": site.name,
             "folder": str(site.root),
             "train": len(site.train),
             "val": len(site.val),
             "test": len(site.test),
         }
-        classes = Counter(c.label for c in site.train if isinstance(c.label, int))
+        cases = site.train + site.val + site.test
+        classes = Counter(c.label for c in cases if isinstance(c.label, int))
         for label, count in sorted(classes.items()):
             row[f"class_{label}"] = count
+        used = {c.case_id for c in cases}
+        voxels = [c.label_voxels for c in report.cases if c.case_id in used and c.label_voxels]
+        if voxels:
+            totals = [sum(v) for v in zip(*voxels, strict=True)]
+            for k, count in enumerate(totals):
+                row[f"voxels_%_{k}"] = round(100.0 * count / max(sum(totals), 1), 3)
+        info = site.root / "site.json"
+        if info.is_file():
+            scanner = json.loads(info.read_text()).get("scanner", {})
+            if scanner and scanner != ScannerProfile().as_dict():
+                row.update({f"scanner_{k}": v for k, v in scanner.items()})
         rows.append(row)
     return rows
 
 
-def write_partition_summary(rows: list[dict[str, str | int]], path: Path) -> str:
+def write_partition_summary(rows: list[dict[str, str | int | float]], path: Path) -> str:
     """Write the partition summary as CSV at ``path`` and return it as printable text."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,7 @@ def _trainer(context: Context, cfg: RunConfig) -> SiteTrainer:
             val_fraction=cfg.data.val_fraction,
             seed=cfg.seed + index,
             name=name,
+            class_names=list(cfg.task.class_names) or None,
         )
         _TRAINERS[key] = SiteTrainer(
             name,
