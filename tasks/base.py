@@ -69,6 +69,11 @@ class ImagingTask(abc.ABC):
         intensity normalisation. Their output is what a cache keeps."""
 
     @abc.abstractmethod
+    def inference_transforms(self) -> Compose:
+        """The image part of :meth:`load_transforms` (no label), keeping MONAI's metadata so that
+        a prediction can be mapped back to the input's grid (``Invertd``)."""
+
+    @abc.abstractmethod
     def train_transforms(self) -> Compose:
         """Random augmentation applied after :meth:`load_transforms` for training batches."""
 

@@ -62,22 +62,33 @@ class ClassificationTask(ImagingTask):
             dropout_prob=cfg.model.dropout,
         )
 
-    def load_transforms(self) -> Compose:
-        dims = self.cfg.spatial_dims
+    def _image_steps(self) -> list:
+        """Decoding, RAS orientation (3D), optional resampling, resizing to ``roi_size`` and
+        z-score intensity of the image."""
         steps: list = [
             LoadImaged(keys="image", reader=list(IMAGE_READERS), image_only=True),
             EnsureChannelFirstd(keys="image"),
         ]
-        if dims == 3:
+        if self.cfg.spatial_dims == 3:
             steps.append(Orientationd(keys="image", axcodes="RAS", labels=ORIENTATION_LABELS))
         if self.cfg.spacing is not None:
             steps.append(Spacingd(keys="image", pixdim=tuple(self.cfg.spacing)))
         steps += [
             Resized(keys="image", spatial_size=tuple(self.cfg.roi_size)),
             NormalizeIntensityd(keys="image", channel_wise=True),
-            EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=False),
         ]
-        return Compose(steps)
+        return steps
+
+    def load_transforms(self) -> Compose:
+        return Compose(
+            [
+                *self._image_steps(),
+                EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=False),
+            ]
+        )
+
+    def inference_transforms(self) -> Compose:
+        return Compose([*self._image_steps(), EnsureTyped(keys="image", dtype=torch.float32)])
 
     def train_transforms(self) -> Compose:
         return Compose([RandFlipd(keys="image", prob=0.5, spatial_axis=0), self._label_as_long()])

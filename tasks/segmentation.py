@@ -65,8 +65,10 @@ class SegmentationTask(ImagingTask):
             dropout=cfg.model.dropout,
         )
 
-    def load_transforms(self) -> Compose:
-        keys = ["image", "label"]
+    def _image_steps(self, keys: list[str]) -> list:
+        """Decoding, RAS orientation, optional resampling and z-score intensity of ``keys``
+        (``image`` first); labels are resampled with nearest-neighbour interpolation."""
+        modes = ("bilinear", "nearest")[: len(keys)]
         steps: list = [
             LoadImaged(keys=keys, reader=list(IMAGE_READERS), image_only=True),
             EnsureChannelFirstd(keys=keys),
@@ -75,15 +77,24 @@ class SegmentationTask(ImagingTask):
             ),
         ]
         if self.cfg.spacing is not None:
-            steps.append(
-                Spacingd(keys=keys, pixdim=tuple(self.cfg.spacing), mode=("bilinear", "nearest"))
-            )
-        steps += [
-            NormalizeIntensityd(keys="image", channel_wise=True),
-            CastToTyped(keys=["image", "label"], dtype=(torch.float32, torch.uint8)),
-            EnsureTyped(keys=keys, track_meta=False),
-        ]
-        return Compose(steps)
+            steps.append(Spacingd(keys=keys, pixdim=tuple(self.cfg.spacing), mode=modes))
+        steps.append(NormalizeIntensityd(keys="image", channel_wise=True))
+        return steps
+
+    def load_transforms(self) -> Compose:
+        keys = ["image", "label"]
+        return Compose(
+            [
+                *self._image_steps(keys),
+                CastToTyped(keys=keys, dtype=(torch.float32, torch.uint8)),
+                EnsureTyped(keys=keys, track_meta=False),
+            ]
+        )
+
+    def inference_transforms(self) -> Compose:
+        return Compose(
+            [*self._image_steps(["image"]), CastToTyped(keys="image", dtype=torch.float32)]
+        )
 
     def train_transforms(self) -> Compose:
         keys = ["image", "label"]

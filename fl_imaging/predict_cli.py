@@ -1,0 +1,52 @@
+"""The ``fl-imaging-predict`` command: apply a trained global model to a site's images.
+
+    fl-imaging-predict RUN_DIR INPUT [--output DIR]
+
+RUN_DIR is the folder of a finished ``fl-imaging`` run (config.yaml, model.pt). INPUT is a site
+folder, a folder of images (NIfTI, 2D images, DICOM series folders) or one image. Segmentation
+masks are written as NIfTI in each input's geometry; classification as predictions.csv.
+Exits 0 on success, 1 when an input cannot be read or the run folder is incomplete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fl_imaging.data.sites import SiteDataError
+from fl_imaging.predict import PredictionError, load_run, predict_folder
+
+__all__ = ["entry", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, predict, print where the results are; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="fl-imaging-predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "run_dir", type=Path, help="folder of a finished run (config.yaml, model.pt)"
+    )
+    parser.add_argument("input", type=Path, help="site folder, folder of images, or one image")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="default: RUN_DIR/predictions/<input name>"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    output = args.output or args.run_dir / "predictions" / args.input.resolve().name
+    try:
+        written = predict_folder(load_run(args.run_dir), args.input, output)
+    except (PredictionError, SiteDataError) as err:
+        print(f"fl-imaging-predict: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{len(written)} file(s) written to {output}")
+    return 0
+
+
+def entry() -> None:
+    """Console-script wrapper: exit with :func:`main`'s code."""
+    sys.exit(main())
