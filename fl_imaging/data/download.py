@@ -77,6 +77,7 @@ __all__ = [
     "msd_layout_problems",
     "msd_summary",
     "remove_macos_junk",
+    "report_layout",
     "verify_md5",
 ]
 
@@ -356,6 +357,7 @@ class _Progress:
         self.tty = not quiet and sys.stderr.isatty()
         self.last_time = 0.0
         self.last_step = self._step(done)
+        self.printed = -1  # bytes shown on the last full line (non-terminal output)
 
     def _step(self, done: int) -> int:
         if self.total:
@@ -377,7 +379,7 @@ class _Progress:
                 self.last_time = now
                 print("\r" + self._line(done), end="", file=sys.stderr, flush=True)
         elif (step := self._step(done)) > self.last_step:
-            self.last_step = step
+            self.last_step, self.printed = step, done
             print(self._line(done), file=sys.stderr, flush=True)
 
     def finish(self, done: int) -> None:
@@ -385,7 +387,7 @@ class _Progress:
             return
         if self.tty:
             print("\r" + self._line(done), file=sys.stderr, flush=True)
-        elif self._step(done) == self.last_step:
+        elif self.printed != done:
             print(self._line(done), file=sys.stderr, flush=True)
 
 
@@ -993,3 +995,20 @@ def fetch_mednist(
     if not keep_archive:
         archive.unlink()
     return Fetched(out, downloaded=True, junk_removed=removed)
+
+
+def report_layout(summary: str, problems: list[str], data_root: Path) -> int:
+    """Print a layout check's outcome to stdout for the download scripts.
+
+    Prints ``summary``, then either the ``problems`` (and returns 1) or ``layout OK`` and the
+    ``data.root=...`` setting that points fl-imaging at ``data_root`` (and returns 0).
+    """
+    print(summary)
+    if problems:
+        print("layout problems:")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    print("layout OK")
+    print(f"pass it to fl-imaging as: data.root={Path(data_root).resolve()}")
+    return 0
