@@ -1,0 +1,1014 @@
+"""Fetch public datasets from their official sources, check them and lay them out for fl-imaging.
+
+Three datasets, each in the folder layout that fl-imaging's dataset adapters read:
+
+* Medical Segmentation Decathlon (MSD) tasks, from the tar archives MONAI mirrors on AWS::
+
+      OUT/Task04_Hippocampus/dataset.json
+      OUT/Task04_Hippocampus/imagesTr/*.nii.gz
+      OUT/Task04_Hippocampus/labelsTr/*.nii.gz      (imagesTs/ too, unlabelled)
+
+* MedMNIST v2 / MedMNIST+ ``.npz`` files, from Zenodo record 10519652::
+
+      OUT/adrenalmnist3d.npz          28 px (28^3 for the 3D flags)
+      OUT/adrenalmnist3d_64.npz       64 px; 2D flags also have _128 and _224
+
+* MedNIST-style 2D class folders (RSNA / MIDL-C ``MedNIST_64x64_500.zip`` or MONAI's
+  ``MedNIST.tar.gz``), flattened so that the class folders sit directly in OUT::
+
+      OUT/<ClassName>/*.jpg | *.jpeg
+
+Every download goes to ``NAME.part`` first (a second run resumes it where the server allows),
+is checked against its published MD5 and only then takes its final name. Archives are unpacked
+into a hidden staging folder inside OUT, refusing members with absolute paths, ``..`` or links,
+and moved into place only when the whole archive unpacked and the layout checks pass, so a
+failed run leaves no half-extracted dataset behind. macOS junk (``._*``, ``.DS_Store``,
+``__MACOSX/``) is deleted after extraction.
+
+Only the standard library and numpy are used (numpy to read ``.npy`` headers inside ``.npz``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+import numpy as np
+
+__all__ = [
+    "MEDMNIST_KEYS",
+    "MEDMNIST_MD5",
+    "MEDMNIST_URL",
+    "MEDNIST_SOURCES",
+    "MSD_MD5",
+    "MSD_URL",
+    "ArchiveSource",
+    "ChecksumError",
+    "DownloadError",
+    "Fetched",
+    "UnsafeArchiveError",
+    "class_folder_layout_problems",
+    "class_folder_summary",
+    "download_file",
+    "extract_archive",
+    "fetch_medmnist",
+    "fetch_mednist",
+    "fetch_msd_task",
+    "md5_of",
+    "medmnist_filename",
+    "medmnist_layout_problems",
+    "medmnist_md5",
+    "medmnist_sizes",
+    "medmnist_summary",
+    "msd_layout_problems",
+    "msd_summary",
+    "remove_macos_junk",
+    "report_layout",
+    "verify_md5",
+]
+
+# --------------------------------------------------------------------------------------------
+# Sources and their published checksums
+# --------------------------------------------------------------------------------------------
+
+MSD_URL = "https://msd-for-monai.s3-us-west-2.amazonaws.com/{task}.tar"
+"""Where MONAI's mirror of each MSD task tar lives (``{task}`` e.g. ``Task04_Hippocampus``)."""
+
+# MD5 of each task tar, as listed in MONAI's DecathlonDataset (monai/apps/datasets.py).
+MSD_MD5: dict[str, str] = {
+    "Task01_BrainTumour": "240a19d752f0d9e9101544901065d872",
+    "Task02_Heart": "06ee59366e1e5124267b774dbd654057",
+    "Task03_Liver": "a90ec6c4aa7f6a3d087205e23d4e6397",
+    "Task04_Hippocampus": "9d24dba78a72977dbd1d2e110310f31b",
+    "Task05_Prostate": "35138f08b1efaef89d7424d2bcc928db",
+    "Task06_Lung": "8afd997733c7fc0432f71255ba4e52dc",
+    "Task07_Pancreas": "4f7080cfca169fa8066d17ce6eb061e4",
+    "Task08_HepaticVessel": "641d79e80ec66453921d997fbf12a29c",
+    "Task09_Spleen": "410d4a301da4e5b2f6f86ec3ddba524e",
+    "Task10_Colon": "bad7a188931dc2f6acf72b08eb6202d0",
+}
+
+MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{file}?download=1"
+"""Zenodo record 10519652 (MedMNIST v2 / MedMNIST+); ``{file}`` e.g. ``adrenalmnist3d_64.npz``."""
+
+# MD5 of each file in Zenodo record 10519652, by flag and image size, as published in the
+# MedMNIST package (medmnist/info.py, MedMNIST/MedMNIST commit 805b742, "MD5", "MD5_64", ...).
+# The 3D flags come in 28 and 64 only; the 2D flags in 28, 64, 128 and 224.
+MEDMNIST_MD5: dict[str, dict[int, str]] = {
+    "pathmnist": {
+        28: "a8b06965200029087d5bd730944a56c1",
+        64: "55aa9c1e0525abe5a6b9d8343a507616",
+        128: "ac42d08fb904d92c244187169d1fd1d9",
+        224: "2c51a510bcdc9cf8ddb2af93af1eadec",
+    },
+    "chestmnist": {
+        28: "02c8a6516a18b556561a56cbdd36c4a8",
+        64: "9de6cd0b934ebb5b7426cfba5efbae16",
+        128: "db107e5590b27930b62dbaf558aebee3",
+        224: "45bd33e6f06c3e8cdb481c74a89152aa",
+    },
+    "dermamnist": {
+        28: "0744692d530f8e62ec473284d019b0c7",
+        64: "b70a2f5635c6199aeaa28c31d7202e1f",
+        128: "2defd784463fa5243564e855ed717de1",
+        224: "8974907d8e169bef5f5b96bc506ae45d",
+    },
+    "octmnist": {
+        28: "c68d92d5b585d8d81f7112f81e2d0842",
+        64: "e229e9440236b774d9f0dfef9d07bdaf",
+        128: "0a97e76651ace45c5d943ee3f65b63ae",
+        224: "abc493b6d529d5de7569faaef2773ba3",
+    },
+    "pneumoniamnist": {
+        28: "28209eda62fecd6e6a2d98b1501bb15f",
+        64: "8f4eceb4ccffa70c672198ea285246c6",
+        128: "05b46931834c231683c68f40c47b2971",
+        224: "d6a3c71de1b945ea11211b03746c1fe1",
+    },
+    "retinamnist": {
+        28: "bd4c0672f1bba3e3a89f0e4e876791e4",
+        64: "afda852cc34dcda56f86ad2b2457dbcc",
+        128: "e48e916a24454daf90583d4e6efb1a18",
+        224: "eae7e3b6f3fcbda4ae613ebdcbe35348",
+    },
+    "breastmnist": {
+        28: "750601b1f35ba3300ea97c75c52ff8f6",
+        64: "742edef2a1fd1524b2efff4bd7ba9364",
+        128: "363e4b3f8d712e9b5de15470a2aaadf1",
+        224: "b56378a6eefa9fed602bb16d192d4c8b",
+    },
+    "bloodmnist": {
+        28: "7053d0359d879ad8a5505303e11de1dc",
+        64: "2b94928a2ae4916078ca51e05b6b800b",
+        128: "adace1e0ed228fccda1f39692059dd4c",
+        224: "b718ff6835fcbdb22ba9eacccd7b2601",
+    },
+    "tissuemnist": {
+        28: "ebe78ee8b05294063de985d821c1c34b",
+        64: "123ece2eba09d0aa5d698fda57103344",
+        128: "61b955355d7425a89687b06cca3ce0c2",
+        224: "b077128c4a949f0a4eb01517f9037b9c",
+    },
+    "organamnist": {
+        28: "68e3f8846a6bd62f0c9bf841c0d9eacc",
+        64: "2dcccc29b88e6da5a01161ef20cda288",
+        128: "eeae80d0a227a8d099027e1b3cfd3b60",
+        224: "50747347e05c87dd3aaf92c49f9f3170",
+    },
+    "organcmnist": {
+        28: "b9ceb9546e10131b32923c5bbeaea2b1",
+        64: "3ce34a8724ea6f548e6db4744d03b6a9",
+        128: "773c1f009daa3fe5d9a2a201b2a7ed94",
+        224: "050f5e875dc056f6768abf94ec9995d1",
+    },
+    "organsmnist": {
+        28: "9ab87b696fb54e2a387ebe992d6ed5f1",
+        64: "53a6d115339d874c25e309a994ff46d3",
+        128: "ded0c5fa01a95dc4978b956f613e9b8e",
+        224: "b354719e553fbbb2513d5533f52a4cb1",
+    },
+    "organmnist3d": {
+        28: "a0c5a1ff56af4f155c46d46fbb45a2fe",
+        64: "58a2205adf14a9d0a189cb06dc78bf10",
+    },
+    "nodulemnist3d": {
+        28: "8755a7e9e05a4d9ce80a24c3e7a256f3",
+        64: "c47c5b7d457bf6332200d2ea6d64ecd8",
+    },
+    "adrenalmnist3d": {
+        28: "bbd3c5a5576322bc4cdfea780653b1ce",
+        64: "17721accfe9fb005146a47d33bc54b2f",
+    },
+    "fracturemnist3d": {
+        28: "6aa7b0143a6b42da40027a9dda61302f",
+        64: "f01d7e6316aedf4210da0da5b7437b42",
+    },
+    "vesselmnist3d": {
+        28: "b41fd4f7e7e2feedddb201585ecafa1b",
+        64: "6bb274a8846e1097066dcd64e2c4520f",
+    },
+    "synapsemnist3d": {
+        28: "1235b78a3cd6280881dd7850a78eadb6",
+        64: "43bd14ebf3af9d3dd072446fedc14d5e",
+    },
+}
+
+MEDMNIST_KEYS = (
+    "train_images",
+    "train_labels",
+    "val_images",
+    "val_labels",
+    "test_images",
+    "test_labels",
+)
+"""The arrays every MedMNIST ``.npz`` holds."""
+
+MEDMNIST_ALL_SIZES = (28, 64, 128, 224)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+"""File endings counted as images in a class folder (case-insensitive)."""
+
+
+@dataclass(frozen=True)
+class ArchiveSource:
+    """One downloadable archive of class folders.
+
+    ``url`` and ``md5`` say where it is and what it must hash to, ``filename`` what it is saved
+    as, and ``top_folder`` the folder it unpacks to, whose sub-folders are the classes.
+    """
+
+    url: str
+    md5: str
+    filename: str
+    top_folder: str
+    description: str = ""
+
+
+MEDNIST_SOURCES: dict[str, ArchiveSource] = {
+    "rsna-64x64-500": ArchiveSource(
+        url=(
+            "https://github.com/slowvak/MIDL-C/raw/e178a530ccbd2f6205cc1dd665fc47eb2d4d5cb8/"
+            "MedNIST_64x64_500.zip"
+        ),
+        md5="af03d2cfbd746c9ebf0b28a929dc69b3",
+        filename="MedNIST_64x64_500.zip",
+        top_folder="MedNIST_64x64_500",
+        description=(
+            "RSNA / MIDL-C MedNIST, 6 classes x 500 64x64 JPEGs "
+            "(CTAbd, CTChest, CTHead, CXR, MRBrain, MRBreast), 3.3 MB"
+        ),
+    ),
+    "monai": ArchiveSource(
+        url=(
+            "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+            "MedNIST.tar.gz"
+        ),
+        # as listed in MONAI's MedNISTDataset (monai/apps/datasets.py)
+        md5="0bc7306e7427e00ad1c5526a6677552d",
+        filename="MedNIST.tar.gz",
+        top_folder="MedNIST",
+        description=(
+            "MONAI MedNIST, 6 classes of 64x64 JPEGs "
+            "(AbdomenCT, BreastMRI, CXR, ChestCT, Hand, HeadCT), about 60 MB"
+        ),
+    ),
+}
+
+# --------------------------------------------------------------------------------------------
+# Errors and results
+# --------------------------------------------------------------------------------------------
+
+
+class DownloadError(RuntimeError):
+    """A download, checksum, extraction or layout step failed; the message says what to do."""
+
+
+class ChecksumError(DownloadError):
+    """A file's MD5 is not the published one."""
+
+
+class UnsafeArchiveError(DownloadError):
+    """An archive holds a member that would land outside the target folder (or a link)."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What a ``fetch_*`` call produced.
+
+    ``path`` is what to give fl-imaging (a task folder, a folder of ``.npz`` files or a folder
+    of class folders); ``downloaded`` is False when a complete copy was already there;
+    ``junk_removed`` counts the macOS junk files deleted after extraction.
+    """
+
+    path: Path
+    downloaded: bool
+    junk_removed: int = 0
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _listing(names: list[str], limit: int = 3) -> str:
+    """``a, b, c and 4 more`` for messages."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums and downloads
+# --------------------------------------------------------------------------------------------
+
+
+def md5_of(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Return the MD5 of the file at ``path`` as 32 lower-case hex digits (read in chunks)."""
+    digest = hashlib.md5()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_md5(path: Path, expected: str) -> None:
+    """Check that the file at ``path`` has MD5 ``expected``; return None when it does.
+
+    Raises :class:`ChecksumError` naming the file, the expected and the actual checksum, and
+    telling the user to delete the file and run again.
+    """
+    path = Path(path)
+    actual = md5_of(path)
+    if actual != expected.strip().lower():
+        raise ChecksumError(
+            f"MD5 mismatch for {path}: expected {expected.strip().lower()}, got {actual}. "
+            "The file is damaged, incomplete or not the published one. "
+            f"Delete it ({path}) and run the download again."
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class _Progress:
+    """A ``name: done / total (pct)`` line on stderr: rewritten in place on a terminal, one
+    line per 10% (or per 100 MB when the total is unknown) otherwise."""
+
+    def __init__(self, name: str, total: int | None, done: int, quiet: bool) -> None:
+        self.name, self.total, self.quiet = name, total, quiet
+        self.tty = not quiet and sys.stderr.isatty()
+        self.last_time = 0.0
+        self.last_step = self._step(done)
+        self.printed = -1  # bytes shown on the last full line (non-terminal output)
+
+    def _step(self, done: int) -> int:
+        if self.total:
+            return done * 10 // self.total
+        return done // (100 << 20)
+
+    def _line(self, done: int) -> str:
+        if self.total:
+            pct = 100.0 * done / self.total
+            return f"  {self.name}: {_human(done)} / {_human(self.total)} ({pct:.0f}%)"
+        return f"  {self.name}: {_human(done)}"
+
+    def update(self, done: int) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            now = time.monotonic()
+            if now - self.last_time >= 0.2:
+                self.last_time = now
+                print("\r" + self._line(done), end="", file=sys.stderr, flush=True)
+        elif (step := self._step(done)) > self.last_step:
+            self.last_step, self.printed = step, done
+            print(self._line(done), file=sys.stderr, flush=True)
+
+    def finish(self, done: int) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            print("\r" + self._line(done), file=sys.stderr, flush=True)
+        elif self.printed != done:
+            print(self._line(done), file=sys.stderr, flush=True)
+
+
+def _open(url: str, start: int) -> tuple[BinaryIO, int | None, bool]:
+    """Open ``url`` asking for bytes from ``start`` on; return the response, the number of
+    bytes it will send (None if unknown) and whether it honoured the range (resumed)."""
+    headers = {"User-Agent": "fl-imaging-download/0.1"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+    length = response.headers.get("Content-Length")
+    resumed = bool(start) and getattr(response, "status", None) == 206
+    return response, (int(length) if length and length.isdigit() else None), resumed
+
+
+def download_file(url: str, dest: Path, md5: str, *, quiet: bool = False) -> Path:
+    """Download ``url`` to ``dest`` and check its MD5; return ``dest``.
+
+    The bytes go to ``dest`` + ``.part`` first; a run that finds a ``.part`` file asks the
+    server for the rest (HTTP range request) and starts over if the server will not resume.
+    Only a file whose MD5 equals ``md5`` is renamed to ``dest``. If ``dest`` already exists it
+    is checked and reused. A progress line (bytes done / total) goes to stderr unless
+    ``quiet``. ``file://`` URLs work too (for mirrors and tests).
+
+    Raises :class:`ChecksumError` when the MD5 differs (the bad file is kept under its name,
+    and the message says to delete it) and :class:`DownloadError` when the transfer fails (the
+    ``.part`` file is kept, so running again resumes).
+    """
+    dest = Path(dest)
+    if dest.exists():
+        _say(f"{dest.name}: already downloaded, checking its MD5", quiet)
+        verify_md5(dest, md5)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    start = part.stat().st_size if part.exists() else 0
+    _say(
+        f"downloading {url}\n  to {dest}" + (f" (resuming at {_human(start)})" if start else ""),
+        quiet,
+    )
+    done = 0
+    try:
+        try:
+            response, length, resumed = _open(url, start)
+        except urllib.error.HTTPError as error:
+            if error.code != 416 or not start:  # 416: nothing left to send, the .part is whole
+                raise
+            response, length, resumed = None, 0, True
+        if not resumed:
+            start = 0
+        total = start + length if length is not None else None
+        done = start
+        progress = _Progress(dest.name, total, done, quiet)
+        if response is not None:
+            with response, part.open("ab" if resumed else "wb") as handle:
+                while chunk := response.read(1 << 20):
+                    handle.write(chunk)
+                    done += len(chunk)
+                    progress.update(done)
+        progress.finish(done)
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", None) or error
+        kept = f"; the partial file {part} is kept: run again to resume" if part.exists() else ""
+        raise DownloadError(f"could not download {url}: {reason}{kept}") from error
+    if total is not None and done != total:
+        raise DownloadError(
+            f"download of {url} stopped at {done} of {total} bytes; "
+            f"the partial file {part} is kept: run again to resume"
+        )
+    verify_md5(part, md5)
+    os.replace(part, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# Safe extraction
+# --------------------------------------------------------------------------------------------
+
+
+def _unsafe_name(name: str) -> str | None:
+    """Why an archive member name is unsafe to extract, or None when it is fine."""
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":"):
+        return "absolute path"
+    if ".." in PurePosixPath(posix).parts:
+        return "'..' in its path"
+    return None
+
+
+def extract_archive(archive: Path, dest: Path) -> Path:
+    """Unpack a ``.tar``, ``.tar.gz`` / ``.tgz`` or ``.zip`` archive into folder ``dest``.
+
+    Every member is checked before anything is written: absolute paths, ``..`` components,
+    links and device files raise :class:`UnsafeArchiveError` naming the member (nothing is
+    extracted then). Returns ``dest``. Raises :class:`DownloadError` for a file that is neither
+    a tar nor a zip archive.
+    """
+    archive, dest = Path(archive), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if reason := _unsafe_name(info.filename):
+                    raise UnsafeArchiveError(
+                        f"{archive}: refusing member {info.filename!r} ({reason}); "
+                        "nothing was extracted"
+                    )
+            zf.extractall(dest)
+        return dest
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive, "r:*") as tf:
+            members = tf.getmembers()
+            for member in members:
+                reason = _unsafe_name(member.name)
+                if reason is None and (member.issym() or member.islnk()):
+                    reason = "a link"
+                if reason is None and not (member.isfile() or member.isdir()):
+                    reason = "not a regular file or folder"
+                if reason:
+                    raise UnsafeArchiveError(
+                        f"{archive}: refusing member {member.name!r} ({reason}); "
+                        "nothing was extracted"
+                    )
+            tf.extractall(dest, members=members, filter="data")
+        return dest
+    raise DownloadError(f"{archive} is neither a tar nor a zip archive")
+
+
+def remove_macos_junk(root: Path) -> int:
+    """Delete macOS junk under ``root``: AppleDouble ``._*`` files, ``.DS_Store`` files and
+    ``__MACOSX`` folders. Returns how many files were deleted (those inside ``__MACOSX``
+    included)."""
+    removed = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "__MACOSX" in dirnames:
+            dirnames.remove("__MACOSX")
+            junk_dir = Path(dirpath) / "__MACOSX"
+            removed += sum(len(files) for _, _, files in os.walk(junk_dir))
+            shutil.rmtree(junk_dir)
+        for name in filenames:
+            if name.startswith("._") or name == ".DS_Store":
+                (Path(dirpath) / name).unlink()
+                removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A hidden scratch folder inside ``out`` (same file system, so moves out of it are
+    renames), removed with whatever is left in it however the block ends."""
+    stage = Path(tempfile.mkdtemp(prefix=".fl-imaging-extract-", dir=out))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _unpacked_top(stage: Path, expected: str) -> Path:
+    """The folder an archive unpacked to: ``stage/expected``, or the only folder there."""
+    if (stage / expected).is_dir():
+        return stage / expected
+    folders = [p for p in stage.iterdir() if p.is_dir()]
+    if len(folders) == 1:
+        return folders[0]
+    found = _listing(sorted(p.name for p in stage.iterdir())) or "nothing"
+    raise DownloadError(f"the archive did not unpack to a folder {expected}/ (found: {found})")
+
+
+# --------------------------------------------------------------------------------------------
+# Layout checks
+# --------------------------------------------------------------------------------------------
+
+
+def _nifti_names(folder: Path) -> list[str]:
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith(".")
+    )
+
+
+def _junk_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("._"))
+
+
+def msd_layout_problems(root: Path) -> list[str]:
+    """Check an MSD task folder (``root`` = e.g. ``OUT/Task04_Hippocampus``).
+
+    Looks for ``dataset.json`` with a ``training`` list whose files exist, NIfTI images in
+    ``imagesTr/``, a label of the same name in ``labelsTr/`` for each, and no macOS ``._``
+    files. Returns the problems found, one sentence each; an empty list means the layout is
+    right. Nothing is decoded.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return [f"{root} is not a folder"]
+    problems: list[str] = []
+    meta = root / "dataset.json"
+    if not meta.is_file():
+        problems.append(f"{meta} is missing")
+    else:
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, ValueError) as error:
+            info = None
+            problems.append(f"{meta} is not readable JSON: {error}")
+        if info is not None:
+            training = info.get("training") if isinstance(info, dict) else None
+            if not isinstance(training, list):
+                problems.append(f"{meta} has no 'training' list")
+            else:
+                missing = []
+                for entry in training:
+                    if not isinstance(entry, dict):
+                        problems.append(f"{meta}: training entry {entry!r} is not an object")
+                        break
+                    for key in ("image", "label"):
+                        rel = entry.get(key)
+                        if not isinstance(rel, str) or not (root / rel).is_file():
+                            missing.append(str(rel))
+                if missing:
+                    problems.append(
+                        f"{meta} lists {len(missing)} file(s) that are not there: "
+                        f"{_listing(missing)}"
+                    )
+    images: list[str] = []
+    labels: list[str] = []
+    for sub in ("imagesTr", "labelsTr"):
+        folder = root / sub
+        if not folder.is_dir():
+            problems.append(f"{folder}/ is missing")
+            continue
+        names = _nifti_names(folder)
+        if sub == "imagesTr":
+            images = names
+            if not names:
+                problems.append(f"{folder}/ holds no .nii.gz images")
+        else:
+            labels = names
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        if (root / sub).is_dir() and (junk := _junk_names(root / sub)):
+            problems.append(
+                f"{root / sub}/ holds {len(junk)} macOS '._' file(s) ({_listing(junk)}): "
+                "delete them, they are not NIfTI"
+            )
+    if images and (root / "labelsTr").is_dir():
+        unlabelled = sorted(set(images) - set(labels))
+        if unlabelled:
+            problems.append(
+                f"{len(unlabelled)} image(s) in imagesTr/ have no label of the same name in "
+                f"labelsTr/: {_listing(unlabelled)}"
+            )
+        orphans = sorted(set(labels) - set(images))
+        if orphans:
+            problems.append(
+                f"{len(orphans)} label(s) in labelsTr/ have no image in imagesTr/: "
+                f"{_listing(orphans)}"
+            )
+    return problems
+
+
+def msd_summary(root: Path) -> str:
+    """One line on what an MSD task folder holds: the dataset name from ``dataset.json``, its
+    number of training entries and the NIfTI files in ``imagesTr/``, ``labelsTr/``,
+    ``imagesTs/``."""
+    root = Path(root)
+    parts = []
+    try:
+        info = json.loads((root / "dataset.json").read_text())
+        parts.append(
+            f"dataset.json: {info.get('name', '?')!r}, {len(info.get('training', []))} "
+            "training entries"
+        )
+    except (OSError, ValueError, AttributeError, TypeError):
+        parts.append("dataset.json: unreadable or missing")
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        if (root / sub).is_dir():
+            parts.append(f"{sub}/: {len(_nifti_names(root / sub))} NIfTI files")
+    return f"{root}: " + "; ".join(parts)
+
+
+def medmnist_sizes(flag: str) -> tuple[int, ...]:
+    """The image sizes published for ``flag``: (28, 64) for the 3D flags, (28, 64, 128, 224)
+    for the 2D ones (for a flag not in :data:`MEDMNIST_MD5`, guessed from a ``3d`` ending)."""
+    if flag in MEDMNIST_MD5:
+        return tuple(sorted(MEDMNIST_MD5[flag]))
+    return (28, 64) if flag.endswith("3d") else MEDMNIST_ALL_SIZES
+
+
+def medmnist_filename(flag: str, size: int) -> str:
+    """The file name of a MedMNIST flag at a size: ``{flag}.npz`` for 28, else
+    ``{flag}_{size}.npz``."""
+    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+def medmnist_md5(flag: str, size: int) -> str | None:
+    """The published MD5 of ``flag`` at ``size``, or None when it is not known here."""
+    return MEDMNIST_MD5.get(flag, {}).get(size)
+
+
+def _npz_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of every array in an ``.npz``, read from the ``.npy`` headers only (no
+    array is decompressed)."""
+    arrays = {}
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if not name.endswith(".npy"):
+                continue
+            with zf.open(name) as handle:
+                version = np.lib.format.read_magic(handle)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            arrays[name[: -len(".npy")]] = (tuple(shape), str(dtype))
+    return arrays
+
+
+def medmnist_layout_problems(root: Path, flag: str, size: int) -> list[str]:
+    """Check ``root/{flag}.npz`` (size 28) or ``root/{flag}_{size}.npz``.
+
+    Opens the file (array headers only), checks the six arrays of :data:`MEDMNIST_KEYS` are
+    there, that each split has as many labels as images, and that the images are
+    ``size`` pixels wide (``size``^3 volumes for 3D flags). Returns the problems found, one
+    sentence each; an empty list means the file is right.
+    """
+    path = Path(root) / medmnist_filename(flag, size)
+    if not path.is_file():
+        where = "" if Path(root).is_dir() else f" ({root} is not a folder)"
+        return [f"{path} not found{where}"]
+    try:
+        arrays = _npz_arrays(path)
+    except (OSError, zipfile.BadZipFile, ValueError) as error:
+        return [f"{path} is not a readable .npz file: {error}"]
+    problems = []
+    missing = [k for k in MEDMNIST_KEYS if k not in arrays]
+    if missing:
+        problems.append(f"{path} lacks the array(s) {', '.join(missing)}")
+    is_3d = flag.endswith("3d")
+    want = f"(N, {size}, {size}, {size})" if is_3d else f"(N, {size}, {size}[, 3])"
+    for split in ("train", "val", "test"):
+        images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
+        if images is None or labels is None:
+            continue
+        shape = images[0]
+        n_images, n_labels = (shape[0] if shape else 0), (labels[0][0] if labels[0] else 0)
+        if n_images != n_labels:
+            problems.append(
+                f"{path}: {split}_images has {n_images} images but {split}_labels has "
+                f"{n_labels} labels"
+            )
+        if is_3d:
+            right = len(shape) == 4 and shape[1:] == (size, size, size)
+        else:
+            right = len(shape) in (3, 4) and shape[1:3] == (size, size)
+        if not right:
+            problems.append(f"{path}: {split}_images has shape {shape}, expected {want}")
+    if "train_images" in arrays and arrays["train_images"][0][:1] == (0,):
+        problems.append(f"{path}: train_images is empty")
+    return problems
+
+
+def medmnist_summary(root: Path, flag: str, size: int) -> str:
+    """One line on what a MedMNIST file holds: images per split, their shape and dtype."""
+    path = Path(root) / medmnist_filename(flag, size)
+    try:
+        arrays = _npz_arrays(path)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return f"{path}: missing or unreadable"
+    parts = []
+    for split in ("train", "val", "test"):
+        if f"{split}_images" in arrays:
+            parts.append(f"{split} {arrays[f'{split}_images'][0][0]}")
+    shape = arrays.get("train_images", ((0,), "?"))
+    labels = arrays.get("train_labels", ((0,), "?"))
+    return (
+        f"{path}: {', '.join(parts) or 'no images'}; images "
+        f"{'x'.join(map(str, shape[0][1:]))} {shape[1]}, labels per image "
+        f"{'x'.join(map(str, labels[0][1:])) or '1'}"
+    )
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX"
+    )
+
+
+def _image_names(folder: Path) -> list[str]:
+    return [
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    ]
+
+
+def class_folder_layout_problems(root: Path) -> list[str]:
+    """Check a folder of 2D class folders: ``root/<ClassName>/*.jpg`` (or .jpeg, .png, ...).
+
+    Wants at least 2 class folders, each with at least one image file, and no macOS ``._``
+    files. Returns the problems found, one sentence each; an empty list means the layout is
+    right. Images are not decoded.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return [f"{root} is not a folder"]
+    classes = _class_folders(root)
+    problems = []
+    if len(classes) < 2:
+        named = f" ({classes[0].name})" if classes else ""
+        problem = f"{root} holds {len(classes)} class folder(s){named}; at least 2 are needed"
+        if len(classes) == 1 and len(_class_folders(classes[0])) >= 2:
+            problem += (
+                f". {classes[0]} has sub-folders: pass that folder instead, or move its "
+                "sub-folders up"
+            )
+        problems.append(problem)
+    empty = [c.name for c in classes if not _image_names(c)]
+    if empty:
+        problems.append(
+            f"{len(empty)} class folder(s) hold no image files "
+            f"({', '.join(IMAGE_SUFFIXES)}): {_listing(empty)}"
+        )
+    junk = sum(len(_junk_names(c)) for c in classes)
+    if junk:
+        problems.append(
+            f"{junk} macOS '._' file(s) in the class folders: delete them, they are not images"
+        )
+    return problems
+
+
+def class_folder_summary(root: Path) -> str:
+    """One line on a folder of class folders: each class with its number of images."""
+    root = Path(root)
+    if not root.is_dir():
+        return f"{root}: not a folder"
+    counts = {c.name: len(_image_names(c)) for c in _class_folders(root)}
+    listed = ", ".join(f"{name} {n}" for name, n in counts.items())
+    return f"{root}: {len(counts)} class folder(s), {sum(counts.values())} images" + (
+        f" ({listed})" if listed else ""
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Whole datasets
+# --------------------------------------------------------------------------------------------
+
+
+def fetch_msd_task(
+    task: str,
+    out: Path,
+    *,
+    url: str | None = None,
+    md5: str | None = None,
+    keep_archive: bool = False,
+    quiet: bool = False,
+) -> Fetched:
+    """Download one MSD task tar into ``out``, check it and unpack it to ``out/<task>/``.
+
+    ``task`` is e.g. ``"Task04_Hippocampus"``; ``url`` and ``md5`` default to MONAI's AWS
+    mirror and MONAI's published checksum (both must be given for a task not in
+    :data:`MSD_MD5`). macOS ``._`` files are deleted after extraction. The tar is deleted
+    afterwards unless ``keep_archive``. A complete ``out/<task>/`` is reused as it is.
+
+    Returns a :class:`Fetched` whose ``path`` is the task folder. Raises
+    :class:`DownloadError` (or its subclasses) on failure, leaving no ``out/<task>/``.
+    """
+    if md5 is None:
+        if task not in MSD_MD5:
+            raise DownloadError(
+                f"unknown MSD task {task!r}: choose one of {', '.join(MSD_MD5)} "
+                "(or give both a URL and its MD5)"
+            )
+        md5 = MSD_MD5[task]
+    url = url or MSD_URL.format(task=task)
+    out = Path(out)
+    final = out / task
+    if final.exists():
+        problems = msd_layout_problems(final)
+        if not problems:
+            _say(f"{final} is already there and complete", quiet)
+            return Fetched(final, downloaded=False)
+        raise DownloadError(
+            f"{final} exists but is not a complete MSD task ({problems[0]}); "
+            "move or delete it and run again"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    archive = download_file(url, out / f"{task}.tar", md5, quiet=quiet)
+    _say(f"unpacking {archive.name}", quiet)
+    with _staging(out) as stage:
+        extract_archive(archive, stage)
+        removed = remove_macos_junk(stage)
+        unpacked = _unpacked_top(stage, task)
+        problems = msd_layout_problems(unpacked)
+        if problems:
+            raise DownloadError(
+                f"{archive.name} did not unpack to an MSD task layout: {'; '.join(problems)}"
+            )
+        os.replace(unpacked, final)
+    _say(f"removed {removed} macOS junk file(s) ('._*') from the unpacked task", quiet)
+    if not keep_archive:
+        archive.unlink()
+    return Fetched(final, downloaded=True, junk_removed=removed)
+
+
+def fetch_medmnist(
+    flag: str,
+    size: int,
+    out: Path,
+    *,
+    md5: str | None = None,
+    url: str | None = None,
+    quiet: bool = False,
+) -> Fetched:
+    """Download one MedMNIST file (``flag`` at ``size`` px) from Zenodo into ``out`` and check it.
+
+    The MD5 is the published one from :data:`MEDMNIST_MD5`; ``md5`` overrides it, and is
+    required for a flag or size not listed there (the download is refused without a
+    checksum). ``url`` defaults to :data:`MEDMNIST_URL`. A file already there is checked and
+    reused.
+
+    Returns a :class:`Fetched` whose ``path`` is ``out`` (the folder holding the ``.npz``).
+    Raises :class:`DownloadError` (or a subclass) on failure; a file failing its checksum is
+    never given its final name.
+    """
+    filename = medmnist_filename(flag, size)
+    known = medmnist_md5(flag, size)
+    if flag in MEDMNIST_MD5 and size not in MEDMNIST_MD5[flag]:
+        raise DownloadError(
+            f"{flag} is published in sizes {', '.join(map(str, medmnist_sizes(flag)))} only, "
+            f"not {size}"
+        )
+    if size not in MEDMNIST_ALL_SIZES:
+        raise DownloadError(f"MedMNIST sizes are {', '.join(map(str, MEDMNIST_ALL_SIZES))}")
+    if md5 is None and known is None:
+        raise DownloadError(
+            f"no published MD5 is known here for {filename}, so it will not be downloaded "
+            "unchecked: give its MD5 (--md5 on the command line), taken from the Zenodo "
+            "record https://zenodo.org/records/10519652"
+        )
+    expected = md5 or known
+    assert expected is not None
+    if md5 and known and md5.strip().lower() != known:
+        _say(f"note: using the given MD5 {md5}, not the published {known}", quiet)
+    out = Path(out)
+    dest = out / filename
+    already = dest.exists()
+    download_file(url or MEDMNIST_URL.format(file=filename), dest, expected, quiet=quiet)
+    problems = medmnist_layout_problems(out, flag, size)
+    if problems:
+        raise DownloadError(f"{dest} passed its checksum but: {'; '.join(problems)}")
+    return Fetched(out, downloaded=not already)
+
+
+def fetch_mednist(
+    source: str | ArchiveSource,
+    out: Path,
+    *,
+    keep_archive: bool = False,
+    quiet: bool = False,
+) -> Fetched:
+    """Download a MedNIST-style archive into ``out`` and unpack it to ``out/<Class>/*.jpg``.
+
+    ``source`` is a key of :data:`MEDNIST_SOURCES` (``"rsna-64x64-500"``, ``"monai"``) or an
+    :class:`ArchiveSource`. The archive's top folder is flattened away, so the class folders
+    land directly in ``out``; macOS junk is deleted. The archive is deleted afterwards unless
+    ``keep_archive``. An ``out`` that already holds a valid class-folder layout is reused.
+
+    Returns a :class:`Fetched` whose ``path`` is ``out``. Raises :class:`DownloadError` (or a
+    subclass) on failure, moving no class folder into ``out`` then.
+    """
+    if isinstance(source, str):
+        if source not in MEDNIST_SOURCES:
+            raise DownloadError(
+                f"unknown MedNIST source {source!r}: choose one of {', '.join(MEDNIST_SOURCES)}"
+            )
+        source = MEDNIST_SOURCES[source]
+    out = Path(out)
+    if out.is_dir() and _class_folders(out) and not class_folder_layout_problems(out):
+        _say(f"{out} already holds class folders", quiet)
+        return Fetched(out, downloaded=False)
+    out.mkdir(parents=True, exist_ok=True)
+    archive = download_file(source.url, out / source.filename, source.md5, quiet=quiet)
+    _say(f"unpacking {archive.name}", quiet)
+    with _staging(out) as stage:
+        extract_archive(archive, stage)
+        removed = remove_macos_junk(stage)
+        top = _unpacked_top(stage, source.top_folder)
+        problems = class_folder_layout_problems(top)
+        if problems:
+            raise DownloadError(
+                f"{archive.name} did not unpack to class folders: {'; '.join(problems)}"
+            )
+        classes = _class_folders(top)
+        clashes = [c.name for c in classes if (out / c.name).exists()]
+        if clashes:
+            raise DownloadError(
+                f"{out} already has {_listing(clashes)}: use an empty folder, or move those away"
+            )
+        for folder in classes:
+            os.replace(folder, out / folder.name)
+    _say(f"removed {removed} macOS junk file(s) from the unpacked archive", quiet)
+    if not keep_archive:
+        archive.unlink()
+    return Fetched(out, downloaded=True, junk_removed=removed)
+
+
+def report_layout(summary: str, problems: list[str], data_root: Path) -> int:
+    """Print a layout check's outcome to stdout for the download scripts.
+
+    Prints ``summary``, then either the ``problems`` (and returns 1) or ``layout OK`` and the
+    ``data.root=...`` setting that points fl-imaging at ``data_root`` (and returns 0).
+    """
+    print(summary)
+    if problems:
+        print("layout problems:")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    print("layout OK")
+    print(f"pass it to fl-imaging as: data.root={Path(data_root).resolve()}")
+    return 0
