@@ -21,11 +21,13 @@ __all__ = [
     "DataConfig",
     "EngineConfig",
     "ModelConfig",
+    "NORM_OUTLIER_ACTIONS",
     "OptimizerConfig",
     "PartitionConfig",
     "RunConfig",
     "StrategyConfig",
     "TaskConfig",
+    "UpdateValidationConfig",
     "config_dir",
     "config_from_yaml",
     "config_to_yaml",
@@ -145,9 +147,26 @@ class DataConfig:
 
 
 @dataclass
+class UpdateValidationConfig:
+    """Checks on every site's update before aggregation (see ``strategies/validation.py``).
+
+    Replies holding NaN/Inf or arrays unlike the global model's are always rejected. An update
+    whose L2 norm exceeds ``norm_factor`` times the round's median update norm is an outlier;
+    ``norm_outliers`` says whether it is only flagged in the log (``flag``) or left out
+    (``reject``). The default only flags, so undefended strategies stay undefended.
+    """
+
+    norm_outliers: str = "flag"
+    norm_factor: float = 5.0
+
+
+@dataclass
 class StrategyConfig:
     name: str = "fedavg"
     params: dict[str, Any] = field(default_factory=dict)
+    #: L2 bound on each site's update, applied on top of any strategy (None: no bound).
+    norm_bound: float | None = None
+    validation: UpdateValidationConfig = field(default_factory=UpdateValidationConfig)
 
 
 @dataclass
@@ -316,8 +335,30 @@ def _check_ranges(run: RunConfig) -> None:
         )
     if engine.clients_per_round is not None and engine.clients_per_round < 1:
         problems.append(f"engine.clients_per_round={engine.clients_per_round}: must be 1 or more")
+    problems.extend(_strategy_problems(run.strategy))
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+#: Allowed values of ``strategy.validation.norm_outliers``.
+NORM_OUTLIER_ACTIONS = ("flag", "reject")
+
+
+def _strategy_problems(strategy: StrategyConfig) -> list[str]:
+    problems: list[str] = []
+    checks = strategy.validation
+    if checks.norm_outliers not in NORM_OUTLIER_ACTIONS:
+        problems.append(
+            f"strategy.validation.norm_outliers={checks.norm_outliers}: allowed values are "
+            f"{', '.join(NORM_OUTLIER_ACTIONS)}"
+        )
+    if not checks.norm_factor > 1.0:
+        problems.append(
+            f"strategy.validation.norm_factor={checks.norm_factor}: must be greater than 1"
+        )
+    if strategy.norm_bound is not None and not strategy.norm_bound > 0:
+        problems.append(f"strategy.norm_bound={strategy.norm_bound}: must be positive")
+    return problems
 
 
 def config_to_yaml(run: RunConfig) -> str:

@@ -1,5 +1,23 @@
-"""Flower strategies of fl-imaging, selected by ``strategy=NAME`` (see ``conf/strategy/``)."""
+"""Flower strategies of fl-imaging, selected by ``strategy=NAME`` (see ``conf/strategy/``).
 
+Flower's own strategies plus ours (:class:`GeometricMedian`, :class:`CenteredClipping`), and two
+wrappers usable on top of any strategy: :class:`NormBounding` and :class:`ValidatingStrategy`.
+"""
+
+from strategies.centered_clipping import CenteredClipping
+from strategies.geometric_median import GeometricMedian
+from strategies.norm_bounding import NormBoundedFedAvg, NormBounding
 from strategies.registry import STRATEGIES, StrategyError, build_strategy
+from strategies.validation import UpdateCheck, ValidatingStrategy
 
-__all__ = ["STRATEGIES", "StrategyError", "build_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "CenteredClipping",
+    "GeometricMedian",
+    "NormBoundedFedAvg",
+    "NormBounding",
+    "StrategyError",
+    "UpdateCheck",
+    "ValidatingStrategy",
+    "build_strategy",
+]

@@ -1,24 +1,59 @@
 """Build a Flower strategy from the ``strategy`` config group.
 
-Each entry maps a config name to a Flower (or our own) ``Strategy`` class. Site sampling is not a
-strategy parameter here: it comes from ``engine.clients_per_round`` so that every strategy samples
-the same way.
+Each entry maps a config name (``conf/strategy/NAME.yaml``) to a Flower (or our own) ``Strategy``
+class. Site sampling is not a strategy parameter here: it comes from ``engine.clients_per_round``
+so that every strategy samples the same way. Whatever the strategy, the built object validates
+every update first (:class:`~strategies.validation.ValidatingStrategy`) and, with
+``strategy.norm_bound`` set, bounds each update's norm
+(:class:`~strategies.norm_bounding.NormBounding`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.app import Message
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from fl_imaging.config import StrategyConfig
+from strategies.centered_clipping import CenteredClipping
+from strategies.geometric_median import GeometricMedian
+from strategies.norm_bounding import NormBoundedFedAvg, NormBounding
+from strategies.validation import UpdateCheck, ValidatingStrategy, node_site
 
 __all__ = ["STRATEGIES", "SAMPLING_PARAMS", "StrategyError", "build_strategy"]
 
-#: Config name -> strategy class.
+#: Config name -> strategy class, Flower's first, then ours.
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+    "bulyan": Bulyan,
+    "geomedian": GeometricMedian,
+    "centeredclip": CenteredClipping,
+    "normbound": NormBoundedFedAvg,
 }
 
 #: Constructor arguments set from the engine config, never from ``strategy.params``.
@@ -35,25 +70,9 @@ class StrategyError(ValueError):
     """A strategy name or parameter that does not exist; the message lists the allowed ones."""
 
 
-def build_strategy(
-    cfg: StrategyConfig, *, num_sites: int, clients_per_round: int | None = None
-) -> Strategy:
-    """Instantiate the strategy ``cfg.name`` with ``cfg.params``.
-
-    ``num_sites`` is the number of sites in the federation; ``clients_per_round`` how many take
-    part in each round's training and evaluation (None: all). Returns the Flower ``Strategy``.
-    Raises :class:`StrategyError` for an unknown name or parameter.
-    """
-    if cfg.name not in STRATEGIES:
-        raise StrategyError(
-            f"Unknown strategy '{cfg.name}'. Allowed values for strategy.name: "
-            f"{', '.join(sorted(STRATEGIES))}."
-        )
-    cls = STRATEGIES[cfg.name]
-    params: dict[str, Any] = dict(cfg.params)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+def _check_params(cfg: StrategyConfig, accepted: list[str]) -> None:
     tunable = [p for p in accepted if p not in SAMPLING_PARAMS]
-    for key in params:
+    for key in cfg.params:
         if key in SAMPLING_PARAMS:
             raise StrategyError(
                 f"strategy.params.{key} is set from the engine: use engine.clients_per_round "
@@ -64,6 +83,47 @@ def build_strategy(
                 f"Unknown parameter strategy.params.{key} for strategy '{cfg.name}'. "
                 f"Allowed parameters: {', '.join(tunable) or '(none)'}."
             )
+
+
+def _check_enough_sites(strategy: Strategy, per_round: int) -> None:
+    if isinstance(strategy, Bulyan):
+        needed = 4 * strategy.num_malicious_nodes + 3
+        if per_round < needed:
+            raise StrategyError(
+                f"strategy 'bulyan' with num_malicious_nodes={strategy.num_malicious_nodes} needs "
+                f"at least {needed} sites per round (4f+3), but a round has {per_round}; Flower "
+                "would skip every aggregation. Lower strategy.params.num_malicious_nodes or add "
+                "sites."
+            )
+
+
+def build_strategy(
+    cfg: StrategyConfig,
+    *,
+    num_sites: int,
+    clients_per_round: int | None = None,
+    site_of: Callable[[Message], str] | None = None,
+    on_checks: Callable[[int, list[UpdateCheck]], None] | None = None,
+) -> Strategy:
+    """Instantiate the strategy ``cfg.name`` with ``cfg.params``, wrapped in the update checks.
+
+    ``num_sites`` is the number of sites in the federation; ``clients_per_round`` how many take
+    part in each round's training and evaluation (None: all). ``site_of`` names a reply's site in
+    the checks (default ``node-<id>``); ``on_checks(round, checks)`` receives each round's
+    :class:`~strategies.validation.UpdateCheck` list. Returns the Flower ``Strategy``
+    ``ValidatingStrategy(NormBounding(inner))``, without ``NormBounding`` when
+    ``cfg.norm_bound`` is None. Raises :class:`StrategyError` for an unknown name or parameter,
+    or a federation too small for the strategy.
+    """
+    if cfg.name not in STRATEGIES:
+        raise StrategyError(
+            f"Unknown strategy '{cfg.name}'. Allowed values for strategy.name: "
+            f"{', '.join(STRATEGIES)}."
+        )
+    cls = STRATEGIES[cfg.name]
+    params: dict[str, Any] = dict(cfg.params)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    _check_params(cfg, accepted)
     per_round = num_sites if clients_per_round is None else clients_per_round
     if per_round > num_sites:
         raise StrategyError(
@@ -77,4 +137,15 @@ def build_strategy(
         "min_evaluate_nodes": per_round,
         "min_available_nodes": per_round,
     }
-    return cls(**{k: v for k, v in sampling.items() if k in accepted}, **params)
+    try:
+        strategy = cls(**{k: v for k, v in sampling.items() if k in accepted}, **params)
+        _check_enough_sites(strategy, per_round)
+        if cfg.norm_bound is not None:
+            strategy = NormBounding(strategy, cfg.norm_bound)
+        return ValidatingStrategy(
+            strategy, cfg.validation, site_of=site_of or node_site, on_checks=on_checks
+        )
+    except ValueError as err:
+        if isinstance(err, StrategyError):
+            raise
+        raise StrategyError(f"strategy '{cfg.name}': {err}") from None

@@ -1,0 +1,172 @@
+"""NumPy views of the model weights carried in Flower messages, shared by our strategies.
+
+A model here is an :data:`Arrays` dict, name -> NumPy array of any shape, in the order of its
+``ArrayRecord``. Only floating arrays take part in norms, distances, medians and clipping: integer
+or boolean arrays (e.g. BatchNorm's ``num_batches_tracked``, int64 of shape ``()``) are counters,
+not weights, and each strategy says where it takes them from.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+
+__all__ = [
+    "Arrays",
+    "cast_like",
+    "clip_to_norm",
+    "flatten",
+    "floating_keys",
+    "layout_mismatch",
+    "reply_arrays",
+    "reply_weight",
+    "to_numpy",
+    "to_record",
+    "unflatten",
+    "update_norm",
+]
+
+#: A model's arrays: name -> array (any shape, any dtype), in record order.
+Arrays = dict[str, np.ndarray]
+
+
+def to_numpy(record: ArrayRecord) -> Arrays:
+    """Return a fresh NumPy copy of every array of ``record`` (name -> array, same shapes)."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def to_record(arrays: Arrays) -> ArrayRecord:
+    """Wrap ``arrays`` (name -> array) into an ``ArrayRecord`` with the same names and order."""
+    return ArrayRecord({name: Array(np.asarray(value)) for name, value in arrays.items()})
+
+
+def reply_arrays(msg: Message) -> tuple[str, ArrayRecord]:
+    """Return ``(key, record)`` of the one ``ArrayRecord`` in a reply's content.
+
+    Raises ``ValueError`` when the reply holds none or several (Flower's strategies expect one).
+    """
+    records = msg.content.array_records
+    if len(records) != 1:
+        raise ValueError(f"expected one ArrayRecord in the reply, found {len(records)}")
+    key = next(iter(records))
+    return key, cast(ArrayRecord, records[key])
+
+
+def reply_weight(msg: Message, key: str = "num-examples") -> float:
+    """Return the value of ``key`` (e.g. the site's number of training samples) in the reply's
+    first MetricRecord, as a float. Raises ``KeyError`` when it is missing."""
+    for record in msg.content.metric_records.values():
+        return float(cast(float, record[key]))
+    raise KeyError(f"the reply has no MetricRecord holding '{key}'")
+
+
+def _is_floating(value: np.ndarray) -> bool:
+    return bool(np.issubdtype(value.dtype, np.floating))
+
+
+def floating_keys(arrays: Arrays, *others: Arrays) -> list[str]:
+    """Names of the floating-point arrays of ``arrays`` (the model's weights), in order; with
+    ``others``, only those that are floating in every one of them too."""
+    return [
+        name
+        for name, value in arrays.items()
+        if _is_floating(value) and all(name in o and _is_floating(o[name]) for o in others)
+    ]
+
+
+def layout_mismatch(arrays: Arrays, reference: Arrays, check_dtype: bool = True) -> str | None:
+    """Say how ``arrays`` differs from ``reference`` in names, shapes or (if ``check_dtype``)
+    dtypes; None if it does not.
+
+    Returns a short reason such as ``"array 'w' has shape (3,), expected (2,)"``.
+    """
+    missing = [name for name in reference if name not in arrays]
+    extra = [name for name in arrays if name not in reference]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing arrays {', '.join(missing)}")
+        if extra:
+            parts.append(f"unexpected arrays {', '.join(extra)}")
+        return "; ".join(parts)
+    for name, expected in reference.items():
+        got = arrays[name]
+        if got.shape != expected.shape:
+            return f"array '{name}' has shape {got.shape}, expected {expected.shape}"
+        if check_dtype and got.dtype != expected.dtype:
+            return f"array '{name}' has dtype {got.dtype}, expected {expected.dtype}"
+    return None
+
+
+def flatten(arrays: Arrays, keys: list[str]) -> np.ndarray:
+    """Concatenate the arrays named ``keys`` into one float64 vector of shape ``(D,)``.
+
+    ``D`` is the total number of elements of those arrays.
+    """
+    if not keys:
+        return np.zeros(0, dtype=np.float64)
+    return np.concatenate([np.asarray(arrays[k], dtype=np.float64).ravel() for k in keys])
+
+
+def unflatten(vector: np.ndarray, like: Arrays, keys: list[str]) -> Arrays:
+    """Inverse of :func:`flatten`: cut ``vector`` (shape ``(D,)``) back into the arrays ``keys``.
+
+    Each array takes the shape and dtype it has in ``like``; arrays of ``like`` not in ``keys``
+    (the non-floating ones) are copied from ``like`` unchanged. Returns a new dict in ``like``'s
+    order.
+    """
+    pieces: Arrays = {}
+    offset = 0
+    for key in keys:
+        size = like[key].size
+        pieces[key] = vector[offset : offset + size].reshape(like[key].shape)
+        offset += size
+    if offset != vector.size:
+        raise ValueError(f"vector has {vector.size} elements, the arrays {offset}")
+    return {
+        name: pieces[name].astype(value.dtype) if name in pieces else value.copy()
+        for name, value in like.items()
+    }
+
+
+def update_norm(arrays: Arrays, reference: Arrays, keys: list[str]) -> float:
+    """L2 norm of ``arrays - reference`` over the arrays named ``keys`` (all taken together).
+
+    Both dicts must hold those names with equal shapes. Returns a float (NaN/Inf propagate).
+    """
+    total = 0.0
+    for key in keys:
+        diff = np.asarray(arrays[key], dtype=np.float64) - np.asarray(reference[key], np.float64)
+        total += float(np.vdot(diff, diff))
+    return float(np.sqrt(total))
+
+
+def clip_to_norm(vector: np.ndarray, bound: float) -> np.ndarray:
+    """Scale ``vector`` (any shape) down to L2 norm ``bound`` if it is longer; else return it.
+
+    Returns an array of the same shape whose L2 norm is ``min(norm, bound)``.
+    """
+    norm = float(np.linalg.norm(vector))
+    if norm <= bound or norm == 0.0:
+        return vector
+    return vector * (bound / norm)
+
+
+def cast_like(arrays: Arrays, reference: Arrays) -> Arrays:
+    """Give each array of ``arrays`` the dtype it has in ``reference`` (same names).
+
+    Flower's averaging turns integer counters (int64) into float64; rounding them back keeps the
+    global model's dtypes the same from round to round. Names not in ``reference`` are kept.
+    """
+    out: Arrays = {}
+    for name, value in arrays.items():
+        want = reference[name].dtype if name in reference else value.dtype
+        if value.dtype == want:
+            out[name] = value
+        elif np.issubdtype(want, np.integer) and _is_floating(value):
+            out[name] = np.rint(value).astype(want)
+        else:
+            out[name] = value.astype(want)
+    return out
