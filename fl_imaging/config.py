@@ -17,7 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 __all__ = [
+    "AttackConfig",
     "ConfigError",
+    "DPConfig",
     "DataConfig",
     "EngineConfig",
     "ModelConfig",
@@ -73,6 +75,27 @@ class PartitionName(enum.StrEnum):
 class PartitionBy(enum.StrEnum):
     label = "label"  # classification: the class; segmentation: not available
     size = "size"  # segmentation: foreground volume of the label (quantile bins)
+
+
+class DPMode(enum.StrEnum):
+    """Client-level differential privacy: Flower's wrappers around FedAvg."""
+
+    none = "none"
+    server_fixed = "server_fixed"  # server clips each update and adds noise (central DP)
+    client_fixed = "client_fixed"  # each site clips its own update; the server adds noise
+    server_adaptive = "server_adaptive"  # clipping norm learnt from a noisy quantile
+    client_adaptive = "client_adaptive"
+
+
+class AttackName(enum.StrEnum):
+    """Simulated malicious sites, for benchmarking robust strategies (simulation only)."""
+
+    none = "none"
+    signflip = "signflip"  # sends -scale x its honest update
+    scale = "scale"  # sends scale x its honest update
+    noise = "noise"  # sends Gaussian noise with the norm of scale x its honest update
+    labelflip = "labelflip"  # trains on permuted labels
+    collusion = "collusion"  # every malicious site sends the same crafted update
 
 
 class OptimizerName(enum.StrEnum):
@@ -161,12 +184,35 @@ class UpdateValidationConfig:
 
 
 @dataclass
+class DPConfig:
+    mode: DPMode = DPMode.none
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    initial_clipping_norm: float = 0.1
+    target_clipped_quantile: float = 0.5
+    clip_norm_lr: float = 0.2
+    target_delta: float = 1e-5
+    max_epsilon: float | None = None
+    account: bool = True
+
+
+@dataclass
+class AttackConfig:
+    name: AttackName = AttackName.none
+    fraction: float = 0.25
+    sites: list[int] = field(default_factory=list)
+    scale: float = 10.0
+    norm: float = 10.0
+
+
+@dataclass
 class StrategyConfig:
     name: str = "fedavg"
     params: dict[str, Any] = field(default_factory=dict)
     #: L2 bound on each site's update, applied on top of any strategy (None: no bound).
     norm_bound: float | None = None
     validation: UpdateValidationConfig = field(default_factory=UpdateValidationConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
 
 
 @dataclass
@@ -187,8 +233,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     seed: int = 0
     run_dir: str = "runs/latest"
+    #: A previous run's folder to resume from (its checkpoint.pt), or None.
+    resume: str | None = None
 
 
 def config_dir() -> Path:
@@ -319,6 +368,19 @@ def _check_ranges(run: RunConfig) -> None:
         problems.append(f"data.num_sites={data.num_sites}: must be 1 or more")
     if data.max_cases is not None and data.max_cases < data.num_sites:
         problems.append(f"data.max_cases={data.max_cases}: must be at least data.num_sites")
+    dp = run.strategy.dp
+    if dp.mode != DPMode.none and (
+        dp.noise_multiplier < 0 or dp.clipping_norm <= 0 or not 0 < dp.target_delta < 1
+    ):
+        problems.append(
+            "strategy.dp: noise_multiplier must be >= 0, clipping_norm > 0 and target_delta in "
+            "(0, 1)"
+        )
+    if dp.max_epsilon is not None and dp.max_epsilon <= 0:
+        problems.append(f"strategy.dp.max_epsilon={dp.max_epsilon}: must be positive")
+    attack = run.attack
+    if not 0.0 <= attack.fraction < 1.0 or attack.scale <= 0 or attack.norm <= 0:
+        problems.append("attack: fraction must be in [0, 1), scale and norm positive")
     part = data.partition
     if part.alpha <= 0:
         problems.append(f"data.partition.alpha={part.alpha}: must be positive (e.g. 0.5)")

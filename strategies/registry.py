@@ -30,10 +30,12 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fl_imaging.config import StrategyConfig
+from fl_imaging.config import DPMode, StrategyConfig
+from fl_imaging.flower.protocol import UNIT_WEIGHT
 from strategies.centered_clipping import CenteredClipping
 from strategies.geometric_median import GeometricMedian
 from strategies.norm_bounding import NormBoundedFedAvg, NormBounding
+from strategies.privacy import check_accountable, wrap_with_dp
 from strategies.validation import UpdateCheck, ValidatingStrategy, node_site
 
 __all__ = ["STRATEGIES", "SAMPLING_PARAMS", "StrategyError", "build_strategy"]
@@ -111,9 +113,11 @@ def build_strategy(
     part in each round's training and evaluation (None: all). ``site_of`` names a reply's site in
     the checks (default ``node-<id>``); ``on_checks(round, checks)`` receives each round's
     :class:`~strategies.validation.UpdateCheck` list. Returns the Flower ``Strategy``
-    ``ValidatingStrategy(NormBounding(inner))``, without ``NormBounding`` when
-    ``cfg.norm_bound`` is None. Raises :class:`StrategyError` for an unknown name or parameter,
-    or a federation too small for the strategy.
+    ``ValidatingStrategy(DP(NormBounding(inner)))``, without ``NormBounding`` when
+    ``cfg.norm_bound`` is None and without the DP wrapper when ``cfg.dp.mode`` is ``none``
+    (DP sites are weighted equally: ``unit-weight``). Raises :class:`StrategyError` for an
+    unknown name or parameter, a federation too small for the strategy, or a DP setting that
+    cannot be accounted.
     """
     if cfg.name not in STRATEGIES:
         raise StrategyError(
@@ -137,11 +141,15 @@ def build_strategy(
         "min_evaluate_nodes": per_round,
         "min_available_nodes": per_round,
     }
+    if cfg.dp.mode != DPMode.none:
+        params.setdefault("weighted_by_key", UNIT_WEIGHT)
     try:
+        check_accountable(cfg, num_sites, per_round)
         strategy = cls(**{k: v for k, v in sampling.items() if k in accepted}, **params)
         _check_enough_sites(strategy, per_round)
         if cfg.norm_bound is not None:
             strategy = NormBounding(strategy, cfg.norm_bound)
+        strategy = wrap_with_dp(strategy, cfg.dp, num_sites=num_sites, per_round=per_round)
         return ValidatingStrategy(
             strategy, cfg.validation, site_of=site_of or node_site, on_checks=on_checks
         )
