@@ -23,7 +23,8 @@ class SiteTrainer:
     """Model, cached datasets and loops of one site (or of a pooled set of cases).
 
     Takes the site name (for messages), its training and validation cases, the task, the batch
-    size, and whether to cache decoded volumes in memory (MONAI ``CacheDataset``).
+    size, whether to cache decoded volumes in memory (MONAI ``CacheDataset``), and transforms
+    applied to training labels after decoding (e.g. a simulated label-flipping attack).
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class SiteTrainer:
         *,
         batch_size: int,
         cache: bool = True,
+        label_transforms: Sequence[Callable] = (),
     ) -> None:
         self.name = name
         self.task = task
@@ -42,7 +44,9 @@ class SiteTrainer:
         self.batch_size = batch_size
         # Flat lists, so that CacheDataset caches everything before the first random transform.
         loading = list(task.load_transforms().transforms)
-        self.train_transform = Compose([*loading, *task.train_transforms().transforms])
+        self.train_transform = Compose(
+            [*loading, *label_transforms, *task.train_transforms().transforms]
+        )
         self.eval_transform = Compose([*loading, *task.eval_transforms().transforms])
         self.train_data = self._dataset(train_cases, self.train_transform, cache)
         self.val_data = self._dataset(val_cases, self.eval_transform, cache)

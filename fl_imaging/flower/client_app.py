@@ -14,23 +14,35 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
-from fl_imaging.config import RunConfig
+from fl_imaging.attacks import flipped_labels, malicious_sites, poison_state
+from fl_imaging.config import AttackName, DPMode, RunConfig
 from fl_imaging.data.sites import load_site
 from fl_imaging.flower.protocol import (
     LOCAL_EPOCHS,
+    MALICIOUS,
     NUM_EXAMPLES,
+    PROXIMAL_MU,
     SERVER_ROUND,
     SITE_NAME,
     SITE_RECORD,
+    UNIT_WEIGHT,
     resolve_config,
 )
 from fl_imaging.site_training import SiteTrainer
 from tasks import build_task
+from tasks.base import ExtraLoss
 
-__all__ = ["app", "build_client_app", "site_of"]
+__all__ = ["app", "build_client_app", "is_malicious", "site_of"]
 
 log = logging.getLogger("fl_imaging.client")
+
+#: Flower's client-side DP mods, applied to training replies of the matching DP mode.
+CLIENT_DP_MODS = {
+    DPMode.client_fixed: fixedclipping_mod,
+    DPMode.client_adaptive: adaptiveclipping_mod,
+}
 
 #: Trainers kept for the life of the process (a Ray actor or a long-lived ClientApp process), so
 #: that volumes are decoded once, not once per round. Keyed by (config text, site folder).
@@ -77,6 +89,7 @@ def _trainer(context: Context, cfg: RunConfig) -> SiteTrainer:
             name=name,
             class_names=list(cfg.task.class_names) or None,
         )
+        flips = is_malicious(context, cfg) and cfg.attack.name == AttackName.labelflip
         _TRAINERS[key] = SiteTrainer(
             name,
             site.train,
@@ -84,6 +97,7 @@ def _trainer(context: Context, cfg: RunConfig) -> SiteTrainer:
             build_task(cfg.task),
             batch_size=cfg.task.batch_size,
             cache=cfg.data.cache,
+            label_transforms=[flipped_labels(cfg.task.num_classes)] if flips else [],
         )
         log.info(
             "[site %s] %d training and %d validation cases from %s ready in %.1f s",
@@ -96,38 +110,94 @@ def _trainer(context: Context, cfg: RunConfig) -> SiteTrainer:
     return _TRAINERS[key]
 
 
-def _reply(msg: Message, trainer: SiteTrainer, metrics: dict[str, float], arrays: bool) -> Message:
+def is_malicious(context: Context, cfg: RunConfig) -> bool:
+    """True when this node plays a simulated malicious site (``attack=...``, simulation only)."""
+    if cfg.attack.name == AttackName.none or "partition-id" not in context.node_config:
+        return False
+    return site_of(context, cfg)[2] in malicious_sites(len(cfg.data.sites), cfg.attack)
+
+
+def _reply(
+    msg: Message, trainer: SiteTrainer, metrics: dict[str, float], arrays: dict | None
+) -> Message:
     content = RecordDict(
         {
-            "metrics": MetricRecord(metrics),
+            "metrics": MetricRecord({**metrics, UNIT_WEIGHT: 1}),
             SITE_RECORD: ConfigRecord({SITE_NAME: trainer.name}),
         }
     )
-    if arrays:
-        content["arrays"] = ArrayRecord(trainer.state())
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(arrays)
     return Message(content=content, reply_to=msg)
 
 
+def _proximal_term(global_state: dict[str, torch.Tensor], mu: float) -> ExtraLoss:
+    """FedProx's proximal term ``mu / 2 * ||w - w_global||^2`` over the trainable parameters."""
+    anchors = {k: v.detach().clone() for k, v in global_state.items()}
+
+    def term(model: torch.nn.Module) -> torch.Tensor:
+        total = torch.zeros(())
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                total = total + ((param - anchors[name].to(param.device)) ** 2).sum()
+        return 0.5 * mu * total
+
+    return term
+
+
+def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Train on the received global model; reply with the new weights and the training metrics.
+
+    Applies FedProx's proximal term when the strategy sends ``proximal-mu``, and a simulated
+    attack when this site is malicious.
+    """
+    trainer = _trainer(context, cfg)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    trainer.load_state(global_state)
+    settings = msg.content["config"]
+    rnd = int(settings.get(SERVER_ROUND, 0))
+    epochs = int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs))
+    mu = float(settings.get(PROXIMAL_MU, 0.0))
+    _, _, index = site_of(context, cfg)
+    result = trainer.fit(
+        epochs,
+        seed=cfg.seed * 100_003 + rnd * 1_009 + index,
+        extra_loss=_proximal_term(global_state, mu) if mu > 0 else None,
+        log=lambda line: log.info("[site %s] round %d %s", trainer.name, rnd, line),
+    )
+    state = trainer.state()
+    malicious = is_malicious(context, cfg)
+    if malicious:
+        state = poison_state(global_state, state, cfg.attack, rnd, cfg.seed)
+        log.info(
+            "[site %s] round %d: sends a %s update (simulated attack)",
+            trainer.name,
+            rnd,
+            cfg.attack.name.value,
+        )
+    metrics = {
+        "train_loss": result.loss,
+        NUM_EXAMPLES: result.num_samples,
+        MALICIOUS: int(malicious),
+    }
+    return _reply(msg, trainer, metrics, arrays=state)
+
+
 def build_client_app(config: RunConfig | None = None) -> ClientApp:
-    """Return a ClientApp bound to ``config`` (simulation), or reading it from run_config (None)."""
+    """Return a ClientApp bound to ``config`` (simulation), or reading it from run_config (None).
+
+    Client-side DP (``strategy.dp.mode=client_*``) runs training through Flower's
+    ``fixedclipping_mod`` / ``adaptiveclipping_mod``, which clip the update before it leaves.
+    """
     client = ClientApp()
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = resolve_config(config, context)
-        trainer = _trainer(context, cfg)
-        trainer.load_state(msg.content["arrays"].to_torch_state_dict())
-        settings = msg.content["config"]
-        rnd = int(settings.get(SERVER_ROUND, 0))
-        epochs = int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs))
-        _, _, index = site_of(context, cfg)
-        result = trainer.fit(
-            epochs,
-            seed=cfg.seed * 100_003 + rnd * 1_009 + index,
-            log=lambda line: log.info("[site %s] round %d %s", trainer.name, rnd, line),
-        )
-        metrics = {"train_loss": result.loss, NUM_EXAMPLES: result.num_samples}
-        return _reply(msg, trainer, metrics, arrays=True)
+        mod = CLIENT_DP_MODS.get(cfg.strategy.dp.mode)
+        if mod is None:
+            return _train(msg, context, cfg)
+        return mod(msg, context, lambda m, c: _train(m, c, cfg))
 
     @client.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -136,7 +206,7 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         trainer.load_state(msg.content["arrays"].to_torch_state_dict())
         metrics = {("val_loss" if k == "loss" else k): v for k, v in trainer.evaluate().items()}
         metrics[NUM_EXAMPLES] = trainer.num_val
-        return _reply(msg, trainer, metrics, arrays=False)
+        return _reply(msg, trainer, metrics, arrays=None)
 
     return client
 

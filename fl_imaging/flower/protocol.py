@@ -10,9 +10,12 @@ __all__ = [
     "CONFIG_KEY",
     "LOCAL_EPOCHS",
     "NUM_EXAMPLES",
+    "PROXIMAL_MU",
     "SERVER_ROUND",
     "SITE_NAME",
     "SITE_RECORD",
+    "MALICIOUS",
+    "UNIT_WEIGHT",
     "resolve_config",
 ]
 
@@ -23,8 +26,14 @@ SITE_RECORD = "site"
 SITE_NAME = "name"
 #: Metric Flower's strategies weight by: the number of samples (cases), never batches.
 NUM_EXAMPLES = "num-examples"
+#: Metric every site sends as 1: the weight of DP-FedAvg, which must weight sites equally.
+UNIT_WEIGHT = "unit-weight"
+#: Metric a site sends as 1 when it is a simulated malicious site (attack=...), else 0.
+MALICIOUS = "malicious"
 SERVER_ROUND = "server-round"
 LOCAL_EPOCHS = "local-epochs"
+#: Train-config key of FedProx's proximal weight (sent by Flower's FedProx).
+PROXIMAL_MU = "proximal-mu"
 
 
 def resolve_config(bound: RunConfig | None, context: Context) -> RunConfig:
