@@ -22,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 from fl_imaging.config import ConfigError, RunConfig, config_dir, validate_config
 from fl_imaging.data.partition import PartitionError
 from fl_imaging.data.sites import SiteDataError
-from strategies import StrategyError
+from strategies import StrategyError, build_strategy
 
 __all__ = ["check_overrides", "main", "run"]
 
@@ -129,6 +129,7 @@ def run(cfg: RunConfig) -> Path:
     """Prepare the sites of a validated config and run it on its engine; returns the run folder."""
     from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
     from fl_imaging.engines.simulation import run_simulation_engine
+    from fl_imaging.flower.checkpoint import check_resumable, load_checkpoint
 
     run_dir = Path(cfg.run_dir)
     cfg, sites, reports = prepare_sites(cfg)
@@ -136,6 +137,13 @@ def run(cfg: RunConfig) -> Path:
     log.info("sites of this run (cases per split):\n%s", table)
     if cfg.engine.name != "simulation":
         raise ConfigError(f"engine.name={cfg.engine.name}: allowed values: simulation")
+    # Build the strategy once here, so a parameter or DP setting it refuses stops the run before
+    # the engine starts.
+    build_strategy(
+        cfg.strategy, num_sites=len(sites), clients_per_round=cfg.engine.clients_per_round
+    )
+    if cfg.resume:
+        check_resumable(load_checkpoint(Path(cfg.resume)), cfg)
     run_simulation_engine(cfg, [s.name for s in sites])
     log.info("results in %s: metrics.csv, curves.png, model.pt, config.yaml, summary.txt", run_dir)
     return run_dir

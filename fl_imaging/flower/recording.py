@@ -3,7 +3,9 @@
 Flower's strategies aggregate replies but keep no per-site record; this wrapper (ours, Flower has
 none) sits around any strategy, hands it the replies unchanged, and keeps one
 :class:`~fl_imaging.results.MetricRow` per (round, site, metric), plus the aggregate as site
-``all``. It also notes sites that failed to answer.
+``all``: the sites' metrics, the update checks (norm, distance to the aggregate, accepted), the
+privacy spent (``epsilon``) and the round's duration. It also notes sites that failed to answer,
+keeps the latest global weights, and numbers rounds from ``offset + 1`` when a run is resumed.
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_imaging.flower.protocol import NUM_EXAMPLES, SITE_NAME, SITE_RECORD
+from fl_imaging.flower.protocol import NUM_EXAMPLES, SITE_NAME, SITE_RECORD, UNIT_WEIGHT
 from fl_imaging.results import AGGREGATE_SITE, MetricRow
+from strategies.privacy import privacy_spent
+from strategies.validation import ACCEPTED, FLAGGED, UpdateCheck
 
-__all__ = ["RecordingStrategy"]
+__all__ = ["RecordingStrategy", "site_name"]
 
 log = logging.getLogger("fl_imaging.server")
 
 
-def _site_name(msg: Message) -> str:
+def site_name(msg: Message) -> str:
+    """The site that sent ``msg`` (its ``site`` record), or ``node-<id>`` for error replies."""
     if not msg.has_error() and SITE_RECORD in msg.content.config_records:
         return str(msg.content.config_records[SITE_RECORD][SITE_NAME])
     return f"node-{msg.metadata.src_node_id}"
@@ -41,16 +46,40 @@ class RecordingStrategy(Strategy):
         self,
         inner: Strategy,
         on_round_end: Callable[[int, list[MetricRow]], None] | None = None,
+        *,
+        global_arrays: ArrayRecord | None = None,
+        offset: int = 0,
     ) -> None:
         self.inner = inner
         self.on_round_end = on_round_end
         self.rows: list[MetricRow] = []
         self.failures: list[tuple[int, str, str]] = []
+        #: The global weights after the last round that produced an aggregate.
+        self.global_arrays = global_arrays
+        self.offset = offset
+        #: Rounds that produced no aggregate (every reply rejected or failed).
+        self.skipped: list[int] = []
         self._round_start = time.perf_counter()
+
+    def record_checks(self, server_round: int, checks: list[UpdateCheck]) -> None:
+        """Record each site's update check (``on_checks`` of the validating strategy):
+        ``update_norm``, ``update_distance`` (to the new aggregate), ``update_accepted`` (1 when
+        aggregated, flagged or not) and ``update_flagged``; a rejection is also a failure."""
+        for check in checks:
+            values = {
+                "update_norm": check.update_norm,
+                "update_distance": check.distance_to_aggregate,
+                "update_accepted": float(check.status in (ACCEPTED, FLAGGED)),
+                "update_flagged": float(check.status == FLAGGED),
+            }
+            for name, value in values.items():
+                self.rows.append(MetricRow(server_round, check.site, name, value))
+            if check.status not in (ACCEPTED, FLAGGED):
+                self.failures.append((server_round, check.site, f"update rejected: {check.reason}"))
 
     def _record(self, server_round: int, replies: list[Message], phase: str) -> None:
         for msg in replies:
-            site = _site_name(msg)
+            site = site_name(msg)
             if msg.has_error():
                 self.failures.append((server_round, site, msg.error.reason))
                 log.warning(
@@ -63,53 +92,59 @@ class RecordingStrategy(Strategy):
                 continue
             for record in msg.content.metric_records.values():
                 for key, value in record.items():
-                    if isinstance(value, int | float):
+                    if isinstance(value, int | float) and key != UNIT_WEIGHT:
                         name = "num_train" if key == NUM_EXAMPLES and phase == "train" else key
                         name = "num_val" if key == NUM_EXAMPLES and phase == "evaluate" else name
                         self.rows.append(MetricRow(server_round, site, name, float(value)))
 
     def _record_aggregate(self, server_round: int, metrics: MetricRecord | None) -> None:
         for key, value in (metrics or {}).items():
-            if isinstance(value, int | float):
+            if isinstance(value, int | float) and key != UNIT_WEIGHT:
                 self.rows.append(MetricRow(server_round, AGGREGATE_SITE, key, float(value)))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._round_start = time.perf_counter()
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round + self.offset
         replies = list(replies)
-        self._record(server_round, replies, "train")
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        self._record_aggregate(server_round, metrics)
+        self._record(rnd, replies, "train")
+        arrays, metrics = self.inner.aggregate_train(rnd, replies)
+        self._record_aggregate(rnd, metrics)
+        if arrays is None:
+            self.skipped.append(rnd)
+            log.warning("round %d: no aggregate (no usable update); the global model is kept", rnd)
+        else:
+            self.global_arrays = arrays
+        spent = privacy_spent(self.inner)
+        if spent is not None:
+            self.rows.append(MetricRow(rnd, AGGREGATE_SITE, "epsilon", spent[0]))
+            self.rows.append(MetricRow(rnd, AGGREGATE_SITE, "delta", spent[1]))
         return arrays, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        rnd = server_round + self.offset
         replies = list(replies)
-        self._record(server_round, replies, "evaluate")
-        metrics = self.inner.aggregate_evaluate(server_round, replies)
-        self._record_aggregate(server_round, metrics)
+        self._record(rnd, replies, "evaluate")
+        metrics = self.inner.aggregate_evaluate(rnd, replies)
+        self._record_aggregate(rnd, metrics)
         self.rows.append(
-            MetricRow(
-                server_round,
-                AGGREGATE_SITE,
-                "round_seconds",
-                time.perf_counter() - self._round_start,
-            )
+            MetricRow(rnd, AGGREGATE_SITE, "round_seconds", time.perf_counter() - self._round_start)
         )
         if self.on_round_end is not None:
-            self.on_round_end(server_round, [r for r in self.rows if r.round == server_round])
+            self.on_round_end(rnd, [r for r in self.rows if r.round == rnd])
         return metrics
 
     def summary(self) -> None:

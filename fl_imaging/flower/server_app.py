@@ -6,12 +6,20 @@ import logging
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fl_imaging.config import RunConfig, config_to_yaml
+from fl_imaging.flower.checkpoint import (
+    CHECKPOINT_FILE,
+    check_resumable,
+    load_checkpoint,
+    restore_strategy_state,
+    save_checkpoint,
+)
 from fl_imaging.flower.protocol import LOCAL_EPOCHS, resolve_config
-from fl_imaging.flower.recording import RecordingStrategy
+from fl_imaging.flower.recording import RecordingStrategy, site_name
 from fl_imaging.results import MetricRow, format_round_table, plot_curves, write_metrics
 from strategies import build_strategy
 from tasks import build_task
@@ -23,45 +31,92 @@ log = logging.getLogger("fl_imaging.server")
 
 def run_federation(grid: Grid, cfg: RunConfig, site_names: list[str]) -> RecordingStrategy:
     """Run ``cfg.engine.rounds`` rounds of the configured strategy over ``grid`` and write the run's
-    files into ``cfg.run_dir``: metrics.csv, curves.png, model.pt, config.yaml, summary.txt.
+    files into ``cfg.run_dir``: metrics.csv, curves.png, model.pt, config.yaml, summary.txt, and
+    checkpoint.pkl after every round.
 
-    ``site_names`` orders the columns of the printed table. Returns the recording strategy, whose
-    ``rows`` hold every metric recorded.
+    ``site_names`` orders the columns of the printed table. With ``cfg.resume`` set, the run goes
+    on from that run's checkpoint. A DP run whose next round would exceed
+    ``strategy.dp.max_epsilon`` stops there, with its results written. Returns the recording
+    strategy, whose ``rows`` hold every metric recorded.
     """
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task)
     model = task.build_model()
+    run_dir = Path(cfg.run_dir)
+    recorder: RecordingStrategy | None = None
     strategy = build_strategy(
-        cfg.strategy, num_sites=len(site_names), clients_per_round=cfg.engine.clients_per_round
+        cfg.strategy,
+        num_sites=len(site_names),
+        clients_per_round=cfg.engine.clients_per_round,
+        site_of=site_name,
+        on_checks=lambda rnd, checks: recorder.record_checks(rnd, checks) if recorder else None,
     )
     main = task.main_metric
     rounds = cfg.engine.rounds
+    arrays = ArrayRecord(model.state_dict())
+    checkpoint = load_checkpoint(Path(cfg.resume)) if cfg.resume else None
+    if checkpoint is not None:
+        check_resumable(checkpoint, cfg)
+        restore_strategy_state(strategy, checkpoint.strategy)
+        arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.arrays.items()})
+        log.info("resuming %s after round %d of %d", cfg.resume, checkpoint.round, rounds)
 
     def progress(rnd: int, rows: list[MetricRow]) -> None:
         values = {(r.site, r.metric): r.value for r in rows}
         per_site = "  ".join(
             f"{s} {values[(s, main)]:.3f}" for s in site_names if (s, main) in values
         )
+        epsilon = values.get(("all", "epsilon"))
         log.info(
-            "round %d/%d  train loss %.4f | %s %s | %.1f s",
+            "round %d/%d  train loss %.4f | %s %s | %s%.1f s",
             rnd,
             rounds,
             values.get(("all", "train_loss"), float("nan")),
             main,
             per_site,
+            f"epsilon {epsilon:.3f} | " if epsilon is not None else "",
             values.get(("all", "round_seconds"), float("nan")),
         )
+        assert recorder is not None and recorder.global_arrays is not None
+        save_checkpoint(
+            run_dir / CHECKPOINT_FILE,
+            server_round=rnd,
+            arrays=recorder.global_arrays,
+            strategy=strategy,
+            rows=recorder.rows,
+            failures=recorder.failures,
+            cfg=cfg,
+        )
 
-    recorder = RecordingStrategy(strategy, on_round_end=progress)
-    result = recorder.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=rounds,
-        timeout=cfg.engine.round_timeout,
-        train_config=ConfigRecord({LOCAL_EPOCHS: cfg.task.local_epochs}),
+    recorder = RecordingStrategy(
+        strategy,
+        on_round_end=progress,
+        global_arrays=arrays,
+        offset=checkpoint.round if checkpoint else 0,
     )
-    model.load_state_dict(result.arrays.to_torch_state_dict())
-    write_run_files(Path(cfg.run_dir), cfg, recorder, model, site_names, main)
+    if checkpoint is not None:
+        recorder.rows = list(checkpoint.rows)
+        recorder.failures = list(checkpoint.failures)
+    stopped = ""
+    try:
+        recorder.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=rounds - recorder.offset,
+            timeout=cfg.engine.round_timeout,
+            train_config=ConfigRecord({LOCAL_EPOCHS: cfg.task.local_epochs}),
+        )
+    except PrivacyBudgetExhausted as err:
+        done = max((r.round for r in recorder.rows), default=0)
+        stopped = (
+            f"stopped after round {done} of {rounds}: the privacy budget "
+            f"strategy.dp.max_epsilon={cfg.strategy.dp.max_epsilon} would be exceeded by the "
+            f"next round ({err})"
+        )
+        log.warning("%s", stopped)
+    assert recorder.global_arrays is not None
+    model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
+    write_run_files(run_dir, cfg, recorder, model, site_names, main, stopped)
     return recorder
 
 
@@ -72,8 +127,10 @@ def write_run_files(
     model: torch.nn.Module,
     site_names: list[str],
     main_metric: str,
+    stopped: str = "",
 ) -> None:
-    """Write metrics.csv, curves.png, model.pt, config.yaml and summary.txt into ``run_dir``."""
+    """Write metrics.csv, curves.png, model.pt, config.yaml and summary.txt into ``run_dir``;
+    ``stopped`` says why a run ended early (it goes into the summary)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_metrics(recorder.rows, run_dir / "metrics.csv")
     plot_curves(recorder.rows, main_metric, run_dir / "curves.png")
@@ -83,8 +140,28 @@ def write_run_files(
     failures = "".join(
         f"\nround {rnd}: site {site} failed: {reason}" for rnd, site, reason in recorder.failures
     )
-    (run_dir / "summary.txt").write_text(table + "\n" + failures)
-    log.info("per-round results (validation %s per site):\n%s%s", main_metric, table, failures)
+    privacy = _privacy_line(recorder.rows, cfg)
+    notes = "".join(f"\n{line}" for line in (privacy, stopped) if line)
+    (run_dir / "summary.txt").write_text(table + "\n" + failures + notes + "\n")
+    log.info(
+        "per-round results (validation %s per site):\n%s%s%s", main_metric, table, failures, notes
+    )
+
+
+def _privacy_line(rows: list[MetricRow], cfg: RunConfig) -> str:
+    """One line on the privacy spent (DP runs), or an empty string."""
+    dp = cfg.strategy.dp
+    if dp.mode.value == "none":
+        return ""
+    spent = [r for r in rows if r.site == "all" and r.metric == "epsilon"]
+    if not spent:
+        return f"differential privacy: {dp.mode.value}, noise {dp.noise_multiplier}; not accounted"
+    last = max(spent, key=lambda r: r.round)
+    return (
+        f"differential privacy: {dp.mode.value}, noise multiplier {dp.noise_multiplier}, clipping "
+        f"norm {dp.clipping_norm}: epsilon {last.value:.4f} at delta {dp.target_delta:g} after "
+        f"round {last.round}"
+    )
 
 
 def build_server_app(
