@@ -23,7 +23,12 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedMedian,
+    Strategy,
+)
 from flwr.supercore.task_identity import TaskIdentity
 from scipy.optimize import minimize
 from scipy.stats import trim_mean
@@ -517,12 +522,17 @@ def test_bulyan_with_too_few_sites_is_refused() -> None:
 
 def test_every_strategy_yaml_composes_and_builds() -> None:
     names = sorted(p.stem for p in CONF_STRATEGIES.glob("*.yaml"))
-    assert names == sorted(STRATEGIES)
+    assert names == sorted([*STRATEGIES, "dpfedavg"])
     for name in names:
         cfg = check_overrides([f"strategy={name}"]).strategy
-        assert cfg.name == name
         strategy = build_strategy(cfg, num_sites=8)
         assert isinstance(strategy, ValidatingStrategy)
+        if name == "dpfedavg":  # FedAvg inside Flower's DP wrapper, sites weighted equally
+            assert isinstance(strategy.inner, DifferentialPrivacyServerSideFixedClipping)
+            assert type(strategy.inner.strategy) is FedAvg
+            assert strategy.inner.strategy.weighted_by_key == "unit-weight"
+            continue
+        assert cfg.name == name
         assert isinstance(strategy.inner, STRATEGIES[name])
     cfg = check_overrides(["strategy=fedmedian", "strategy.norm_bound=5"]).strategy
     strategy = build_strategy(cfg, num_sites=3)
