@@ -43,12 +43,12 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str]) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _quiet_flower(cfg.engine.verbose)  # before the import: alembic logs as it is imported
     from flwr.simulation import run_simulation
 
     from fl_imaging.flower.client_app import build_client_app
     from fl_imaging.flower.server_app import build_server_app
 
-    _quiet_flower(cfg.engine.verbose)
     engine = cfg.engine
     num_cpus = engine.num_cpus or os.cpu_count() or 1
     ray_tmp = tempfile.mkdtemp(prefix="flimg-ray-")
