@@ -66,9 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument(
         "--num-classes", type=int, default=2, help="label values must lie in 0..N-1 (default 2)"
     )
+    inspect.add_argument(
+        "--class-names",
+        default="",
+        help="classification with class sub-folders: the class names in index order, "
+        "comma-separated (default: the folder names, sorted)",
+    )
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    report = inspect_site(args.folder, args.task, num_classes=args.num_classes)
+    names = [n.strip() for n in args.class_names.split(",") if n.strip()] or None
+    report = inspect_site(args.folder, args.task, num_classes=args.num_classes, class_names=names)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
