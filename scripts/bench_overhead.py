@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _bench import fl_imaging_command, main_metric, mean_per_round, run_timed
 
 from fl_imaging.results import read_metrics
 
@@ -53,14 +53,10 @@ def centralised(overrides: list[str], out: Path) -> None:
 
 
 def _timed(cmd: list[str], cwd: Path) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(
-            f"benchmark step failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
-        )
-    return seconds
+    step = run_timed(cmd, cwd)
+    if step.returncode != 0:
+        sys.exit(step.failure())
+    return step.seconds
 
 
 def main() -> None:
@@ -89,17 +85,13 @@ def main() -> None:
     t_central = _timed(
         [sys.executable, __file__, "--centralised-only", str(central_csv), *overrides], work
     )
-    t_fed = _timed(
-        [sys.executable, "-m", "fl_imaging.cli", *overrides, f"hydra.run.dir={fed_dir}"], work
-    )
+    t_fed = _timed(fl_imaging_command(overrides, fed_dir), work)
     fed = read_metrics(fed_dir / "metrics.csv")
     central = read_metrics(central_csv)
-    main_metric = "dice" if any(r.metric == "dice" for r in fed) else "accuracy"
-    last = max(r.round for r in fed)
+    metric = main_metric(fed)
 
     def final(rows: list) -> float:
-        values = [r.value for r in rows if r.round == last and r.metric == main_metric]
-        return sum(values) / len(values)
+        return list(mean_per_round(rows, metric).values())[-1]
 
     fed_rounds = sorted((r.round, r.value) for r in fed if r.metric == "round_seconds")
     central_rounds = sorted((r.round, r.value) for r in central if r.metric == "round_seconds")
@@ -108,7 +100,7 @@ def main() -> None:
     print(f"{'wall time (s)':24}{t_central:14.1f}{t_fed:14.1f}")
     for (rnd, c), (_, f) in zip(central_rounds, fed_rounds, strict=True):
         print(f"{f'round {rnd} (s)':24}{c:14.1f}{f:14.1f}")
-    print(f"{f'final mean {main_metric}':24}{final(central):14.3f}{final(fed):14.3f}")
+    print(f"{f'final mean {metric}':24}{final(central):14.3f}{final(fed):14.3f}")
     print(f"\nratio federated / centralised: {t_fed / t_central:.2f}  (target <= 1.15)")
 
 
