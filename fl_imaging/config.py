@@ -22,6 +22,7 @@ __all__ = [
     "DPConfig",
     "DataConfig",
     "EngineConfig",
+    "EngineName",
     "ModelConfig",
     "NORM_OUTLIER_ACTIONS",
     "OptimizerConfig",
@@ -215,9 +216,14 @@ class StrategyConfig:
     dp: DPConfig = field(default_factory=DPConfig)
 
 
+class EngineName(enum.StrEnum):
+    simulation = "simulation"  # Flower's simulation engine on this machine (Ray)
+    deployment = "deployment"  # a running SuperLink with one SuperNode per hospital
+
+
 @dataclass
 class EngineConfig:
-    name: str = "simulation"
+    name: EngineName = EngineName.simulation
     rounds: int = 3
     clients_per_round: int | None = None
     cpus_per_client: int = 1
@@ -225,6 +231,19 @@ class EngineConfig:
     torch_threads: int | None = None
     round_timeout: float = 3600.0
     verbose: bool = False
+    #: Each site evaluates the global model it receives inside the training message (one
+    #: message per round; a last evaluation round scores the final model).
+    evaluate_in_train: bool = False
+    #: A round goes on once this many sites answered (None: every sampled site).
+    min_sites: int | None = None
+    #: Seconds to wait for enough sites to be connected before a round; then the run stops.
+    wait_timeout: float = 600.0
+    #: Deployment: the SuperLink's address (host:port) and the CA certificate that signed its
+    #: TLS certificate (None: plain text, for trying on loopback only).
+    superlink: str = "127.0.0.1:9093"
+    root_certificates: str | None = None
+    #: Deployment: the SuperLink's sites (number of SuperNodes expected), for the round table.
+    num_sites: int | None = None
 
 
 @dataclass
