@@ -21,12 +21,12 @@ import pytest
 from fl_imaging.cli import check_overrides
 from fl_imaging.config import RunConfig
 from fl_imaging.data.datasets import load_medmnist
-from fl_imaging.data.inspect import inspect_site
+from fl_imaging.data.inspect import SiteReport, inspect_site
 from fl_imaging.data.partition import PartitionError, assign_sites, size_strata
 from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
 from fl_imaging.data.shift import ScannerProfile, scanner_profiles
 from fl_imaging.data.simulated import MARKER, load_pool, simulated_sites
-from fl_imaging.data.sites import Case, find_cases, load_site
+from fl_imaging.data.sites import Case, SiteData, find_cases, load_site
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FL_IMAGING_SHARED_DATA", REPO / ".." / "shared" / "data"))
@@ -373,7 +373,7 @@ def test_partition_summary_counts_classes_per_site(tmp_path: Path) -> None:
     for row, site, expected in zip(rows, sites, counts, strict=True):
         assert row["site"] == site.name
         assert row["train"] + row["val"] + row["test"] == expected.sum()
-        assert [row.get(f"class_{k}", 0) for k in range(6)] == expected.tolist()
+        assert [row[f"class_{k}"] for k in range(6)] == expected.tolist()
         assert not any(k.startswith(("voxels_%", "scanner_")) for k in row)
     text = write_partition_summary(rows, tmp_path / "run" / "partition.csv")
     header = text.splitlines()[0].split()
@@ -426,3 +426,21 @@ def test_a_site_without_an_official_val_case_is_refused_when_partitioning(tmp_pa
         "(data.max_cases)"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no site folder written
+
+
+def test_summary_columns_keep_class_order_when_a_site_lacks_a_class(tmp_path: Path) -> None:
+    def site(name: str, labels: list[int]) -> SiteData:
+        cases = [Case(f"{name}-{i}", f"{name}-{i}.png", label) for i, label in enumerate(labels)]
+        return SiteData(name, tmp_path / name, train=cases[:-1], val=cases[-1:])
+
+    sites = [site("a", [0, 2, 2, 3]), site("b", [0, 1, 1, 3])]
+    reports = [SiteReport(s.name, str(s.root), "classification") for s in sites]
+    rows = partition_summary(sites, reports)
+    assert [row["class_1"] for row in rows] == [0, 2]
+    assert [row["class_2"] for row in rows] == [2, 0]
+    text = write_partition_summary(rows, tmp_path / "partition.csv")
+    assert text.splitlines() == [
+        "site  train  val  test  class_0  class_1  class_2  class_3",
+        "   a      3    1     0        1        0        2        1",
+        "   b      3    1     0        1        2        0        1",
+    ]
