@@ -100,7 +100,7 @@ PARTITIONS = {
         "hippocampus",
         ["data.max_cases=60", "data.partition.name=dirichlet", "data.partition.by=size"],
     ),
-    "shift": ("hippocampus", ["data.max_cases=18", "data.partition.name=shift"]),
+    "shift": ("hippocampus", ["data.max_cases=9", "data.partition.name=shift"]),
 }
 
 
@@ -273,7 +273,7 @@ def test_shift_writes_shifted_nifti_on_the_same_grid(tmp_path: Path) -> None:
             assert Path(case.label).resolve() == Path(pool[case.case_id].label).resolve()
         report = inspect_site(folder, "segmentation", num_classes=3)
         assert report.ok, report.all_problems
-        assert len(report.cases) == 6
+        assert len(report.cases) == 3
 
 
 def _write_msd(root: Path, affine: np.ndarray, n: int = 6) -> Path:
@@ -398,7 +398,7 @@ def test_partition_summary_gives_voxel_percentages_and_scanners(tmp_path: Path) 
         assert [row[f"voxels_%_{k}"] for k in range(3)] == expected
         assert abs(sum(expected) - 100.0) < 0.01 and expected[0] > 90.0
         assert {k: row[f"scanner_{k}"] for k in profile.as_dict()} == profile.as_dict()
-        assert (row["train"], row["val"], row["test"]) == (5, 1, 0)  # 6 cases, val 0.2
+        assert (row["train"], row["val"], row["test"]) == (2, 1, 0)  # 3 cases, val 0.2
         assert not any(k.startswith("class_") for k in row)
     text = write_partition_summary(rows, tmp_path / "partition.csv")
     assert text.splitlines()[0].split()[:7] == [
