@@ -101,6 +101,18 @@ def test_noise_has_the_norm_of_scale_times_the_honest_update() -> None:
     assert torch.equal(sent["num_batches_tracked"], local["num_batches_tracked"])
 
 
+def test_noise_attackers_draw_independent_directions() -> None:
+    g, local = states()
+    cfg = attack("noise", scale=4.0)
+    a = poison_state(g, local, cfg, server_round=2, seed=7, site=0)
+    b = poison_state(g, local, cfg, server_round=2, seed=7, site=1)
+    da = torch.cat([(a[k] - g[k]).ravel() for k in ("w", "b")])
+    db = torch.cat([(b[k] - g[k]).ravel() for k in ("w", "b")])
+    assert float(da.norm()) == pytest.approx(float(db.norm()), rel=1e-5)  # same honest update
+    # two sites' noise is not one shared direction (that would be collusion)
+    assert abs(float(da @ db / (da.norm() * db.norm()))) < 0.9
+
+
 def test_colluders_send_the_same_update_of_the_given_norm() -> None:
     g, local_a = states()
     gen = torch.Generator().manual_seed(1)
@@ -110,8 +122,8 @@ def test_colluders_send_the_same_update_of_the_given_norm() -> None:
         "num_batches_tracked": torch.tensor(8, dtype=torch.int64),
     }
     cfg = attack("collusion", norm=2.5)
-    sent_a = poison_state(g, local_a, cfg, server_round=4, seed=3)
-    sent_b = poison_state(g, local_b, cfg, server_round=4, seed=3)
+    sent_a = poison_state(g, local_a, cfg, server_round=4, seed=3, site=2)
+    sent_b = poison_state(g, local_b, cfg, server_round=4, seed=3, site=5)
     for key in ("w", "b"):
         assert torch.equal(sent_a[key], sent_b[key])
     assert update_norm(sent_a, g) == pytest.approx(2.5, rel=1e-5)
