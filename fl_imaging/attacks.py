@@ -42,19 +42,25 @@ def poison_state(
     cfg: AttackConfig,
     server_round: int,
     seed: int,
+    *,
+    site: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Return the weights a malicious site sends instead of ``local_state``.
 
     Both states map parameter names to tensors of equal shapes. ``seed`` (the run's seed) and
-    ``server_round`` make the ``noise`` and ``collusion`` draws reproducible; for ``collusion``
-    the draw does not depend on the site, so every colluder sends the same update.
+    ``server_round`` make the ``noise`` and ``collusion`` draws reproducible; ``noise`` also
+    depends on ``site`` (the site's index), so that noisy sites draw independent directions;
+    ``collusion`` does not, so every colluder sends the same update.
     """
     if cfg.name in (AttackName.none, AttackName.labelflip):
         return local_state
     keys = [k for k, v in global_state.items() if torch.is_floating_point(v)]
     delta = {k: local_state[k].float() - global_state[k].float() for k in keys}
     honest_norm = math.sqrt(sum(float((d**2).sum()) for d in delta.values()))
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + server_round)
+    draw = seed * 1_000_003 + server_round
+    if cfg.name == AttackName.noise:
+        draw = draw * 10_007 + site
+    generator = torch.Generator().manual_seed(draw)
     if cfg.name == AttackName.signflip:
         bad = {k: -cfg.scale * d for k, d in delta.items()}
     elif cfg.name == AttackName.scale:

@@ -255,7 +255,7 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     seed: int = 0
     run_dir: str = "runs/latest"
-    #: A previous run's folder to resume from (its checkpoint.pt), or None.
+    #: A previous run's folder to resume from (its checkpoint.pkl), or None.
     resume: str | None = None
 
 

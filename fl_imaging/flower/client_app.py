@@ -171,7 +171,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     state = trainer.state()
     malicious = is_malicious(context, cfg)
     if malicious:
-        state = poison_state(global_state, state, cfg.attack, rnd, cfg.seed)
+        state = poison_state(global_state, state, cfg.attack, rnd, cfg.seed, site=index)
         log.info(
             "[site %s] round %d: sends a %s update (simulated attack)",
             trainer.name,

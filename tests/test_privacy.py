@@ -1,0 +1,415 @@
+"""Client-level differential privacy (strategies/privacy.py): Flower's DP wrappers as
+``build_strategy`` composes them, the epsilon of Flower's RDP accountant, the settings refused
+before a run, client-side clipping in the ClientApp, and the privacy-budget stop of a real run.
+
+Replies are Flower Messages built by hand and a fake Grid answers ``Strategy.start``; one run goes
+through Flower's simulation engine (slow).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid, PrivacyConfig, RdpAccountant
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    SamplingMethod,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl_imaging.cli import check_overrides
+from fl_imaging.config import DPConfig, DPMode, RunConfig, StrategyConfig, config_from_yaml
+from fl_imaging.flower import client_app
+from fl_imaging.flower.recording import RecordingStrategy
+from fl_imaging.results import read_metrics
+from strategies import StrategyError, build_strategy
+from strategies.privacy import privacy_spent
+from tasks import build_task
+
+Arrays = dict[str, np.ndarray]
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterator[None]:
+    """Flower 1.41 builds instruction Messages from TaskIdentity, set by its runtime: fake it."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def record(arrays: Arrays) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+
+
+def numpy_of(rec: ArrayRecord) -> Arrays:
+    return {k: v.numpy() for k, v in rec.items()}
+
+
+def metrics(num_examples: int) -> MetricRecord:
+    """What a site reports: its case count, and the equal weight DP-FedAvg aggregates by."""
+    return MetricRecord({"num-examples": num_examples, "unit-weight": 1, "train_loss": 1.0})
+
+
+class FakeGrid(Grid):
+    """Nodes ``1..n``; a train message is answered with ``respond(node, round, sent arrays)``,
+    an evaluate message with metrics only."""
+
+    def __init__(self, num_nodes: int, respond: Callable[[int, int, Arrays], Arrays]) -> None:
+        self.nodes = list(range(1, num_nodes + 1))
+        self.respond = respond
+
+    def set_run(self, run: object) -> None:  # type: ignore[override]
+        raise NotImplementedError
+
+    @property
+    def run(self) -> object:  # type: ignore[override]
+        raise NotImplementedError
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == MessageType.TRAIN:
+                rnd = int(msg.content["config"]["server-round"])
+                sent = numpy_of(msg.content["arrays"])
+                content = RecordDict(
+                    {"arrays": record(self.respond(node, rnd, sent)), "metrics": metrics(10 * node)}
+                )
+            else:
+                evaluation = MetricRecord({"num-examples": 5, "unit-weight": 1, "dice": 0.5})
+                content = RecordDict({"metrics": evaluation})
+            replies.append(Message(content, reply_to=msg))
+        return replies
+
+
+def dpfedavg(*overrides: str) -> StrategyConfig:
+    """The strategy config of ``strategy=dpfedavg`` with ``overrides``, composed from conf/."""
+    return check_overrides(["strategy=dpfedavg", *overrides]).strategy
+
+
+def accountant_epsilons(noise: float, sites: int, rounds: int, delta: float = 1e-5) -> list[float]:
+    """Epsilon after each round, from Flower's RDP accountant directly: one Gaussian release of
+    all ``sites`` per round, no sampling amplification."""
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=sites,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    out = []
+    for _ in range(rounds):
+        accountant.compose(GaussianPrivacyEvent(noise, sites, sites))
+        out.append(accountant.get_privacy_spent().epsilon)
+    return out
+
+
+# --- the noise ----------------------------------------------------------------------------------
+
+PARAMS = 20_000
+
+
+@pytest.mark.parametrize("noise", [0.5, 2.0])
+def test_server_side_noise_has_std_noise_times_clip_over_sites(noise: float) -> None:
+    sites, clip = 4, 1.0
+    strategy = build_strategy(dpfedavg(f"strategy.dp.noise_multiplier={noise}"), num_sites=sites)
+    dp = strategy.inner
+    assert isinstance(dp, DifferentialPrivacyServerSideFixedClipping)
+    rng = np.random.default_rng(0)
+    global_arrays = {"w": rng.normal(size=PARAMS).astype(np.float32)}
+    update = rng.normal(size=PARAMS).astype(np.float32)
+    update *= 0.5 / np.linalg.norm(update)  # below the clipping norm: nothing is clipped
+    site_arrays = {"w": global_arrays["w"] + update}
+    grid = FakeGrid(sites, lambda node, rnd, sent: site_arrays)
+    messages = list(strategy.configure_train(1, record(global_arrays), ConfigRecord(), grid))
+    replies = grid.send_and_receive(messages)  # every site sends the same update
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    noise_drawn = numpy_of(arrays)["w"].astype(np.float64) - site_arrays["w"]
+    expected_std = noise * clip / sites
+    assert noise_drawn.std() == pytest.approx(expected_std, rel=0.03)
+    assert abs(noise_drawn.mean()) < 5 * expected_std / np.sqrt(PARAMS)
+
+
+def test_server_side_clipping_bounds_each_update_before_the_noise() -> None:
+    # no noise (allowed without accounting): the aggregate is the mean of the clipped updates
+    strategy = build_strategy(
+        dpfedavg(
+            "strategy.dp.noise_multiplier=0",
+            "strategy.dp.account=false",
+            "strategy.dp.clipping_norm=2.0",
+        ),
+        num_sites=2,
+    )
+    zero = {"w": np.zeros(PARAMS, np.float32)}
+    big = {"w": np.full(PARAMS, 30.0 / np.sqrt(PARAMS), np.float32)}  # norm 30 -> clipped to 2
+    small = {"w": np.full(PARAMS, 1.0 / np.sqrt(PARAMS), np.float32)}  # norm 1 -> unchanged
+    grid = FakeGrid(2, lambda node, rnd, sent: big if node == 1 else small)
+    replies = grid.send_and_receive(strategy.configure_train(1, record(zero), ConfigRecord(), grid))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    out = numpy_of(arrays)["w"].astype(np.float64)
+    # sites weighted equally (unit-weight), although they report 10 and 20 cases
+    assert np.linalg.norm(out) == pytest.approx((2.0 + 1.0) / 2, rel=1e-5)
+    np.testing.assert_allclose(out, out[0], rtol=1e-5)  # clipping scales, it keeps directions
+
+
+# --- epsilon ------------------------------------------------------------------------------------
+
+
+def step(node: int, rnd: int, sent: Arrays) -> Arrays:
+    return {"w": sent["w"] + 0.01 * node}
+
+
+@pytest.mark.parametrize("noise", [1.0, 1.7])
+def test_epsilon_grows_every_round_and_equals_the_rdp_accountant(noise: float) -> None:
+    sites = 4
+    strategy = build_strategy(dpfedavg(f"strategy.dp.noise_multiplier={noise}"), num_sites=sites)
+    recorder = RecordingStrategy(strategy)
+    recorder.start(
+        grid=FakeGrid(sites, step),
+        initial_arrays=record({"w": np.zeros(10, np.float32)}),
+        num_rounds=3,
+    )
+    rows = {(r.round, r.metric): r.value for r in recorder.rows if r.site == "all"}
+    epsilons = [rows[(rnd, "epsilon")] for rnd in (1, 2, 3)]
+    assert epsilons == pytest.approx(accountant_epsilons(noise, sites, 3), rel=1e-9)
+    assert epsilons[0] < epsilons[1] < epsilons[2]
+    assert [rows[(rnd, "delta")] for rnd in (1, 2, 3)] == [1e-5] * 3
+    assert privacy_spent(recorder) == pytest.approx((epsilons[2], 1e-5))
+    if noise == 1.0:  # FLOWER_NOTES: noise 1.0, all of 4 sites, delta 1e-5
+        assert epsilons == pytest.approx([4.73, 7.08, 9.01], abs=0.005)
+
+
+def test_the_budget_stops_before_the_round_that_would_exceed_it() -> None:
+    eps = accountant_epsilons(1.0, 3, 3)
+    budget = (eps[1] + eps[2]) / 2
+    strategy = build_strategy(dpfedavg(f"strategy.dp.max_epsilon={budget}"), num_sites=3)
+    recorder = RecordingStrategy(strategy)
+    with pytest.raises(PrivacyBudgetExhausted, match="exceed max_epsilon"):
+        recorder.start(
+            grid=FakeGrid(3, step),
+            initial_arrays=record({"w": np.zeros(10, np.float32)}),
+            num_rounds=5,
+        )
+    spent = [r.value for r in recorder.rows if r.metric == "epsilon"]
+    assert spent == pytest.approx(eps[:2])
+    assert max(r.round for r in recorder.rows) == 2
+    assert recorder.global_arrays is not None  # round 2's model is kept for saving
+
+
+# --- settings refused before a run ----------------------------------------------------------------
+
+
+def test_sampling_a_subset_of_sites_is_refused_when_accounted() -> None:
+    with pytest.raises(StrategyError, match=r"clients_per_round=2 of 3 sites.*amplification"):
+        build_strategy(dpfedavg(), num_sites=3, clients_per_round=2)
+    # without accounting it runs (no epsilon is claimed)
+    strategy = build_strategy(
+        dpfedavg("strategy.dp.account=false"), num_sites=3, clients_per_round=2
+    )
+    assert privacy_spent(strategy) is None
+
+
+@pytest.mark.parametrize("mode", ["server_adaptive", "client_adaptive"])
+def test_adaptive_clipping_is_refused_when_accounted(mode: str) -> None:
+    with pytest.raises(StrategyError, match=f"mode={mode}.*does not account adaptive clipping"):
+        build_strategy(dpfedavg(f"strategy.dp.mode={mode}"), num_sites=3)
+    # without accounting it runs (Flower needs more than 10 sites for noise 1.0 here)
+    strategy = build_strategy(
+        dpfedavg(f"strategy.dp.mode={mode}", "strategy.dp.account=false"), num_sites=30
+    )
+    assert type(strategy.inner).__name__.endswith("AdaptiveClipping")
+    assert privacy_spent(strategy) is None
+
+
+def test_dp_around_another_strategy_is_refused() -> None:
+    cfg = check_overrides(["strategy=fedmedian", "strategy.dp.mode=server_fixed"]).strategy
+    with pytest.raises(StrategyError, match=r"wraps FedAvg only.*got strategy=fedmedian"):
+        build_strategy(cfg, num_sites=3)
+    # account=false does not lift it: Flower's wrappers clip and add noise around FedAvg only
+    cfg.dp.account = False
+    with pytest.raises(StrategyError, match="wraps FedAvg only"):
+        build_strategy(cfg, num_sites=3)
+
+
+def test_dp_with_a_norm_bound_is_refused() -> None:
+    with pytest.raises(StrategyError, match=r"no strategy.norm_bound.*with norm_bound=5.0"):
+        build_strategy(dpfedavg("strategy.norm_bound=5"), num_sites=3)
+
+
+def test_zero_noise_with_accounting_is_refused() -> None:
+    with pytest.raises(StrategyError, match="noise_multiplier must be positive"):
+        build_strategy(dpfedavg("strategy.dp.noise_multiplier=0"), num_sites=3)
+    strategy = build_strategy(
+        dpfedavg("strategy.dp.noise_multiplier=0", "strategy.dp.account=false"), num_sites=3
+    )
+    assert isinstance(strategy.inner, DifferentialPrivacyServerSideFixedClipping)
+    assert strategy.inner.noise_multiplier == 0.0
+
+
+@pytest.mark.slow  # a subprocess that writes the demo data (no engine): about 15 s
+def test_the_command_exits_2_on_a_refused_dp_setting_before_training(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fl_imaging.cli",
+            "experiment=quick",
+            "strategy=dpfedavg",
+            "engine.clients_per_round=1",
+            f"data.root={tmp_path / 'demo'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "engine.clients_per_round=1 of 2 sites" in output
+    for name in ("metrics.csv", "model.pt", "checkpoint.pkl"):
+        assert not (tmp_path / "run" / name).exists()
+
+
+# --- client-side DP -----------------------------------------------------------------------------
+
+
+class FakeTrainer:
+    """Stands in for a site's SiteTrainer: "training" adds ``shift`` to every float weight."""
+
+    name = "site-1"
+
+    def __init__(self, shift: float) -> None:
+        self.shift = shift
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.weights = {k: v.clone() for k, v in state.items()}
+
+    def fit(self, epochs: int, **kwargs: object) -> object:
+        self.weights = {k: v + self.shift for k, v in self.weights.items()}
+        return type("Result", (), {"loss": 0.5, "num_samples": 4})()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.weights
+
+
+@pytest.mark.parametrize(("shift", "clipped"), [(0.1, True), (0.001, False)])
+def test_client_fixed_mode_clips_the_site_update_to_the_clipping_norm(
+    monkeypatch: pytest.MonkeyPatch, shift: float, clipped: bool
+) -> None:
+    cfg = check_overrides(
+        ["strategy=dpfedavg", "strategy.dp.mode=client_fixed", "strategy.dp.clipping_norm=0.5"]
+    )
+    cfg.data.sites = ["/nowhere/site-1"]
+    strategy = build_strategy(cfg.strategy, num_sites=1)
+    assert isinstance(strategy.inner, DifferentialPrivacyClientSideFixedClipping)
+    global_arrays = {"w": np.zeros((40, 50), np.float32), "b": np.ones(10, np.float32)}
+    # the server's train message, with the clipping norm the DP wrapper puts in its config
+    (msg,) = strategy.configure_train(
+        1, record(global_arrays), ConfigRecord(), FakeGrid(1, lambda n, r, s: s)
+    )
+    trainer = FakeTrainer(shift)
+    monkeypatch.setattr(client_app, "_trainer", lambda context, run_cfg: trainer)
+    context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
+    out = client_app.build_client_app(cfg)(msg, context)
+    assert not out.has_error(), out.error.reason if out.has_error() else ""
+    sent = numpy_of(out.content["arrays"])
+    update = np.sqrt(sum(np.sum((sent[k] - global_arrays[k]) ** 2) for k in global_arrays))
+    honest = shift * np.sqrt(40 * 50 + 10)
+    assert update == pytest.approx(0.5 if clipped else honest, rel=1e-5)
+    # a scaled copy of the site's update: every weight moved by the same amount
+    moved = np.concatenate([(sent[k] - global_arrays[k]).ravel() for k in global_arrays])
+    np.testing.assert_allclose(moved, moved[0], rtol=1e-4)
+    assert out.content["metrics"]["unit-weight"] == 1
+
+
+# --- end to end: epsilon rows and the budget stop of a real run ---------------------------------
+
+
+@pytest.mark.slow
+def test_engine_run_reports_epsilon_and_stops_at_the_budget_with_its_model(
+    tmp_path: Path,
+) -> None:
+    """One run covers both: epsilon after rounds 1..3 (noise 1.0, delta 1e-5), and a budget
+    between round 3's and round 4's epsilon that stops a 4-round run after round 3."""
+    eps = accountant_epsilons(1.0, 2, 4)
+    budget = round((eps[2] + eps[3]) / 2, 3)
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fl_imaging.cli",
+            "experiment=quick",
+            "strategy=dpfedavg",
+            "strategy.dp.clipping_norm=0.01",  # keeps the tiny model trainable; epsilon unchanged
+            f"strategy.dp.max_epsilon={budget}",
+            "engine.rounds=4",
+            f"data.root={tmp_path / 'demo'}",
+            f"hydra.run.dir={run}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(run / "metrics.csv")
+    assert sorted({r.round for r in rows}) == [1, 2, 3]
+    epsilon = {r.round: r.value for r in rows if r.site == "all" and r.metric == "epsilon"}
+    # metrics.csv keeps 6 significant digits
+    assert [epsilon[k] for k in (1, 2, 3)] == pytest.approx(eps[:3], rel=1e-5)
+    assert [epsilon[k] for k in (1, 2, 3)] == pytest.approx([4.73, 7.08, 9.01], abs=0.005)
+    cfg: RunConfig = config_from_yaml((run / "config.yaml").read_text())
+    assert cfg.strategy.dp == DPConfig(
+        mode=DPMode.server_fixed, clipping_norm=0.01, max_epsilon=budget
+    )
+    model = build_task(cfg.task).build_model()
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    summary = (run / "summary.txt").read_text()
+    assert "stopped after round 3 of 4: the privacy budget" in summary
+    assert f"max_epsilon={budget}" in summary and "epsilon 9.0" in summary
