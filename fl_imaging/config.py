@@ -192,6 +192,7 @@ class DPConfig:
     initial_clipping_norm: float = 0.1
     target_clipped_quantile: float = 0.5
     clip_norm_lr: float = 0.2
+    clipped_count_stddev: float | None = None
     target_delta: float = 1e-5
     max_epsilon: float | None = None
     account: bool = True

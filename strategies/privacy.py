@@ -119,6 +119,7 @@ def wrap_with_dp(inner: Strategy, dp: DPConfig, *, num_sites: int, per_round: in
         initial_clipping_norm=dp.initial_clipping_norm,
         target_clipped_quantile=dp.target_clipped_quantile,
         clip_norm_lr=dp.clip_norm_lr,
+        clipped_count_stddev=dp.clipped_count_stddev,
     )
 
 
