@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,38 @@ def test_multirun_sweeps_and_classification_runs(tmp_path: Path) -> None:
         assert {r.metric for r in rows} >= {"accuracy", "auc", "train_loss"}
     first = read_metrics(tmp_path / "sweep" / "0" / "metrics.csv")
     assert len({r.site for r in first if r.metric == "train_loss" and r.site != "all"}) == 1
+
+
+SHARED = Path(
+    os.environ.get("FL_IMAGING_SHARED_DATA", Path(__file__).parents[1] / ".." / "shared" / "data")
+)
+
+
+@pytest.mark.skipif(
+    not (SHARED / "msd_task04_hippocampus" / "dataset.json").is_file(),
+    reason=f"MSD hippocampus not found under {SHARED}",
+)
+def test_short_federated_run_on_hippocampus_split_into_three_sites(tmp_path: Path) -> None:
+    """Real MRI: 45 hippocampus cases split IID into 3 simulated sites, 2 rounds of a small
+    3D U-Net with 3 classes; every site trains and reports Dice for both structures."""
+    _fl_imaging(
+        tmp_path,
+        "experiment=hippocampus",
+        f"data.root={SHARED / 'msd_task04_hippocampus'}",
+        "data.max_cases=45",
+        f"data.sites_dir={tmp_path / 'sites'}",
+        "engine.rounds=2",
+        "task.local_epochs=1",
+        "task.model.channels=[8,16,32]",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    sites = {"site-1", "site-2", "site-3"}
+    for metric in ("dice_1", "dice_2", "train_loss"):
+        assert {r.site for r in rows if r.round == 2 and r.metric == metric} >= sites
+    assert {r.value for r in rows if r.metric == "num_train"} == {12.0}  # 15 cases, 3 for val
+    loss = {r.round: r.value for r in rows if r.site == "all" and r.metric == "train_loss"}
+    assert loss[2] < loss[1]
+    partition = (tmp_path / "run" / "partition.csv").read_text().splitlines()
+    assert partition[0].startswith("site,folder,train,val,test,voxels_%_0,voxels_%_1,voxels_%_2")
+    assert len(partition) == 4
