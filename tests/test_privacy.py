@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from flower_fakes import Arrays, FakeGrid, numpy_of, record
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
-    Message,
-    MessageType,
-    MetricRecord,
     RecordDict,
 )
-from flwr.serverapp import Grid, PrivacyConfig, RdpAccountant
+from flwr.serverapp import PrivacyConfig, RdpAccountant
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -37,7 +32,6 @@ from flwr.supercore.privacy_accounting import (
     NeighboringRelation,
     SamplingMethod,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from fl_imaging.cli import check_overrides
 from fl_imaging.config import DPConfig, DPMode, RunConfig, StrategyConfig, config_from_yaml
@@ -48,78 +42,16 @@ from strategies import StrategyError, build_strategy
 from strategies.privacy import privacy_spent
 from tasks import build_task
 
-Arrays = dict[str, np.ndarray]
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Flower 1.41 builds instruction Messages from TaskIdentity, set by its runtime: fake it."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+def site_metrics(node: int) -> dict[str, float]:
+    """What site ``node`` reports after training: ``10 * node`` cases, and the equal weight
+    DP-FedAvg aggregates by."""
+    return {"num-examples": 10 * node, "unit-weight": 1}
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def record(arrays: Arrays) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
-
-
-def numpy_of(rec: ArrayRecord) -> Arrays:
-    return {k: v.numpy() for k, v in rec.items()}
-
-
-def metrics(num_examples: int) -> MetricRecord:
-    """What a site reports: its case count, and the equal weight DP-FedAvg aggregates by."""
-    return MetricRecord({"num-examples": num_examples, "unit-weight": 1, "train_loss": 1.0})
-
-
-class FakeGrid(Grid):
-    """Nodes ``1..n``; a train message is answered with ``respond(node, round, sent arrays)``,
-    an evaluate message with metrics only."""
-
-    def __init__(self, num_nodes: int, respond: Callable[[int, int, Arrays], Arrays]) -> None:
-        self.nodes = list(range(1, num_nodes + 1))
-        self.respond = respond
-
-    def set_run(self, run: object) -> None:  # type: ignore[override]
-        raise NotImplementedError
-
-    @property
-    def run(self) -> object:  # type: ignore[override]
-        raise NotImplementedError
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if msg.metadata.message_type == MessageType.TRAIN:
-                rnd = int(msg.content["config"]["server-round"])
-                sent = numpy_of(msg.content["arrays"])
-                content = RecordDict(
-                    {"arrays": record(self.respond(node, rnd, sent)), "metrics": metrics(10 * node)}
-                )
-            else:
-                evaluation = MetricRecord({"num-examples": 5, "unit-weight": 1, "dice": 0.5})
-                content = RecordDict({"metrics": evaluation})
-            replies.append(Message(content, reply_to=msg))
-        return replies
 
 
 def dpfedavg(*overrides: str) -> StrategyConfig:
@@ -161,7 +93,7 @@ def test_server_side_noise_has_std_noise_times_clip_over_sites(noise: float) -> 
     update = rng.normal(size=PARAMS).astype(np.float32)
     update *= 0.5 / np.linalg.norm(update)  # below the clipping norm: nothing is clipped
     site_arrays = {"w": global_arrays["w"] + update}
-    grid = FakeGrid(sites, lambda node, rnd, sent: site_arrays)
+    grid = FakeGrid(sites, lambda node, rnd, sent: site_arrays, site_metrics)
     messages = list(strategy.configure_train(1, record(global_arrays), ConfigRecord(), grid))
     replies = grid.send_and_receive(messages)  # every site sends the same update
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -185,7 +117,7 @@ def test_server_side_clipping_bounds_each_update_before_the_noise() -> None:
     zero = {"w": np.zeros(PARAMS, np.float32)}
     big = {"w": np.full(PARAMS, 30.0 / np.sqrt(PARAMS), np.float32)}  # norm 30 -> clipped to 2
     small = {"w": np.full(PARAMS, 1.0 / np.sqrt(PARAMS), np.float32)}  # norm 1 -> unchanged
-    grid = FakeGrid(2, lambda node, rnd, sent: big if node == 1 else small)
+    grid = FakeGrid(2, lambda node, rnd, sent: big if node == 1 else small, site_metrics)
     replies = grid.send_and_receive(strategy.configure_train(1, record(zero), ConfigRecord(), grid))
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
@@ -208,7 +140,7 @@ def test_epsilon_grows_every_round_and_equals_the_rdp_accountant(noise: float) -
     strategy = build_strategy(dpfedavg(f"strategy.dp.noise_multiplier={noise}"), num_sites=sites)
     recorder = RecordingStrategy(strategy)
     recorder.start(
-        grid=FakeGrid(sites, step),
+        grid=FakeGrid(sites, step, site_metrics),
         initial_arrays=record({"w": np.zeros(10, np.float32)}),
         num_rounds=3,
     )
@@ -229,7 +161,7 @@ def test_the_budget_stops_before_the_round_that_would_exceed_it() -> None:
     recorder = RecordingStrategy(strategy)
     with pytest.raises(PrivacyBudgetExhausted, match="exceed max_epsilon"):
         recorder.start(
-            grid=FakeGrid(3, step),
+            grid=FakeGrid(3, step, site_metrics),
             initial_arrays=record({"w": np.zeros(10, np.float32)}),
             num_rounds=5,
         )
@@ -350,7 +282,7 @@ def test_client_fixed_mode_clips_the_site_update_to_the_clipping_norm(
     global_arrays = {"w": np.zeros((40, 50), np.float32), "b": np.ones(10, np.float32)}
     # the server's train message, with the clipping norm the DP wrapper puts in its config
     (msg,) = strategy.configure_train(
-        1, record(global_arrays), ConfigRecord(), FakeGrid(1, lambda n, r, s: s)
+        1, record(global_arrays), ConfigRecord(), FakeGrid(1, lambda n, r, s: s, site_metrics)
     )
     trainer = FakeTrainer(shift)
     monkeypatch.setattr(client_app, "_trainer", lambda context, run_cfg: trainer)

@@ -8,24 +8,16 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from flower_fakes import Arrays, FakeGrid, numpy_of, record
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
 )
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, Strategy
-from flwr.supercore.task_identity import TaskIdentity
 
 from fl_imaging.cli import check_overrides
 from fl_imaging.config import ConfigError, RunConfig, config_to_yaml
@@ -42,71 +34,16 @@ from fl_imaging.results import MetricRow, read_metrics
 from strategies import build_strategy
 from strategies.privacy import privacy_spent
 
-Arrays = dict[str, np.ndarray]
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Flower 1.41 builds instruction Messages from TaskIdentity, set by its runtime: fake it."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+def site_metrics(node: int) -> dict[str, float]:
+    """What site ``node`` reports after training: ``10 * node`` cases, and the equal weight
+    DP-FedAvg aggregates by."""
+    return {"num-examples": 10 * node, "unit-weight": 1}
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def record(arrays: Arrays) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
-
-
-def numpy_of(rec: ArrayRecord) -> Arrays:
-    return {k: v.numpy() for k, v in rec.items()}
-
-
-class FakeGrid(Grid):
-    """Nodes ``1..n`` answering train messages with ``respond(node, round, sent arrays)``."""
-
-    def __init__(self, num_nodes: int, respond: Callable[[int, int, Arrays], Arrays]) -> None:
-        self.nodes = list(range(1, num_nodes + 1))
-        self.respond = respond
-
-    def set_run(self, run: object) -> None:  # type: ignore[override]
-        raise NotImplementedError
-
-    @property
-    def run(self) -> object:  # type: ignore[override]
-        raise NotImplementedError
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            assert msg.metadata.message_type == MessageType.TRAIN
-            rnd = int(msg.content["config"]["server-round"])
-            content = RecordDict(
-                {
-                    "arrays": record(self.respond(node, rnd, numpy_of(msg.content["arrays"]))),
-                    "metrics": MetricRecord({"num-examples": 10 * node, "unit-weight": 1}),
-                }
-            )
-            replies.append(Message(content, reply_to=msg))
-        return replies
 
 
 def respond(node: int, rnd: int, sent: Arrays) -> Arrays:
@@ -120,7 +57,7 @@ def train_round(strategy: Strategy, arrays: Arrays, rnd: int, sites: int = 2) ->
 
     Two sites: Flower samples nodes in random order, and a sum of two replies does not depend on
     it (three would, in the last bit), so that rounds can be compared bit for bit."""
-    grid = FakeGrid(sites, respond)
+    grid = FakeGrid(sites, respond, site_metrics)
     messages = strategy.configure_train(rnd, record(arrays), ConfigRecord(), grid)
     out, _ = strategy.aggregate_train(rnd, grid.send_and_receive(messages))
     assert out is not None

@@ -7,13 +7,13 @@ and a fake Grid answers the messages of ``Strategy.start``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flower_fakes import Arrays, FakeGrid, numpy_of, record
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Error,
@@ -22,14 +22,12 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
     FedMedian,
     Strategy,
 )
-from flwr.supercore.task_identity import TaskIdentity
 from scipy.optimize import minimize
 from scipy.stats import trim_mean
 
@@ -47,28 +45,11 @@ from strategies import (
 )
 from strategies.geometric_median import geometric_median
 
-Arrays = dict[str, np.ndarray]
+pytestmark = pytest.mark.usefixtures("task_identity")
 CONF_STRATEGIES = Path(__file__).resolve().parents[1] / "conf" / "strategy"
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Flower 1.41 builds instruction Messages from TaskIdentity, set by its runtime: fake it."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def record(arrays: Arrays) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
-
-
-def numpy_of(rec: ArrayRecord) -> Arrays:
-    return {k: v.numpy() for k, v in rec.items()}
 
 
 def reply(node_id: int, arrays: Arrays, num_examples: int = 10, **metrics: float) -> Message:
@@ -87,59 +68,6 @@ def error_reply(node_id: int, reason: str) -> Message:
     """A train reply from ``node_id`` that carries an error instead of content."""
     instruction = Message(content=RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
     return Message(Error(code=0, reason=reason), reply_to=instruction)
-
-
-class FakeGrid(Grid):
-    """Nodes ``1..n`` that answer train messages with ``respond(node, round, sent)``'s arrays.
-
-    ``respond`` gets the global arrays sent and returns the site's arrays; evaluate messages get a
-    metrics-only reply. ``sent[round]`` keeps the global arrays each round's training received.
-    """
-
-    def __init__(self, num_nodes: int, respond: Callable[[int, int, Arrays], Arrays]) -> None:
-        self.nodes = list(range(1, num_nodes + 1))
-        self.respond = respond
-        self.sent: dict[int, Arrays] = {}
-
-    def set_run(self, run: object) -> None:  # type: ignore[override]
-        raise NotImplementedError
-
-    @property
-    def run(self) -> object:  # type: ignore[override]
-        raise NotImplementedError
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            rnd = int(msg.content["config"]["server-round"])
-            node = msg.metadata.dst_node_id
-            if msg.metadata.message_type == MessageType.TRAIN:
-                sent = numpy_of(msg.content["arrays"])
-                self.sent[rnd] = sent
-                content = RecordDict(
-                    {
-                        "arrays": record(self.respond(node, rnd, sent)),
-                        "metrics": MetricRecord({"num-examples": 10, "train_loss": 1.0}),
-                    }
-                )
-            else:
-                content = RecordDict({"metrics": MetricRecord({"num-examples": 5, "dice": 0.5})})
-            replies.append(Message(content, reply_to=msg))
-        return replies
 
 
 def send(strategy: Strategy, global_arrays: Arrays, num_nodes: int, rnd: int = 1) -> None:

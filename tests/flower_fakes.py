@@ -1,0 +1,85 @@
+"""Stand-ins for Flower's runtime, shared by the tests that drive strategies without a SuperLink:
+array helpers and a Grid whose nodes answer with hand-made arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+Arrays = dict[str, np.ndarray]
+
+
+def record(arrays: Arrays) -> ArrayRecord:
+    """NumPy arrays by name -> Flower ArrayRecord."""
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+
+
+def numpy_of(rec: ArrayRecord) -> Arrays:
+    """Flower ArrayRecord -> NumPy arrays by name."""
+    return {k: v.numpy() for k, v in rec.items()}
+
+
+def default_train_metrics(node: int) -> dict[str, float]:
+    """What a site reports after training unless a test says otherwise."""
+    return {"num-examples": 10, "train_loss": 1.0}
+
+
+class FakeGrid(Grid):
+    """Nodes ``1..n`` that answer train messages with ``respond(node, round, sent)``'s arrays and
+    ``train_metrics(node)``; evaluate messages get a metrics-only reply. ``sent[round]`` keeps the
+    global arrays each round's training received."""
+
+    def __init__(
+        self,
+        num_nodes: int,
+        respond: Callable[[int, int, Arrays], Arrays],
+        train_metrics: Callable[[int], dict[str, float]] = default_train_metrics,
+    ) -> None:
+        self.nodes = list(range(1, num_nodes + 1))
+        self.respond = respond
+        self.train_metrics = train_metrics
+        self.sent: dict[int, Arrays] = {}
+
+    def set_run(self, run: object) -> None:  # type: ignore[override]
+        raise NotImplementedError
+
+    @property
+    def run(self) -> object:  # type: ignore[override]
+        raise NotImplementedError
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            rnd = int(msg.content["config"]["server-round"])
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == MessageType.TRAIN:
+                sent = numpy_of(msg.content["arrays"])
+                self.sent[rnd] = sent
+                content = RecordDict(
+                    {
+                        "arrays": record(self.respond(node, rnd, sent)),
+                        "metrics": MetricRecord(self.train_metrics(node)),
+                    }
+                )
+            else:
+                evaluation = MetricRecord({"num-examples": 5, "unit-weight": 1, "dice": 0.5})
+                content = RecordDict({"metrics": evaluation})
+            replies.append(Message(content, reply_to=msg))
+        return replies
