@@ -62,6 +62,8 @@ class ManagedProcess:
     command: list[str]
     log_path: Path
     popen: subprocess.Popen[bytes]
+    #: Size of the log file when the process started: its own output begins there.
+    log_offset: int = 0
     #: Descendants seen while the process ran (Flower's helpers), as (pid, start time), so
     #: that they are stopped with it and a reused pid is never signalled.
     known_children: set[tuple[int, int]] = field(default_factory=set)
@@ -76,9 +78,12 @@ class ManagedProcess:
         return self.popen.poll() is None
 
     def log_text(self) -> str:
-        """Everything the process wrote so far (empty when its log is missing)."""
+        """Everything this process wrote so far (not what earlier processes appended to the same
+        log file); empty when the log is missing."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with self.log_path.open("rb") as handle:
+                handle.seek(self.log_offset)
+                return handle.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 
@@ -159,6 +164,7 @@ def start_process(
     program that started it, which then stops it by PID (:func:`stop_process`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     handle = log_path.open("ab")
+    offset = handle.seek(0, os.SEEK_END)
     try:
         popen = subprocess.Popen(
             list(command),
@@ -174,7 +180,7 @@ def start_process(
     finally:
         handle.close()
     log.info("started %s (pid %d), log %s", name, popen.pid, log_path)
-    return ManagedProcess(name, list(command), log_path, popen)
+    return ManagedProcess(name, list(command), log_path, popen, log_offset=offset)
 
 
 def wait_for_port(proc: ManagedProcess, host: str, port: int, timeout: float = 60.0) -> None:

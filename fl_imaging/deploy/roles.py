@@ -207,6 +207,8 @@ class SuperNodeSpec:
     runtime_port: int = 9094
     isolation: str = "subprocess"
     site_index: int | None = None
+    #: Connection attempts before the SuperNode gives up (None: Flower's default, no limit).
+    max_retries: int | None = None
 
     @property
     def name(self) -> str:
@@ -249,6 +251,8 @@ def supernode_command(spec: SuperNodeSpec) -> list[str]:
         command += ["--root-certificates", str(spec.ca_cert)]
     if spec.private_key is not None:
         command += ["--auth-supernode-private-key", str(spec.private_key)]
+    if spec.max_retries is not None:
+        command += ["--max-retries", str(spec.max_retries)]
     return command
 
 

@@ -45,14 +45,16 @@ def _http_client(address: str, token: str | None):  # type: ignore[no-untyped-de
     from flwr.supercore.runtime import RuntimeHttpClient
 
     interceptors: list = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
+    retry = make_simple_http_retry_invoker()
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+        retry.max_time = 60.0  # a task's SuperNode that is gone for a minute will not return
     return RuntimeHttpClient.from_server_address(
         server_address=address,
         insecure=True,
         root_certificates=None,
         interceptors=interceptors,
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=retry,
     )
 
 
@@ -92,6 +94,7 @@ class _Runner:
         heartbeat.start()
         message = context = reply = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
+        aborted = False  # stopped (signal, SuperNode gone): nobody is left to answer
         start = time.perf_counter()
         try:
             message, context, run, fab = pull_task_input(client)
@@ -109,11 +112,15 @@ class _Runner:
                     Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
                     reply_to=message,
                 )
+        except BaseException:
+            aborted = True
+            raise
         finally:
             try:
-                if reply is not None and context is not None:
-                    push_message(client, reply, context)
-                push_task_output(client, context, status, details)
+                if not aborted:
+                    if reply is not None and context is not None:
+                        push_message(client, reply, context)
+                    push_task_output(client, context, status, details)
             finally:
                 heartbeat.stop()
                 client.close()
