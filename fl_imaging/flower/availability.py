@@ -14,7 +14,8 @@ This wrapper (ours) sits between the recorder and the strategy and adds what the
   connected sites, then raises :class:`NotEnoughSites` (the ServerApp stops there, with the
   checkpoint of the last finished round);
 - it learns each SuperNode's site name from its replies, renames the recorder's
-  ``node-<id>`` failures to that name, and records a site that did not reply at all;
+  ``node-<id>`` failures to that name (an error reply has no site record), and records a site
+  that did not reply at all;
 - with ``engine.min_sites`` set, a training round with fewer usable replies gives no aggregate
   (the global model is kept) instead of averaging a handful of sites; without it, whatever
   arrived is aggregated, as Flower does.
@@ -121,14 +122,10 @@ class SiteAvailability(Strategy):
         for msg in replies:
             if not msg.has_error():
                 usable += 1
-                name = site_name(msg)
-                self.node_sites[msg.metadata.src_node_id] = name
-                if name not in self.site_names:
-                    self.site_names.append(name)
+                self.node_sites[msg.metadata.src_node_id] = site_name(msg)
+        new = {n for n in self.node_sites.values() if n not in self.site_names}
+        self.site_names.extend(sorted(new))
         failures = self.failures()
-        for i, (rnd, site, reason) in enumerate(failures):
-            if rnd == server_round and site.startswith("node-") and site[5:].isdigit():
-                failures[i] = (rnd, self._name(int(site[5:])), reason)
         replied = {m.metadata.src_node_id for m in replies}
         silent, self._sent[phase] = self._sent[phase] - replied, set()
         for node_id in sorted(silent):
@@ -139,6 +136,16 @@ class SiteAvailability(Strategy):
             failures.append((server_round, self._name(node_id), reason))
             log.warning("round %d: site %s: %s", server_round, self._name(node_id), reason)
         return usable
+
+    def _name_failures(self) -> None:
+        """Give failures recorded as ``node-<id>`` (error replies carry no site record) the
+        site name that node's earlier replies gave."""
+        failures = self.failures()
+        for i, (rnd, site, reason) in enumerate(failures):
+            node = site.removeprefix("node-")
+            if node.isdigit() and int(node) in self.node_sites:
+                name = self.node_sites[int(node)]
+                failures[i] = (rnd, name, reason.replace(f"site {site} ", f"site {name} "))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -154,6 +161,7 @@ class SiteAvailability(Strategy):
         replies = list(replies)
         usable = self._note_replies(server_round, replies, "train")
         if usable < self.min_replies:
+            self._name_failures()
             log.warning(
                 "round %d: %d usable update(s), fewer than engine.min_sites=%d: no aggregate, "
                 "the global model is kept",
@@ -162,7 +170,9 @@ class SiteAvailability(Strategy):
                 self.min_replies,
             )
             return None, None
-        return self.inner.aggregate_train(server_round, replies)
+        result = self.inner.aggregate_train(server_round, replies)
+        self._name_failures()  # the update checks record error replies too
+        return result
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -177,7 +187,9 @@ class SiteAvailability(Strategy):
     ) -> MetricRecord | None:
         replies = list(replies)
         self._note_replies(server_round, replies, "evaluate")
-        return self.inner.aggregate_evaluate(server_round, replies)
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        self._name_failures()
+        return metrics
 
     def summary(self) -> None:
         self.inner.summary()

@@ -6,6 +6,11 @@ then asks the SuperLink for replies every 3 seconds (a fixed ``time.sleep(3)`` i
 after its last reply; the simulation's in-memory Grid asks every 0.1 s. This wrapper (ours)
 delegates everything to Flower's Grid and only re-implements ``send_and_receive`` with a short
 interval: one small request to the SuperLink per interval while a phase is open.
+
+It also names the sender of the error replies the SuperLink writes itself: for a SuperNode that
+stopped sending heartbeats, Flower 1.41 answers "Node Unavailable" with the SuperLink (node 1) as
+sender, so every such reply would look as if the same node had failed. The wrapper sets the
+sender back to the node the message was sent to (the metadata field Flower fills the same way).
 """
 
 from __future__ import annotations
@@ -64,11 +69,21 @@ class QuickPollGrid(Grid):
     ) -> Iterable[Message]:
         """Push ``messages``, then collect replies until every message has one or ``timeout``
         seconds passed (None: no limit); returns the replies received."""
-        pending = {i for i in self.grid.push_messages(messages) if i}
+        messages = list(messages)
+        destination = {
+            msg_id: msg.metadata.dst_node_id
+            for msg_id, msg in zip(self.grid.push_messages(messages), messages, strict=False)
+            if msg_id
+        }
+        pending = set(destination)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
             received = list(self.grid.pull_messages(pending))
+            for reply in received:
+                node = destination.get(reply.metadata.reply_to_message_id)
+                if reply.has_error() and node is not None:
+                    reply.metadata.__dict__["_src_node_id"] = node
             replies += received
             pending -= {m.metadata.reply_to_message_id for m in received}
             if not pending or (deadline is not None and time.monotonic() >= deadline):
