@@ -29,11 +29,14 @@ def _fl_imaging(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[
 
 
 def test_two_rounds_three_sites_write_every_result(tmp_path: Path) -> None:
+    """Two rounds, one message per round (engine.evaluate_in_train): every result file, and every
+    round's per-site metrics."""
     proc = _fl_imaging(
         tmp_path,
         "experiment=quick",
         "data.num_sites=3",
         "task.local_epochs=2",
+        "engine.evaluate_in_train=true",
         f"data.root={tmp_path / 'demo'}",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
@@ -57,6 +60,10 @@ def test_two_rounds_three_sites_write_every_result(tmp_path: Path) -> None:
     summary = (run / "summary.txt").read_text()
     assert "mean dice" in summary and "dice site-3" in summary
     assert "mean dice" in proc.stdout + proc.stderr  # the table is printed too
+    # one message per round: round 1's model is scored inside round 2's training message, so the
+    # progress line of round 1 has no dice yet (the metrics above hold it for round 1)
+    output = proc.stdout + proc.stderr
+    assert "round 1/2  train loss" in output and "| dice - |" in output
     # one site of the demo is stored as DICOM series
     assert any(p.is_dir() for p in (tmp_path / "demo" / "site-1" / "images").iterdir())
 

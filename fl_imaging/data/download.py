@@ -771,11 +771,9 @@ def medmnist_summary(root: Path, flag: str, size: int) -> str:
 
 
 def _class_folders(root: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX"
-    )
+    """The class folders the class-folder adapter reads: sub-folders not starting with ``.``
+    or ``_`` (``__MACOSX`` included)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name[0] not in "._")
 
 
 def _image_names(folder: Path) -> list[str]:
@@ -789,9 +787,11 @@ def _image_names(folder: Path) -> list[str]:
 def class_folder_layout_problems(root: Path) -> list[str]:
     """Check a folder of 2D class folders: ``root/<ClassName>/*.jpg`` (or .jpeg, .png, ...).
 
-    Wants at least 2 class folders, each with at least one image file, and no macOS ``._``
-    files. Returns the problems found, one sentence each; an empty list means the layout is
-    right. Images are not decoded.
+    Wants at least 2 class folders (names not starting with ``.`` or ``_``), each with at least
+    one image file and nothing but image files, and no macOS ``._`` files: what the
+    class-folder adapter (:func:`fl_imaging.data.datasets.load_class_folders`) reads. Returns
+    the problems found, one sentence each; an empty list means the layout is right. Images are
+    not decoded.
     """
     root = Path(root)
     if not root.is_dir():
@@ -817,6 +817,18 @@ def class_folder_layout_problems(root: Path) -> list[str]:
     if junk:
         problems.append(
             f"{junk} macOS '._' file(s) in the class folders: delete them, they are not images"
+        )
+    # the adapter refuses anything else in a class folder, so the check must too
+    stray = [
+        f"{c.name}/{p.name}"
+        for c in classes
+        for p in sorted(c.iterdir())
+        if not p.name.startswith(".") and not (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    ]
+    if stray:
+        problems.append(
+            f"{len(stray)} entry(ies) in the class folders are not image files "
+            f"({', '.join(IMAGE_SUFFIXES)}): {_listing(stray)}; move them out"
         )
     return problems
 

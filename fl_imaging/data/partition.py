@@ -63,7 +63,8 @@ def assign_sites(
     Takes each case's official split (or None), each case's stratum for ``dirichlet`` (class
     label or size bin; None otherwise), the number of sites and the partition config. Returns the
     site index (0..num_sites-1) of each case, in the input order. Raises :class:`PartitionError`
-    when a site would hold fewer than ``cfg.min_cases`` cases outside the test split.
+    when a site would hold fewer than ``cfg.min_cases`` cases outside the test split, or no case
+    of an official train or val split that the pool has (the site could not train or validate).
     """
     n = len(splits)
     if n < num_sites:
@@ -132,3 +133,15 @@ def _check_sizes(
             f"case(s), fewer than data.partition.min_cases={cfg.min_cases}: use fewer sites or "
             "larger data.partition.sizes"
         )
+    # A site's cases keep their official split, so a site can only train and validate when it
+    # gets at least one case of each official train / val split the dataset has.
+    for split in ("train", "val"):
+        members = np.asarray([s == split for s in splits])
+        if members.any():
+            per_site = np.bincount(site[members], minlength=num_sites)
+            if per_site.min() < 1:
+                raise PartitionError(
+                    f"site {int(per_site.argmin()) + 1} would get no case of the dataset's "
+                    f"official {split} split ({int(members.sum())} in all), and each site needs "
+                    "one: use fewer sites (data.num_sites) or more cases (data.max_cases)"
+                )

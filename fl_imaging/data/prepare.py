@@ -133,6 +133,10 @@ def partition_summary(
     splits); segmentation, the percentage of voxels of each class (``voxels_%_<k>``).
     """
     rows: list[dict[str, str | int | float]] = []
+    # every site gets every class column (0 when it has none), so columns keep class order
+    labels = sorted(
+        {c.label for s in sites for c in s.train + s.val + s.test if isinstance(c.label, int)}
+    )
     for site, report in zip(sites, reports, strict=True):
         row: dict[str, str | int | float] = {
             "site": site.name,
@@ -143,8 +147,8 @@ def partition_summary(
         }
         cases = site.train + site.val + site.test
         classes = Counter(c.label for c in cases if isinstance(c.label, int))
-        for label, count in sorted(classes.items()):
-            row[f"class_{label}"] = count
+        for label in labels:
+            row[f"class_{label}"] = classes.get(label, 0)
         used = {c.case_id for c in cases}
         voxels = [c.label_voxels for c in report.cases if c.case_id in used and c.label_voxels]
         if voxels:

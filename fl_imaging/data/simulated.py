@@ -37,7 +37,7 @@ from fl_imaging.data.sites import Case, SiteDataError, case_id_of
 __all__ = ["load_pool", "simulated_sites"]
 
 log = logging.getLogger("fl_imaging.data")
-_VERSION = 1
+_VERSION = 2  # bump when the partition code changes what a folder holds
 MARKER = "partition.json"
 
 

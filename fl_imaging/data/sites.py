@@ -235,10 +235,24 @@ def _scan_class_folders(
         )
     ]
     if loose or series or not folders:
+        if loose:
+            why = f"; {sorted(loose)[0]} lies directly in images/, outside any class folder"
+        elif series:
+            other = next(
+                p
+                for p in sorted(series[0].iterdir())
+                if p.is_file() and not p.name.startswith(".") and not is_image_file(p)
+            )
+            why = (
+                f"; {other} is not a NIfTI or 2D image, so {series[0].name}/ was read as a "
+                "DICOM series (one case), not as a class folder"
+            )
+        else:
+            why = ""
         raise SiteDataError(
             f"{images_dir.parent / 'labels.csv'} is missing: classification needs a labels.csv "
             "with columns case_id,label, or one sub-folder of images/ per class holding that "
-            "class's images (NIfTI, 2D images or DICOM series folders)"
+            f"class's images (NIfTI, 2D images or DICOM series folders){why}"
         )
     names = list(class_names) if class_names else [p.name for p in folders]
     for folder in folders:

@@ -43,6 +43,7 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str]) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning
     _quiet_flower(cfg.engine.verbose)  # before the import: alembic logs as it is imported
     from flwr.simulation import run_simulation
 

@@ -20,6 +20,8 @@ from fl_imaging.attacks import flipped_labels, malicious_sites, poison_state
 from fl_imaging.config import AttackName, DPMode, RunConfig
 from fl_imaging.data.sites import load_site
 from fl_imaging.flower.protocol import (
+    EVALUATE_GLOBAL,
+    GLOBAL_EVAL,
     LOCAL_EPOCHS,
     MALICIOUS,
     NUM_EXAMPLES,
@@ -156,6 +158,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     trainer.load_state(global_state)
     settings = msg.content["config"]
     rnd = int(settings.get(SERVER_ROUND, 0))
+    evaluation = _evaluation(trainer) if settings.get(EVALUATE_GLOBAL, False) and rnd > 1 else None
     epochs = int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs))
     mu = float(settings.get(PROXIMAL_MU, 0.0))
     _, _, index = site_of(context, cfg)
@@ -180,7 +183,18 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         NUM_EXAMPLES: result.num_samples,
         MALICIOUS: int(malicious),
     }
-    return _reply(msg, trainer, metrics, arrays=state)
+    reply = _reply(msg, trainer, metrics, arrays=state)
+    if evaluation is not None:
+        reply.content[GLOBAL_EVAL] = ConfigRecord(evaluation)
+    return reply
+
+
+def _evaluation(trainer: SiteTrainer) -> dict[str, float]:
+    """The site's validation metrics of its current model (``val_loss``, the task's metrics) and
+    the number of validation cases (``num-examples``)."""
+    metrics = {("val_loss" if k == "loss" else k): v for k, v in trainer.evaluate().items()}
+    metrics[NUM_EXAMPLES] = trainer.num_val
+    return metrics
 
 
 def build_client_app(config: RunConfig | None = None) -> ClientApp:
@@ -204,9 +218,7 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         cfg = resolve_config(config, context)
         trainer = _trainer(context, cfg)
         trainer.load_state(msg.content["arrays"].to_torch_state_dict())
-        metrics = {("val_loss" if k == "loss" else k): v for k, v in trainer.evaluate().items()}
-        metrics[NUM_EXAMPLES] = trainer.num_val
-        return _reply(msg, trainer, metrics, arrays=None)
+        return _reply(msg, trainer, _evaluation(trainer), arrays=None)
 
     return client
 

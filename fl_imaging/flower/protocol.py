@@ -8,6 +8,8 @@ from fl_imaging.config import RunConfig, config_from_yaml
 
 __all__ = [
     "CONFIG_KEY",
+    "EVALUATE_GLOBAL",
+    "GLOBAL_EVAL",
     "LOCAL_EPOCHS",
     "NUM_EXAMPLES",
     "PROXIMAL_MU",
@@ -32,6 +34,10 @@ UNIT_WEIGHT = "unit-weight"
 MALICIOUS = "malicious"
 SERVER_ROUND = "server-round"
 LOCAL_EPOCHS = "local-epochs"
+#: Train-config flag: evaluate the received global model before training, and send the result
+#: in the reply's ConfigRecord ``GLOBAL_EVAL`` (one message per round).
+EVALUATE_GLOBAL = "evaluate-global"
+GLOBAL_EVAL = "global-eval"
 #: Train-config key of FedProx's proximal weight (sent by Flower's FedProx).
 PROXIMAL_MU = "proximal-mu"
 

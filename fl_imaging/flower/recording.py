@@ -11,6 +11,7 @@ keeps the latest global weights, and numbers rounds from ``offset + 1`` when a r
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -18,7 +19,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_imaging.flower.protocol import NUM_EXAMPLES, SITE_NAME, SITE_RECORD, UNIT_WEIGHT
+from fl_imaging.flower.protocol import (
+    GLOBAL_EVAL,
+    NUM_EXAMPLES,
+    SITE_NAME,
+    SITE_RECORD,
+    UNIT_WEIGHT,
+)
 from fl_imaging.results import AGGREGATE_SITE, MetricRow
 from strategies.privacy import privacy_spent
 from strategies.validation import ACCEPTED, FLAGGED, UpdateCheck
@@ -38,8 +45,8 @@ def site_name(msg: Message) -> str:
 class RecordingStrategy(Strategy):
     """Wraps ``inner`` and records per-site metrics of every train and evaluate reply.
 
-    ``on_round_end(round, rows_of_that_round)`` is called after each round's evaluation, e.g. to
-    print a progress line. ``rows`` holds everything recorded so far.
+    ``on_round_end(round, rows)`` is called at the end of each round with every row recorded so
+    far, e.g. to print a progress line and save a checkpoint.
     """
 
     def __init__(
@@ -49,6 +56,7 @@ class RecordingStrategy(Strategy):
         *,
         global_arrays: ArrayRecord | None = None,
         offset: int = 0,
+        evaluate_until: int | None = None,
     ) -> None:
         self.inner = inner
         self.on_round_end = on_round_end
@@ -57,6 +65,9 @@ class RecordingStrategy(Strategy):
         #: The global weights after the last round that produced an aggregate.
         self.global_arrays = global_arrays
         self.offset = offset
+        #: One message per round: no evaluate messages before this round, whose global model
+        #: the sites evaluate inside the next training message instead (None: every round).
+        self.evaluate_until = evaluate_until
         #: Rounds that produced no aggregate (every reply rejected or failed).
         self.skipped: list[int] = []
         self._round_start = time.perf_counter()
@@ -78,6 +89,7 @@ class RecordingStrategy(Strategy):
                 self.failures.append((server_round, check.site, f"update rejected: {check.reason}"))
 
     def _record(self, server_round: int, replies: list[Message], phase: str) -> None:
+        evaluated: list[tuple[str, dict]] = []
         for msg in replies:
             site = site_name(msg)
             if msg.has_error():
@@ -96,6 +108,28 @@ class RecordingStrategy(Strategy):
                         name = "num_train" if key == NUM_EXAMPLES and phase == "train" else key
                         name = "num_val" if key == NUM_EXAMPLES and phase == "evaluate" else name
                         self.rows.append(MetricRow(server_round, site, name, float(value)))
+            if GLOBAL_EVAL in msg.content.config_records:
+                evaluated.append((site, dict(msg.content.config_records[GLOBAL_EVAL])))
+        if evaluated:
+            self._record_global_eval(server_round - 1, evaluated)
+
+    def _record_global_eval(self, rnd: int, evaluated: list[tuple[str, dict]]) -> None:
+        """Record the sites' evaluation of round ``rnd``'s global model, sent with the next
+        round's training replies, and its aggregate (weighted by validation cases) as ``all``."""
+        totals: dict[str, float] = {}
+        weight = 0.0
+        for site, values in evaluated:
+            cases = float(values.get(NUM_EXAMPLES, 1))
+            weight += cases
+            for key, value in values.items():
+                if not isinstance(value, int | float):
+                    continue
+                name = "num_val" if key == NUM_EXAMPLES else key
+                self.rows.append(MetricRow(rnd, site, name, float(value)))
+                if key != NUM_EXAMPLES and not math.isnan(float(value)):
+                    totals[name] = totals.get(name, 0.0) + cases * float(value)
+        for name, total in totals.items():
+            self.rows.append(MetricRow(rnd, AGGREGATE_SITE, name, total / max(weight, 1.0)))
 
     def _record_aggregate(self, server_round: int, metrics: MetricRecord | None) -> None:
         for key, value in (metrics or {}).items():
@@ -130,7 +164,10 @@ class RecordingStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+        rnd = server_round + self.offset
+        if self.evaluate_until is not None and rnd < self.evaluate_until:
+            return []
+        return self.inner.configure_evaluate(rnd, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -138,13 +175,13 @@ class RecordingStrategy(Strategy):
         rnd = server_round + self.offset
         replies = list(replies)
         self._record(rnd, replies, "evaluate")
-        metrics = self.inner.aggregate_evaluate(rnd, replies)
+        metrics = self.inner.aggregate_evaluate(rnd, replies) if replies else None
         self._record_aggregate(rnd, metrics)
         self.rows.append(
             MetricRow(rnd, AGGREGATE_SITE, "round_seconds", time.perf_counter() - self._round_start)
         )
         if self.on_round_end is not None:
-            self.on_round_end(rnd, [r for r in self.rows if r.round == rnd])
+            self.on_round_end(rnd, self.rows)
         return metrics
 
     def summary(self) -> None:

@@ -20,7 +20,7 @@ from fl_imaging.flower.checkpoint import (
     save_checkpoint,
 )
 from fl_imaging.flower.polling import QuickPollGrid
-from fl_imaging.flower.protocol import LOCAL_EPOCHS, resolve_config
+from fl_imaging.flower.protocol import EVALUATE_GLOBAL, LOCAL_EPOCHS, resolve_config
 from fl_imaging.flower.recording import RecordingStrategy, site_name
 from fl_imaging.results import MetricRow, format_round_table, plot_curves, write_metrics
 from strategies import build_strategy
@@ -71,18 +71,22 @@ def run_federation(grid: Grid, cfg: RunConfig, site_names: list[str]) -> Recordi
         log.info("resuming %s after round %d of %d", cfg.resume, checkpoint.round, rounds)
 
     def progress(rnd: int, rows: list[MetricRow]) -> None:
-        values = {(r.site, r.metric): r.value for r in rows}
+        values = {(r.site, r.metric): r.value for r in rows if r.round == rnd}
+        # With one message per round, a round's model is evaluated in the next round.
+        scored = max((r.round for r in rows if r.metric == main and r.round <= rnd), default=rnd)
+        scores = {(r.site, r.metric): r.value for r in rows if r.round == scored}
         per_site = "  ".join(
-            f"{s} {values[(s, main)]:.3f}" for s in site_names if (s, main) in values
+            f"{s} {scores[(s, main)]:.3f}" for s in site_names if (s, main) in scores
         )
+        label = main if scored == rnd else f"{main} (round {scored} model)"
         epsilon = values.get(("all", "epsilon"))
         log.info(
             "round %d/%d  train loss %.4f | %s %s | %s%.1f s",
             rnd,
             rounds,
             values.get(("all", "train_loss"), float("nan")),
-            main,
-            per_site,
+            label,
+            per_site or "-",
             f"epsilon {epsilon:.3f} | " if epsilon is not None else "",
             values.get(("all", "round_seconds"), float("nan")),
         )
@@ -111,6 +115,7 @@ def run_federation(grid: Grid, cfg: RunConfig, site_names: list[str]) -> Recordi
         on_round_end=progress,
         global_arrays=arrays,
         offset=checkpoint.round if checkpoint else 0,
+        evaluate_until=rounds if cfg.engine.evaluate_in_train else None,
     )
     if checkpoint is not None:
         recorder.rows = list(checkpoint.rows)
@@ -122,7 +127,9 @@ def run_federation(grid: Grid, cfg: RunConfig, site_names: list[str]) -> Recordi
             initial_arrays=arrays,
             num_rounds=rounds - recorder.offset,
             timeout=cfg.engine.round_timeout,
-            train_config=ConfigRecord({LOCAL_EPOCHS: cfg.task.local_epochs}),
+            train_config=ConfigRecord(
+                {LOCAL_EPOCHS: cfg.task.local_epochs, EVALUATE_GLOBAL: cfg.engine.evaluate_in_train}
+            ),
         )
     except PrivacyBudgetExhausted as err:
         done = max((r.round for r in recorder.rows), default=0)
