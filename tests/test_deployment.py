@@ -427,7 +427,7 @@ def test_a_site_killed_in_round_2_is_recorded_and_used_again_when_back(
     clientapp = federation.site_processes[victim][-1]  # its long-lived ClientApp process
     seen = len(clientapp.log_text())  # it served the other test's run already
     run = subprocess.Popen(
-        _fl_imaging(federation, tmp_path / "run", "engine.rounds=3", "engine.min_sites=2"),
+        _fl_imaging(federation, tmp_path / "run", "engine.rounds=4", "engine.min_sites=2"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -460,4 +460,6 @@ def test_a_site_killed_in_round_2_is_recorded_and_used_again_when_back(
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     trained = {(r.round, r.site) for r in rows if r.metric == "train_loss"}
     assert {(2, "site-1"), (2, "site-2")} <= trained and (2, victim) not in trained
-    assert (3, victim) in trained, "the site that came back was not used in round 3"
+    # It rejoins a few seconds after the SuperLink let its old connection go, i.e. as round 3
+    # starts: round 3 or, at the latest, round 4 trains with it again.
+    assert {(3, victim), (4, victim)} & trained, "the site that came back was not used again"
