@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -19,9 +20,17 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
-from fl_imaging.config import ConfigError, RunConfig, config_dir, validate_config
+from fl_imaging.config import (
+    ConfigError,
+    DataName,
+    EngineName,
+    RunConfig,
+    config_dir,
+    validate_config,
+)
 from fl_imaging.data.partition import PartitionError
 from fl_imaging.data.sites import SiteDataError
+from fl_imaging.engines.deployment import DeploymentError
 from strategies import StrategyError, build_strategy
 
 __all__ = ["check_overrides", "main", "run"]
@@ -42,7 +51,7 @@ _OPTIONS_WITH_VALUE = {
     "-p",
     "--experimental-rerun",
 }
-USER_ERRORS = (ConfigError, SiteDataError, PartitionError, StrategyError)
+USER_ERRORS = (ConfigError, SiteDataError, PartitionError, StrategyError, DeploymentError)
 
 
 def _overrides_of(argv: list[str]) -> list[str]:
@@ -126,25 +135,58 @@ def check_overrides(overrides: list[str]) -> RunConfig:
 
 
 def run(cfg: RunConfig) -> Path:
-    """Prepare the sites of a validated config and run it on its engine; returns the run folder."""
+    """Prepare the sites of a validated config and run it on its engine; returns the run folder.
+
+    ``engine=deployment`` with ``data=folders``: the sites' folders stay at the sites (each
+    SuperNode reads its own), so nothing is read here; ``data.sites`` may name the sites for the
+    table, and ``engine.num_sites`` says how many to expect.
+    """
     from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
-    from fl_imaging.engines.simulation import run_simulation_engine
     from fl_imaging.flower.checkpoint import check_resumable, load_checkpoint
 
-    run_dir = Path(cfg.run_dir)
-    cfg, sites, reports = prepare_sites(cfg)
-    table = write_partition_summary(partition_summary(sites, reports), run_dir / "partition.csv")
-    log.info("sites of this run (cases per split):\n%s", table)
-    if cfg.engine.name != "simulation":
-        raise ConfigError(f"engine.name={cfg.engine.name}: allowed values: simulation")
+    run_dir = Path(cfg.run_dir).resolve()
+    cfg = replace(cfg, run_dir=str(run_dir))
+    deployment = cfg.engine.name == EngineName.deployment
+    if deployment and cfg.data.name == DataName.folders:
+        site_names = [Path(p).name for p in cfg.data.sites]
+        log.info(
+            "deployment: site data stays at the sites (each SuperNode reads its own folder); "
+            "expecting %s site(s)%s",
+            cfg.engine.num_sites or len(site_names) or "?",
+            f": {', '.join(site_names)}" if site_names else "",
+        )
+    else:
+        cfg, sites, reports = prepare_sites(cfg)
+        table = write_partition_summary(
+            partition_summary(sites, reports), run_dir / "partition.csv"
+        )
+        log.info("sites of this run (cases per split):\n%s", table)
+        site_names = [s.name for s in sites]
+    num_sites = cfg.engine.num_sites or len(site_names)
+    if num_sites < 1:
+        raise ConfigError(
+            "engine=deployment with data=folders: say how many sites to expect with "
+            "engine.num_sites=N (or name them: data.sites=[hospital-a,hospital-b])"
+        )
     # Build the strategy once here, so a parameter or DP setting it refuses stops the run before
     # the engine starts.
     build_strategy(
-        cfg.strategy, num_sites=len(sites), clients_per_round=cfg.engine.clients_per_round
+        cfg.strategy,
+        num_sites=num_sites,
+        clients_per_round=cfg.engine.clients_per_round,
+        min_sites=cfg.engine.min_sites,
     )
     if cfg.resume:
+        cfg = replace(cfg, resume=str(Path(cfg.resume).resolve()))
         check_resumable(load_checkpoint(Path(cfg.resume)), cfg)
-    run_simulation_engine(cfg, [s.name for s in sites])
+    if deployment:
+        from fl_imaging.engines.deployment import run_deployment_engine
+
+        run_deployment_engine(cfg, site_names)
+    else:
+        from fl_imaging.engines.simulation import run_simulation_engine
+
+        run_simulation_engine(cfg, site_names)
     log.info("results in %s: metrics.csv, curves.png, model.pt, config.yaml, summary.txt", run_dir)
     return run_dir
 

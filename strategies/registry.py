@@ -38,7 +38,7 @@ from strategies.norm_bounding import NormBoundedFedAvg, NormBounding
 from strategies.privacy import check_accountable, wrap_with_dp
 from strategies.validation import UpdateCheck, ValidatingStrategy, node_site
 
-__all__ = ["STRATEGIES", "SAMPLING_PARAMS", "StrategyError", "build_strategy"]
+__all__ = ["STRATEGIES", "SAMPLING_PARAMS", "StrategyError", "build_strategy", "sites_needed"]
 
 #: Config name -> strategy class, Flower's first, then ours.
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -99,21 +99,40 @@ def _check_enough_sites(strategy: Strategy, per_round: int) -> None:
             )
 
 
+def sites_needed(num_sites: int, clients_per_round: int | None, min_sites: int | None) -> int:
+    """Connected sites a round needs: ``min_sites`` when set, else every site of a round
+    (``clients_per_round``, default all ``num_sites``). Raises :class:`StrategyError` when
+    ``min_sites`` is below 1 or above the sites per round."""
+    per_round = num_sites if clients_per_round is None else clients_per_round
+    if min_sites is None:
+        return per_round
+    if not 1 <= min_sites <= per_round:
+        raise StrategyError(
+            f"engine.min_sites={min_sites}: must be between 1 and the {per_round} site(s) of a "
+            "round (engine.clients_per_round, or every site)"
+        )
+    return min_sites
+
+
 def build_strategy(
     cfg: StrategyConfig,
     *,
     num_sites: int,
     clients_per_round: int | None = None,
+    min_sites: int | None = None,
     site_of: Callable[[Message], str] | None = None,
     on_checks: Callable[[int, list[UpdateCheck]], None] | None = None,
 ) -> Strategy:
     """Instantiate the strategy ``cfg.name`` with ``cfg.params``, wrapped in the update checks.
 
     ``num_sites`` is the number of sites in the federation; ``clients_per_round`` how many take
-    part in each round's training and evaluation (None: all). ``site_of`` names a reply's site in
-    the checks (default ``node-<id>``); ``on_checks(round, checks)`` receives each round's
-    :class:`~strategies.validation.UpdateCheck` list. Returns the Flower ``Strategy``
-    ``ValidatingStrategy(DP(NormBounding(inner)))``, without ``NormBounding`` when
+    part in each round's training and evaluation (None: all); ``min_sites`` how few may (None:
+    as many as ``clients_per_round``): the strategy then samples every connected site up to
+    ``clients_per_round`` as long as ``min_sites`` are connected (Flower's
+    ``min_available_nodes``, ``min_train_nodes`` and ``min_evaluate_nodes``). ``site_of`` names
+    a reply's site in the checks (default ``node-<id>``); ``on_checks(round, checks)``
+    receives each round's :class:`~strategies.validation.UpdateCheck` list. Returns the Flower
+    ``Strategy`` ``ValidatingStrategy(DP(NormBounding(inner)))``, without ``NormBounding`` when
     ``cfg.norm_bound`` is None and without the DP wrapper when ``cfg.dp.mode`` is ``none``
     (DP sites are weighted equally: ``unit-weight``). Raises :class:`StrategyError` for an
     unknown name or parameter, a federation too small for the strategy, or a DP setting that
@@ -134,12 +153,19 @@ def build_strategy(
             f"engine.clients_per_round={per_round} but the federation has only {num_sites} "
             "site(s): lower it or add sites."
         )
+    needed = sites_needed(num_sites, clients_per_round, min_sites)
+    if cfg.dp.mode != DPMode.none and needed < per_round:
+        raise StrategyError(
+            f"strategy.dp.mode={cfg.dp.mode.value} with engine.min_sites={min_sites}: the privacy "
+            f"accountant assumes exactly {per_round} site(s) in every round; leave "
+            "engine.min_sites unset (null) for DP runs"
+        )
     sampling = {
         "fraction_train": per_round / num_sites,
         "fraction_evaluate": per_round / num_sites,
-        "min_train_nodes": per_round,
-        "min_evaluate_nodes": per_round,
-        "min_available_nodes": per_round,
+        "min_train_nodes": needed,
+        "min_evaluate_nodes": needed,
+        "min_available_nodes": needed,
     }
     if cfg.dp.mode != DPMode.none:
         params.setdefault("weighted_by_key", UNIT_WEIGHT)

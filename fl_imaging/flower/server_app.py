@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fl_imaging.config import RunConfig, config_to_yaml
+from fl_imaging.flower.availability import NotEnoughSites, SiteAvailability
 from fl_imaging.flower.checkpoint import (
     CHECKPOINT_FILE,
     check_resumable,
@@ -18,10 +19,12 @@ from fl_imaging.flower.checkpoint import (
     restore_strategy_state,
     save_checkpoint,
 )
+from fl_imaging.flower.polling import QuickPollGrid
 from fl_imaging.flower.protocol import EVALUATE_GLOBAL, LOCAL_EPOCHS, resolve_config
 from fl_imaging.flower.recording import RecordingStrategy, site_name
 from fl_imaging.results import MetricRow, format_round_table, plot_curves, write_metrics
 from strategies import build_strategy
+from strategies.registry import sites_needed
 from tasks import build_task
 
 __all__ = ["app", "build_server_app", "run_federation"]
@@ -34,11 +37,16 @@ def run_federation(grid: Grid, cfg: RunConfig, site_names: list[str]) -> Recordi
     files into ``cfg.run_dir``: metrics.csv, curves.png, model.pt, config.yaml, summary.txt, and
     checkpoint.pkl after every round.
 
-    ``site_names`` orders the columns of the printed table. With ``cfg.resume`` set, the run goes
-    on from that run's checkpoint. A DP run whose next round would exceed
-    ``strategy.dp.max_epsilon`` stops there, with its results written. Returns the recording
+    ``site_names`` orders the columns of the printed table (sites first seen in replies are
+    added); the federation has ``engine.num_sites`` sites, or as many as ``site_names``. With
+    ``cfg.resume`` set, the run goes on from that run's checkpoint. A DP run whose next round
+    would exceed ``strategy.dp.max_epsilon`` stops there, with its results written; so does a run
+    that waited ``engine.wait_timeout`` seconds for ``engine.min_sites`` connected sites
+    (:class:`~fl_imaging.flower.availability.SiteAvailability`). Returns the recording
     strategy, whose ``rows`` hold every metric recorded.
     """
+    site_names = list(site_names)
+    num_sites = cfg.engine.num_sites or len(site_names)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task)
     model = task.build_model()
@@ -46,8 +54,9 @@ def run_federation(grid: Grid, cfg: RunConfig, site_names: list[str]) -> Recordi
     recorder: RecordingStrategy | None = None
     strategy = build_strategy(
         cfg.strategy,
-        num_sites=len(site_names),
+        num_sites=num_sites,
         clients_per_round=cfg.engine.clients_per_round,
+        min_sites=cfg.engine.min_sites,
         site_of=site_name,
         on_checks=lambda rnd, checks: recorder.record_checks(rnd, checks) if recorder else None,
     )
@@ -92,8 +101,17 @@ def run_federation(grid: Grid, cfg: RunConfig, site_names: list[str]) -> Recordi
             cfg=cfg,
         )
 
-    recorder = RecordingStrategy(
+    availability = SiteAvailability(
         strategy,
+        min_sites=sites_needed(num_sites, cfg.engine.clients_per_round, cfg.engine.min_sites),
+        min_replies=cfg.engine.min_sites or 1,
+        wait_timeout=cfg.engine.wait_timeout,
+        round_timeout=cfg.engine.round_timeout,
+        site_names=site_names,
+        failures=lambda: recorder.failures if recorder else [],
+    )
+    recorder = RecordingStrategy(
+        availability,
         on_round_end=progress,
         global_arrays=arrays,
         offset=checkpoint.round if checkpoint else 0,
@@ -121,6 +139,9 @@ def run_federation(grid: Grid, cfg: RunConfig, site_names: list[str]) -> Recordi
             f"next round ({err})"
         )
         log.warning("%s", stopped)
+    except NotEnoughSites as err:
+        stopped = str(err)
+        log.error("%s", stopped)
     assert recorder.global_arrays is not None
     model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
     write_run_files(run_dir, cfg, recorder, model, site_names, main, stopped)
@@ -180,11 +201,25 @@ def build_server_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        if config is None:
+            _show_progress()
         cfg = resolve_config(config, context)
         names = site_names or [Path(p).name for p in cfg.data.sites]
-        run_federation(grid, cfg, names)
+        # Deployment: Flower's Grid looks for replies every 3 s; ours every 0.2 s.
+        run_federation(QuickPollGrid(grid) if config is None else grid, cfg, names)
 
     return server
+
+
+def _show_progress() -> None:
+    """A deployment's ServerApp process starts without logging set up: send our progress lines
+    to stderr, which Flower streams to ``flwr run --stream``."""
+    logger = logging.getLogger("fl_imaging")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 #: The ServerApp for deployment: config comes in run_config.

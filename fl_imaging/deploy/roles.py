@@ -1,0 +1,306 @@
+"""What each party starts: the coordinator's SuperLink (and its list of admitted sites), and a
+hospital's SuperNode after checking its data folder.
+
+Each function builds Flower's command line, starts it through
+:mod:`fl_imaging.deploy.processes` and waits until it is ready, so that a caller (the
+``fl-imaging-deploy`` command, the local mode, the tests) gets a running process or an error
+that says what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fl_imaging.deploy.certs import ServerCertificate
+from fl_imaging.deploy.processes import (
+    SUPERNODE_READY,
+    ManagedProcess,
+    ProcessError,
+    flower_command,
+    flower_env,
+    start_process,
+    wait_for_log,
+    wait_for_port,
+)
+
+__all__ = [
+    "ISOLATION_MODES",
+    "SiteCheckError",
+    "SuperNodeSpec",
+    "check_site_folder",
+    "cli_home",
+    "register_site_keys",
+    "start_superlink",
+    "start_supernode",
+    "supernode_command",
+    "superlink_command",
+]
+
+log = logging.getLogger("fl_imaging.deploy")
+
+#: ``subprocess``: Flower's default, a new ``flwr-clientapp`` process per message.
+#: ``process``: the SuperNode runs no ClientApp itself; fl-imaging's long-lived ClientApp
+#: runner (:mod:`fl_imaging.deploy.warm_clientapp`) serves it (see that module).
+ISOLATION_MODES = ("subprocess", "process")
+_REGISTERED = re.compile(r"SuperNode (\d+) registered")
+
+
+class SiteCheckError(RuntimeError):
+    """The site's folder failed ``fl-imaging-data inspect``: the SuperNode does not start."""
+
+
+def superlink_command(
+    certs: ServerCertificate | None,
+    state_dir: Path,
+    host: str,
+    port: int,
+    *,
+    node_auth: bool = True,
+) -> list[str]:
+    """``flower-superlink`` with TLS (``certs``; None: plain text, loopback trials only),
+    SuperNode authentication, its database in ``state_dir``, listening on ``host:port`` (Fleet,
+    Control and Runtime APIs share that one port), runtime dependency installation disabled."""
+    command = [flower_command("flower-superlink")]
+    if certs is None:
+        command.append("--insecure")
+    else:
+        command += [
+            "--ssl-ca-certfile",
+            str(certs.ca_cert),
+            "--ssl-certfile",
+            str(certs.cert),
+            "--ssl-keyfile",
+            str(certs.key),
+        ]
+        if node_auth:
+            command.append("--enable-supernode-auth")
+    command += [
+        "--database",
+        str(state_dir / "superlink.db"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    return command
+
+
+def start_superlink(
+    certs: ServerCertificate | None,
+    state_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 9093,
+    *,
+    node_auth: bool = True,
+    timeout: float = 60.0,
+) -> ManagedProcess:
+    """Start the SuperLink (see :func:`superlink_command`) with its Flower home and log
+    (``superlink.log``) in ``state_dir``; returns once its port accepts connections."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    proc = start_process(
+        "superlink",
+        superlink_command(certs, state_dir, host, port, node_auth=node_auth),
+        state_dir / "superlink.log",
+        flower_env(state_dir / "flwr-home"),
+        cwd=state_dir,
+    )
+    try:
+        wait_for_port(proc, "127.0.0.1" if host in ("0.0.0.0", "") else host, port, timeout)
+    except ProcessError:
+        from fl_imaging.deploy.processes import stop_process
+
+        stop_process(proc)
+        raise
+    return proc
+
+
+def cli_home(home: Path, superlink: str, ca_cert: Path | None) -> dict[str, str]:
+    """A private Flower home for the ``flwr`` command (one connection to ``superlink``) and the
+    environment that uses it (``FLWR_HOME`` and ``HOME`` set to ``home``)."""
+    from fl_imaging.engines.deployment import write_flower_home
+
+    write_flower_home(home, superlink, str(ca_cert) if ca_cert else None)
+    return flower_env(home, {"HOME": str(home)})
+
+
+def register_site_keys(
+    public_keys: list[Path], superlink: str, ca_cert: Path, home: Path
+) -> dict[Path, int]:
+    """Register each site's public key with the SuperLink (``flwr supernode register``), so that
+    the SuperNode holding the matching private key is admitted. Returns key file -> node id.
+    Raises :class:`ProcessError` with Flower's message when a key is refused."""
+    from fl_imaging.engines.deployment import CONNECTION
+
+    env = cli_home(home, superlink, ca_cert)
+    node_ids: dict[Path, int] = {}
+    for key in public_keys:
+        done = subprocess.run(
+            [flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        match = _REGISTERED.search(done.stdout)
+        if done.returncode != 0 or not match:
+            raise ProcessError(
+                f"`flwr supernode register {key}` failed (exit {done.returncode}):\n"
+                f"{(done.stdout + done.stderr).strip()}\nCheck that the SuperLink at "
+                f"{superlink} runs with --enable-supernode-auth, that {ca_cert} signed its "
+                "certificate, and that the key is an ECDSA public key "
+                "(fl-imaging-deploy site-key) not registered already."
+            )
+        node_ids[key] = int(match.group(1))
+        log.info("registered %s as SuperNode %s", key, match.group(1))
+    return node_ids
+
+
+def check_site_folder(
+    data_dir: Path, task: str = "segmentation", num_classes: int = 2, class_names: str = ""
+) -> str:
+    """Run ``fl-imaging-data inspect`` on ``data_dir``; returns its report. Raises
+    :class:`SiteCheckError` with the report when the folder is not ready."""
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from fl_imaging.data_cli import main; sys.exit(main())",
+        "inspect",
+        str(data_dir),
+        "--task",
+        task,
+        "--num-classes",
+        str(num_classes),
+    ]
+    if class_names:
+        command += ["--class-names", class_names]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=flower_env(Path.home() / ".flwr")
+    )
+    report = (done.stdout + done.stderr).strip()
+    if done.returncode != 0:
+        raise SiteCheckError(
+            f"`fl-imaging-data inspect {data_dir}` found problems; the SuperNode is not "
+            f"started. Fix them and start again:\n{report}"
+        )
+    return report
+
+
+@dataclass
+class SuperNodeSpec:
+    """One hospital's SuperNode: its data folder and name, the SuperLink and CA certificate,
+    its private key, the local port of its Runtime API (one per SuperNode on a machine), its
+    state folder, and how its ClientApp runs (``isolation``, see :data:`ISOLATION_MODES`)."""
+
+    data_dir: Path
+    superlink: str
+    ca_cert: Path | None
+    private_key: Path | None
+    state_dir: Path
+    site_name: str = ""
+    runtime_port: int = 9094
+    isolation: str = "subprocess"
+    site_index: int | None = None
+    #: Connection attempts before the SuperNode gives up (None: Flower's default, no limit).
+    max_retries: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The site's name: ``site_name``, else the data folder's name."""
+        return self.site_name or self.data_dir.name
+
+
+def _toml(value: str) -> str:
+    return json.dumps(value, ensure_ascii=True)
+
+
+def supernode_command(spec: SuperNodeSpec) -> list[str]:
+    """``flower-supernode`` for ``spec``. Its node config (``data-dir``, ``site-name``,
+    ``site-index``) goes through a TOML file in the state folder, so any folder name works."""
+    spec.state_dir.mkdir(parents=True, exist_ok=True)
+    node_config = spec.state_dir / "node-config.toml"
+    lines = [
+        f"data-dir = {_toml(str(spec.data_dir.resolve()))}",
+        f"site-name = {_toml(spec.name)}",
+    ]
+    if spec.site_index is not None:
+        lines.append(f"site-index = {spec.site_index}")
+    node_config.write_text("\n".join(lines) + "\n")
+    command = [
+        flower_command("flower-supernode"),
+        "--superlink",
+        spec.superlink,
+        "--node-config",
+        str(node_config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(spec.runtime_port),
+        "--isolation",
+        spec.isolation,
+    ]  # a SuperNode installs no dependencies unless --allow-runtime-dependency-installation
+    if spec.ca_cert is None:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(spec.ca_cert)]
+    if spec.private_key is not None:
+        command += ["--auth-supernode-private-key", str(spec.private_key)]
+    if spec.max_retries is not None:
+        command += ["--max-retries", str(spec.max_retries)]
+    return command
+
+
+def start_supernode(
+    spec: SuperNodeSpec, *, timeout: float = 60.0, wait: bool = True
+) -> list[ManagedProcess]:
+    """Start the SuperNode of ``spec`` (log ``supernode.log`` in its state folder) and, with
+    ``wait``, wait until the SuperLink accepted it (Flower logs ``SuperNode ID: N``). With
+    ``isolation='process'`` also starts fl-imaging's long-lived ClientApp runner against the
+    SuperNode's Runtime API. Returns the processes started, SuperNode first. Raises
+    :class:`ProcessError` (with the log's end) when the SuperLink refuses it."""
+    if spec.isolation not in ISOLATION_MODES:
+        raise ProcessError(
+            f"isolation={spec.isolation!r}: allowed values are {', '.join(ISOLATION_MODES)}"
+        )
+    env = flower_env(spec.state_dir / "flwr-home")
+    node = start_process(
+        f"supernode {spec.name}",
+        supernode_command(spec),
+        spec.state_dir / "supernode.log",
+        env,
+        cwd=spec.state_dir,
+    )
+    started = [node]
+    try:
+        if wait:
+            wait_for_log(node, SUPERNODE_READY, timeout)
+        if spec.isolation == "process":
+            started.append(
+                start_process(
+                    f"clientapp {spec.name}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "fl_imaging.deploy.warm_clientapp",
+                        "--runtime-api-address",
+                        f"127.0.0.1:{spec.runtime_port}",
+                        "--parent-pid",
+                        str(node.pid),
+                    ],
+                    spec.state_dir / "clientapp.log",
+                    env,
+                    cwd=spec.state_dir,
+                )
+            )
+    except ProcessError:
+        from fl_imaging.deploy.processes import stop_all
+
+        stop_all(started)
+        raise
+    return started

@@ -1,0 +1,205 @@
+"""A long-lived ClientApp process for one SuperNode (``flower-supernode --isolation process``).
+
+Why: by default (``--isolation subprocess``) a SuperNode hands every message to a new
+``flwr-clientapp`` process, which imports torch and MONAI again and decodes the site's volumes
+again: seconds per message. Flower 1.41 has no long-lived ClientApp: ``flwr-clientapp`` takes
+one task token, runs one message and exits (``flwr/supernode/runtime/run_clientapp.py``), and
+``--isolation process`` only means that an outside ``flower-superexec`` starts those processes
+(the same one per message). Warm executor pools exist in 1.41 for Kubernetes and agent apps only.
+
+This runner (ours) is that outside executor, kept alive: it polls the SuperNode's Runtime API
+for ClientApp tasks (``AcquireTask``) and runs each in this process with Flower's own steps
+(pull the task's message, context and app bundle; call the ClientApp; push the reply and the
+task's end state; heartbeats meanwhile). Modules stay imported between messages, so the
+ClientApp's per-process cache (``fl_imaging.flower.client_app._TRAINERS``: decoded volumes)
+survives from round to round. Messages run one at a time, as with Flower's SuperNode.
+
+It uses Flower's internal Runtime API client (``flwr.supercore.runtime``), which may change in
+another Flower release: the toolkit pins flwr 1.41. A ClientApp that raises is answered with an
+error reply, as ``flwr-clientapp`` does; the runner goes on with the next task.
+
+    python -m fl_imaging.deploy.warm_clientapp --runtime-api-address 127.0.0.1:9094
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+import time
+from types import FrameType
+
+__all__ = ["main", "serve"]
+
+log = logging.getLogger("fl_imaging.deploy.clientapp")
+
+
+def _http_client(address: str, token: str | None):  # type: ignore[no-untyped-def]
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors: list = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
+    retry = make_simple_http_retry_invoker()
+    if token is not None:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+        retry.max_time = 60.0  # a task's SuperNode that is gone for a minute will not return
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=interceptors,
+        retry_invoker=retry,
+    )
+
+
+class _Runner:
+    """Runs ClientApp tasks of one SuperNode, one at a time, in this process."""
+
+    def __init__(self, address: str) -> None:
+        from flwr.clientapp.utils import get_load_client_app_fn
+
+        self.address = address
+        self.load_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+        self.installed: set[str] = set()
+        self.tasks = 0
+
+    def run_task(self, token: str) -> None:
+        """Run the task of ``token``: pull its input, call the ClientApp, push the reply."""
+        from flwr.app import Error, Message
+        from flwr.cli.install import install_from_fab
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
+        from flwr.supercore.heartbeat import HeartbeatSender
+        from flwr.supernode.runtime.run_clientapp import (
+            pull_task_input,
+            push_message,
+            push_task_output,
+        )
+
+        client = _http_client(self.address, token)
+
+        def beat() -> bool:
+            try:
+                return bool(client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success)
+            except Exception:  # a missed beat is retried by the sender
+                return False
+
+        heartbeat = HeartbeatSender(beat)
+        heartbeat.start()
+        message = context = reply = None
+        status, details = SubStatus.FAILED, "ClientApp task failed"
+        aborted = False  # stopped (signal, SuperNode gone): nobody is left to answer
+        start = time.perf_counter()
+        try:
+            message, context, run, fab = pull_task_input(client)
+            if fab.hash_str not in self.installed:
+                install_from_fab(fab.content, skip_prompt=True)
+                self.installed.add(fab.hash_str)
+            app = self.load_app(run.fab_id, run.fab_version, fab.hash_str)
+            reply = app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as err:  # answered with an error reply, like flwr-clientapp
+            log.exception("ClientApp raised an exception")
+            details = f"{type(err)}:<'{err}'>"
+            if message is not None:
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                    reply_to=message,
+                )
+        except BaseException:
+            aborted = True
+            raise
+        finally:
+            try:
+                if not aborted:
+                    if reply is not None and context is not None:
+                        push_message(client, reply, context)
+                    push_task_output(client, context, status, details)
+            finally:
+                heartbeat.stop()
+                client.close()
+        self.tasks += 1
+        kind = message.metadata.message_type if message is not None else "?"
+        log.info(
+            "task %d (%s message) done in %.2f s", self.tasks, kind, time.perf_counter() - start
+        )
+
+
+def serve(runtime_api_address: str, poll_seconds: float = 0.1) -> None:
+    """Serve ClientApp tasks from the SuperNode at ``runtime_api_address`` until stopped,
+    polling for a new task every ``poll_seconds``."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+
+    runner = _Runner(runtime_api_address)
+    acquirer = _http_client(runtime_api_address, None)
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    log.info("serving ClientApp tasks of the SuperNode at %s", runtime_api_address)
+    try:
+        while True:
+            response = acquirer.AcquireTask(request)
+            if response.HasField("task") and response.token:
+                runner.run_task(response.token)
+            else:
+                time.sleep(poll_seconds)
+    finally:
+        acquirer.close()
+
+
+def _stop(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``python -m fl_imaging.deploy.warm_clientapp``; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fl_imaging.deploy.warm_clientapp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--runtime-api-address",
+        default="127.0.0.1:9094",
+        help="the SuperNode's Runtime API (its --host and --port), default 127.0.0.1:9094",
+    )
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="exit when this process (the SuperNode) is gone",
+    )
+    parser.add_argument("--poll-seconds", type=float, default=0.1)
+    parser.add_argument(
+        "--preload",
+        action="append",
+        default=None,
+        help="modules to import before the first message (default: fl-imaging's ClientApp, "
+        "with torch and MONAI), so that round 1 does not wait for them; repeatable",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    for module in args.preload or ["fl_imaging.flower.client_app"]:
+        start = time.perf_counter()
+        importlib.import_module(module)
+        log.info("imported %s in %.1f s", module, time.perf_counter() - start)
+    signal.signal(signal.SIGTERM, _stop)
+    if args.parent_pid is not None:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)
+    try:
+        serve(args.runtime_api_address, args.poll_seconds)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Run a federation on a running SuperLink (``engine=deployment``) through ``flwr run``.
+
+The researcher's machine needs no site data and no SuperLink: it writes a Flower app folder into
+the run folder (``flower-app/pyproject.toml``, whose components point at this toolkit's
+ServerApp and ClientApp and whose run config holds the whole resolved experiment as YAML under
+``fl-imaging-config``) and a private Flower home (``flower-home/config.toml`` with one SuperLink
+connection: address and CA certificate), then submits the app with ``flwr run --stream`` and
+prints the run's log as it comes. The ServerApp runs on the SuperLink's host and writes the
+usual result files into ``run_dir`` there (on one machine: the researcher's run folder).
+Runtime dependency installation is off: every machine runs the toolkit it has installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+from fl_imaging.config import ConfigError, RunConfig, config_to_yaml
+from fl_imaging.deploy.processes import flower_command, flower_env
+from fl_imaging.flower.protocol import CONFIG_KEY
+
+__all__ = [
+    "CONNECTION",
+    "DeploymentError",
+    "run_deployment_engine",
+    "write_app_dir",
+    "write_flower_home",
+]
+
+log = logging.getLogger("fl_imaging.engine")
+
+#: Name of the SuperLink connection in the private Flower home.
+CONNECTION = "fl-imaging"
+APP_DIR = "flower-app"
+HOME_DIR = "flower-home"
+_RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+class DeploymentError(RuntimeError):
+    """The SuperLink refused the run, or the run failed; the message says what to check."""
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string (JSON's escapes are a subset of TOML's)."""
+    return json.dumps(text, ensure_ascii=True)
+
+
+def write_app_dir(run_dir: Path, cfg: RunConfig) -> Path:
+    """Write the Flower app folder ``run_dir/flower-app`` for ``cfg`` and return it.
+
+    Its ``pyproject.toml`` names the ServerApp and ClientApp of this toolkit (imported from the
+    environment of each SuperLink and SuperNode, not shipped) and declares the run config key
+    ``fl-imaging-config`` with the resolved config as YAML: Flower refuses run config keys an app
+    does not declare, and accepts only scalars, so the config travels as one string.
+    """
+    app_dir = run_dir / APP_DIR
+    app_dir.mkdir(parents=True, exist_ok=True)
+    text = f"""# Written by fl-imaging for one run: submitted with `flwr run` (engine=deployment).
+[project]
+name = "fl-imaging-run"
+version = "1.0.0"
+description = "fl-imaging experiment (config in [tool.flwr.app.config])"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fl-imaging"
+
+[tool.flwr.app.components]
+serverapp = "fl_imaging.flower.server_app:app"
+clientapp = "fl_imaging.flower.client_app:app"
+
+[tool.flwr.app.config]
+{CONFIG_KEY} = {_toml_string(config_to_yaml(cfg))}
+"""
+    (app_dir / "pyproject.toml").write_text(text)
+    return app_dir
+
+
+def write_flower_home(home: Path, superlink: str, root_certificates: str | None) -> Path:
+    """Write a private Flower home (``home/config.toml``) holding one SuperLink connection,
+    ``fl-imaging``, set as default: ``superlink`` (host:port) with the CA certificate that
+    signed its TLS certificate, or plain text when ``root_certificates`` is None (loopback
+    trials only). Returns ``home``."""
+    home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f"address = {_toml_string(superlink)}",
+    ]
+    if root_certificates:
+        ca = Path(root_certificates).expanduser().resolve()
+        if not ca.is_file():
+            raise ConfigError(
+                f"engine.root_certificates={root_certificates}: no such file; give the CA "
+                "certificate (ca.crt) the coordinator shared"
+            )
+        lines.append(f"root-certificates = {_toml_string(str(ca))}")
+    else:
+        lines.append("insecure = true")
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    return home
+
+
+def _run_status(run_id: str, env: dict[str, str]) -> str:
+    """The run's status as ``flwr ls`` reports it (e.g. ``finished:completed``), or ''."""
+    try:
+        out = subprocess.run(
+            [flower_command("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        runs = json.loads(out[out.index("{") :]).get("runs", [])
+    except (ValueError, subprocess.TimeoutExpired, OSError):
+        return ""
+    return str(runs[0].get("status", "")) if runs else ""
+
+
+def _stop_run(run_id: str, env: dict[str, str]) -> None:
+    subprocess.run(
+        [flower_command("flwr"), "stop", run_id, CONNECTION],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
+    """Submit ``cfg`` to the SuperLink ``engine.superlink`` and stream its log until it ends.
+
+    ``site_names`` are the sites the researcher knows of (may be empty: the SuperNodes bring
+    them). Uses ``flwr run`` with a private Flower home in ``run_dir`` (``HOME`` too, so the
+    researcher's own Flower settings are untouched). Ctrl-C stops the run on the SuperLink.
+    Raises :class:`DeploymentError` when the SuperLink refuses the run or the run fails.
+    """
+    run_dir = Path(cfg.run_dir).resolve()
+    engine = cfg.engine
+    app_dir = write_app_dir(run_dir, cfg)
+    home = write_flower_home(run_dir / HOME_DIR, engine.superlink, engine.root_certificates)
+    env = flower_env(home, {"HOME": str(home)})
+    command = [flower_command("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+    log.info(
+        "deployment engine: submitting to the SuperLink at %s (%s), %d round(s), %s site(s) "
+        "expected",
+        engine.superlink,
+        "TLS" if engine.root_certificates else "plain text, loopback trials only",
+        engine.rounds,
+        engine.num_sites or len(site_names) or "?",
+    )
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        cwd=str(run_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    run_id = ""
+    output: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            print(line, end="", flush=True)
+            if not run_id and (match := _RUN_STARTED.search(line)):
+                run_id = match.group(1)
+        code = proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        if run_id:
+            log.warning("stopping run %s on the SuperLink (Ctrl-C)", run_id)
+            _stop_run(run_id, env)
+        raise
+    if code != 0 or not run_id:
+        tail = "".join(output[-20:])
+        raise DeploymentError(
+            f"`flwr run` failed (exit {code}) against the SuperLink at {engine.superlink}:\n{tail}"
+            "\nCheck that the SuperLink runs there (fl-imaging-deploy superlink), that "
+            "engine.root_certificates is the CA certificate that signed its certificate, and "
+            f"that {engine.superlink} is listed in that certificate."
+        )
+    status = _run_status(run_id, env)
+    log.info("run %s on the SuperLink: %s", run_id, status or "status unknown")
+    if status.endswith(":failed"):
+        raise DeploymentError(
+            f"run {run_id} failed on the SuperLink (status {status}); its log is above"
+        )
+    if not (run_dir / "metrics.csv").is_file():
+        log.warning(
+            "no metrics.csv in %s: the ServerApp writes its results on the SuperLink's host, "
+            "into the same path there",
+            run_dir,
+        )
