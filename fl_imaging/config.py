@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 __all__ = [
     "AttackConfig",
+    "BenchConfig",
     "ConfigError",
     "DPConfig",
     "DataConfig",
@@ -111,6 +112,9 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [8, 16, 32])
     num_res_units: int = 1
     dropout: float = 0.0
+    #: Normalisation layers: None = the MONAI network's own default (instance norm without
+    #: parameters in the U-Net, batch norm in the DenseNet); "batch" or "instance".
+    norm: str | None = None
 
 
 @dataclass
@@ -215,6 +219,9 @@ class StrategyConfig:
     norm_bound: float | None = None
     validation: UpdateValidationConfig = field(default_factory=UpdateValidationConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    #: FedBN (Li et al. 2021): each site keeps its own normalisation layers (weights and running
+    #: statistics) and uses the global model's other weights.
+    fedbn: bool = False
 
 
 class EngineName(enum.StrEnum):
@@ -245,6 +252,31 @@ class EngineConfig:
     root_certificates: str | None = None
     #: Deployment: the SuperLink's sites (number of SuperNodes expected), for the round table.
     num_sites: int | None = None
+    #: After the last round, each site scores the final global model on its test cases
+    #: (``test_<metric>`` rows) and, with ``finetune_epochs`` > 0, again after fine-tuning a
+    #: copy of it on its own training cases for that many epochs (``finetuned_<metric>``).
+    test: bool = False
+    finetune_epochs: int = 0
+
+
+@dataclass
+class BenchConfig:
+    """A named benchmark (``fl-imaging-bench``): setups x strategies x seeds, and baselines.
+
+    ``setups`` and ``strategies`` map a label to the overrides that make it (e.g.
+    ``{dp_low: [strategy=dpfedavg, strategy.dp.noise_multiplier=0.3]}``); ``baselines`` are
+    ``pooled`` and/or ``local``; ``metrics`` are the task's metrics to report, the first one
+    the main one (best round, worst site, fairness gap).
+    """
+
+    name: str | None = None
+    out_dir: str = "benchmarks"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    setups: dict[str, list[str]] = field(default_factory=dict)
+    strategies: dict[str, list[str]] = field(default_factory=dict)
+    baselines: list[str] = field(default_factory=lambda: ["pooled", "local"])
+    metrics: list[str] = field(default_factory=list)
+    finetune_epochs: int = 1
 
 
 @dataclass
@@ -254,6 +286,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
     run_dir: str = "runs/latest"
     #: A previous run's folder to resume from (its checkpoint.pkl), or None.
@@ -415,12 +448,22 @@ def _check_ranges(run: RunConfig) -> None:
         problems.append(
             "data.partition: min_cases must be >= 1, size_bins >= 2 and shift_strength >= 0"
         )
+    if task.model.norm is not None and task.model.norm not in MODEL_NORMS:
+        problems.append(
+            f"task.model.norm={task.model.norm}: allowed values are null (the network's "
+            f"default), {', '.join(MODEL_NORMS)}"
+        )
+    if engine.finetune_epochs < 0:
+        problems.append(f"engine.finetune_epochs={engine.finetune_epochs}: must be 0 or more")
     if engine.clients_per_round is not None and engine.clients_per_round < 1:
         problems.append(f"engine.clients_per_round={engine.clients_per_round}: must be 1 or more")
     problems.extend(_strategy_problems(run.strategy))
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 
+
+#: Allowed values of ``task.model.norm`` (MONAI's names of normalisation layers).
+MODEL_NORMS = ("batch", "instance")
 
 #: Allowed values of ``strategy.validation.norm_outliers``.
 NORM_OUTLIER_ACTIONS = ("flag", "reject")

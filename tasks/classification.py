@@ -51,6 +51,7 @@ class ClassificationTask(ImagingTask):
                 num_classes=cfg.num_classes,
                 conv1_t_size=3,
                 conv1_t_stride=1,
+                **({"norm": cfg.model.norm} if cfg.model.norm else {}),
             )
         return DenseNet(
             spatial_dims=cfg.spatial_dims,
@@ -60,6 +61,7 @@ class ClassificationTask(ImagingTask):
             growth_rate=channels[0],
             block_config=tuple(2 for _ in channels),
             dropout_prob=cfg.model.dropout,
+            **({"norm": cfg.model.norm} if cfg.model.norm else {}),
         )
 
     def _image_steps(self) -> list:

@@ -54,6 +54,7 @@ class SegmentationTask(ImagingTask):
                 blocks_down=(1,) * len(channels),
                 blocks_up=(1,) * (len(channels) - 1),
                 num_groups=min(8, channels[0]),
+                **({"norm": cfg.model.norm} if cfg.model.norm else {}),
             )
         return UNet(
             spatial_dims=cfg.spatial_dims,
@@ -63,6 +64,7 @@ class SegmentationTask(ImagingTask):
             strides=(2,) * (len(channels) - 1),
             num_res_units=cfg.model.num_res_units,
             dropout=cfg.model.dropout,
+            **({"norm": cfg.model.norm} if cfg.model.norm else {}),
         )
 
     def _image_steps(self, keys: list[str]) -> list:

@@ -65,12 +65,15 @@ def make_demo_data(
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
     dicom_sites: tuple[int, ...] = (0,),
     seed: int = 0,
+    test_cases: int = 0,
 ) -> list[Path]:
     """Write (or reuse) the demo federation under ``root`` and return its site folders.
 
     ``root/site-1`` .. ``root/site-N`` each hold ``cases_per_site`` cases of ``shape`` voxels at
     ``spacing`` mm. Segmentation: ``labels/CASE.nii.gz`` masks (0 background, 1 structure).
     Classification: ``labels.csv`` where class 1 cases hold the structure and class 0 cases do not.
+    With ``test_cases`` > 0, each site's ``split.csv`` holds its last ``test_cases`` cases out
+    as test cases (the others are split into training and validation when loaded).
     The same arguments always give the same voxels; a folder already holding a demo made with the
     same arguments is reused as it is (``root/demo.json`` records them).
     """
@@ -85,6 +88,7 @@ def make_demo_data(
         "spacing": list(spacing),
         "dicom_sites": sorted(dicom_sites),
         "seed": seed,
+        "test_cases": test_cases,
     }
     sites = [root / f"site-{k + 1}" for k in range(num_sites)]
     marker = root / "demo.json"
@@ -120,6 +124,11 @@ def make_demo_data(
                 writer = csv.writer(handle)
                 writer.writerow(("case_id", "label"))
                 writer.writerows(rows)
+        if test_cases > 0:
+            with (site / "split.csv").open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(("case_id", "split"))
+                writer.writerows((case_id, "test") for case_id, _ in rows[-test_cases:])
     (root / "DEMO_README.txt").write_text(
         "Synthetic demo data written by fl-imaging (not patient data).\n"
         f"{num_sites} sites x {cases_per_site} cases, {task}, shape {list(shape)}, "

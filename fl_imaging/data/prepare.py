@@ -50,7 +50,8 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteR
             cases_per_site=data.cases_per_site,
             shape=tuple(data.shape),
             dicom_sites=tuple(data.dicom_sites),
-            seed=cfg.seed,
+            seed=data.partition.seed,
+            test_cases=round(data.test_fraction * data.cases_per_site),
         )
     elif data.name != DataName.folders:
         folders = simulated_sites(cfg)
