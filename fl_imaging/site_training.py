@@ -23,8 +23,9 @@ class SiteTrainer:
     """Model, cached datasets and loops of one site (or of a pooled set of cases).
 
     Takes the site name (for messages), its training and validation cases, the task, the batch
-    size, whether to cache decoded volumes in memory (MONAI ``CacheDataset``), and transforms
-    applied to training labels after decoding (e.g. a simulated label-flipping attack).
+    size, whether to cache decoded volumes in memory (MONAI ``CacheDataset``), transforms
+    applied to training labels after decoding (e.g. a simulated label-flipping attack) and its
+    held-out test cases (scored only by :meth:`evaluate` with ``split="test"``).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class SiteTrainer:
         batch_size: int,
         cache: bool = True,
         label_transforms: Sequence[Callable] = (),
+        test_cases: Sequence[Case] = (),
     ) -> None:
         self.name = name
         self.task = task
@@ -50,6 +52,7 @@ class SiteTrainer:
         self.eval_transform = Compose([*loading, *task.eval_transforms().transforms])
         self.train_data = self._dataset(train_cases, self.train_transform, cache)
         self.val_data = self._dataset(val_cases, self.eval_transform, cache)
+        self.test_data = self._dataset(test_cases, self.eval_transform, cache)
 
     def _dataset(self, cases: Sequence[Case], transform: Compose, cache: bool) -> Dataset:
         items = [case.as_dict() for case in cases]
@@ -72,6 +75,11 @@ class SiteTrainer:
     def num_val(self) -> int:
         """Number of validation samples (cases)."""
         return len(self.val_data)
+
+    @property
+    def num_test(self) -> int:
+        """Number of held-out test samples (cases)."""
+        return len(self.test_data)
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load global weights (a torch state dict) into the site's model."""
@@ -103,7 +111,9 @@ class SiteTrainer:
         )
         return self.task.train(self.model, loader, epochs, extra_loss=extra_loss, log=log)
 
-    def evaluate(self) -> dict[str, float]:
-        """Evaluate the current model on the site's validation cases; returns metric -> value."""
-        loader = DataLoader(self.val_data, batch_size=1, shuffle=False, num_workers=0)
+    def evaluate(self, split: str = "val") -> dict[str, float]:
+        """Evaluate the current model on the site's ``val`` or ``test`` cases; returns the task's
+        metric -> value (``loss`` included)."""
+        data = {"val": self.val_data, "test": self.test_data}[split]
+        loader = DataLoader(data, batch_size=1, shuffle=False, num_workers=0)
         return self.task.evaluate(self.model, loader)

@@ -19,8 +19,11 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from fl_imaging.attacks import flipped_labels, malicious_sites, poison_state
 from fl_imaging.config import AttackName, DPMode, RunConfig
 from fl_imaging.data.sites import load_site
+from fl_imaging.flower.local_norms import restore_local_norms, save_local_norms
 from fl_imaging.flower.protocol import (
+    EVAL_SPLIT,
     EVALUATE_GLOBAL,
+    FINETUNE_EPOCHS,
     GLOBAL_EVAL,
     LOCAL_EPOCHS,
     MALICIOUS,
@@ -100,12 +103,14 @@ def _trainer(context: Context, cfg: RunConfig) -> SiteTrainer:
             batch_size=cfg.task.batch_size,
             cache=cfg.data.cache,
             label_transforms=[flipped_labels(cfg.task.num_classes)] if flips else [],
+            test_cases=site.test,
         )
         log.info(
-            "[site %s] %d training and %d validation cases from %s ready in %.1f s",
+            "[site %s] %d training, %d validation and %d test cases from %s ready in %.1f s",
             name,
             len(site.train),
             len(site.val),
+            len(site.test),
             path,
             time.perf_counter() - start,
         )
@@ -155,7 +160,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """
     trainer = _trainer(context, cfg)
     global_state = msg.content["arrays"].to_torch_state_dict()
-    trainer.load_state(global_state)
+    _load_global(trainer, global_state, context, cfg)
     settings = msg.content["config"]
     rnd = int(settings.get(SERVER_ROUND, 0))
     evaluation = _evaluation(trainer) if settings.get(EVALUATE_GLOBAL, False) and rnd > 1 else None
@@ -168,6 +173,8 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         extra_loss=_proximal_term(global_state, mu) if mu > 0 else None,
         log=lambda line: log.info("[site %s] round %d %s", trainer.name, rnd, line),
     )
+    if cfg.strategy.fedbn:
+        save_local_norms(trainer.model, context)
     state = trainer.state()
     malicious = is_malicious(context, cfg)
     if malicious:
@@ -187,6 +194,32 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if evaluation is not None:
         reply.content[GLOBAL_EVAL] = ConfigRecord(evaluation)
     return reply
+
+
+def _load_global(
+    trainer: SiteTrainer, state: dict[str, torch.Tensor], context: Context, cfg: RunConfig
+) -> None:
+    """Load the global weights; with FedBN, the site's own normalisation layers on top."""
+    trainer.load_state(state)
+    if cfg.strategy.fedbn:
+        restore_local_norms(trainer.model, context)
+
+
+def _test_evaluation(trainer: SiteTrainer, finetune_epochs: int, seed: int) -> dict[str, float]:
+    """The final model's metrics on the site's test cases (``test_<metric>``) and, when
+    ``finetune_epochs`` > 0, those of a copy fine-tuned that many epochs on the site's training
+    cases (``finetuned_<metric>``; personalisation); ``num-examples`` = test cases (0: none)."""
+    if trainer.num_test == 0:
+        log.warning("[site %s] has no test cases: nothing to score in the test round", trainer.name)
+        return {NUM_EXAMPLES: 0}
+    metrics = {f"test_{k}": v for k, v in trainer.evaluate("test").items()}
+    if finetune_epochs > 0:
+        final = trainer.state()
+        trainer.fit(finetune_epochs, seed=seed)
+        metrics.update({f"finetuned_{k}": v for k, v in trainer.evaluate("test").items()})
+        trainer.load_state(final)
+    metrics[NUM_EXAMPLES] = trainer.num_test
+    return metrics
 
 
 def _evaluation(trainer: SiteTrainer) -> dict[str, float]:
@@ -217,7 +250,13 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = resolve_config(config, context)
         trainer = _trainer(context, cfg)
-        trainer.load_state(msg.content["arrays"].to_torch_state_dict())
+        _load_global(trainer, msg.content["arrays"].to_torch_state_dict(), context, cfg)
+        settings = msg.content.config_records.get("config", ConfigRecord())
+        if settings.get(EVAL_SPLIT, "val") == "test":
+            epochs = int(settings.get(FINETUNE_EPOCHS, 0))
+            index = site_of(context, cfg)[2]
+            metrics = _test_evaluation(trainer, epochs, seed=cfg.seed * 100_003 + 7_919 + index)
+            return _reply(msg, trainer, metrics, arrays=None)
         return _reply(msg, trainer, _evaluation(trainer), arrays=None)
 
     return client

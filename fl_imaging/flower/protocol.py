@@ -9,6 +9,8 @@ from fl_imaging.config import RunConfig, config_from_yaml
 __all__ = [
     "CONFIG_KEY",
     "EVALUATE_GLOBAL",
+    "EVAL_SPLIT",
+    "FINETUNE_EPOCHS",
     "GLOBAL_EVAL",
     "LOCAL_EPOCHS",
     "NUM_EXAMPLES",
@@ -38,6 +40,10 @@ LOCAL_EPOCHS = "local-epochs"
 #: in the reply's ConfigRecord ``GLOBAL_EVAL`` (one message per round).
 EVALUATE_GLOBAL = "evaluate-global"
 GLOBAL_EVAL = "global-eval"
+#: Evaluate-config keys of the final test round: the split to score (``val`` by default, or
+#: ``test``) and the epochs of local fine-tuning after which a site scores the test cases again.
+EVAL_SPLIT = "split"
+FINETUNE_EPOCHS = "finetune-epochs"
 #: Train-config key of FedProx's proximal weight (sent by Flower's FedProx).
 PROXIMAL_MU = "proximal-mu"
 

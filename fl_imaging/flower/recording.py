@@ -42,6 +42,11 @@ def site_name(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
+def array_bytes(record: ArrayRecord) -> int:
+    """Bytes of the arrays' data in ``record`` (what a message carries, framing left out)."""
+    return sum(len(array.data) for array in record.values())
+
+
 class RecordingStrategy(Strategy):
     """Wraps ``inner`` and records per-site metrics of every train and evaluate reply.
 
@@ -71,6 +76,8 @@ class RecordingStrategy(Strategy):
         #: Rounds that produced no aggregate (every reply rejected or failed).
         self.skipped: list[int] = []
         self._round_start = time.perf_counter()
+        #: Bytes of the model arrays in this round's messages to the sites (train, evaluate).
+        self._sent: dict[str, int] = {}
 
     def record_checks(self, server_round: int, checks: list[UpdateCheck]) -> None:
         """Record each site's update check (``on_checks`` of the validating strategy):
@@ -102,6 +109,12 @@ class RecordingStrategy(Strategy):
                     msg.error.reason,
                 )
                 continue
+            if phase == "train":
+                up = sum(array_bytes(r) for r in msg.content.array_records.values())
+                self.rows.append(MetricRow(server_round, site, "bytes_up", float(up)))
+            self.rows.append(
+                MetricRow(server_round, site, f"bytes_down_{phase}", float(self._sent[phase]))
+            )
             for record in msg.content.metric_records.values():
                 for key, value in record.items():
                     if isinstance(value, int | float) and key != UNIT_WEIGHT:
@@ -140,6 +153,7 @@ class RecordingStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._round_start = time.perf_counter()
+        self._sent["train"] = array_bytes(arrays)
         return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
 
     def aggregate_train(
@@ -167,6 +181,7 @@ class RecordingStrategy(Strategy):
         rnd = server_round + self.offset
         if self.evaluate_until is not None and rnd < self.evaluate_until:
             return []
+        self._sent["evaluate"] = array_bytes(arrays)
         return self.inner.configure_evaluate(rnd, arrays, config, grid)
 
     def aggregate_evaluate(

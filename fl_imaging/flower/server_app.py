@@ -19,10 +19,17 @@ from fl_imaging.flower.checkpoint import (
     restore_strategy_state,
     save_checkpoint,
 )
+from fl_imaging.flower.final_test import test_final_model
 from fl_imaging.flower.polling import QuickPollGrid
 from fl_imaging.flower.protocol import EVALUATE_GLOBAL, LOCAL_EPOCHS, resolve_config
 from fl_imaging.flower.recording import RecordingStrategy, site_name
-from fl_imaging.results import MetricRow, format_round_table, plot_curves, write_metrics
+from fl_imaging.results import (
+    AGGREGATE_SITE,
+    MetricRow,
+    format_round_table,
+    plot_curves,
+    write_metrics,
+)
 from strategies import build_strategy
 from strategies.registry import sites_needed
 from tasks import build_task
@@ -121,6 +128,7 @@ def run_federation(grid: Grid, cfg: RunConfig, site_names: list[str]) -> Recordi
         recorder.rows = list(checkpoint.rows)
         recorder.failures = list(checkpoint.failures)
     stopped = ""
+    sites_gone = False  # too few sites left: no test round either
     try:
         recorder.start(
             grid=grid,
@@ -141,11 +149,45 @@ def run_federation(grid: Grid, cfg: RunConfig, site_names: list[str]) -> Recordi
         log.warning("%s", stopped)
     except NotEnoughSites as err:
         stopped = str(err)
+        sites_gone = True
         log.error("%s", stopped)
     assert recorder.global_arrays is not None
+    if cfg.engine.test and sites_gone:
+        log.warning("no test round: too few sites are connected")
+    elif cfg.engine.test:
+        _test_round(grid, cfg, recorder, main)
     model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
     write_run_files(run_dir, cfg, recorder, model, site_names, main, stopped)
     return recorder
+
+
+def _test_round(grid: Grid, cfg: RunConfig, recorder: RecordingStrategy, main: str) -> None:
+    """Score the final model on every site's test cases (``engine.test``) and record it."""
+    assert recorder.global_arrays is not None
+    done = max((r.round for r in recorder.rows), default=0)
+    epochs = cfg.engine.finetune_epochs
+    log.info(
+        "test round: every site scores the final model on its test cases%s",
+        f", then after {epochs} epoch(s) of local fine-tuning" if epochs else "",
+    )
+    rows, failures = test_final_model(
+        grid, recorder.global_arrays, done, epochs, cfg.engine.round_timeout
+    )
+    recorder.rows.extend(rows)
+    recorder.failures.extend(failures)
+    for prefix in ("test", "finetuned"):
+        values = {r.site: r.value for r in rows if r.metric == f"{prefix}_{main}"}
+        mean = values.pop(AGGREGATE_SITE, None)
+        if values:
+            log.info(
+                "%s %s: %s%s",
+                "test (final model)"
+                if prefix == "test"
+                else f"test after {epochs} epoch(s) of fine-tuning",
+                main,
+                "  ".join(f"{site} {value:.3f}" for site, value in sorted(values.items())),
+                f"  | all sites {mean:.3f}" if mean is not None else "",
+            )
 
 
 def write_run_files(

@@ -1,0 +1,70 @@
+"""The test round after the last training round: every site scores the final global model on its
+own held-out test cases, and optionally again after fine-tuning it locally (personalisation).
+
+Flower's strategies evaluate on the sites' validation cases during training; a benchmark's
+figure must come from cases that chose nothing (no best round, no early stop), so the test cases
+are scored once, here, with the model the run ends with. The messages are ordinary evaluate
+messages with ``split=test`` in their config, sent to every connected site over the same Grid
+(simulation or deployment).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fl_imaging.flower.protocol import EVAL_SPLIT, FINETUNE_EPOCHS, NUM_EXAMPLES
+from fl_imaging.flower.recording import site_name
+from fl_imaging.results import AGGREGATE_SITE, MetricRow
+
+__all__ = ["test_final_model"]
+
+log = logging.getLogger("fl_imaging.server")
+
+
+def test_final_model(
+    grid: Grid, arrays: ArrayRecord, server_round: int, finetune_epochs: int, timeout: float
+) -> tuple[list[MetricRow], list[tuple[int, str, str]]]:
+    """Send ``arrays`` (the final global model) to every connected site for scoring on its test
+    cases, after ``finetune_epochs`` epochs of local fine-tuning too when > 0; wait up to
+    ``timeout`` seconds.
+
+    Returns the metric rows, recorded at ``server_round`` (per site ``test_<metric>``,
+    ``finetuned_<metric>`` and ``num_test``, and their average over sites weighted by test cases
+    as site ``all``), and the failures as (round, site, reason).
+    """
+    config = ConfigRecord({EVAL_SPLIT: "test", FINETUNE_EPOCHS: finetune_epochs})
+    messages = [
+        Message(
+            content=RecordDict({"arrays": arrays, "config": config}),
+            message_type=MessageType.EVALUATE,
+            dst_node_id=node_id,
+        )
+        for node_id in grid.get_node_ids()
+    ]
+    rows: list[MetricRow] = []
+    failures: list[tuple[int, str, str]] = []
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        site = site_name(reply)
+        if reply.has_error():
+            failures.append((server_round, site, f"test round: {reply.error.reason}"))
+            log.warning("test round: site %s failed: %s", site, reply.error.reason)
+            continue
+        metrics = dict(reply.content["metrics"])
+        cases = float(metrics.pop(NUM_EXAMPLES, 0))
+        rows.append(MetricRow(server_round, site, "num_test", cases))
+        for name, value in metrics.items():
+            if name.startswith(("test_", "finetuned_")) and isinstance(value, int | float):
+                rows.append(MetricRow(server_round, site, name, float(value)))
+                if not math.isnan(float(value)):  # e.g. AUC of a site with one class only
+                    totals[name] = totals.get(name, 0.0) + cases * float(value)
+                    weights[name] = weights.get(name, 0.0) + cases
+    for name, total in totals.items():
+        if weights[name] > 0:
+            rows.append(MetricRow(server_round, AGGREGATE_SITE, name, total / weights[name]))
+    return rows, failures
