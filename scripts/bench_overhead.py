@@ -42,7 +42,7 @@ def centralised(overrides: list[str], out: Path) -> None:
 
     from fl_imaging.cli import check_overrides
     from fl_imaging.data.prepare import prepare_sites
-    from fl_imaging.pooled import train_pooled
+    from fl_imaging.baselines import train_pooled
     from fl_imaging.results import write_metrics
 
     cfg = check_overrides(overrides)
