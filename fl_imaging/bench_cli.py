@@ -1,0 +1,228 @@
+"""The ``fl-imaging-bench`` command: run a named benchmark, resumably, and write its tables.
+
+    fl-imaging-bench experiment=hippocampus_iid            # every cell, then the tables
+    fl-imaging-bench experiment=smoke --list               # the cells and whether they ran
+    fl-imaging-bench experiment=mednist_dirichlet bench.seeds=[0] engine.rounds=2   # any override
+
+A benchmark is an experiment preset (``conf/experiment/``) with a ``bench`` section: setups
+(datasets x partitions), strategies and seeds, plus the pooled and local-only baselines on the
+same sites. Every cell's config is composed and checked before the first one runs. Results go
+to ``bench.out_dir/NAME/``: ``cells/SETUP/METHOD/seedN/`` (each a run folder), ``results.csv``
+(one row per setup, method, seed and site), ``summary.md`` and ``summary.csv`` (mean and std
+over seeds), ``convergence_SETUP.png`` and ``per_site_SETUP.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from fl_imaging.benchmark.cells import cell_status, read_cell, run_cell
+from fl_imaging.benchmark.plan import Cell, plan_cells
+from fl_imaging.benchmark.report import (
+    SiteResult,
+    plot_convergence,
+    plot_per_site,
+    site_results,
+    summarise,
+    write_results_csv,
+    write_summary,
+)
+from fl_imaging.cli import USER_ERRORS, check_overrides
+from fl_imaging.config import ConfigError, DataName, RunConfig
+from fl_imaging.results import AGGREGATE_SITE, read_metrics
+
+__all__ = ["entry", "main"]
+
+log = logging.getLogger("fl_imaging.bench")
+
+
+def _dataset_label(cfg: RunConfig) -> tuple[str, str]:
+    """(dataset, partition) names of a cell's config for the tables."""
+    data = cfg.data
+    if data.name in (DataName.demo, DataName.folders):
+        return data.name.value, "sites"
+    return data.flag or Path(data.root or data.name.value).name, data.partition.name.value
+
+
+def _header(name: str, argv: list[str]) -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    import torch
+
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+    return (
+        f"## Benchmark `{name}`\n\n"
+        f"- command: `fl-imaging-bench {shlex.join(argv)}`\n"
+        f"- commit: {commit or 'unknown'}; machine: {machine}\n"
+        f"- written: {datetime.datetime.now().isoformat(timespec='minutes')}\n"
+        "- figures: test metrics of the final model, unweighted mean over sites, then mean ± "
+        "std over seeds; worst site and best - worst gap of the main metric; fine-tuned: after "
+        "local fine-tuning at each site; MB per site: model traffic both ways\n"
+    )
+
+
+def _main_metrics(cfg: RunConfig) -> list[str]:
+    if cfg.bench.metrics:
+        return list(cfg.bench.metrics)
+    from tasks import build_task
+
+    return [build_task(cfg.task).main_metric]
+
+
+def _curve(rows: list, metric: str) -> dict[int, float]:
+    """Round -> validation ``metric`` averaged over sites (NaN-free rounds only)."""
+    values: dict[int, list[float]] = defaultdict(list)
+    for row in rows:
+        if row.metric == metric and row.site != AGGREGATE_SITE and not math.isnan(row.value):
+            values[row.round].append(row.value)
+    return {rnd: sum(v) / len(v) for rnd, v in sorted(values.items())}
+
+
+def _report(
+    name: str,
+    argv: list[str],
+    out: Path,
+    cells: list[tuple[Cell, RunConfig]],
+    metrics: list[str],
+) -> Path:
+    """Collect every finished cell into results.csv, summary.md/.csv and the plots."""
+    results: list[SiteResult] = []
+    curves: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for cell, cfg in cells:
+        folder = out / "cells" / cell.key
+        if cell_status(cell, folder) != "done":
+            continue
+        rows = read_metrics(folder / "metrics.csv")
+        dataset, partition = _dataset_label(cfg)
+        results += site_results(
+            rows,
+            setup=cell.setup,
+            method=cell.method,
+            kind=cell.kind,
+            seed=cell.seed,
+            dataset=dataset,
+            partition=partition,
+            main=metrics[0],
+            wall_s=float(read_cell(folder)["seconds"]),
+        )
+        for rnd, value in _curve(rows, metrics[0]).items():
+            curves[cell.setup][cell.method][rnd].append(value)
+    write_results_csv(results, metrics, out / "results.csv")
+    summary = summarise(results, metrics)
+    _, md_path = write_summary(summary, metrics, out, _header(name, argv))
+    for setup, by_method in curves.items():
+        title = f"{name}: {setup}"
+        plot_convergence(by_method, metrics[0], title, out / f"convergence_{setup}.png")
+        plot_per_site(results, setup, metrics[0], title, out / f"per_site_{setup}.png")
+    return md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark named by the overrides in ``argv``; returns the exit code (0: every
+    cell done, 1: some cell failed, 2: a configuration error)."""
+    parser = argparse.ArgumentParser(
+        prog="fl-imaging-bench",
+        description=__doc__.split("\n\n")[0],
+        epilog="Presets: smoke, hippocampus_iid, hippocampus_shift, adrenal3d_dirichlet, "
+        "mednist_dirichlet (conf/experiment/).",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke")
+    parser.add_argument(
+        "--list", action="store_true", help="print the cells and their state, run nothing"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    overrides = list(args.overrides)
+    try:
+        base = check_overrides(overrides)
+        name = base.bench.name
+        if not name:
+            raise ConfigError(
+                "no benchmark chosen: add experiment=NAME (smoke, hippocampus_iid, "
+                "hippocampus_shift, adrenal3d_dirichlet, mednist_dirichlet) or set bench.name"
+            )
+        planned = plan_cells(base.bench, overrides)
+        log.info("benchmark %s: checking the config of %d cells", name, len(planned))
+        cells = [(cell, check_overrides(list(cell.overrides))) for cell in planned]
+    except USER_ERRORS as err:
+        log.error("%s", err)
+        return 2
+    out = Path(base.bench.out_dir) / name
+    metrics = _main_metrics(cells[0][1])
+    states = [cell_status(cell, out / "cells" / cell.key) for cell, _ in cells]
+    if args.list:
+        for (cell, _), state in zip(cells, states, strict=True):
+            print(f"{state:8} {cell.key}")
+        return 0
+    todo = sum(s != "done" for s in states)
+    log.info(
+        "benchmark %s: %d cells, %d done before, %d to run; results in %s",
+        name,
+        len(cells),
+        len(cells) - todo,
+        todo,
+        out,
+    )
+    failed: list[str] = []
+    start = time.perf_counter()
+    ran = 0
+    for k, ((cell, cfg), state) in enumerate(zip(cells, states, strict=True), start=1):
+        tag = f"[bench {k}/{len(cells)}] {cell.key}"
+        if state == "done":
+            log.info("%s: done before, reused", tag)
+            continue
+        if state == "changed":
+            log.info("%s: ran before with other overrides, runs again", tag)
+        log.info("%s: running (%s)", tag, cell.kind)
+        status, seconds, error = run_cell(cell, cfg, out / "cells" / cell.key)
+        ran += 1
+        left = todo - ran
+        elapsed = time.perf_counter() - start
+        eta = f", about {elapsed / ran * left / 60:.0f} min left" if left else ""
+        if status == "done":
+            log.info("%s: done in %.0f s (%d to go%s)", tag, seconds, left, eta)
+        else:
+            failed.append(f"{cell.key}: {error}")
+            log.error("%s: FAILED after %.0f s: %s", tag, seconds, error)
+    md_path = _report(name, overrides, out, cells, metrics)
+    print(md_path.read_text())
+    log.info("tables: %s, %s; per-site rows: %s", md_path, out / "summary.csv", out / "results.csv")
+    if failed:
+        log.error(
+            "%d cell(s) failed (rerun to retry them):\n  %s", len(failed), "\n  ".join(failed)
+        )
+        return 1
+    return 0
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,80 @@
+"""The cells of a benchmark: setups x (strategies + baselines) x seeds, each with its overrides.
+
+A cell is one run: a federated run of one strategy, or a baseline (``pooled``: one model on every
+site's training cases; ``local``: each site alone). Every cell of a setup shares the setup's
+sites and split; a cell's overrides are the user's, then the setup's, then the strategy's,
+then its seed and the test round, so a later one wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fl_imaging.config import BenchConfig, ConfigError
+
+__all__ = ["BASELINES", "Cell", "plan_cells"]
+
+#: Baselines a benchmark may ask for, in the order they are run and reported.
+BASELINES = ("pooled", "local")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a benchmark: ``setup`` label, ``method`` (strategy label or baseline name),
+    ``kind`` (``federated``, ``pooled`` or ``local``), ``seed`` and the full override list."""
+
+    setup: str
+    method: str
+    kind: str
+    seed: int
+    overrides: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """Folder of the cell under the benchmark's ``cells/``: ``SETUP/METHOD/seedN``."""
+        return f"{self.setup}/{self.method}/seed{self.seed}"
+
+
+def _check_label(label: str, what: str) -> None:
+    if not label or "/" in label or label.startswith("."):
+        raise ConfigError(f"bench.{what}: '{label}' cannot name a folder; use letters, digits, _-")
+
+
+def plan_cells(bench: BenchConfig, user_overrides: list[str]) -> list[Cell]:
+    """Every cell of ``bench``, in run order: per setup, each seed's baselines then strategies.
+
+    ``user_overrides`` (the command line, e.g. ``experiment=hippocampus_iid``) come first in each
+    cell. Raises :class:`ConfigError` when the benchmark names nothing to run or an unknown
+    baseline, or when a label cannot be a folder name.
+    """
+    if not bench.strategies and not bench.baselines:
+        raise ConfigError(
+            "bench: no strategies and no baselines to run; pick a benchmark preset, e.g. "
+            "`fl-imaging-bench experiment=smoke`, or set bench.strategies"
+        )
+    unknown = [b for b in bench.baselines if b not in BASELINES]
+    if unknown:
+        raise ConfigError(
+            f"bench.baselines: unknown {', '.join(unknown)}; allowed: {', '.join(BASELINES)}"
+        )
+    if not bench.seeds:
+        raise ConfigError("bench.seeds is empty: give at least one training seed, e.g. [0]")
+    setups = dict(bench.setups) or {"default": []}
+    for label in [*setups, *bench.strategies]:
+        _check_label(label, "setups/strategies")
+    clash = set(bench.strategies) & set(BASELINES)
+    if clash:
+        raise ConfigError(f"bench.strategies: {', '.join(clash)} is the name of a baseline")
+    test = ["engine.test=true", f"engine.finetune_epochs={bench.finetune_epochs}"]
+    cells: list[Cell] = []
+    for setup, setup_overrides in setups.items():
+        for seed in bench.seeds:
+            common = [*user_overrides, *setup_overrides]
+            tail = [f"seed={seed}", *test]
+            for baseline in BASELINES:
+                if baseline in bench.baselines:
+                    cells.append(Cell(setup, baseline, baseline, seed, tuple([*common, *tail])))
+            for label, strategy_overrides in bench.strategies.items():
+                overrides = tuple([*common, *strategy_overrides, *tail])
+                cells.append(Cell(setup, label, "federated", seed, overrides))
+    return cells

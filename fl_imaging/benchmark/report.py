@@ -1,0 +1,343 @@
+"""A benchmark's results: one row per (setup, method, seed, site), a summary over seeds and
+sites (Markdown and CSV), and plots (convergence per method, per-site results).
+
+Figures are unweighted over sites, as in FLamby: a hospital counts once whatever its size. The
+"final" figure of a site is its test metric of the final model (federated: the global model after
+the last round; pooled: the pooled model; local: the site's own model); the best round is the
+round with the best validation figure, reported, never used to pick the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fl_imaging.results import AGGREGATE_SITE, MetricRow  # noqa: E402
+
+__all__ = [
+    "SiteResult",
+    "plot_convergence",
+    "plot_per_site",
+    "site_results",
+    "summarise",
+    "write_results_csv",
+    "write_summary",
+]
+
+#: Metrics where lower is better (the best round minimises them).
+_LOWER_IS_BETTER = ("loss",)
+
+
+@dataclass
+class SiteResult:
+    """One site's figures in one cell: test metrics of the final model (``test``), after local
+    fine-tuning (``finetuned``), the best validation round of the main metric and its value,
+    the cell's wall time, the site's traffic and the privacy spent (NaN when not a DP run)."""
+
+    setup: str
+    method: str
+    kind: str
+    seed: int
+    site: str
+    dataset: str
+    partition: str
+    num_test: int
+    test: dict[str, float] = field(default_factory=dict)
+    finetuned: dict[str, float] = field(default_factory=dict)
+    best_round: int = 0
+    best_val: float = math.nan
+    wall_s: float = math.nan
+    mb_up: float = 0.0
+    mb_down: float = 0.0
+    epsilon: float = math.nan
+
+
+def _better(metric: str, a: float, b: float) -> bool:
+    lower = metric.endswith(_LOWER_IS_BETTER)
+    return a < b if lower else a > b
+
+
+def site_results(
+    rows: Sequence[MetricRow],
+    *,
+    setup: str,
+    method: str,
+    kind: str,
+    seed: int,
+    dataset: str,
+    partition: str,
+    main: str,
+    wall_s: float,
+) -> list[SiteResult]:
+    """Turn one cell's metric rows into one :class:`SiteResult` per site that has test figures.
+
+    ``main`` is the validation metric whose best round is reported; ``wall_s`` the cell's time.
+    """
+    per_site: dict[str, list[MetricRow]] = defaultdict(list)
+    epsilon = math.nan
+    for row in rows:
+        if row.site == AGGREGATE_SITE:
+            if row.metric == "epsilon":
+                epsilon = row.value
+            continue
+        per_site[row.site].append(row)
+    results = []
+    for site, site_rows in sorted(per_site.items()):
+        test = {r.metric[5:]: r.value for r in site_rows if r.metric.startswith("test_")}
+        if not test:
+            continue
+        result = SiteResult(
+            setup=setup,
+            method=method,
+            kind=kind,
+            seed=seed,
+            site=site,
+            dataset=dataset,
+            partition=partition,
+            num_test=int(next((r.value for r in site_rows if r.metric == "num_test"), 0)),
+            test=test,
+            finetuned={
+                r.metric[10:]: r.value for r in site_rows if r.metric.startswith("finetuned_")
+            },
+            wall_s=wall_s,
+            epsilon=epsilon,
+        )
+        for row in site_rows:
+            if row.metric == main and not math.isnan(row.value):
+                if result.best_round == 0 or _better(main, row.value, result.best_val):
+                    result.best_round, result.best_val = row.round, row.value
+            elif row.metric == "bytes_up":
+                result.mb_up += row.value / 1e6
+            elif row.metric.startswith("bytes_down"):
+                result.mb_down += row.value / 1e6
+        results.append(result)
+    return results
+
+
+def write_results_csv(results: Sequence[SiteResult], metrics: Sequence[str], path: Path) -> Path:
+    """Write one row per (setup, method, seed, site): test and fine-tuned ``metrics``, best
+    round, wall time, MB sent each way and epsilon. Returns ``path``."""
+    header = [
+        "dataset",
+        "partition",
+        "setup",
+        "method",
+        "kind",
+        "seed",
+        "site",
+        "num_test",
+        *(f"test_{m}" for m in metrics),
+        *(f"finetuned_{m}" for m in metrics),
+        "best_round",
+        f"best_val_{metrics[0]}",
+        "wall_s",
+        "mb_up",
+        "mb_down",
+        "epsilon",
+    ]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for r in results:
+            writer.writerow(
+                [
+                    r.dataset,
+                    r.partition,
+                    r.setup,
+                    r.method,
+                    r.kind,
+                    r.seed,
+                    r.site,
+                    r.num_test,
+                    *(_num(r.test.get(m)) for m in metrics),
+                    *(_num(r.finetuned.get(m)) for m in metrics),
+                    r.best_round,
+                    _num(r.best_val),
+                    f"{r.wall_s:.1f}",
+                    f"{r.mb_up:.3f}",
+                    f"{r.mb_down:.3f}",
+                    _num(r.epsilon),
+                ]
+            )
+    return path
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def _mean(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return math.fsum(kept) / len(kept) if kept else math.nan
+
+
+def _std(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.stdev(kept) if len(kept) > 1 else (0.0 if kept else math.nan)
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One (setup, method): each figure as (mean, std) over seeds."""
+
+    setup: str
+    method: str
+    kind: str
+    seeds: int
+    figures: dict[str, tuple[float, float]]
+
+
+def summarise(results: Sequence[SiteResult], metrics: Sequence[str]) -> list[SummaryRow]:
+    """Per (setup, method) and seed: the mean over sites of each test metric, the worst site and
+    the best-minus-worst gap of the main metric, the mean after fine-tuning, the cell's wall
+    time, MB sent per site and epsilon; then mean and std of each over seeds."""
+    main = metrics[0]
+    cells: dict[tuple[str, str], dict[int, list[SiteResult]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    kinds: dict[tuple[str, str], str] = {}
+    for r in results:
+        cells[(r.setup, r.method)][r.seed].append(r)
+        kinds[(r.setup, r.method)] = r.kind
+    summary = []
+    for (setup, method), seeds in cells.items():
+        per_seed: dict[str, list[float]] = defaultdict(list)
+        for sites in seeds.values():
+            for m in metrics:
+                per_seed[m].append(_mean([s.test.get(m, math.nan) for s in sites]))
+            mains = [s.test.get(main, math.nan) for s in sites]
+            kept = [v for v in mains if not math.isnan(v)]
+            per_seed["worst"].append(min(kept) if kept else math.nan)
+            per_seed["gap"].append(max(kept) - min(kept) if kept else math.nan)
+            per_seed["finetuned"].append(_mean([s.finetuned.get(main, math.nan) for s in sites]))
+            per_seed["wall_s"].append(sites[0].wall_s)
+            per_seed["mb_per_site"].append(_mean([s.mb_up + s.mb_down for s in sites]))
+            per_seed["epsilon"].append(sites[0].epsilon)
+        figures = {k: (_mean(v), _std(v)) for k, v in per_seed.items()}
+        summary.append(SummaryRow(setup, method, kinds[(setup, method)], len(seeds), figures))
+    return summary
+
+
+def _pm(figure: tuple[float, float], digits: int = 3) -> str:
+    mean, std = figure
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_summary(
+    summary: Sequence[SummaryRow], metrics: Sequence[str], folder: Path, header: str
+) -> tuple[Path, Path]:
+    """Write ``summary.csv`` and ``summary.md`` (``header`` on top: command, commit, machine)
+    into ``folder``: one table per setup, the pooled baseline's main figure as the reference
+    (``vs pooled``: the method's mean over sites divided by pooled's). Returns both paths."""
+    main = metrics[0]
+    columns = [*metrics, "worst", "gap", "finetuned", "wall_s", "mb_per_site", "epsilon"]
+    csv_path = folder / "summary.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["setup", "method", "kind", "seeds"]
+            + [f"{c}_{s}" for c in columns for s in ("mean", "std")]
+        )
+        for row in summary:
+            values = [row.figures.get(c, (math.nan, math.nan)) for c in columns]
+            writer.writerow(
+                [row.setup, row.method, row.kind, row.seeds]
+                + [_num(v) for pair in values for v in pair]
+            )
+    lines = [header.rstrip(), ""]
+    titles = {
+        "worst": f"worst site {main}",
+        "gap": "best - worst site",
+        "finetuned": f"{main} after fine-tuning",
+        "wall_s": "wall time (s)",
+        "mb_per_site": "MB per site",
+        "epsilon": "epsilon",
+    }
+    for setup in dict.fromkeys(r.setup for r in summary):
+        rows = [r for r in summary if r.setup == setup]
+        pooled = next((r for r in rows if r.kind == "pooled"), None)
+        reference = pooled.figures[main][0] if pooled else math.nan
+        shown = [
+            c
+            for c in columns
+            if any(not math.isnan(r.figures.get(c, (math.nan, 0))[0]) for r in rows)
+        ]
+        lines += [f"### {setup}", ""]
+        head = ["method", "seeds", *(f"{c} (mean over sites)" for c in metrics[:1])]
+        head += ["vs pooled", *(titles.get(c, c) for c in shown if c != main)]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for row in rows:
+            ratio = row.figures[main][0] / reference if reference else math.nan
+            cells = [row.method, str(row.seeds), _pm(row.figures[main])]
+            cells.append("-" if math.isnan(ratio) else f"{ratio:.3f}")
+            for c in shown:
+                if c == main:
+                    continue
+                digits = 1 if c in ("wall_s",) else 2 if c in ("mb_per_site", "epsilon") else 3
+                cells.append(_pm(row.figures[c], digits))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    md_path = folder / "summary.md"
+    md_path.write_text("\n".join(lines))
+    return csv_path, md_path
+
+
+def plot_convergence(
+    curves: dict[str, dict[int, list[float]]], metric: str, title: str, path: Path
+) -> Path:
+    """Plot, per method, the validation ``metric`` per round (mean over sites, then over seeds:
+    ``curves[method][round]`` holds one value per seed) into ``path`` (PNG)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, by_round in curves.items():
+        rounds = sorted(by_round)
+        means = [_mean(by_round[r]) for r in rounds]
+        style = "--" if method in ("pooled", "local") else "-"
+        ax.plot(rounds, means, style, marker="o", markersize=3, label=method)
+    ax.set_xlabel("round (pass of local epochs, for the baselines)")
+    ax.set_ylabel(f"validation {metric} (mean over sites)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_per_site(
+    results: Sequence[SiteResult], setup: str, metric: str, title: str, path: Path
+) -> Path:
+    """Bar chart of each site's test ``metric`` per method (mean over seeds) into ``path``."""
+    rows = [r for r in results if r.setup == setup]
+    methods = list(dict.fromkeys(r.method for r in rows))
+    sites = sorted({r.site for r in rows})
+    fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(methods) * len(sites)), 4.5))
+    width = 0.8 / max(len(methods), 1)
+    for k, method in enumerate(methods):
+        chosen = [r for r in rows if r.method == method]
+        heights = [
+            _mean([r.test.get(metric, math.nan) for r in chosen if r.site == s]) for s in sites
+        ]
+        ax.bar([i + k * width for i in range(len(sites))], heights, width, label=method)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sites))], sites)
+    ax.set_ylabel(f"test {metric} (mean over seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
