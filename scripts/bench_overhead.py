@@ -40,9 +40,9 @@ def centralised(overrides: list[str], out: Path) -> None:
     """Train the pooled baseline for the config given by ``overrides``; write metrics to ``out``."""
     import torch
 
+    from fl_imaging.baselines import train_pooled
     from fl_imaging.cli import check_overrides
     from fl_imaging.data.prepare import prepare_sites
-    from fl_imaging.baselines import train_pooled
     from fl_imaging.results import write_metrics
 
     cfg = check_overrides(overrides)

@@ -19,22 +19,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-_REPO = str(Path(__file__).resolve().parents[1])
-if _REPO not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, _REPO)
-
-from fl_imaging.data import download as dl  # noqa: E402
+from fl_imaging.data import download as dl
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of this script."""
-    parser = argparse.ArgumentParser(
-        prog="download_medmnist.py",
-        description="Download MedMNIST .npz files (checked by MD5) into OUT/, or check them.",
+    parser = dl.script_parser(
+        "download_medmnist.py",
+        "Download MedMNIST .npz files (checked by MD5) into OUT/, or check them.",
+        out_help="folder to put the .npz files in",
+        check_help="only check the files in DIR and say what they hold",
     )
-    parser.add_argument("--out", type=Path, help="folder to put the .npz files in")
     parser.add_argument(
         "--flag",
         help="dataset flag, e.g. adrenalmnist3d, organmnist3d, pathmnist (see --list)",
@@ -51,18 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--md5", help="expected MD5 of the file (needed for a flag/size not listed by --list)"
     )
     parser.add_argument(
-        "--check",
-        type=Path,
-        metavar="DIR",
-        help="only check the files in DIR and say what they hold",
-    )
-    parser.add_argument(
         "--list", action="store_true", help="list the flags and sizes with a known MD5"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
 
+@dl.script_main
 def main(argv: list[str] | None = None) -> int:
     """Run the script with ``argv`` (default: the command line); return the exit status."""
     parser = build_parser()
@@ -73,18 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.flag:
         parser.error("give --flag (see --list)")
-    if args.check is None and args.out is None:
-        parser.error("give --out DIR to download, or --check DIR to check")
+    dl.require_out_or_check(parser, args)
     if args.md5 and len(args.size) > 1:
         parser.error("--md5 belongs to one file: give a single --size with it")
     root = args.check if args.check is not None else args.out
     if args.check is None:
         for size in args.size:
-            try:
-                dl.fetch_medmnist(args.flag, size, args.out, md5=args.md5, quiet=args.quiet)
-            except dl.DownloadError as error:
-                print(f"error: {error}", file=sys.stderr)
-                return 1
+            dl.fetch_medmnist(args.flag, size, args.out, md5=args.md5, quiet=args.quiet)
     status = 0
     for size in args.size:
         summary = dl.medmnist_summary(root, args.flag, size)

@@ -23,22 +23,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-_REPO = str(Path(__file__).resolve().parents[1])
-if _REPO not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, _REPO)
-
-from fl_imaging.data import download as dl  # noqa: E402
+from fl_imaging.data import download as dl
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of this script."""
-    parser = argparse.ArgumentParser(
-        prog="download_mednist.py",
-        description="Download MedNIST-style class folders (checked by MD5) into OUT/, or check.",
+    parser = dl.script_parser(
+        "download_mednist.py",
+        "Download MedNIST-style class folders (checked by MD5) into OUT/, or check.",
+        out_help="folder to put the class folders in",
+        check_help="only check DIR's class folders and count them",
     )
-    parser.add_argument("--out", type=Path, help="folder to put the class folders in")
     parser.add_argument(
         "--source",
         choices=list(dl.MEDNIST_SOURCES),
@@ -46,31 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="which archive (default: %(default)s)",
     )
     parser.add_argument(
-        "--check", type=Path, metavar="DIR", help="only check DIR's class folders and count them"
-    )
-    parser.add_argument(
         "--keep-archive", action="store_true", help="keep the downloaded archive after unpacking"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
 
+@dl.script_main
 def main(argv: list[str] | None = None) -> int:
     """Run the script with ``argv`` (default: the command line); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.check is None and args.out is None:
-        parser.error("give --out DIR to download, or --check DIR to check")
+    dl.require_out_or_check(parser, args)
     if args.check is not None:
         root = args.check
     else:
-        try:
-            fetched = dl.fetch_mednist(
-                args.source, args.out, keep_archive=args.keep_archive, quiet=args.quiet
-            )
-        except dl.DownloadError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        fetched = dl.fetch_mednist(
+            args.source, args.out, keep_archive=args.keep_archive, quiet=args.quiet
+        )
         root = fetched.path
         if fetched.downloaded:
             print(f"removed {fetched.junk_removed} macOS junk file(s) after extraction")

@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-_REPO = str(Path(__file__).resolve().parents[1])
-if _REPO not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, _REPO)
-
-from fl_imaging.data import download as dl  # noqa: E402
+from fl_imaging.data import download as dl
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of this script."""
-    parser = argparse.ArgumentParser(
-        prog="download_msd.py",
-        description="Download an MSD task (checked by MD5) into OUT/<task>/, or check one.",
+    parser = dl.script_parser(
+        "download_msd.py",
+        "Download an MSD task (checked by MD5) into OUT/<task>/, or check one.",
+        out_help="folder to put the task folder in",
+        check_help="only check an existing task folder (or the folder holding it) and say what "
+        "it has",
     )
-    parser.add_argument("--out", type=Path, help="folder to put the task folder in")
     parser.add_argument(
         "--task",
         choices=list(dl.MSD_MD5),
@@ -40,36 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="which task (default: %(default)s)",
     )
     parser.add_argument(
-        "--check",
-        type=Path,
-        metavar="DIR",
-        help="only check an existing task folder (or the folder holding it) and say what it has",
-    )
-    parser.add_argument(
         "--keep-archive", action="store_true", help="keep the downloaded .tar after unpacking"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
 
+@dl.script_main
 def main(argv: list[str] | None = None) -> int:
     """Run the script with ``argv`` (default: the command line); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.check is None and args.out is None:
-        parser.error("give --out DIR to download, or --check DIR to check a task folder")
+    dl.require_out_or_check(parser, args, " a task folder")
     if args.check is not None:
         root = args.check
         if not (root / "dataset.json").exists() and (root / args.task).is_dir():
             root = root / args.task
     else:
-        try:
-            fetched = dl.fetch_msd_task(
-                args.task, args.out, keep_archive=args.keep_archive, quiet=args.quiet
-            )
-        except dl.DownloadError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        fetched = dl.fetch_msd_task(
+            args.task, args.out, keep_archive=args.keep_archive, quiet=args.quiet
+        )
         root = fetched.path
         if fetched.downloaded:
             print(f"removed {fetched.junk_removed} macOS '._' junk file(s) after extraction")

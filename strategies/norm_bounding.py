@@ -23,6 +23,7 @@ from strategies.arrays import (
     to_record,
     update_norm,
 )
+from strategies.wrapper import StrategyWrapper
 
 __all__ = ["NormBoundedFedAvg", "NormBounding", "bound_update"]
 
@@ -47,7 +48,7 @@ def bound_update(model: Arrays, sent: Arrays, bound: float) -> tuple[Arrays, flo
     return out, norm
 
 
-class NormBounding(Strategy):
+class NormBounding(StrategyWrapper):
     """Wraps ``inner`` (any Flower ``Strategy``) and bounds each site's update to L2 norm ``bound``.
 
     Ours (Flower has none); Sun et al. 2019. ``configure_train`` remembers the global arrays sent;
@@ -59,7 +60,7 @@ class NormBounding(Strategy):
     def __init__(self, inner: Strategy, bound: float) -> None:
         if not bound > 0:
             raise ValueError(f"norm bound must be positive, got {bound}")
-        self.inner = inner
+        super().__init__(inner)
         self.bound = float(bound)
         self.sent: Arrays | None = None
 
@@ -113,18 +114,6 @@ class NormBounding(Strategy):
                 msg.content[key] = to_record(bounded)
             kept.append(msg)
         return self.inner.aggregate_train(server_round, kept)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Return ``inner``'s evaluate messages."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Return ``inner``'s aggregate of the evaluate replies."""
-        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 class NormBoundedFedAvg(NormBounding):

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
 from fl_imaging.config import DPConfig, DPMode, StrategyConfig
+from strategies.wrapper import wrapper_chain
 
 __all__ = ["DPSetupError", "check_accountable", "privacy_spent", "wrap_with_dp"]
 
@@ -126,11 +127,9 @@ def wrap_with_dp(inner: Strategy, dp: DPConfig, *, num_sites: int, per_round: in
 def privacy_spent(strategy: Strategy) -> tuple[float, float] | None:
     """(epsilon, delta) spent so far by the accounted DP wrapper inside ``strategy`` (found by
     following ``inner`` / ``strategy`` attributes), or None when there is none."""
-    node: object | None = strategy
-    while node is not None:
+    for node in wrapper_chain(strategy):
         spent = getattr(node, "privacy_spent", None)
         if callable(spent):
             result = spent()
             return None if result is None else (float(result.epsilon), float(result.delta))
-        node = getattr(node, "inner", None) or getattr(node, "strategy", None)
     return None

@@ -29,6 +29,7 @@ from strategies.arrays import (
     to_record,
     update_norm,
 )
+from strategies.wrapper import StrategyWrapper
 
 __all__ = ["ACCEPTED", "FLAGGED", "REJECTED", "UpdateCheck", "ValidatingStrategy", "node_site"]
 
@@ -72,7 +73,7 @@ class _Reply:
     reason: str
 
 
-class ValidatingStrategy(Strategy):
+class ValidatingStrategy(StrategyWrapper):
     """Wraps ``inner`` (any Flower ``Strategy``) and validates every training reply first.
 
     ``configure_train`` remembers the global arrays sent. In ``aggregate_train`` a reply is always
@@ -105,7 +106,7 @@ class ValidatingStrategy(Strategy):
             )
         if not cfg.norm_factor > 1.0:
             raise ValueError(f"norm_factor={cfg.norm_factor}: must be greater than 1")
-        self.inner = inner
+        super().__init__(inner)
         self.cfg = cfg
         self.site_of = site_of
         self.on_checks = on_checks
@@ -228,15 +229,3 @@ class ValidatingStrategy(Strategy):
             status=entry.status,
             reason=entry.reason,
         )
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Return ``inner``'s evaluate messages."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Return ``inner``'s aggregate of the evaluate replies."""
-        return self.inner.aggregate_evaluate(server_round, replies)

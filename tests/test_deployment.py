@@ -22,8 +22,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flower_fakes import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 
 from fl_imaging.cli import check_overrides
 from fl_imaging.config import config_from_yaml
@@ -140,51 +140,31 @@ def _reply(msg: Message, site: str) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-class ShrinkingGrid(Grid):
-    """Sites ``site-<node id>`` that answer every message with the weights they received; after
-    ``drop_after`` messages only ``remaining`` nodes stay connected."""
+class ShrinkingGrid(FakeGrid):
+    """Sites ``site-<node id>`` (a site record in every reply) that train by sending back the
+    weights they received; after ``drop_after`` messages only ``remaining`` nodes stay connected."""
 
     def __init__(self, nodes: int, drop_after: int = 10**9, remaining: int = 1) -> None:
-        self.nodes = list(range(1, nodes + 1))
-        self.sent = 0
+        super().__init__(
+            nodes, lambda node, rnd, sent: sent, lambda node: {"train_loss": 1.0, "num-examples": 4}
+        )
+        self.messages = 0
         self.drop_after, self.remaining = drop_after, remaining
 
-    def set_run(self, run: object) -> None:  # type: ignore[override]
-        pass
-
-    @property
-    def run(self) -> object:  # type: ignore[override]
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        return Message(
-            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id
-        )
-
     def get_node_ids(self) -> Iterable[int]:
-        return self.nodes[: self.remaining] if self.sent >= self.drop_after else list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
+        if self.messages >= self.drop_after:
+            return self.nodes[: self.remaining]
+        return super().get_node_ids()
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            self.sent += 1
-            node = msg.metadata.dst_node_id
-            if msg.metadata.message_type == "train":
-                replies.append(_reply(msg, f"site-{node}"))
-            else:
-                metrics = MetricRecord({"val_loss": 0.5, "dice": 0.5, "num-examples": 2})
-                content = RecordDict(
-                    {"metrics": metrics, SITE_RECORD: ConfigRecord({SITE_NAME: f"site-{node}"})}
-                )
-                replies.append(Message(content=content, reply_to=msg))
+        messages = list(messages)
+        self.messages += len(messages)
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            site = f"site-{reply.metadata.src_node_id}"
+            reply.content[SITE_RECORD] = ConfigRecord({SITE_NAME: site})
         return replies
 
 

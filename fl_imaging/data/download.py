@@ -30,7 +30,9 @@ Only the standard library and numpy are used (numpy to read ``.npy`` headers ins
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -42,7 +44,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -78,6 +80,9 @@ __all__ = [
     "msd_summary",
     "remove_macos_junk",
     "report_layout",
+    "require_out_or_check",
+    "script_main",
+    "script_parser",
     "verify_md5",
 ]
 
@@ -1007,6 +1012,49 @@ def fetch_mednist(
     if not keep_archive:
         archive.unlink()
     return Fetched(out, downloaded=True, junk_removed=removed)
+
+
+# --------------------------------------------------------------------------------------------
+# The download scripts (scripts/download_*.py)
+# --------------------------------------------------------------------------------------------
+
+
+def script_parser(
+    prog: str, description: str, *, out_help: str, check_help: str
+) -> argparse.ArgumentParser:
+    """A download script's parser with the options they all have: ``--out DIR`` (where to
+    download to), ``--check DIR`` (only check a folder) and ``--quiet``; the script adds its own.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--out", type=Path, help=out_help)
+    parser.add_argument("--check", type=Path, metavar="DIR", help=check_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def require_out_or_check(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, what: str = ""
+) -> None:
+    """Stop with a usage error (exit status 2) unless ``--out`` or ``--check`` was given;
+    ``what`` ends the message ``give --out DIR to download, or --check DIR to check``."""
+    if args.check is None and args.out is None:
+        parser.error(f"give --out DIR to download, or --check DIR to check{what}")
+
+
+def script_main(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Decorate a download script's ``main(argv) -> exit status``: a :class:`DownloadError`
+    (failed download, wrong checksum, unsafe archive, ...) is printed to stderr as
+    ``error: ...`` and gives exit status 1 instead of a traceback."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except DownloadError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+
+    return run
 
 
 def report_layout(summary: str, problems: list[str], data_root: Path) -> int:

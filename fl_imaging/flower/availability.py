@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_imaging.flower.recording import site_name
+from strategies.wrapper import StrategyWrapper
 
 __all__ = ["NotEnoughSites", "SiteAvailability"]
 
@@ -46,7 +47,7 @@ class NotEnoughSites(RuntimeError):
     """Fewer sites than the minimum were connected for ``engine.wait_timeout`` seconds."""
 
 
-class SiteAvailability(Strategy):
+class SiteAvailability(StrategyWrapper):
     """Wraps ``inner``: waits for ``min_sites`` connected sites before each round (at most
     ``wait_timeout`` seconds), names sites that failed or never replied in ``failures()``, and
     skips aggregation when fewer than ``min_replies`` training replies are usable.
@@ -67,7 +68,7 @@ class SiteAvailability(Strategy):
         failures: Callable[[], Failures],
         poll_seconds: float = 1.0,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.min_sites = min_sites
         self.min_replies = min_replies
         self.wait_timeout = wait_timeout
@@ -190,6 +191,3 @@ class SiteAvailability(Strategy):
         metrics = self.inner.aggregate_evaluate(server_round, replies)
         self._name_failures()
         return metrics
-
-    def summary(self) -> None:
-        self.inner.summary()

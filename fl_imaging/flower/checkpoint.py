@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from fl_imaging.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml
 from fl_imaging.results import MetricRow
+from strategies.wrapper import wrapper_chain
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -52,21 +53,11 @@ class Checkpoint:
     config: str = ""
 
 
-def _chain(strategy: Strategy) -> list[Any]:
-    """The strategy and every strategy it wraps, outermost first."""
-    chain: list[Any] = []
-    node: Any = strategy
-    while node is not None and node not in chain:
-        chain.append(node)
-        node = getattr(node, "inner", None) or getattr(node, "strategy", None)
-    return chain
-
-
 def strategy_state(strategy: Strategy) -> dict[str, dict[str, Any]]:
     """The saveable state of each object in ``strategy``'s wrapper chain, keyed
     ``<depth>:<class name>``."""
     state: dict[str, dict[str, Any]] = {}
-    for depth, node in enumerate(_chain(strategy)):
+    for depth, node in enumerate(wrapper_chain(strategy)):
         fields: dict[str, Any] = {}
         for name, value in vars(node).items():
             if isinstance(value, Strategy) or callable(value):
@@ -86,7 +77,7 @@ def strategy_state(strategy: Strategy) -> dict[str, dict[str, Any]]:
 def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, Any]]) -> None:
     """Put ``state`` (from :func:`strategy_state`) back into a freshly built strategy chain of
     the same classes. Raises :class:`ConfigError` when the chains differ."""
-    chain = _chain(strategy)
+    chain = wrapper_chain(strategy)
     names = [f"{d}:{type(n).__name__}" for d, n in enumerate(chain)]
     if names != list(state):
         raise ConfigError(

@@ -29,6 +29,7 @@ from fl_imaging.flower.protocol import (
 from fl_imaging.results import AGGREGATE_SITE, MetricRow
 from strategies.privacy import privacy_spent
 from strategies.validation import ACCEPTED, FLAGGED, UpdateCheck
+from strategies.wrapper import StrategyWrapper
 
 __all__ = ["RecordingStrategy", "site_name"]
 
@@ -47,7 +48,7 @@ def array_bytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
-class RecordingStrategy(Strategy):
+class RecordingStrategy(StrategyWrapper):
     """Wraps ``inner`` and records per-site metrics of every train and evaluate reply.
 
     ``on_round_end(round, rows)`` is called at the end of each round with every row recorded so
@@ -63,7 +64,7 @@ class RecordingStrategy(Strategy):
         offset: int = 0,
         evaluate_until: int | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.on_round_end = on_round_end
         self.rows: list[MetricRow] = []
         self.failures: list[tuple[int, str, str]] = []
@@ -198,6 +199,3 @@ class RecordingStrategy(Strategy):
         if self.on_round_end is not None:
             self.on_round_end(rnd, self.rows)
         return metrics
-
-    def summary(self) -> None:
-        self.inner.summary()
