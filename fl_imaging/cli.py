@@ -176,6 +176,8 @@ def run(cfg: RunConfig) -> Path:
         clients_per_round=cfg.engine.clients_per_round,
         min_sites=cfg.engine.min_sites,
     )
+    if cfg.strategy.fedbn:
+        _check_fedbn(cfg)
     if cfg.resume:
         cfg = replace(cfg, resume=str(Path(cfg.resume).resolve()))
         check_resumable(load_checkpoint(Path(cfg.resume)), cfg)
@@ -189,6 +191,20 @@ def run(cfg: RunConfig) -> Path:
         run_simulation_engine(cfg, site_names)
     log.info("results in %s: metrics.csv, curves.png, model.pt, config.yaml, summary.txt", run_dir)
     return run_dir
+
+
+def _check_fedbn(cfg: RunConfig) -> None:
+    """Refuse FedBN for a model without normalisation parameters (nothing to keep local)."""
+    from fl_imaging.flower.local_norms import norm_state_keys
+    from tasks import build_task
+
+    if not norm_state_keys(build_task(cfg.task).build_model()):
+        raise ConfigError(
+            f"strategy.fedbn=true, but the {cfg.task.model.name.value} with "
+            f"task.model.norm={cfg.task.model.norm or 'null'} has no normalisation parameters to "
+            "keep at the sites (MONAI's U-Net uses instance norm without any): set "
+            "task.model.norm=batch"
+        )
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
