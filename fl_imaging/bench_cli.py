@@ -2,6 +2,7 @@
 
     fl-imaging-bench experiment=hippocampus_iid            # every cell, then the tables
     fl-imaging-bench experiment=smoke --list               # the cells and whether they ran
+    fl-imaging-bench experiment=smoke --only pooled,fedavg # some methods only
     fl-imaging-bench experiment=mednist_dirichlet bench.seeds=[0] engine.rounds=2   # any override
 
 A benchmark is an experiment preset (``conf/experiment/``) with a ``bench`` section: setups
@@ -154,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--list", action="store_true", help="print the cells and their state, run nothing"
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated methods (strategy labels, pooled, local) to run; the tables "
+        "still show every cell done so far. Default: all",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     overrides = list(args.overrides)
@@ -166,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
                 "hippocampus_shift, adrenal3d_dirichlet, mednist_dirichlet) or set bench.name"
             )
         planned = plan_cells(base.bench, overrides)
+        methods = list(dict.fromkeys(c.method for c in planned))
+        wanted = {m.strip() for m in args.only.split(",") if m.strip()} or set(methods)
+        unknown = wanted - set(methods)
+        if unknown:
+            raise ConfigError(
+                f"--only: no method {', '.join(sorted(unknown))}; known: {', '.join(methods)}"
+            )
         log.info("benchmark %s: checking the config of %d cells", name, len(planned))
         cells = [(cell, check_overrides(list(cell.overrides))) for cell in planned]
     except USER_ERRORS as err:
@@ -178,12 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         for (cell, _), state in zip(cells, states, strict=True):
             print(f"{state:8} {cell.key}")
         return 0
-    todo = sum(s != "done" for s in states)
+    todo = sum(s != "done" and c.method in wanted for (c, _), s in zip(cells, states, strict=True))
     log.info(
         "benchmark %s: %d cells, %d done before, %d to run; results in %s",
         name,
         len(cells),
-        len(cells) - todo,
+        states.count("done"),
         todo,
         out,
     )
@@ -192,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ran = 0
     for k, ((cell, cfg), state) in enumerate(zip(cells, states, strict=True), start=1):
         tag = f"[bench {k}/{len(cells)}] {cell.key}"
+        if cell.method not in wanted:
+            continue
         if state == "done":
             log.info("%s: done before, reused", tag)
             continue
