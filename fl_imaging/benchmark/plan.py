@@ -55,8 +55,9 @@ def plan_cells(bench: BenchConfig, user_overrides: list[str]) -> list[Cell]:
     """Every cell of ``bench``, in run order: per setup, each seed's baselines then strategies.
 
     ``user_overrides`` (the command line, e.g. ``experiment=hippocampus_iid``) come first in each
-    cell, less those of the ``bench`` section (a benchmark given one more seed reuses its cells). Raises :class:`ConfigError` when the benchmark names nothing to run or an unknown
-    baseline, or when a label cannot be a folder name.
+    cell, less those of the ``bench`` section (a benchmark given one more seed reuses its cells).
+    Raises :class:`ConfigError` when the benchmark names nothing to run or an unknown baseline,
+    or when a label cannot be a folder name.
     """
     if not bench.strategies and not bench.baselines:
         raise ConfigError(
