@@ -33,7 +33,7 @@ from fl_imaging.bench_cli import main
 from fl_imaging.benchmark.cells import CELL_FILE, cell_status
 from fl_imaging.benchmark.plan import Cell, plan_cells
 from fl_imaging.benchmark.report import SiteResult, site_results, summarise
-from fl_imaging.cli import _check_fedbn, check_overrides, run
+from fl_imaging.cli import check_fedbn, check_overrides, run
 from fl_imaging.config import BenchConfig, ConfigError, RunConfig
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.sites import load_site
@@ -574,7 +574,10 @@ def test_local_norms_round_trip_through_the_context() -> None:
     assert norm_state_keys(torch.nn.Sequential(torch.nn.InstanceNorm3d(2))) == []
 
 
-def test_fedbn_needs_a_model_with_normalisation_parameters(tmp_path: Path) -> None:
+def test_fedbn_needs_a_model_with_normalisation_parameters(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the run folder (partition.csv)
     cfg = check_overrides(
         [
             "experiment=quick",
@@ -582,13 +585,12 @@ def test_fedbn_needs_a_model_with_normalisation_parameters(tmp_path: Path) -> No
             "data.cases_per_site=3",
             "data.shape=[12,12,12]",
             f"data.root={tmp_path / 'demo'}",
-            f"run_dir={tmp_path / 'run'}",
         ]
     )
     with pytest.raises(ConfigError, match=r"task\.model\.norm=null.*task\.model\.norm=batch"):
         run(cfg)  # refused before the engine starts
-    _check_fedbn(check_overrides(["strategy.fedbn=true", "task.model.norm=batch"]))
-    _check_fedbn(check_overrides(["task=classification", "strategy.fedbn=true"]))  # DenseNet
+    check_fedbn(check_overrides(["strategy.fedbn=true", "task.model.norm=batch"]))
+    check_fedbn(check_overrides(["task=classification", "strategy.fedbn=true"]))  # DenseNet
 
 
 # --- the test round on the server ---------------------------------------------------------------
