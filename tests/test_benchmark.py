@@ -99,11 +99,14 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Smoke:
         before = _cell_files(out)
         lines = _Lines()
         bench_log = logging.getLogger("fl_imaging.bench")
+        level = bench_log.level
         bench_log.addHandler(lines)
+        bench_log.setLevel(logging.INFO)
         try:
             rerun_code = main(args)
         finally:
             bench_log.removeHandler(lines)
+            bench_log.setLevel(level)
         listing = io.StringIO()
         with contextlib.redirect_stdout(listing):
             assert main([*args, "--list"]) == 0
@@ -192,7 +195,8 @@ def test_smoke_rerun_reuses_every_cell_and_lists_them_done(smoke: Smoke) -> None
     assert smoke.rerun_cell_files == smoke.cell_files  # same contents, not written again
     reused = [line for line in smoke.rerun_log if line.endswith("done before, reused")]
     assert len(reused) == len(smoke.cell_files)
-    assert not [line for line in smoke.rerun_log if "running" in line]
+    assert not [line for line in smoke.rerun_log if "running" in line or "FAILED" in line]
+    assert "10 cells, 10 done before, 0 to run" in "\n".join(smoke.rerun_log)
     listed = smoke.listing.splitlines()
     assert len(listed) == len(smoke.cell_files)
     assert all(line.split() == ["done", line.split()[1]] for line in listed)
