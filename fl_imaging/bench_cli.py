@@ -39,7 +39,7 @@ from fl_imaging.benchmark.report import (
     write_results_csv,
     write_summary,
 )
-from fl_imaging.cli import USER_ERRORS, check_overrides
+from fl_imaging.cli import USER_ERRORS, check_fedbn, check_overrides
 from fl_imaging.config import ConfigError, DataName, RunConfig
 from fl_imaging.results import AGGREGATE_SITE, read_metrics
 
@@ -54,6 +54,14 @@ def _dataset_label(cfg: RunConfig) -> tuple[str, str]:
     if data.name in (DataName.demo, DataName.folders):
         return data.name.value, "sites"
     return data.flag or Path(data.root or data.name.value).name, data.partition.name.value
+
+
+def _checked(cell: Cell) -> RunConfig:
+    """The validated config of ``cell``; raises what ``fl-imaging`` would refuse before running."""
+    cfg = check_overrides(list(cell.overrides))
+    if cfg.strategy.fedbn:
+        check_fedbn(cfg)
+    return cfg
 
 
 def _header(name: str, argv: list[str]) -> str:
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--only: no method {', '.join(sorted(unknown))}; known: {', '.join(methods)}"
             )
         log.info("benchmark %s: checking the config of %d cells", name, len(planned))
-        cells = [(cell, check_overrides(list(cell.overrides))) for cell in planned]
+        cells = [(cell, _checked(cell)) for cell in planned]
     except USER_ERRORS as err:
         log.error("%s", err)
         return 2

@@ -33,7 +33,7 @@ from fl_imaging.data.sites import SiteDataError
 from fl_imaging.engines.deployment import DeploymentError
 from strategies import StrategyError, build_strategy
 
-__all__ = ["check_overrides", "main", "run"]
+__all__ = ["check_fedbn", "check_overrides", "main", "run"]
 
 log = logging.getLogger("fl_imaging")
 
@@ -177,7 +177,7 @@ def run(cfg: RunConfig) -> Path:
         min_sites=cfg.engine.min_sites,
     )
     if cfg.strategy.fedbn:
-        _check_fedbn(cfg)
+        check_fedbn(cfg)
     if cfg.resume:
         cfg = replace(cfg, resume=str(Path(cfg.resume).resolve()))
         check_resumable(load_checkpoint(Path(cfg.resume)), cfg)
@@ -193,7 +193,7 @@ def run(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def _check_fedbn(cfg: RunConfig) -> None:
+def check_fedbn(cfg: RunConfig) -> None:
     """Refuse FedBN for a model without normalisation parameters (nothing to keep local)."""
     from fl_imaging.flower.local_norms import norm_state_keys
     from tasks import build_task

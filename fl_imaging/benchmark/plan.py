@@ -40,12 +40,24 @@ def _check_label(label: str, what: str) -> None:
         raise ConfigError(f"bench.{what}: '{label}' cannot name a folder; use letters, digits, _-")
 
 
+def _run_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that change a run: all but those of the ``bench`` section, which choose the
+    cells (seeds, strategies, out_dir) and must not make a cell that ran look changed."""
+    kept = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key != "bench" and not key.startswith("bench."):
+            kept.append(override)
+    return kept
+
+
 def plan_cells(bench: BenchConfig, user_overrides: list[str]) -> list[Cell]:
     """Every cell of ``bench``, in run order: per setup, each seed's baselines then strategies.
 
     ``user_overrides`` (the command line, e.g. ``experiment=hippocampus_iid``) come first in each
-    cell. Raises :class:`ConfigError` when the benchmark names nothing to run or an unknown
-    baseline, or when a label cannot be a folder name.
+    cell, less those of the ``bench`` section (a benchmark given one more seed reuses its cells).
+    Raises :class:`ConfigError` when the benchmark names nothing to run or an unknown baseline,
+    or when a label cannot be a folder name.
     """
     if not bench.strategies and not bench.baselines:
         raise ConfigError(
@@ -69,7 +81,7 @@ def plan_cells(bench: BenchConfig, user_overrides: list[str]) -> list[Cell]:
     cells: list[Cell] = []
     for setup, setup_overrides in setups.items():
         for seed in bench.seeds:
-            common = [*user_overrides, *setup_overrides]
+            common = [*_run_overrides(user_overrides), *setup_overrides]
             tail = [f"seed={seed}", *test]
             for baseline in BASELINES:
                 if baseline in bench.baselines:

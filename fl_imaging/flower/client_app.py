@@ -214,7 +214,8 @@ def _test_evaluation(trainer: SiteTrainer, finetune_epochs: int, seed: int) -> d
         return {NUM_EXAMPLES: 0}
     metrics = {f"test_{k}": v for k, v in trainer.evaluate("test").items()}
     if finetune_epochs > 0:
-        final = trainer.state()
+        # copies: state() shares storage with the model, which fine-tuning changes in place
+        final = {k: v.clone() for k, v in trainer.state().items()}
         trainer.fit(finetune_epochs, seed=seed)
         metrics.update({f"finetuned_{k}": v for k, v in trainer.evaluate("test").items()})
         trainer.load_state(final)
