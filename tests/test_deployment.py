@@ -46,10 +46,12 @@ from fl_imaging.deploy.processes import (
     stop_process,
 )
 from fl_imaging.deploy.roles import (
+    IN_MEMORY_DATABASE,
     SiteCheckError,
     SuperNodeSpec,
     check_site_folder,
     start_supernode,
+    superlink_command,
 )
 from fl_imaging.engines.deployment import write_app_dir
 from fl_imaging.flower.availability import NotEnoughSites, SiteAvailability
@@ -97,6 +99,15 @@ def test_site_key_is_openssh_p384_that_flower_accepts(tmp_path: Path) -> None:
     assert isinstance(private, ec.EllipticCurvePrivateKey)
     assert private.public_key().public_numbers() == public.public_numbers()
     assert key.private.stat().st_mode & 0o777 == 0o600
+
+
+def test_superlink_state_is_in_memory_unless_a_database_file_is_given(tmp_path: Path) -> None:
+    def database(command: list[str]) -> str:
+        return command[command.index("--database") + 1]
+
+    assert database(superlink_command(None, tmp_path, "127.0.0.1", 9093)) == IN_MEMORY_DATABASE
+    kept = superlink_command(None, tmp_path, "127.0.0.1", 9093, database=Path("state.db"))
+    assert database(kept) == str(tmp_path.resolve() / "state.db")
 
 
 def test_app_dir_declares_the_config_key_and_carries_the_whole_config(tmp_path: Path) -> None:
