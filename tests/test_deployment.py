@@ -46,10 +46,12 @@ from fl_imaging.deploy.processes import (
     stop_process,
 )
 from fl_imaging.deploy.roles import (
+    IN_MEMORY_DATABASE,
     SiteCheckError,
     SuperNodeSpec,
     check_site_folder,
     start_supernode,
+    superlink_command,
 )
 from fl_imaging.engines.deployment import write_app_dir
 from fl_imaging.flower.availability import NotEnoughSites, SiteAvailability
@@ -97,6 +99,15 @@ def test_site_key_is_openssh_p384_that_flower_accepts(tmp_path: Path) -> None:
     assert isinstance(private, ec.EllipticCurvePrivateKey)
     assert private.public_key().public_numbers() == public.public_numbers()
     assert key.private.stat().st_mode & 0o777 == 0o600
+
+
+def test_superlink_state_is_in_memory_unless_a_database_file_is_given(tmp_path: Path) -> None:
+    def database(command: list[str]) -> str:
+        return command[command.index("--database") + 1]
+
+    assert database(superlink_command(None, tmp_path, "127.0.0.1", 9093)) == IN_MEMORY_DATABASE
+    kept = superlink_command(None, tmp_path, "127.0.0.1", 9093, database=Path("state.db"))
+    assert database(kept) == str(tmp_path.resolve() / "state.db")
 
 
 def test_app_dir_declares_the_config_key_and_carries_the_whole_config(tmp_path: Path) -> None:
@@ -407,7 +418,7 @@ def test_a_site_killed_in_round_2_is_recorded_and_used_again_when_back(
     clientapp = federation.site_processes[victim][-1]  # its long-lived ClientApp process
     seen = len(clientapp.log_text())  # it served the other test's run already
     run = subprocess.Popen(
-        _fl_imaging(federation, tmp_path / "run", "engine.rounds=4", "engine.min_sites=2"),
+        _fl_imaging(federation, tmp_path / "run", "engine.rounds=16", "engine.min_sites=2"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -434,12 +445,20 @@ def test_a_site_killed_in_round_2_is_recorded_and_used_again_when_back(
     assert run.returncode == 0, output[-4000:]
     assert restarted.wait(timeout=60)
     summary = (tmp_path / "run" / "summary.txt").read_text()
-    # Flower's SuperLink answers for the silent node once 2 heartbeats (2 x 30 s) are missed.
-    assert f"round 2: site {victim} failed: Error: Node Unavailable" in summary, summary
+    # Killed before its reply left: Flower's SuperLink answers for the silent node once 2
+    # heartbeats (2 x 30 s) are missed. Killed while uploading its reply (a round takes about a
+    # second of training here, so this happens too): the reply's arrays never all arrive.
+    assert (
+        f"round 2: site {victim} failed: Error: Node Unavailable" in summary
+        or f"round 2: site {victim} failed: Reply message objects are unavailable" in summary
+    ), summary
     assert "node-" not in summary and "no train reply" not in summary, summary
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     trained = {(r.round, r.site) for r in rows if r.metric == "train_loss"}
     assert {(2, "site-1"), (2, "site-2")} <= trained and (2, victim) not in trained
-    # It rejoins a few seconds after the SuperLink let its old connection go, i.e. as round 3
-    # starts: round 3 or, at the latest, round 4 trains with it again.
-    assert {(3, victim), (4, victim)} & trained, "the site that came back was not used again"
+    # It rejoins a few seconds after the SuperLink let its old connection go (up to 60 s after
+    # the kill); rounds take about 5 s, so 16 rounds outlast that, and a later round trains
+    # with it again.
+    assert any(rnd >= 3 and site == victim for rnd, site in trained), (
+        "the site that came back was not used again"
+    )

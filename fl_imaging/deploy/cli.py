@@ -128,7 +128,7 @@ def _certs_in(folder: Path) -> ServerCertificate:
 
 def _cmd_superlink(args: argparse.Namespace) -> int:
     certs = _certs_in(args.certs)
-    link = start_superlink(certs, args.state, args.host, args.port)
+    link = start_superlink(certs, args.state, args.host, args.port, database=args.database)
     try:
         address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
         if args.register:
@@ -218,6 +218,7 @@ def _cmd_local(args: argparse.Namespace) -> int:
         check=not args.skip_check,
         task=args.task,
         num_classes=args.num_classes,
+        database=args.database,
     )
     try:
         print("\nready. Logs:")
@@ -246,6 +247,13 @@ def _cmd_local(args: argparse.Namespace) -> int:
         _ignore_signals()
         print("stopping every process ...", flush=True)
         federation.stop()
+
+
+_DATABASE_HELP = (
+    "keep the SuperLink's state (registered sites, runs, messages) in this SQLite file, relative "
+    "to --state, so that it survives a restart; default: in memory (faster: every array of "
+    "every message is written otherwise)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -284,6 +292,7 @@ def _parser() -> argparse.ArgumentParser:
         "--register", type=Path, nargs="*", default=[], help="sites' public keys to admit"
     )
     link.add_argument("--quiet", action="store_true", help="do not echo the SuperLink's log")
+    link.add_argument("--database", type=Path, default=None, help=_DATABASE_HELP)
     link.set_defaults(run=_cmd_superlink)
 
     reg = sub.add_parser("register", help="coordinator: admit sites' public keys")
@@ -335,6 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--task", choices=["segmentation", "classification"], default="segmentation")
     local.add_argument("--num-classes", type=int, default=2)
     local.add_argument("--skip-check", action="store_true", help="do not run inspect first")
+    local.add_argument("--database", type=Path, default=None, help=_DATABASE_HELP)
     local.set_defaults(run=_cmd_local)
     return parser
 

@@ -135,6 +135,7 @@ def start_local(
     check: bool = True,
     task: str = "segmentation",
     num_classes: int = 2,
+    database: Path | None = None,
     timeout: float = 120.0,
 ) -> LocalFederation:
     """Start a coordinator and one SuperNode per folder of ``sites`` on 127.0.0.1.
@@ -145,7 +146,9 @@ def start_local(
     port. ``isolation`` says how SuperNodes run their ClientApp (default ``process``: one
     long-lived process each, see :mod:`fl_imaging.deploy.warm_clientapp`; ``subprocess``:
     Flower's default). With ``check``, each folder must pass ``fl-imaging-data inspect`` (``task``,
-    ``num_classes``) first. Everything started is stopped again when a step fails.
+    ``num_classes``) first. The SuperLink keeps its state in memory unless ``database`` names a
+    SQLite file (relative paths: in ``state_dir/superlink``). Everything started is stopped
+    again when a step fails.
     """
     sites = [Path(s).resolve() for s in sites]
     names = [s.name for s in sites]
@@ -166,7 +169,9 @@ def start_local(
     keys = {name: make_site_key(state_dir / "keys", name, force=True) for name in names}
     port = port or free_port()
     address = f"127.0.0.1:{port}"
-    link = start_superlink(certs, state_dir / "superlink", "127.0.0.1", port, timeout=timeout)
+    link = start_superlink(
+        certs, state_dir / "superlink", "127.0.0.1", port, database=database, timeout=timeout
+    )
     federation = LocalFederation(state_dir, address, certs.ca_cert, {}, link)
     try:
         register_site_keys(

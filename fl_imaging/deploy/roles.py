@@ -30,6 +30,7 @@ from fl_imaging.deploy.processes import (
 )
 
 __all__ = [
+    "IN_MEMORY_DATABASE",
     "ISOLATION_MODES",
     "SiteCheckError",
     "SuperNodeSpec",
@@ -49,6 +50,10 @@ log = logging.getLogger("fl_imaging.deploy")
 #: runner (:mod:`fl_imaging.deploy.warm_clientapp`) serves it (see that module).
 ISOLATION_MODES = ("subprocess", "process")
 _REGISTERED = re.compile(r"SuperNode (\d+) registered")
+#: ``flower-superlink --database`` value that keeps the SuperLink's state (nodes, runs, messages
+#: and their arrays) in memory: Flower's default. A file (SQLite) survives a restart but writes
+#: every object of every message to disk.
+IN_MEMORY_DATABASE = ":flwr-in-memory:"
 
 
 class SiteCheckError(RuntimeError):
@@ -62,10 +67,12 @@ def superlink_command(
     port: int,
     *,
     node_auth: bool = True,
+    database: Path | None = None,
 ) -> list[str]:
     """``flower-superlink`` with TLS (``certs``; None: plain text, loopback trials only),
-    SuperNode authentication, its database in ``state_dir``, listening on ``host:port`` (Fleet,
-    Control and Runtime APIs share that one port), runtime dependency installation disabled."""
+    SuperNode authentication, listening on ``host:port`` (Fleet, Control and Runtime APIs share
+    that one port), runtime dependency installation disabled. Its state stays in memory unless
+    ``database`` names a SQLite file (kept across restarts; relative to ``state_dir``)."""
     command = [flower_command("flower-superlink")]
     if certs is None:
         command.append("--insecure")
@@ -82,7 +89,7 @@ def superlink_command(
             command.append("--enable-supernode-auth")
     command += [
         "--database",
-        str(state_dir / "superlink.db"),
+        IN_MEMORY_DATABASE if database is None else str((state_dir / database).resolve()),
         "--host",
         host,
         "--port",
@@ -99,14 +106,16 @@ def start_superlink(
     port: int = 9093,
     *,
     node_auth: bool = True,
+    database: Path | None = None,
     timeout: float = 60.0,
 ) -> ManagedProcess:
-    """Start the SuperLink (see :func:`superlink_command`) with its Flower home and log
-    (``superlink.log``) in ``state_dir``; returns once its port accepts connections."""
+    """Start the SuperLink (see :func:`superlink_command`; ``database``: a SQLite file instead
+    of state in memory) with its Flower home and log (``superlink.log``) in ``state_dir``;
+    returns once its port accepts connections."""
     state_dir.mkdir(parents=True, exist_ok=True)
     proc = start_process(
         "superlink",
-        superlink_command(certs, state_dir, host, port, node_auth=node_auth),
+        superlink_command(certs, state_dir, host, port, node_auth=node_auth, database=database),
         state_dir / "superlink.log",
         flower_env(state_dir / "flwr-home"),
         cwd=state_dir,

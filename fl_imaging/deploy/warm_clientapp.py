@@ -14,6 +14,12 @@ task's end state; heartbeats meanwhile). Modules stay imported between messages,
 ClientApp's per-process cache (``fl_imaging.flower.client_app._TRAINERS``: decoded volumes)
 survives from round to round. Messages run one at a time, as with Flower's SuperNode.
 
+The SuperNode hands out a task as soon as it stored the message's header, while it still pulls
+the message's arrays from the SuperLink; pulling them here then finds them "unavailable" and
+retries. Flower's ``flwr-clientapp`` retries after 1 s, then 2 s, 4 s ... (``PULL_INITIAL_BACKOFF``
+in ``flwr/supercore/constant.py``), which cost seconds per message on loopback; this runner
+retries after ``--pull-backoff`` seconds (default 0.05), doubling up to 0.5 s.
+
 It uses Flower's internal Runtime API client (``flwr.supercore.runtime``), which may change in
 another Flower release: the toolkit pins flwr 1.41. A ClientApp that raises is answered with an
 error reply, as ``flwr-clientapp`` does; the runner goes on with the next task.
@@ -34,6 +40,11 @@ from types import FrameType
 __all__ = ["main", "serve"]
 
 log = logging.getLogger("fl_imaging.deploy.clientapp")
+
+#: First wait before pulling a not-yet-available object again (seconds; Flower's is 1 s).
+PULL_BACKOFF = 0.05
+#: Longest wait between two pulls of one object (seconds; Flower's is 10 s).
+PULL_BACKOFF_CAP = 0.5
 
 
 def _http_client(address: str, token: str | None):  # type: ignore[no-untyped-def]
@@ -58,13 +69,60 @@ def _http_client(address: str, token: str | None):  # type: ignore[no-untyped-de
     )
 
 
-class _Runner:
-    """Runs ClientApp tasks of one SuperNode, one at a time, in this process."""
+def _pull_task_input(client, backoff: float, backoff_cap: float):  # type: ignore[no-untyped-def]
+    """Flower's ``pull_task_input`` (``flwr/supernode/runtime/run_clientapp.py``): the task's
+    context, run, app bundle and message, with the message's objects pulled again after
+    ``backoff`` seconds (doubling up to ``backoff_cap``) while the SuperNode still fetches them."""
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+        PullAppMessagesRequest,
+        PullTaskInputRequest,
+    )
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
 
-    def __init__(self, address: str) -> None:
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    run = run_from_proto(res.run)
+    fab = fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(
+            client.ConfirmMessageReceived, node, context.run_id
+        ),
+        return_type=Message,
+        max_tries_per_object=None,  # bounded by Flower's PULL_MAX_TIME instead
+        initial_backoff=backoff,
+        backoff_cap=max(backoff, backoff_cap),
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id
+    return message, context, run, fab
+
+
+class _Runner:
+    """Runs ClientApp tasks of one SuperNode, one at a time, in this process; pulls a message's
+    objects again after ``pull_backoff`` seconds while they are not there yet."""
+
+    def __init__(self, address: str, pull_backoff: float = PULL_BACKOFF) -> None:
         from flwr.clientapp.utils import get_load_client_app_fn
 
         self.address = address
+        self.pull_backoff = pull_backoff
         self.load_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
         self.installed: set[str] = set()
         self.tasks = 0
@@ -76,11 +134,7 @@ class _Runner:
         from flwr.common.constant import ErrorCode, SubStatus
         from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
         from flwr.supercore.heartbeat import HeartbeatSender
-        from flwr.supernode.runtime.run_clientapp import (
-            pull_task_input,
-            push_message,
-            push_task_output,
-        )
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         client = _http_client(self.address, token)
 
@@ -96,13 +150,18 @@ class _Runner:
         status, details = SubStatus.FAILED, "ClientApp task failed"
         aborted = False  # stopped (signal, SuperNode gone): nobody is left to answer
         start = time.perf_counter()
+        marks = [start]  # after pulling, after the ClientApp, after pushing
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = _pull_task_input(
+                client, self.pull_backoff, PULL_BACKOFF_CAP
+            )
+            marks.append(time.perf_counter())
             if fab.hash_str not in self.installed:
                 install_from_fab(fab.content, skip_prompt=True)
                 self.installed.add(fab.hash_str)
             app = self.load_app(run.fab_id, run.fab_version, fab.hash_str)
             reply = app(message=message, context=context)
+            marks.append(time.perf_counter())
             status, details = SubStatus.COMPLETED, ""
         except Exception as err:  # answered with an error reply, like flwr-clientapp
             log.exception("ClientApp raised an exception")
@@ -126,18 +185,24 @@ class _Runner:
                 client.close()
         self.tasks += 1
         kind = message.metadata.message_type if message is not None else "?"
-        log.info(
-            "task %d (%s message) done in %.2f s", self.tasks, kind, time.perf_counter() - start
-        )
+        end = time.perf_counter()
+        steps = ""
+        if len(marks) == 3:
+            pull, app_s, push = marks[1] - marks[0], marks[2] - marks[1], end - marks[2]
+            steps = f" (pull {pull:.2f} s, ClientApp {app_s:.2f} s, push {push:.2f} s)"
+        log.info("task %d (%s message) done in %.2f s%s", self.tasks, kind, end - start, steps)
 
 
-def serve(runtime_api_address: str, poll_seconds: float = 0.1) -> None:
+def serve(
+    runtime_api_address: str, poll_seconds: float = 0.1, pull_backoff: float = PULL_BACKOFF
+) -> None:
     """Serve ClientApp tasks from the SuperNode at ``runtime_api_address`` until stopped,
-    polling for a new task every ``poll_seconds``."""
+    polling for a new task every ``poll_seconds``; a message's objects that the SuperNode does
+    not hold yet are pulled again after ``pull_backoff`` seconds (doubling, at most 0.5 s)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
 
-    runner = _Runner(runtime_api_address)
+    runner = _Runner(runtime_api_address, pull_backoff)
     acquirer = _http_client(runtime_api_address, None)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     log.info("serving ClientApp tasks of the SuperNode at %s", runtime_api_address)
@@ -176,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--poll-seconds", type=float, default=0.1)
     parser.add_argument(
+        "--pull-backoff",
+        type=float,
+        default=PULL_BACKOFF,
+        help="seconds before pulling a message's objects again while the SuperNode still "
+        f"fetches them (default {PULL_BACKOFF}; doubles up to {PULL_BACKOFF_CAP} s; "
+        "flwr-clientapp waits 1 s, doubling up to 10 s)",
+    )
+    parser.add_argument(
         "--preload",
         action="append",
         default=None,
@@ -183,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "with torch and MONAI), so that round 1 does not wait for them; repeatable",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     for module in args.preload or ["fl_imaging.flower.client_app"]:
         start = time.perf_counter()
@@ -195,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
         start_parent_process_monitor(args.parent_pid)
     try:
-        serve(args.runtime_api_address, args.poll_seconds)
+        serve(args.runtime_api_address, args.poll_seconds, args.pull_backoff)
     except KeyboardInterrupt:
         return 0
     return 0
