@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated methods (strategy labels, pooled, local) to run; the tables "
         "still show every cell done so far. Default: all",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     overrides = list(args.overrides)
     try:
