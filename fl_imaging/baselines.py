@@ -14,23 +14,32 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 
 import torch
 
 from fl_imaging.config import RunConfig
 from fl_imaging.data.sites import SiteData
 from fl_imaging.results import AGGREGATE_SITE, MetricRow
-from fl_imaging.site_training import SiteTrainer
+from fl_imaging.site_training import SiteTrainer, finetune_seed, training_seed
 from tasks import build_task
+from tasks.base import ImagingTask
 
 __all__ = ["train_local", "train_pooled"]
 
 log = logging.getLogger("fl_imaging.baselines")
 
 
-def _seed(cfg: RunConfig, rnd: int, site: int = 0) -> int:
-    return cfg.seed * 100_003 + rnd * 1_009 + site
+def _site_trainer(cfg: RunConfig, task: ImagingTask, site: SiteData) -> SiteTrainer:
+    """A trainer on one site's own training, validation and test cases."""
+    return SiteTrainer(
+        site.name,
+        site.train,
+        site.val,
+        task,
+        batch_size=cfg.task.batch_size,
+        cache=cfg.data.cache,
+        test_cases=site.test,
+    )
 
 
 def _val_rows(rnd: int, trainer: SiteTrainer) -> list[MetricRow]:
@@ -42,24 +51,13 @@ def _val_rows(rnd: int, trainer: SiteTrainer) -> list[MetricRow]:
     ]
 
 
-def _test_rows(rnd: int, trainer: SiteTrainer, prefix: str) -> list[MetricRow]:
-    """``<prefix>_<metric>`` rows of the trainer's model on its test cases (none without)."""
-    if trainer.num_test == 0:
-        return []
-    metrics = trainer.evaluate("test")
-    return [MetricRow(rnd, trainer.name, f"{prefix}_{k}", v) for k, v in metrics.items()]
-
-
-def _num_test(rnd: int, trainer: SiteTrainer) -> list[MetricRow]:
-    return [MetricRow(rnd, trainer.name, "num_test", float(trainer.num_test))]
-
-
-def _site_evaluators(cfg: RunConfig, sites: Iterable[SiteData]) -> list[SiteTrainer]:
-    task = build_task(cfg.task)
-    return [
-        SiteTrainer(s.name, [], s.val, task, batch_size=1, cache=cfg.data.cache, test_cases=s.test)
-        for s in sites
-    ]
+def _test_rows(
+    rnd: int, trainer: SiteTrainer, finetune_epochs: int = 0, seed: int = 0
+) -> list[MetricRow]:
+    """Rows of :meth:`SiteTrainer.test_metrics` (``test_*``, ``finetuned_*``) and ``num_test``."""
+    metrics = trainer.test_metrics(finetune_epochs, seed=seed)
+    metrics["num_test"] = float(trainer.num_test)
+    return [MetricRow(rnd, trainer.name, k, v) for k, v in metrics.items()]
 
 
 def train_pooled(
@@ -83,37 +81,23 @@ def train_pooled(
         batch_size=cfg.task.batch_size,
         cache=cfg.data.cache,
     )
-    evaluators = _site_evaluators(cfg, sites)
+    site_trainers = [_site_trainer(cfg, task, site) for site in sites]
     rows: list[MetricRow] = []
     rounds = cfg.engine.rounds
     for rnd in range(1, rounds + 1):
         start = time.perf_counter()
-        result = pooled.fit(cfg.task.local_epochs, seed=_seed(cfg, rnd))
+        result = pooled.fit(cfg.task.local_epochs, seed=training_seed(cfg.seed, rnd, 0))
         rows.append(MetricRow(rnd, AGGREGATE_SITE, "train_loss", result.loss))
         state = pooled.state()
-        for evaluator in evaluators:
-            evaluator.load_state(state)
-            rows.extend(_val_rows(rnd, evaluator))
+        for trainer in site_trainers:
+            trainer.load_state(state)
+            rows.extend(_val_rows(rnd, trainer))
         seconds = time.perf_counter() - start
         rows.append(MetricRow(rnd, AGGREGATE_SITE, "round_seconds", seconds))
         log.info("pooled pass %d/%d: loss %.4f (%.1f s)", rnd, rounds, result.loss, seconds)
-    state = pooled.state()
-    for index, (site, evaluator) in enumerate(zip(sites, evaluators, strict=True)):
-        evaluator.load_state(state)
-        rows.extend(_test_rows(rounds, evaluator, "test") + _num_test(rounds, evaluator))
-        if finetune_epochs > 0 and evaluator.num_test:
-            tuner = SiteTrainer(
-                site.name,
-                site.train,
-                [],
-                task,
-                batch_size=cfg.task.batch_size,
-                cache=cfg.data.cache,
-                test_cases=site.test,
-            )
-            tuner.load_state(state)
-            tuner.fit(finetune_epochs, seed=cfg.seed * 100_003 + 7_919 + index)
-            rows.extend(_test_rows(rounds, tuner, "finetuned"))
+    for index, trainer in enumerate(site_trainers):
+        seed = finetune_seed(cfg.seed, index)
+        rows.extend(_test_rows(rounds, trainer, finetune_epochs, seed))
     return rows, pooled.model
 
 
@@ -130,30 +114,20 @@ def train_local(
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task)
     initial = {k: v.clone() for k, v in task.build_model().state_dict().items()}
-    trainers = []
-    for site in sites:
-        trainer = SiteTrainer(
-            site.name,
-            site.train,
-            site.val,
-            task,
-            batch_size=cfg.task.batch_size,
-            cache=cfg.data.cache,
-            test_cases=site.test,
-        )
+    trainers = [_site_trainer(cfg, task, site) for site in sites]
+    for trainer in trainers:
         trainer.load_state(initial)
-        trainers.append(trainer)
     rows: list[MetricRow] = []
     rounds = cfg.engine.rounds
     for rnd in range(1, rounds + 1):
         start = time.perf_counter()
         for index, trainer in enumerate(trainers):
-            result = trainer.fit(cfg.task.local_epochs, seed=_seed(cfg, rnd, index))
+            result = trainer.fit(cfg.task.local_epochs, seed=training_seed(cfg.seed, rnd, index))
             rows.append(MetricRow(rnd, trainer.name, "train_loss", result.loss))
             rows.extend(_val_rows(rnd, trainer))
         seconds = time.perf_counter() - start
         rows.append(MetricRow(rnd, AGGREGATE_SITE, "round_seconds", seconds))
         log.info("local training, pass %d/%d (every site alone): %.1f s", rnd, rounds, seconds)
     for trainer in trainers:
-        rows.extend(_test_rows(rounds, trainer, "test") + _num_test(rounds, trainer))
+        rows.extend(_test_rows(rounds, trainer))
     return rows, {t.name: t.model for t in trainers}

@@ -117,6 +117,7 @@ def _report(
     metrics: list[str],
 ) -> Path:
     """Collect every finished cell into results.csv, summary.md/.csv and the plots."""
+    out.mkdir(parents=True, exist_ok=True)
     results: list[SiteResult] = []
     curves: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))

@@ -16,7 +16,18 @@ from monai.transforms import Compose
 from fl_imaging.data.sites import Case, SiteDataError
 from tasks.base import ExtraLoss, ImagingTask, TrainResult
 
-__all__ = ["SiteTrainer"]
+__all__ = ["SiteTrainer", "finetune_seed", "training_seed"]
+
+
+def training_seed(seed: int, rnd: int, site: int) -> int:
+    """The seed of one site's local training in round (or pooled pass) ``rnd``: distinct for
+    every (run seed, round, site index), the same in every engine and baseline."""
+    return seed * 100_003 + rnd * 1_009 + site
+
+
+def finetune_seed(seed: int, site: int) -> int:
+    """The seed of site ``site``'s fine-tuning of the final model (personalisation)."""
+    return seed * 100_003 + 7_919 + site
 
 
 class SiteTrainer:
@@ -86,8 +97,9 @@ class SiteTrainer:
         self.model.load_state_dict(state, strict=True)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Return the site model's weights as a CPU state dict."""
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        """Return a copy of the site model's weights as a CPU state dict (training the model
+        afterwards does not change it)."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def fit(
         self,
@@ -117,3 +129,18 @@ class SiteTrainer:
         data = {"val": self.val_data, "test": self.test_data}[split]
         loader = DataLoader(data, batch_size=1, shuffle=False, num_workers=0)
         return self.task.evaluate(self.model, loader)
+
+    def test_metrics(self, finetune_epochs: int = 0, *, seed: int = 0) -> dict[str, float]:
+        """Score the current model on the site's test cases (``test_<metric>``) and, when
+        ``finetune_epochs`` > 0, after fine-tuning it that many epochs on the site's training
+        cases with ``seed`` (``finetuned_<metric>``; personalisation). The model's weights are
+        put back afterwards. Returns metric name -> value; empty without test cases."""
+        if self.num_test == 0:
+            return {}
+        metrics = {f"test_{k}": v for k, v in self.evaluate("test").items()}
+        if finetune_epochs > 0:
+            final = self.state()
+            self.fit(finetune_epochs, seed=seed)
+            metrics.update({f"finetuned_{k}": v for k, v in self.evaluate("test").items()})
+            self.load_state(final)
+        return metrics

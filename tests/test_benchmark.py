@@ -29,6 +29,7 @@ from flwr.app import (
 )
 
 from fl_imaging import bench_cli
+from fl_imaging.baselines import train_pooled
 from fl_imaging.bench_cli import main
 from fl_imaging.benchmark.cells import CELL_FILE, cell_status
 from fl_imaging.benchmark.plan import Cell, plan_cells
@@ -46,6 +47,7 @@ from fl_imaging.flower.local_norms import (
     save_local_norms,
 )
 from fl_imaging.results import MetricRow
+from fl_imaging.site_training import SiteTrainer, finetune_seed, training_seed
 
 METHODS = ["pooled", "local", "fedavg", "fedbn", "dpfedavg"]
 SITES = ["site-1", "site-2"]
@@ -217,6 +219,17 @@ def test_bench_checks_fedbn_of_every_cell_before_running_any(
     monkeypatch.chdir(tmp_path)
     code = main(["experiment=smoke", f"bench.out_dir={tmp_path}", "task.model.norm=null"])
     assert code == 2 and ran == []
+
+
+def test_bench_where_every_cell_fails_still_writes_its_tables(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(bench_cli, "run_cell", lambda cell, *a: ("failed", 0.0, "boom"))
+    out = tmp_path / "not-yet"
+    assert main(["experiment=smoke", f"bench.out_dir={out}"]) == 1
+    with (out / "smoke" / "results.csv").open() as f:
+        assert list(csv.DictReader(f)) == []  # a header, no rows
+    assert (out / "smoke" / "summary.md").is_file()
 
 
 def test_bench_without_a_benchmark_is_a_config_error(tmp_path: Path) -> None:
@@ -552,6 +565,57 @@ def test_test_round_scores_the_global_model_and_keeps_it_after_fine_tuning(
     (trainer,) = client_app._TRAINERS.values()
     now = trainer.model.state_dict()
     assert all(torch.equal(now[k], glob[k]) for k in glob)
+
+
+def test_site_trainer_state_is_a_copy_and_test_metrics_put_the_model_back(
+    demo_site: Path,
+) -> None:
+    cfg = _site_config(demo_site)
+    site = load_site(demo_site, "segmentation", val_fraction=0.34, seed=0)
+    task = client_app.build_task(cfg.task)
+    trainer = SiteTrainer("site-1", site.train, site.val, task, batch_size=1, test_cases=site.test)
+    before = trainer.state()
+    trainer.fit(1, seed=training_seed(0, 1, 0))
+    after = trainer.state()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed  # training moved the model, not the earlier copy of its weights
+    metrics = trainer.test_metrics(1, seed=finetune_seed(0, 0))
+    assert {"test_dice", "finetuned_dice", "test_loss", "finetuned_loss"} <= set(metrics)
+    assert metrics["test_loss"] != metrics["finetuned_loss"]
+    now = trainer.state()
+    assert all(torch.equal(now[k], after[k]) for k in after)
+    no_test = SiteTrainer("site-2", site.train, site.val, task, batch_size=1)
+    assert no_test.test_metrics(1, seed=0) == {}
+
+
+def test_training_and_finetuning_seeds_never_collide() -> None:
+    grid = [(seed, rnd, site) for seed in range(3) for rnd in range(1, 21) for site in range(8)]
+    training = {training_seed(*key) for key in grid}
+    finetuning = {finetune_seed(seed, site) for seed in range(3) for site in range(8)}
+    assert len(training) == len(grid) and len(finetuning) == 24
+    assert not training & finetuning
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_pooled_baseline_fine_tunes_each_site_as_its_test_round_does(
+    monkeypatch: pytest.MonkeyPatch, demo_site: Path
+) -> None:
+    """The pooled model's ``finetuned_*`` rows are what a site's test round reports for that
+    model: same cases, same seed, same epochs."""
+    monkeypatch.setattr(client_app, "_TRAINERS", {})
+    cfg = _site_config(demo_site, "engine.rounds=1")
+    site = load_site(demo_site, "segmentation", val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    rows, model = train_pooled(cfg, [site], finetune_epochs=1)
+    metrics = {r.metric: r.value for r in rows if r.site == site.name}
+    assert metrics["num_test"] == 1 and {"test_dice", "finetuned_dice"} <= set(metrics)
+    app = client_app.build_client_app(cfg)
+    context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
+    msg = _message(MessageType.EVALUATE, model.state_dict(), split="test", **{"finetune-epochs": 1})
+    reply = app(msg, context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    site_metrics = reply.content["metrics"]
+    for name in ("test_dice", "test_loss", "finetuned_dice", "finetuned_loss"):
+        assert site_metrics[name] == pytest.approx(metrics[name], rel=1e-4, abs=1e-5), name
 
 
 def test_local_norms_round_trip_through_the_context() -> None:

@@ -35,7 +35,7 @@ from fl_imaging.flower.protocol import (
     UNIT_WEIGHT,
     resolve_config,
 )
-from fl_imaging.site_training import SiteTrainer
+from fl_imaging.site_training import SiteTrainer, finetune_seed, training_seed
 from tasks import build_task
 from tasks.base import ExtraLoss
 
@@ -169,7 +169,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     _, _, index = site_of(context, cfg)
     result = trainer.fit(
         epochs,
-        seed=cfg.seed * 100_003 + rnd * 1_009 + index,
+        seed=training_seed(cfg.seed, rnd, index),
         extra_loss=_proximal_term(global_state, mu) if mu > 0 else None,
         log=lambda line: log.info("[site %s] round %d %s", trainer.name, rnd, line),
     )
@@ -212,13 +212,7 @@ def _test_evaluation(trainer: SiteTrainer, finetune_epochs: int, seed: int) -> d
     if trainer.num_test == 0:
         log.warning("[site %s] has no test cases: nothing to score in the test round", trainer.name)
         return {NUM_EXAMPLES: 0}
-    metrics = {f"test_{k}": v for k, v in trainer.evaluate("test").items()}
-    if finetune_epochs > 0:
-        # copies: state() shares storage with the model, which fine-tuning changes in place
-        final = {k: v.clone() for k, v in trainer.state().items()}
-        trainer.fit(finetune_epochs, seed=seed)
-        metrics.update({f"finetuned_{k}": v for k, v in trainer.evaluate("test").items()})
-        trainer.load_state(final)
+    metrics = trainer.test_metrics(finetune_epochs, seed=seed)
     metrics[NUM_EXAMPLES] = trainer.num_test
     return metrics
 
@@ -256,7 +250,7 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
         if settings.get(EVAL_SPLIT, "val") == "test":
             epochs = int(settings.get(FINETUNE_EPOCHS, 0))
             index = site_of(context, cfg)[2]
-            metrics = _test_evaluation(trainer, epochs, seed=cfg.seed * 100_003 + 7_919 + index)
+            metrics = _test_evaluation(trainer, epochs, seed=finetune_seed(cfg.seed, index))
             return _reply(msg, trainer, metrics, arrays=None)
         return _reply(msg, trainer, _evaluation(trainer), arrays=None)
 
