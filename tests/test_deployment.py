@@ -129,17 +129,6 @@ def test_app_dir_declares_the_config_key_and_carries_the_whole_config(tmp_path: 
 # ---------------------------------------------------------------- sites that come and go
 
 
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Flower 1.41 builds instruction Messages from TaskIdentity, set by its runtime: fake it."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def _reply(msg: Message, site: str) -> Message:
     content = RecordDict(
         {
