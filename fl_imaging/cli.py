@@ -23,6 +23,7 @@ from omegaconf import DictConfig, open_dict
 from fl_imaging.config import (
     ConfigError,
     DataName,
+    DPMode,
     EngineName,
     RunConfig,
     config_dir,
@@ -33,7 +34,7 @@ from fl_imaging.data.sites import SiteDataError
 from fl_imaging.engines.deployment import DeploymentError
 from strategies import StrategyError, build_strategy
 
-__all__ = ["check_fedbn", "check_overrides", "main", "run"]
+__all__ = ["check_fedbn", "check_overrides", "main", "run", "warn_dp_running_statistics"]
 
 log = logging.getLogger("fl_imaging")
 
@@ -178,6 +179,7 @@ def run(cfg: RunConfig) -> Path:
     )
     if cfg.strategy.fedbn:
         check_fedbn(cfg)
+    warn_dp_running_statistics(cfg)
     if cfg.resume:
         cfg = replace(cfg, resume=str(Path(cfg.resume).resolve()))
         check_resumable(load_checkpoint(Path(cfg.resume)), cfg)
@@ -191,6 +193,35 @@ def run(cfg: RunConfig) -> Path:
         run_simulation_engine(cfg, site_names)
     log.info("results in %s: metrics.csv, curves.png, model.pt, config.yaml, summary.txt", run_dir)
     return run_dir
+
+
+def warn_dp_running_statistics(cfg: RunConfig) -> bool:
+    """Warn when DP-FedAvg would clip and noise batch-norm running statistics with the weights.
+
+    Flower's DP wrappers clip each site's whole update, running means and variances included, so
+    the global model's statistics move by the clipped fraction of their change each round and
+    stay near their initial values; evaluated with them, the model fails (measured on
+    hippocampus_shift, 6 rounds, noise 0.01: test Dice 0.036, against 0.729 on hippocampus_iid
+    with instance norm). Returns True when it warned (DP on and the model has running stats).
+    """
+    from tasks import build_task
+
+    if cfg.strategy.dp.mode == DPMode.none:
+        return False
+    model = build_task(cfg.task).build_model()
+    stats = [name for name, _ in model.named_buffers() if name.endswith("running_var")]
+    if not stats:
+        return False
+    log.warning(
+        "strategy.dp.mode=%s with a model that has %d batch-norm layers "
+        "(task.model.norm=%s): their running statistics are clipped and noised with the "
+        "weights, lag the data and can ruin the global model's predictions; prefer "
+        "task.model.norm=instance (or null) with DP",
+        cfg.strategy.dp.mode.value,
+        len(stats),
+        cfg.task.model.norm,
+    )
+    return True
 
 
 def check_fedbn(cfg: RunConfig) -> None:

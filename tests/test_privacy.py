@@ -8,6 +8,7 @@ through Flower's simulation engine (slow).
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 
-from fl_imaging.cli import check_overrides
+from fl_imaging.cli import check_overrides, warn_dp_running_statistics
 from fl_imaging.config import DPConfig, DPMode, RunConfig, StrategyConfig, config_from_yaml
 from fl_imaging.flower import client_app
 from fl_imaging.flower.recording import RecordingStrategy
@@ -345,3 +346,21 @@ def test_engine_run_reports_epsilon_and_stops_at_the_budget_with_its_model(
     summary = (run / "summary.txt").read_text()
     assert "stopped after round 3 of 4: the privacy budget" in summary
     assert f"max_epsilon={budget}" in summary and "epsilon 9.0" in summary
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warns"),
+    [
+        (["strategy=dpfedavg", "task.model.norm=batch"], True),
+        (["strategy=dpfedavg", "task.model.norm=instance"], False),
+        (["strategy=dpfedavg"], False),
+        (["strategy=fedavg", "task.model.norm=batch"], False),
+    ],
+)
+def test_dp_with_batch_norm_running_statistics_warns(
+    caplog: pytest.LogCaptureFixture, overrides: list[str], warns: bool
+) -> None:
+    cfg = check_overrides(["experiment=quick", *overrides])
+    with caplog.at_level(logging.WARNING, logger="fl_imaging"):
+        assert warn_dp_running_statistics(cfg) == warns
+    assert ("running statistics" in caplog.text) == warns
