@@ -458,6 +458,15 @@ def test_summarise_means_over_sites_then_seeds() -> None:
     assert pooled.figures["gap"] == pytest.approx((0.2, 0.0))
 
 
+def test_plots_give_every_method_its_own_colour(tmp_path: Path) -> None:
+    from fl_imaging.benchmark.report import _colours
+
+    for count in (2, 13, 20, 25):
+        methods = [f"m{i}" for i in range(count)]
+        colours = _colours(methods)
+        assert list(colours) == methods and len(set(colours.values())) == count
+
+
 # --- FedBN at a site ----------------------------------------------------------------------------
 
 

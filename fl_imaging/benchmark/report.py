@@ -295,17 +295,30 @@ def write_summary(
     return csv_path, md_path
 
 
+def _colours(methods: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """One distinct colour per method (matplotlib's 20-colour ``tab20``, then ``hsv``), so that
+    a benchmark's 13 methods never share one (the default cycle has 10)."""
+    names = list(dict.fromkeys(methods))
+    cmap = plt.get_cmap("tab20" if len(names) <= 20 else "hsv")
+    step = 1 if len(names) > 10 else 2  # up to 10: tab20's darker shades only
+    return {
+        m: cmap((i * step % 20) / 20 if len(names) <= 20 else i / len(names))
+        for i, m in enumerate(names)
+    }
+
+
 def plot_convergence(
     curves: dict[str, dict[int, list[float]]], metric: str, title: str, path: Path
 ) -> Path:
     """Plot, per method, the validation ``metric`` per round (mean over sites, then over seeds:
     ``curves[method][round]`` holds one value per seed) into ``path`` (PNG)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = _colours(list(curves))
     for method, by_round in curves.items():
         rounds = sorted(by_round)
         means = [_mean(by_round[r]) for r in rounds]
         style = "--" if method in ("pooled", "local") else "-"
-        ax.plot(rounds, means, style, marker="o", markersize=3, label=method)
+        ax.plot(rounds, means, style, marker="o", markersize=3, label=method, color=colours[method])
     ax.set_xlabel("round (pass of local epochs, for the baselines)")
     ax.set_ylabel(f"validation {metric} (mean over sites)")
     ax.set_title(title)
@@ -324,18 +337,20 @@ def plot_per_site(
     rows = [r for r in results if r.setup == setup]
     methods = list(dict.fromkeys(r.method for r in rows))
     sites = sorted({r.site for r in rows})
-    fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(methods) * len(sites)), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16, max(7, 0.2 * len(methods) * len(sites))), 4.5))
     width = 0.8 / max(len(methods), 1)
+    colours = _colours(methods)
     for k, method in enumerate(methods):
         chosen = [r for r in rows if r.method == method]
         heights = [
             _mean([r.test.get(metric, math.nan) for r in chosen if r.site == s]) for s in sites
         ]
-        ax.bar([i + k * width for i in range(len(sites))], heights, width, label=method)
+        positions = [i + k * width for i in range(len(sites))]
+        ax.bar(positions, heights, width, label=method, color=colours[method])
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sites))], sites)
     ax.set_ylabel(f"test {metric} (mean over seeds)")
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
