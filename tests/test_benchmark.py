@@ -627,6 +627,18 @@ def test_pooled_baseline_fine_tunes_each_site_as_its_test_round_does(
         assert site_metrics[name] == pytest.approx(metrics[name], rel=1e-4, abs=1e-5), name
 
 
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_process_keeps_only_the_current_runs_trainers(
+    monkeypatch: pytest.MonkeyPatch, demo_site: Path
+) -> None:
+    monkeypatch.setattr(client_app, "_TRAINERS", {})
+    context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
+    first = client_app._trainer(context, _site_config(demo_site))
+    assert client_app._trainer(context, _site_config(demo_site)) is first  # same run: reused
+    second = client_app._trainer(context, _site_config(demo_site, "seed=1"))
+    assert second is not first and list(client_app._TRAINERS.values()) == [second]
+
+
 def test_local_norms_round_trip_through_the_context() -> None:
     model = torch.nn.Sequential(
         torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2), torch.nn.GroupNorm(1, 2)

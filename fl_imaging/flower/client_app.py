@@ -50,7 +50,8 @@ CLIENT_DP_MODS = {
 }
 
 #: Trainers kept for the life of the process (a Ray actor or a long-lived ClientApp process), so
-#: that volumes are decoded once, not once per round. Keyed by (config text, site folder).
+#: that volumes are decoded once, not once per round. Keyed by (config text, site folder); those
+#: of other configs (earlier runs) are dropped when a new run's first trainer is built.
 _TRAINERS: dict[tuple[str, str], SiteTrainer] = {}
 
 
@@ -82,6 +83,8 @@ def _trainer(context: Context, cfg: RunConfig) -> SiteTrainer:
     name, path, index = site_of(context, cfg)
     key = (repr(cfg), str(path))
     if key not in _TRAINERS:
+        for stale in [k for k in _TRAINERS if k[0] != key[0]]:
+            del _TRAINERS[stale]  # an earlier run's site: free its cached volumes
         _ensure_logging()
         start = time.perf_counter()
         threads = cfg.engine.torch_threads or cfg.engine.cpus_per_client
