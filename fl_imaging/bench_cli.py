@@ -39,6 +39,7 @@ from fl_imaging.benchmark.report import (
     write_results_csv,
     write_summary,
 )
+from fl_imaging.benchmark.whole_test import whole_test_metrics
 from fl_imaging.cli import USER_ERRORS, check_fedbn, check_overrides
 from fl_imaging.config import ConfigError, DataName, RunConfig
 from fl_imaging.results import AGGREGATE_SITE, read_metrics
@@ -88,7 +89,10 @@ def _header(name: str, argv: list[str]) -> str:
         f"- written: {datetime.datetime.now().isoformat(timespec='minutes')}\n"
         "- figures: test metrics of the final model, unweighted mean over sites, then mean ± "
         "std over seeds; worst site and best - worst gap of the main metric; fine-tuned: after "
-        "local fine-tuning at each site; MB per site: model traffic both ways\n"
+        "local fine-tuning at each site; all test cases at once: the final model (local: each "
+        "site's, averaged) scored on every site's test cases together, as published figures "
+        "are (FedBN: none, its sites keep their own norms); MB per site: model traffic both "
+        "ways\n"
     )
 
 
@@ -119,6 +123,7 @@ def _report(
     """Collect every finished cell into results.csv, summary.md/.csv and the plots."""
     out.mkdir(parents=True, exist_ok=True)
     results: list[SiteResult] = []
+    whole: dict[tuple[str, str, int], dict[str, float]] = {}
     curves: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
@@ -141,8 +146,12 @@ def _report(
         )
         for rnd, value in _curve(rows, metrics[0]).items():
             curves[cell.setup][cell.method][rnd].append(value)
+        try:
+            whole[(cell.setup, cell.method, cell.seed)] = whole_test_metrics(cfg, folder, cell.kind)
+        except Exception as err:  # a table without this figure beats no table
+            log.error("cell %s: not scored on all test cases at once: %s", cell.key, err)
     write_results_csv(results, metrics, out / "results.csv")
-    summary = summarise(results, metrics)
+    summary = summarise(results, metrics, whole)
     _, md_path = write_summary(summary, metrics, out, _header(name, argv))
     for setup, by_method in curves.items():
         title = f"{name}: {setup}"

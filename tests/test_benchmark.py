@@ -34,6 +34,7 @@ from fl_imaging.bench_cli import main
 from fl_imaging.benchmark.cells import CELL_FILE, cell_status
 from fl_imaging.benchmark.plan import Cell, plan_cells
 from fl_imaging.benchmark.report import SiteResult, site_results, summarise
+from fl_imaging.benchmark.whole_test import WHOLE_TEST_FILE
 from fl_imaging.cli import check_fedbn, check_overrides, run
 from fl_imaging.config import BenchConfig, ConfigError, RunConfig
 from fl_imaging.data.demo import make_demo_data
@@ -177,6 +178,27 @@ def test_smoke_summary_tables_and_plots(smoke: Smoke) -> None:
     assert all(f"| {method} |" in markdown for method in METHODS)
     for plot in ("convergence_demo.png", "per_site_demo.png"):
         assert (smoke.out / plot).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_smoke_scores_each_final_model_on_all_test_cases_at_once(smoke: Smoke) -> None:
+    """Dice is a mean over cases and every demo site holds 2 test cases, so a global model's
+    figure over all 4 test cases is the mean of its two sites' figures; FedBN has none."""
+    summary = {r["method"]: r for r in smoke.summary}
+    for method in ("pooled", "fedavg", "dpfedavg"):
+        for seed in SEEDS:
+            sites = [
+                float(r["test_dice"])
+                for r in smoke.results
+                if r["method"] == method and int(r["seed"]) == seed
+            ]
+            cached = smoke.out / "cells" / "demo" / method / f"seed{seed}" / WHOLE_TEST_FILE
+            whole = json.loads(cached.read_text())
+            assert whole["dice"] == pytest.approx(sum(sites) / len(sites), abs=1e-4), method
+        assert float(summary[method]["whole_dice_mean"]) >= 0.0
+    assert summary["fedbn"]["whole_dice_mean"] == ""
+    assert 0.0 <= float(summary["local"]["whole_dice_mean"]) <= 1.0  # each site's model, averaged
+    assert "dice, all test cases at once" in (smoke.out / "summary.md").read_text()
 
 
 @pytest.mark.slow

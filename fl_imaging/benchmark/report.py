@@ -13,7 +13,7 @@ import csv
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,11 +197,18 @@ class SummaryRow:
     figures: dict[str, tuple[float, float]]
 
 
-def summarise(results: Sequence[SiteResult], metrics: Sequence[str]) -> list[SummaryRow]:
+def summarise(
+    results: Sequence[SiteResult],
+    metrics: Sequence[str],
+    whole: Mapping[tuple[str, str, int], Mapping[str, float]] | None = None,
+) -> list[SummaryRow]:
     """Per (setup, method) and seed: the mean over sites of each test metric, the worst site and
     the best-minus-worst gap of the main metric, the mean after fine-tuning, the cell's wall
-    time, MB sent per site and epsilon; then mean and std of each over seeds."""
+    time, MB sent per site and epsilon, and each metric over all sites' test cases at once
+    (``whole_<metric>``, from ``whole[(setup, method, seed)]`` where given); then mean and std
+    of each over seeds."""
     main = metrics[0]
+    whole = whole or {}
     cells: dict[tuple[str, str], dict[int, list[SiteResult]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -212,9 +219,10 @@ def summarise(results: Sequence[SiteResult], metrics: Sequence[str]) -> list[Sum
     summary = []
     for (setup, method), seeds in cells.items():
         per_seed: dict[str, list[float]] = defaultdict(list)
-        for sites in seeds.values():
+        for seed, sites in seeds.items():
             for m in metrics:
                 per_seed[m].append(_mean([s.test.get(m, math.nan) for s in sites]))
+                per_seed[f"whole_{m}"].append(whole.get((setup, method, seed), {}).get(m, math.nan))
             mains = [s.test.get(main, math.nan) for s in sites]
             kept = [v for v in mains if not math.isnan(v)]
             per_seed["worst"].append(min(kept) if kept else math.nan)
@@ -242,7 +250,8 @@ def write_summary(
     into ``folder``: one table per setup, the pooled baseline's main figure as the reference
     (``vs pooled``: the method's mean over sites divided by pooled's). Returns both paths."""
     main = metrics[0]
-    columns = [*metrics, "worst", "gap", "finetuned", "wall_s", "mb_per_site", "epsilon"]
+    wholes = [f"whole_{m}" for m in metrics]
+    columns = [*metrics, *wholes, "worst", "gap", "finetuned", "wall_s", "mb_per_site", "epsilon"]
     csv_path = folder / "summary.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -264,6 +273,7 @@ def write_summary(
         "wall_s": "wall time (s)",
         "mb_per_site": "MB per site",
         "epsilon": "epsilon",
+        **{f"whole_{m}": f"{m}, all test cases at once" for m in metrics},
     }
     for setup in dict.fromkeys(r.setup for r in summary):
         rows = [r for r in summary if r.setup == setup]
