@@ -34,9 +34,9 @@ from fl_imaging.bench_cli import main
 from fl_imaging.benchmark.cells import CELL_FILE, cell_status
 from fl_imaging.benchmark.plan import Cell, plan_cells
 from fl_imaging.benchmark.report import SiteResult, site_results, summarise
-from fl_imaging.benchmark.whole_test import WHOLE_TEST_FILE
+from fl_imaging.benchmark.whole_test import WHOLE_TEST_FILE, whole_test_metrics
 from fl_imaging.cli import check_fedbn, check_overrides, run
-from fl_imaging.config import BenchConfig, ConfigError, RunConfig
+from fl_imaging.config import BenchConfig, ConfigError, DataName, RunConfig
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.sites import load_site
 from fl_imaging.flower import client_app
@@ -252,6 +252,17 @@ def test_bench_where_every_cell_fails_still_writes_its_tables(
     with (out / "smoke" / "results.csv").open() as f:
         assert list(csv.DictReader(f)) == []  # a header, no rows
     assert (out / "smoke" / "summary.md").is_file()
+
+
+def test_whole_test_of_a_cell_without_its_models_says_which_file(
+    tmp_path: Path, demo_site: Path
+) -> None:
+    cfg = _site_config(demo_site)
+    cfg.data.name = DataName.folders
+    for kind, lacking in (("pooled", "model.pt"), ("local", "SITE.pt")):
+        with pytest.raises(FileNotFoundError, match=lacking):
+            whole_test_metrics(cfg, tmp_path, kind)
+    assert not (tmp_path / WHOLE_TEST_FILE).exists()
 
 
 def test_bench_without_a_benchmark_is_a_config_error(tmp_path: Path) -> None:

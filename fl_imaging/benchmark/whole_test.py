@@ -73,9 +73,11 @@ def _score(cfg: RunConfig, folder: Path, kind: str) -> dict[str, float]:
 
     cases = _test_cases(cfg)
     files = _model_files(folder, kind)
-    if not cases or not files:
+    if not cases:
         return {}
     missing = [str(f) for f in files if not f.is_file()]
+    if not files:  # a local cell without its sites' models
+        missing = [str(folder / "models" / "SITE.pt")]
     if missing:
         raise FileNotFoundError(
             f"cell {folder} is marked done but lacks {', '.join(missing)}: rerun it (delete "
