@@ -145,6 +145,10 @@ def run(cfg: RunConfig) -> Path:
     from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
     from fl_imaging.flower.checkpoint import check_resumable, load_checkpoint
 
+    # Checks on the model alone come before any site's data is read.
+    if cfg.strategy.fedbn:
+        check_fedbn(cfg)
+    warn_dp_running_statistics(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     cfg = replace(cfg, run_dir=str(run_dir))
     deployment = cfg.engine.name == EngineName.deployment
@@ -177,9 +181,6 @@ def run(cfg: RunConfig) -> Path:
         clients_per_round=cfg.engine.clients_per_round,
         min_sites=cfg.engine.min_sites,
     )
-    if cfg.strategy.fedbn:
-        check_fedbn(cfg)
-    warn_dp_running_statistics(cfg)
     if cfg.resume:
         cfg = replace(cfg, resume=str(Path(cfg.resume).resolve()))
         check_resumable(load_checkpoint(Path(cfg.resume)), cfg)

@@ -212,10 +212,9 @@ def _test_evaluation(trainer: SiteTrainer, finetune_epochs: int, seed: int) -> d
     """The final model's metrics on the site's test cases (``test_<metric>``) and, when
     ``finetune_epochs`` > 0, those of a copy fine-tuned that many epochs on the site's training
     cases (``finetuned_<metric>``; personalisation); ``num-examples`` = test cases (0: none)."""
-    if trainer.num_test == 0:
-        log.warning("[site %s] has no test cases: nothing to score in the test round", trainer.name)
-        return {NUM_EXAMPLES: 0}
     metrics = trainer.test_metrics(finetune_epochs, seed=seed)
+    if not metrics:
+        log.warning("[site %s] has no test cases: nothing to score in the test round", trainer.name)
     metrics[NUM_EXAMPLES] = trainer.num_test
     return metrics
 
