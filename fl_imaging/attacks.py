@@ -10,18 +10,33 @@ as BatchNorm's step counter are sent as trained):
   round number (so all of them agree without talking) with L2 norm ``norm``;
 - ``labelflip``: no update change; the site trains on permuted labels (class k -> K-1-k) through
   MONAI's ``MapLabelValued``.
+
+The ClientApp asks :func:`site_attack` whether its site is malicious; the
+:class:`SimulatedAttack` it gets wraps the site's training (label transforms) and its reply
+(:meth:`SimulatedAttack.poison`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from monai.transforms import MapLabelValued
 
-from fl_imaging.config import AttackConfig, AttackName
+from fl_imaging.config import AttackConfig, AttackName, RunConfig
 
-__all__ = ["flipped_labels", "malicious_sites", "poison_state"]
+__all__ = [
+    "SimulatedAttack",
+    "flipped_labels",
+    "malicious_sites",
+    "poison_state",
+    "site_attack",
+]
+
+log = logging.getLogger("fl_imaging.client")
 
 
 def malicious_sites(num_sites: int, cfg: AttackConfig) -> set[int]:
@@ -80,3 +95,47 @@ def flipped_labels(num_classes: int) -> MapLabelValued:
     """MONAI transform mapping class k to ``num_classes - 1 - k`` in the sample's ``label``."""
     classes = list(range(num_classes))
     return MapLabelValued(keys="label", orig_labels=classes, target_labels=classes[::-1])
+
+
+@dataclass(frozen=True)
+class SimulatedAttack:
+    """The attack one malicious site plays: ``cfg`` (``attack.*``), the run's ``seed``, the
+    site's ``index`` and the number of classes of the task."""
+
+    cfg: AttackConfig
+    seed: int
+    index: int
+    num_classes: int
+
+    def label_transforms(self) -> list[Callable]:
+        """Transforms for the site's training labels: the label flip of ``labelflip``, else
+        none."""
+        return [flipped_labels(self.num_classes)] if self.cfg.name == AttackName.labelflip else []
+
+    def poison(
+        self,
+        global_state: dict[str, torch.Tensor],
+        local_state: dict[str, torch.Tensor],
+        server_round: int,
+        site_name: str,
+    ) -> dict[str, torch.Tensor]:
+        """The weights site ``site_name`` sends in ``server_round`` instead of ``local_state``
+        (see :func:`poison_state`); logs that it does."""
+        log.info(
+            "[site %s] round %d: sends a %s update (simulated attack)",
+            site_name,
+            server_round,
+            self.cfg.name.value,
+        )
+        return poison_state(
+            global_state, local_state, self.cfg, server_round, self.seed, site=self.index
+        )
+
+
+def site_attack(cfg: RunConfig, index: int, simulated: bool) -> SimulatedAttack | None:
+    """The attack site ``index`` of ``cfg``'s federation plays, or None: only simulated sites
+    attack (``attack=...`` is for benchmarks on Flower's simulation engine), and only those
+    :func:`malicious_sites` names."""
+    if not simulated or index not in malicious_sites(len(cfg.data.sites), cfg.attack):
+        return None
+    return SimulatedAttack(cfg.attack, cfg.seed, index, cfg.task.num_classes)

@@ -44,11 +44,7 @@ def _site_trainer(cfg: RunConfig, task: ImagingTask, site: SiteData) -> SiteTrai
 
 def _val_rows(rnd: int, trainer: SiteTrainer) -> list[MetricRow]:
     """The trainer's validation metrics as rows (``loss`` as ``val_loss``)."""
-    metrics = trainer.evaluate("val")
-    return [
-        MetricRow(rnd, trainer.name, "val_loss" if k == "loss" else k, v)
-        for k, v in metrics.items()
-    ]
+    return [MetricRow(rnd, trainer.name, k, v) for k, v in trainer.validation_metrics().items()]
 
 
 def _test_rows(

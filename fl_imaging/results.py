@@ -1,4 +1,5 @@
-"""Result files of a run: the metrics table, the per-round summary, curves, model and config.
+"""Result files of a run: the metrics table, the per-round summary, curves, model and config,
+and the lines a run prints (progress per round, privacy spent).
 
 Rows are kept in long form, one value per (round, site, metric), so that any number of sites and
 metrics fits one CSV a person can open in a spreadsheet. Site ``all`` holds the sample-weighted
@@ -8,24 +9,32 @@ aggregate over the sites of that round.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+from fl_imaging.config import DPMode, RunConfig, config_to_yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "AGGREGATE_SITE",
+    "Failure",
     "MetricRow",
     "format_round_table",
     "plot_curves",
+    "privacy_line",
+    "progress_line",
     "read_metrics",
     "write_metrics",
+    "write_run_files",
 ]
+
+log = logging.getLogger("fl_imaging.server")
 
 #: Site name of the rows that hold the aggregate over the sites of a round.
 AGGREGATE_SITE = "all"
@@ -40,6 +49,10 @@ class MetricRow:
     site: str
     metric: str
     value: float
+
+
+#: A site that failed in a round: (round, site name, reason).
+Failure = tuple[int, str, str]
 
 
 def write_metrics(rows: list[MetricRow], path: Path) -> Path:
@@ -101,6 +114,11 @@ def format_round_table(rows: list[MetricRow], main_metric: str, sites: list[str]
 def plot_curves(rows: list[MetricRow], main_metric: str, path: Path) -> Path:
     """Plot, per site, the training loss and the validation ``main_metric`` against the round,
     into a PNG at ``path``; returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # imported here: the strategies record rows without plotting
+
     series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for row in rows:
         series[(row.metric, row.site)].append((row.round, row.value))
@@ -124,3 +142,71 @@ def plot_curves(rows: list[MetricRow], main_metric: str, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def progress_line(
+    rnd: int, rounds: int, rows: list[MetricRow], main_metric: str, sites: list[str]
+) -> str:
+    """The line printed after round ``rnd`` of ``rounds``: the aggregate training loss, each of
+    ``sites``' latest validation ``main_metric`` (with one message per round, a round's model is
+    scored in the next round: the line says which round's), epsilon when accounted, seconds."""
+    values = {(r.site, r.metric): r.value for r in rows if r.round == rnd}
+    scored = max((r.round for r in rows if r.metric == main_metric and r.round <= rnd), default=rnd)
+    scores = {(r.site, r.metric): r.value for r in rows if r.round == scored}
+    per_site = "  ".join(
+        f"{s} {scores[(s, main_metric)]:.3f}" for s in sites if (s, main_metric) in scores
+    )
+    label = main_metric if scored == rnd else f"{main_metric} (round {scored} model)"
+    epsilon = values.get((AGGREGATE_SITE, "epsilon"))
+    return (
+        f"round {rnd}/{rounds}  train loss "
+        f"{values.get((AGGREGATE_SITE, 'train_loss'), float('nan')):.4f} | "
+        f"{label} {per_site or '-'} | "
+        + (f"epsilon {epsilon:.3f} | " if epsilon is not None else "")
+        + f"{values.get((AGGREGATE_SITE, 'round_seconds'), float('nan')):.1f} s"
+    )
+
+
+def privacy_line(rows: list[MetricRow], cfg: RunConfig) -> str:
+    """One line on the privacy spent (DP runs), or an empty string."""
+    dp = cfg.strategy.dp
+    if dp.mode == DPMode.none:
+        return ""
+    spent = [r for r in rows if r.site == AGGREGATE_SITE and r.metric == "epsilon"]
+    if not spent:
+        return f"differential privacy: {dp.mode.value}, noise {dp.noise_multiplier}; not accounted"
+    last = max(spent, key=lambda r: r.round)
+    return (
+        f"differential privacy: {dp.mode.value}, noise multiplier {dp.noise_multiplier}, clipping "
+        f"norm {dp.clipping_norm}: epsilon {last.value:.4f} at delta {dp.target_delta:g} after "
+        f"round {last.round}"
+    )
+
+
+def write_run_files(
+    run_dir: Path,
+    cfg: RunConfig,
+    rows: list[MetricRow],
+    failures: list[Failure],
+    model: torch.nn.Module,
+    site_names: list[str],
+    main_metric: str,
+    stopped: str = "",
+) -> None:
+    """Write metrics.csv, curves.png, model.pt, config.yaml and summary.txt into ``run_dir``
+    from the run's ``rows`` and ``failures``; ``stopped`` says why a run ended early (it goes
+    into the summary, after the per-round table and the privacy line)."""
+    import torch
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_metrics(rows, run_dir / "metrics.csv")
+    plot_curves(rows, main_metric, run_dir / "curves.png")
+    torch.save(model.state_dict(), run_dir / "model.pt")
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    table = format_round_table(rows, main_metric, site_names)
+    failed = "".join(f"\nround {rnd}: site {site} failed: {why}" for rnd, site, why in failures)
+    notes = "".join(f"\n{line}" for line in (privacy_line(rows, cfg), stopped) if line)
+    (run_dir / "summary.txt").write_text(table + "\n" + failed + notes + "\n")
+    log.info(
+        "per-round results (validation %s per site):\n%s%s%s", main_metric, table, failed, notes
+    )

@@ -1,22 +1,39 @@
 """One site's training and evaluation: its cases, decoded once and cached, and a task's model.
 
-This is where site data meets a task. The Flower ClientApp holds one :class:`SiteTrainer` per site
-and keeps it between rounds, so volumes are decoded once per process, not once per round. The
-centralised baseline uses the same class on the pooled cases of all sites.
+This is where site data meets a task. The Flower ClientApp gets one :class:`SiteTrainer` per site
+from :class:`SiteTrainers`, which keeps it between rounds, so volumes are decoded once per
+process, not once per round. FedProx's proximal term (:func:`proximal_term`) is added to the
+loss here. The centralised baseline uses the same class on the pooled cases of all sites.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose
 
-from fl_imaging.data.sites import Case, SiteDataError
+from fl_imaging.config import RunConfig
+from fl_imaging.data.sites import Case, SiteDataError, load_site
+from tasks import build_task
 from tasks.base import ExtraLoss, ImagingTask, TrainResult
 
-__all__ = ["SiteTrainer", "finetune_seed", "training_seed"]
+__all__ = [
+    "SiteRef",
+    "SiteTrainer",
+    "SiteTrainers",
+    "build_site_trainer",
+    "finetune_seed",
+    "proximal_term",
+    "training_seed",
+]
+
+log = logging.getLogger("fl_imaging.client")
 
 
 def training_seed(seed: int, rnd: int, site: int) -> int:
@@ -130,6 +147,10 @@ class SiteTrainer:
         loader = DataLoader(data, batch_size=1, shuffle=False, num_workers=0)
         return self.task.evaluate(self.model, loader)
 
+    def validation_metrics(self) -> dict[str, float]:
+        """:meth:`evaluate` on the validation cases, the loss named ``val_loss``."""
+        return {("val_loss" if k == "loss" else k): v for k, v in self.evaluate("val").items()}
+
     def test_metrics(self, finetune_epochs: int = 0, *, seed: int = 0) -> dict[str, float]:
         """Score the current model on the site's test cases (``test_<metric>``) and, when
         ``finetune_epochs`` > 0, after fine-tuning it that many epochs on the site's training
@@ -144,3 +165,113 @@ class SiteTrainer:
             metrics.update({f"finetuned_{k}": v for k, v in self.evaluate("test").items()})
             self.load_state(final)
         return metrics
+
+
+def proximal_term(global_state: dict[str, torch.Tensor], mu: float) -> ExtraLoss:
+    """FedProx's proximal term ``mu / 2 * ||w - w_global||^2`` over the model's trainable
+    parameters (Li et al. 2020), to add to the task's loss; ``global_state`` is the global
+    model's state dict (copied here), ``mu`` the weight Flower's FedProx sends. Returns a
+    function of the model giving a scalar tensor."""
+    anchors = {k: v.detach().clone() for k, v in global_state.items()}
+
+    def term(model: torch.nn.Module) -> torch.Tensor:
+        total = torch.zeros(())
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                total = total + ((param - anchors[name].to(param.device)) ** 2).sum()
+        return 0.5 * mu * total
+
+    return term
+
+
+@dataclass(frozen=True)
+class SiteRef:
+    """Which site a process trains for: its ``name``, data ``folder``, index in the federation
+    (seeds, simulated attacks) and whether it is a simulated site (Flower's simulation engine)."""
+
+    name: str
+    folder: Path
+    index: int
+    simulated: bool = False
+
+    @classmethod
+    def of_node(cls, node_config: Mapping[str, object], data_sites: Sequence[str]) -> SiteRef:
+        """The site of a Flower node from its node config. Deployment: ``data-dir`` (and
+        optional ``site-name``, ``site-index``) given to ``flower-supernode``. Simulation:
+        ``partition-id`` indexes ``data_sites`` (``data.sites``)."""
+        if "data-dir" in node_config:
+            path = Path(str(node_config["data-dir"]))
+            name = str(node_config.get("site-name", path.name))
+            return cls(name, path, int(str(node_config.get("site-index", 0))))
+        index = int(str(node_config["partition-id"]))
+        path = Path(data_sites[index])
+        return cls(path.name, path, index, simulated=True)
+
+
+def build_site_trainer(
+    cfg: RunConfig, site: SiteRef, label_transforms: Sequence[Callable] = ()
+) -> SiteTrainer:
+    """Read ``site``'s folder (split as ``cfg.data`` says, seeded by ``cfg.seed`` + its index) and
+    return its trainer for ``cfg.task``, with ``label_transforms`` on its training labels; sets
+    torch's threads to ``engine.torch_threads`` (default: ``engine.cpus_per_client``)."""
+    start = time.perf_counter()
+    torch.set_num_threads(cfg.engine.torch_threads or cfg.engine.cpus_per_client)
+    data = load_site(
+        site.folder,
+        cfg.task.name,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.seed + site.index,
+        name=site.name,
+        class_names=list(cfg.task.class_names) or None,
+    )
+    trainer = SiteTrainer(
+        site.name,
+        data.train,
+        data.val,
+        build_task(cfg.task),
+        batch_size=cfg.task.batch_size,
+        cache=cfg.data.cache,
+        label_transforms=label_transforms,
+        test_cases=data.test,
+    )
+    log.info(
+        "[site %s] %d training, %d validation and %d test cases from %s ready in %.1f s",
+        site.name,
+        len(data.train),
+        len(data.val),
+        len(data.test),
+        site.folder,
+        time.perf_counter() - start,
+    )
+    return trainer
+
+
+class SiteTrainers:
+    """The trainers of one process (a Ray actor or a long-lived ClientApp process), kept between
+    rounds so that volumes are decoded once, not once per round: one per (config, site folder).
+    The trainers of another config (an earlier run) are dropped, with their cached volumes,
+    when a new run's first trainer is built. ``build(cfg, site, label_transforms)`` makes a
+    trainer (default :func:`build_site_trainer`)."""
+
+    def __init__(
+        self,
+        build: Callable[[RunConfig, SiteRef, Sequence[Callable]], SiteTrainer] = build_site_trainer,
+    ) -> None:
+        self.build = build
+        self._trainers: dict[tuple[str, str], SiteTrainer] = {}
+
+    def get(
+        self, cfg: RunConfig, site: SiteRef, label_transforms: Sequence[Callable] = ()
+    ) -> SiteTrainer:
+        """The trainer of ``site`` under ``cfg``, built on first use (``label_transforms`` are
+        used then only)."""
+        key = (repr(cfg), str(site.folder))
+        if key not in self._trainers:
+            for stale in [k for k in self._trainers if k[0] != key[0]]:
+                del self._trainers[stale]
+            self._trainers[key] = self.build(cfg, site, label_transforms)
+        return self._trainers[key]
+
+    def values(self) -> list[SiteTrainer]:
+        """The trainers kept, oldest first."""
+        return list(self._trainers.values())

@@ -42,7 +42,7 @@ def run_timed(cmd: list[str], cwd: Path | None = None) -> Step:
 
 def fl_imaging_command(overrides: list[str], run_dir: Path) -> list[str]:
     """The ``fl-imaging`` command (this interpreter) running ``overrides`` into ``run_dir``."""
-    return [sys.executable, "-m", "fl_imaging.cli", *overrides, f"hydra.run.dir={run_dir}"]
+    return [sys.executable, "-m", "fl_imaging.cli.main", *overrides, f"hydra.run.dir={run_dir}"]
 
 
 def main_metric(rows: list[MetricRow]) -> str:

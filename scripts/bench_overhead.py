@@ -41,7 +41,7 @@ def centralised(overrides: list[str], out: Path) -> None:
     import torch
 
     from fl_imaging.baselines import train_pooled
-    from fl_imaging.cli import check_overrides
+    from fl_imaging.compose import check_overrides
     from fl_imaging.data.prepare import prepare_sites
     from fl_imaging.results import write_metrics
 
@@ -76,7 +76,7 @@ def main() -> None:
     overrides = [*DEFAULTS, f"data.root={work / 'demo'}", *args.overrides]
     print(f"benchmark folder: {work}\noverrides: {' '.join(overrides)}")
 
-    from fl_imaging.cli import check_overrides
+    from fl_imaging.compose import check_overrides
     from fl_imaging.data.prepare import prepare_sites
 
     prepare_sites(check_overrides(overrides))  # write the demo data before any clock starts

@@ -36,8 +36,8 @@ from pathlib import Path
 from _bench import fl_imaging_command, main_metric, mean_per_round, run_timed
 
 from fl_imaging.attacks import malicious_sites
-from fl_imaging.cli import USER_ERRORS, check_overrides
 from fl_imaging.results import AGGREGATE_SITE, read_metrics
+from fl_imaging.run import USER_ERRORS, check_overrides
 
 STRATEGIES = (
     "fedavg",

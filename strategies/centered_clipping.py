@@ -8,6 +8,7 @@ previous round's aggregate update, so that no single site can move the model far
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -52,28 +53,11 @@ class CenteredClipping(FedAvg):
     update (zeros in round 1), then ``iterations`` times ``v <- v + mean_i clip(u_i - v, tau)``;
     the new global model is ``global + v``, with the global arrays' shapes and dtypes.
     Non-floating arrays (e.g. int64 ``num_batches_tracked``) are taken from the first valid reply.
-    Parameters other than ``tau`` and ``iterations`` are FedAvg's.
+    Other keyword parameters (sampling, ``weighted_by_key``) are FedAvg's and go to it.
     """
 
-    def __init__(
-        self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        tau: float = 5.0,
-        iterations: int = 3,
-    ) -> None:
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-        )
+    def __init__(self, tau: float = 5.0, iterations: int = 3, **fedavg: Any) -> None:
+        super().__init__(**fedavg)
         if tau <= 0 or iterations < 1:
             raise ValueError("CenteredClipping needs tau > 0 and iterations >= 1")
         self.tau = tau

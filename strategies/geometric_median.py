@@ -8,6 +8,7 @@ Euclidean distances to the sites' models, found with the smoothed Weiszfeld algo
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -69,30 +70,18 @@ class GeometricMedian(FedAvg):
     concatenated into one vector of shape ``(D,)``; the median of the ``n`` vectors (optionally
     weighted by ``num-examples``) is cut back into the model's arrays with their shapes and dtypes.
     Non-floating arrays (e.g. int64 ``num_batches_tracked``) are taken from the first valid reply.
-    Parameters other than ``weighted``, ``max_iter``, ``tol`` and ``eps`` are FedAvg's.
+    Other keyword parameters (sampling, ``weighted_by_key``) are FedAvg's and go to it.
     """
 
     def __init__(
         self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
         weighted: bool = True,
         max_iter: int = 100,
         tol: float = 1e-6,
         eps: float = 1e-6,
+        **fedavg: Any,
     ) -> None:
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-        )
+        super().__init__(**fedavg)
         if max_iter < 1 or tol < 0 or eps <= 0:
             raise ValueError("GeometricMedian needs max_iter >= 1, tol >= 0 and eps > 0")
         self.weighted = weighted

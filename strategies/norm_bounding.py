@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from strategies.arrays import (
@@ -23,7 +23,7 @@ from strategies.arrays import (
     to_record,
     update_norm,
 )
-from strategies.wrapper import StrategyWrapper
+from strategies.wrapper import SentArraysWrapper
 
 __all__ = ["NormBoundedFedAvg", "NormBounding", "bound_update"]
 
@@ -48,10 +48,11 @@ def bound_update(model: Arrays, sent: Arrays, bound: float) -> tuple[Arrays, flo
     return out, norm
 
 
-class NormBounding(StrategyWrapper):
+class NormBounding(SentArraysWrapper):
     """Wraps ``inner`` (any Flower ``Strategy``) and bounds each site's update to L2 norm ``bound``.
 
-    Ours (Flower has none); Sun et al. 2019. ``configure_train`` remembers the global arrays sent;
+    Ours (Flower has none); Sun et al. 2019. ``configure_train`` remembers the global arrays sent
+    (:class:`~strategies.wrapper.SentArraysWrapper`);
     ``aggregate_train`` rewrites each reply's arrays in place to ``global + clipped update`` and
     hands the replies to ``inner``. A reply whose arrays differ in names or shapes from the sent
     ones cannot be bounded and is left out (with a warning). Evaluation is ``inner``'s.
@@ -62,7 +63,6 @@ class NormBounding(StrategyWrapper):
             raise ValueError(f"norm bound must be positive, got {bound}")
         super().__init__(inner)
         self.bound = float(bound)
-        self.sent: Arrays | None = None
 
     def summary(self) -> None:
         """Log the bound, then the inner strategy's summary."""
@@ -72,13 +72,6 @@ class NormBounding(StrategyWrapper):
             type(self.inner).__name__,
         )
         self.inner.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember the global ``arrays`` sent this round; return ``inner``'s train messages."""
-        self.sent = to_numpy(arrays)
-        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -119,25 +112,9 @@ class NormBounding(StrategyWrapper):
 class NormBoundedFedAvg(NormBounding):
     """``strategy=normbound``: Flower's FedAvg with each site's update bounded to ``bound``.
 
-    Takes FedAvg's sampling parameters, ``weighted_by_key`` and ``bound`` (L2 norm of an update).
+    Takes ``bound`` (L2 norm of an update) and, as keywords, FedAvg's parameters (sampling,
+    ``weighted_by_key``), which go to the FedAvg it wraps.
     """
 
-    def __init__(
-        self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        bound: float = 5.0,
-    ) -> None:
-        inner = FedAvg(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-        )
-        super().__init__(inner, bound)
+    def __init__(self, bound: float = 5.0, **fedavg: Any) -> None:
+        super().__init__(FedAvg(**fedavg), bound)

@@ -1,20 +1,16 @@
-"""Build a Flower strategy from the ``strategy`` config group.
+"""The aggregators ``strategy=NAME`` selects, and how one is built from its config.
 
 Each entry maps a config name (``conf/strategy/NAME.yaml``) to a Flower (or our own) ``Strategy``
 class. Site sampling is not a strategy parameter here: it comes from ``engine.clients_per_round``
-so that every strategy samples the same way. Whatever the strategy, the built object validates
-every update first (:class:`~strategies.validation.ValidatingStrategy`) and, with
-``strategy.norm_bound`` set, bounds each update's norm
-(:class:`~strategies.norm_bounding.NormBounding`).
+so that every strategy samples the same way. What wraps the aggregator (update checks, norm
+bounding, DP, site availability, recording) is assembled in :mod:`strategies.chain`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
-from flwr.app import Message
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -31,14 +27,19 @@ from flwr.serverapp.strategy import (
 )
 
 from fl_imaging.config import DPMode, StrategyConfig
-from fl_imaging.flower.protocol import UNIT_WEIGHT
+from fl_imaging.protocol import UNIT_WEIGHT
 from strategies.centered_clipping import CenteredClipping
 from strategies.geometric_median import GeometricMedian
-from strategies.norm_bounding import NormBoundedFedAvg, NormBounding
-from strategies.privacy import check_accountable, wrap_with_dp
-from strategies.validation import UpdateCheck, ValidatingStrategy, node_site
+from strategies.norm_bounding import NormBoundedFedAvg
 
-__all__ = ["STRATEGIES", "SAMPLING_PARAMS", "StrategyError", "build_strategy", "sites_needed"]
+__all__ = [
+    "STRATEGIES",
+    "SAMPLING_PARAMS",
+    "StrategyError",
+    "accepted_params",
+    "build_aggregator",
+    "sites_needed",
+]
 
 #: Config name -> strategy class, Flower's first, then ours.
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -70,6 +71,20 @@ SAMPLING_PARAMS = (
 
 class StrategyError(ValueError):
     """A strategy name or parameter that does not exist; the message lists the allowed ones."""
+
+
+def accepted_params(cls: type[Strategy]) -> list[str]:
+    """The keyword parameters ``cls`` takes: those of its constructor and, when it passes
+    ``**fedavg`` on to Flower's FedAvg (our aggregators do), FedAvg's too."""
+    params = inspect.signature(cls.__init__).parameters
+    names = [
+        name
+        for name, p in params.items()
+        if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()) and cls is not FedAvg:
+        names += [name for name in accepted_params(FedAvg) if name not in names]
+    return names
 
 
 def _check_params(cfg: StrategyConfig, accepted: list[str]) -> None:
@@ -114,29 +129,19 @@ def sites_needed(num_sites: int, clients_per_round: int | None, min_sites: int |
     return min_sites
 
 
-def build_strategy(
-    cfg: StrategyConfig,
-    *,
-    num_sites: int,
-    clients_per_round: int | None = None,
-    min_sites: int | None = None,
-    site_of: Callable[[Message], str] | None = None,
-    on_checks: Callable[[int, list[UpdateCheck]], None] | None = None,
+def build_aggregator(
+    cfg: StrategyConfig, *, num_sites: int, clients_per_round: int | None, min_sites: int | None
 ) -> Strategy:
-    """Instantiate the strategy ``cfg.name`` with ``cfg.params``, wrapped in the update checks.
+    """Instantiate the aggregator ``cfg.name`` with ``cfg.params`` and the sampling of the engine.
 
     ``num_sites`` is the number of sites in the federation; ``clients_per_round`` how many take
     part in each round's training and evaluation (None: all); ``min_sites`` how few may (None:
     as many as ``clients_per_round``): the strategy then samples every connected site up to
     ``clients_per_round`` as long as ``min_sites`` are connected (Flower's
-    ``min_available_nodes``, ``min_train_nodes`` and ``min_evaluate_nodes``). ``site_of`` names
-    a reply's site in the checks (default ``node-<id>``); ``on_checks(round, checks)``
-    receives each round's :class:`~strategies.validation.UpdateCheck` list. Returns the Flower
-    ``Strategy`` ``ValidatingStrategy(DP(NormBounding(inner)))``, without ``NormBounding`` when
-    ``cfg.norm_bound`` is None and without the DP wrapper when ``cfg.dp.mode`` is ``none``
-    (DP sites are weighted equally: ``unit-weight``). Raises :class:`StrategyError` for an
-    unknown name or parameter, a federation too small for the strategy, or a DP setting that
-    cannot be accounted.
+    ``min_available_nodes``, ``min_train_nodes`` and ``min_evaluate_nodes``). DP runs weight
+    sites equally (``unit-weight``). Raises :class:`StrategyError` for an unknown name or
+    parameter or a federation too small for the strategy; Flower's own ``ValueError`` for a
+    parameter value it refuses.
     """
     if cfg.name not in STRATEGIES:
         raise StrategyError(
@@ -145,7 +150,7 @@ def build_strategy(
         )
     cls = STRATEGIES[cfg.name]
     params: dict[str, Any] = dict(cfg.params)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    accepted = accepted_params(cls)
     _check_params(cfg, accepted)
     per_round = num_sites if clients_per_round is None else clients_per_round
     if per_round > num_sites:
@@ -169,17 +174,6 @@ def build_strategy(
     }
     if cfg.dp.mode != DPMode.none:
         params.setdefault("weighted_by_key", UNIT_WEIGHT)
-    try:
-        check_accountable(cfg, num_sites, per_round)
-        strategy = cls(**{k: v for k, v in sampling.items() if k in accepted}, **params)
-        _check_enough_sites(strategy, per_round)
-        if cfg.norm_bound is not None:
-            strategy = NormBounding(strategy, cfg.norm_bound)
-        strategy = wrap_with_dp(strategy, cfg.dp, num_sites=num_sites, per_round=per_round)
-        return ValidatingStrategy(
-            strategy, cfg.validation, site_of=site_of or node_site, on_checks=on_checks
-        )
-    except ValueError as err:
-        if isinstance(err, StrategyError):
-            raise
-        raise StrategyError(f"strategy '{cfg.name}': {err}") from None
+    strategy = cls(**{k: v for k, v in sampling.items() if k in accepted}, **params)
+    _check_enough_sites(strategy, per_round)
+    return strategy

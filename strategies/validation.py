@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
 from fl_imaging.config import NORM_OUTLIER_ACTIONS, UpdateValidationConfig
+from fl_imaging.protocol import ReplySites
 from strategies.arrays import (
     Arrays,
     cast_like,
@@ -29,9 +29,9 @@ from strategies.arrays import (
     to_record,
     update_norm,
 )
-from strategies.wrapper import StrategyWrapper
+from strategies.wrapper import SentArraysWrapper
 
-__all__ = ["ACCEPTED", "FLAGGED", "REJECTED", "UpdateCheck", "ValidatingStrategy", "node_site"]
+__all__ = ["ACCEPTED", "FLAGGED", "REJECTED", "UpdateCheck", "ValidatingStrategy"]
 
 log = logging.getLogger("fl_imaging.server")
 
@@ -58,11 +58,6 @@ class UpdateCheck:
     reason: str
 
 
-def node_site(msg: Message) -> str:
-    """Default site name of a reply: ``node-<src_node_id>``."""
-    return f"node-{msg.metadata.src_node_id}"
-
-
 @dataclass
 class _Reply:
     msg: Message
@@ -73,10 +68,11 @@ class _Reply:
     reason: str
 
 
-class ValidatingStrategy(StrategyWrapper):
+class ValidatingStrategy(SentArraysWrapper):
     """Wraps ``inner`` (any Flower ``Strategy``) and validates every training reply first.
 
-    ``configure_train`` remembers the global arrays sent. In ``aggregate_train`` a reply is always
+    ``configure_train`` remembers the global arrays sent
+    (:class:`~strategies.wrapper.SentArraysWrapper`). In ``aggregate_train`` a reply is always
     rejected when it carries an error, has not exactly one ArrayRecord, has array names, shapes or
     dtypes other than those sent, or holds NaN/Inf in a floating array. Of the others, an update
     whose L2 norm exceeds ``cfg.norm_factor`` times the median norm of those replies is an
@@ -87,15 +83,15 @@ class ValidatingStrategy(StrategyWrapper):
     as ``num_batches_tracked`` into float64, which the next round's check would refuse).
 
     Each round logs one INFO line per site on ``fl_imaging.server`` and calls
-    ``on_checks(round, checks)`` with one :class:`UpdateCheck` per reply. ``site_of`` names a
-    reply's site (default: :func:`node_site`). Evaluation is ``inner``'s.
+    ``on_checks(round, checks)`` with one :class:`UpdateCheck` per reply. ``sites`` names a
+    reply's site (:class:`~fl_imaging.protocol.ReplySites`). Evaluation is ``inner``'s.
     """
 
     def __init__(
         self,
         inner: Strategy,
         cfg: UpdateValidationConfig | None = None,
-        site_of: Callable[[Message], str] = node_site,
+        sites: ReplySites | None = None,
         on_checks: Callable[[int, list[UpdateCheck]], None] | None = None,
     ) -> None:
         cfg = cfg or UpdateValidationConfig()
@@ -108,9 +104,8 @@ class ValidatingStrategy(StrategyWrapper):
             raise ValueError(f"norm_factor={cfg.norm_factor}: must be greater than 1")
         super().__init__(inner)
         self.cfg = cfg
-        self.site_of = site_of
+        self.sites = sites or ReplySites()
         self.on_checks = on_checks
-        self.sent: Arrays | None = None
         #: Every round's checks: round -> one UpdateCheck per reply.
         self.history: dict[int, list[UpdateCheck]] = {}
 
@@ -122,13 +117,6 @@ class ValidatingStrategy(StrategyWrapper):
             "rejected" if self.cfg.norm_outliers == "reject" else "flagged",
         )
         self.inner.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember the global ``arrays`` sent this round; return ``inner``'s train messages."""
-        self.sent = to_numpy(arrays)
-        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def _inspect(self, msg: Message, site: str, sent: Arrays) -> _Reply:
         if msg.has_error():
@@ -181,7 +169,7 @@ class ValidatingStrategy(StrategyWrapper):
         if self.sent is None:
             raise RuntimeError("ValidatingStrategy.aggregate_train before configure_train")
         sent = self.sent
-        entries = [self._inspect(msg, self.site_of(msg), sent) for msg in replies]
+        entries = [self._inspect(msg, self.sites(msg), sent) for msg in replies]
         self._mark_outliers(entries)
         kept = [e for e in entries if e.status != REJECTED]
         arrays: ArrayRecord | None = None

@@ -16,7 +16,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-__all__ = ["StrategyWrapper", "wrapper_chain"]
+from strategies.arrays import Arrays, to_numpy
+
+__all__ = ["SentArraysWrapper", "StrategyWrapper", "wrapper_chain"]
 
 
 class StrategyWrapper(Strategy):
@@ -57,6 +59,23 @@ class StrategyWrapper(Strategy):
     def summary(self) -> None:
         """Log ``inner``'s summary."""
         self.inner.summary()
+
+
+class SentArraysWrapper(StrategyWrapper):
+    """A wrapper that works on the sites' updates: ``configure_train`` keeps the global arrays
+    sent this round in ``sent`` (name -> NumPy array; None before the first round), so that
+    ``aggregate_train`` can compare each reply with them."""
+
+    def __init__(self, inner: Strategy) -> None:
+        super().__init__(inner)
+        self.sent: Arrays | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global ``arrays`` sent this round; return ``inner``'s train messages."""
+        self.sent = to_numpy(arrays)
+        return self.inner.configure_train(server_round, arrays, config, grid)
 
 
 def wrapper_chain(strategy: Strategy) -> list[Any]:

@@ -1,13 +1,16 @@
 """Stand-ins for Flower's runtime, shared by the tests that drive strategies without a SuperLink:
-array helpers and a Grid whose nodes answer with hand-made arrays."""
+array helpers and a Grid whose nodes answer with hand-made arrays, in the replies the real
+ClientApp sends (:func:`fl_imaging.protocol.site_reply`: a site record, ``unit-weight``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType
 from flwr.serverapp import Grid
+
+from fl_imaging.protocol import site_reply
 
 Arrays = dict[str, np.ndarray]
 
@@ -27,20 +30,29 @@ def default_train_metrics(node: int) -> dict[str, float]:
     return {"num-examples": 10, "train_loss": 1.0}
 
 
+def default_evaluate_metrics(node: int) -> dict[str, float]:
+    """What a site reports after evaluating unless a test says otherwise: its validation cases
+    and figures that differ from site to site."""
+    return {"num-examples": 5, "val_loss": 1.0 / node, "dice": node / (node + 1)}
+
+
 class FakeGrid(Grid):
-    """Nodes ``1..n`` that answer train messages with ``respond(node, round, sent)``'s arrays and
-    ``train_metrics(node)``; evaluate messages get a metrics-only reply. ``sent[round]`` keeps the
-    global arrays each round's training received."""
+    """Nodes ``1..n``, sites ``site-<node>``, that answer train messages with
+    ``respond(node, round, sent)``'s arrays and ``train_metrics(node)``, and evaluate messages
+    with ``evaluate_metrics(node)``. ``sent[round]`` keeps the global arrays each round's
+    training received."""
 
     def __init__(
         self,
         num_nodes: int,
         respond: Callable[[int, int, Arrays], Arrays],
         train_metrics: Callable[[int], dict[str, float]] = default_train_metrics,
+        evaluate_metrics: Callable[[int], dict[str, float]] = default_evaluate_metrics,
     ) -> None:
         self.nodes = list(range(1, num_nodes + 1))
         self.respond = respond
         self.train_metrics = train_metrics
+        self.evaluate_metrics = evaluate_metrics
         self.sent: dict[int, Arrays] = {}
 
     def set_run(self, run: object) -> None:  # type: ignore[override]
@@ -72,14 +84,8 @@ class FakeGrid(Grid):
             if msg.metadata.message_type == MessageType.TRAIN:
                 sent = numpy_of(msg.content["arrays"])
                 self.sent[rnd] = sent
-                content = RecordDict(
-                    {
-                        "arrays": record(self.respond(node, rnd, sent)),
-                        "metrics": MetricRecord(self.train_metrics(node)),
-                    }
-                )
+                arrays = record(self.respond(node, rnd, sent))
+                replies.append(site_reply(msg, f"site-{node}", self.train_metrics(node), arrays))
             else:
-                evaluation = MetricRecord({"num-examples": 5, "unit-weight": 1, "dice": 0.5})
-                content = RecordDict({"metrics": evaluation})
-            replies.append(Message(content, reply_to=msg))
+                replies.append(site_reply(msg, f"site-{node}", self.evaluate_metrics(node)))
         return replies

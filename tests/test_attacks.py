@@ -17,8 +17,8 @@ from torch import nn
 
 from fl_imaging.attacks import flipped_labels, malicious_sites, poison_state
 from fl_imaging.config import AttackConfig, AttackName
-from fl_imaging.flower.client_app import _proximal_term
 from fl_imaging.results import read_metrics
+from fl_imaging.site_training import proximal_term
 
 State = dict[str, torch.Tensor]
 
@@ -173,11 +173,11 @@ def distance_sq(model: nn.Module, global_state: State) -> float:
 def test_proximal_term_is_half_mu_times_the_squared_distance() -> None:
     model, g = prox_model()
     mu = 0.3
-    value = float(_proximal_term(g, mu)(model).detach())
+    value = float(proximal_term(g, mu)(model).detach())
     assert value == pytest.approx(mu / 2 * distance_sq(model, g), rel=1e-6)
     assert value > 0
     model.load_state_dict(g)
-    assert float(_proximal_term(g, mu)(model).detach()) == 0.0
+    assert float(proximal_term(g, mu)(model).detach()) == 0.0
 
 
 def test_proximal_term_pulls_the_weights_towards_the_global_ones() -> None:
@@ -186,7 +186,7 @@ def test_proximal_term_pulls_the_weights_towards_the_global_ones() -> None:
     before = math.sqrt(distance_sq(model, g))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     optimizer.zero_grad()
-    _proximal_term(g, mu)(model).backward()
+    proximal_term(g, mu)(model).backward()
     optimizer.step()
     after = math.sqrt(distance_sq(model, g))
     # gradient mu * (w - w0): one step scales every parameter's distance by (1 - lr * mu)
@@ -198,7 +198,7 @@ def test_proximal_term_leaves_frozen_parameters_out() -> None:
     model, g = prox_model()
     model[0].weight.requires_grad_(False)
     frozen = float(((model[0].weight - g["0.weight"]) ** 2).sum())
-    value = float(_proximal_term(g, 1.0)(model).detach())
+    value = float(proximal_term(g, 1.0)(model).detach())
     assert value == pytest.approx(0.5 * (distance_sq(model, g) - frozen), rel=1e-6)
 
 

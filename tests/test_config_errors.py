@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fl_imaging.cli import check_overrides
+from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, validate_config
 from strategies import StrategyError, build_strategy
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from flower_fakes import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fl_imaging.cli import check_overrides
+from fl_imaging.compose import check_overrides
 from fl_imaging.config import config_from_yaml
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.deploy.certs import (
@@ -54,10 +54,10 @@ from fl_imaging.deploy.roles import (
     superlink_command,
 )
 from fl_imaging.engines.deployment import write_app_dir
-from fl_imaging.flower.availability import NotEnoughSites, SiteAvailability
-from fl_imaging.flower.protocol import CONFIG_KEY, SITE_NAME, SITE_RECORD
+from fl_imaging.protocol import CONFIG_KEY, SITE_NAME, SITE_RECORD
 from fl_imaging.results import read_metrics
 from strategies import build_strategy
+from strategies.availability import NotEnoughSites, SiteAvailability
 
 # ---------------------------------------------------------------- certificates and keys
 
@@ -161,11 +161,7 @@ class ShrinkingGrid(FakeGrid):
     ) -> Iterable[Message]:
         messages = list(messages)
         self.messages += len(messages)
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        for reply in replies:
-            site = f"site-{reply.metadata.src_node_id}"
-            reply.content[SITE_RECORD] = ConfigRecord({SITE_NAME: site})
-        return replies
+        return super().send_and_receive(messages, timeout=timeout)
 
 
 def _arrays() -> ArrayRecord:

@@ -10,10 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from fl_imaging.cli.data import main as data_cli
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.dicom_io import write_dicom_series
 from fl_imaging.data.inspect import inspect_site
-from fl_imaging.data_cli import main as data_cli
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ import torch
 from monai.transforms import LoadImage
 from PIL import Image
 
-from fl_imaging.cli import check_overrides
+from fl_imaging.cli.predict import main as predict_cli
+from fl_imaging.compose import check_overrides
 from fl_imaging.config import RunConfig, config_to_yaml
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.dicom_io import write_dicom_series
 from fl_imaging.data.readers import IMAGE_READERS
-from fl_imaging.predict_cli import main as predict_cli
 from tasks import build_task
 from tasks.segmentation import SegmentationTask
 

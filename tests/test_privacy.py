@@ -34,13 +34,15 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 
-from fl_imaging.cli import check_overrides, warn_dp_running_statistics
+from fl_imaging.compose import check_overrides
 from fl_imaging.config import DPConfig, DPMode, RunConfig, StrategyConfig, config_from_yaml
 from fl_imaging.flower import client_app
-from fl_imaging.flower.recording import RecordingStrategy
+from fl_imaging.model_checks import warn_dp_running_statistics
 from fl_imaging.results import read_metrics
+from fl_imaging.site_training import SiteTrainers
 from strategies import StrategyError, build_strategy
 from strategies.privacy import privacy_spent
+from strategies.recording import RecordingStrategy
 from tasks import build_task
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -272,7 +274,7 @@ class FakeTrainer:
 
 @pytest.mark.parametrize(("shift", "clipped"), [(0.1, True), (0.001, False)])
 def test_client_fixed_mode_clips_the_site_update_to_the_clipping_norm(
-    monkeypatch: pytest.MonkeyPatch, shift: float, clipped: bool
+    shift: float, clipped: bool
 ) -> None:
     cfg = check_overrides(
         ["strategy=dpfedavg", "strategy.dp.mode=client_fixed", "strategy.dp.clipping_norm=0.5"]
@@ -286,9 +288,9 @@ def test_client_fixed_mode_clips_the_site_update_to_the_clipping_norm(
         1, record(global_arrays), ConfigRecord(), FakeGrid(1, lambda n, r, s: s, site_metrics)
     )
     trainer = FakeTrainer(shift)
-    monkeypatch.setattr(client_app, "_trainer", lambda context, run_cfg: trainer)
+    trainers = SiteTrainers(build=lambda run_cfg, site, label_transforms: trainer)
     context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
-    out = client_app.build_client_app(cfg)(msg, context)
+    out = client_app.build_client_app(cfg, trainers)(msg, context)
     assert not out.has_error(), out.error.reason if out.has_error() else ""
     sent = numpy_of(out.content["arrays"])
     update = np.sqrt(sum(np.sum((sent[k] - global_arrays[k]) ** 2) for k in global_arrays))

@@ -19,7 +19,7 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAdam, Strategy
 
-from fl_imaging.cli import check_overrides
+from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, RunConfig, config_to_yaml
 from fl_imaging.flower.checkpoint import (
     CHECKPOINT_FILE,

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fl_imaging.cli import check_overrides
+from fl_imaging.cli.data import main as data_cli
+from fl_imaging.compose import check_overrides
 from fl_imaging.data.dicom_io import write_dicom_series
 from fl_imaging.data.inspect import inspect_site
 from fl_imaging.data.prepare import prepare_sites
 from fl_imaging.data.sites import SiteDataError, find_cases
-from fl_imaging.data_cli import main as data_cli
 
 
 def _png(path: Path, pixels: np.ndarray) -> Path:

@@ -31,8 +31,9 @@ from flwr.serverapp.strategy import (
 from scipy.optimize import minimize
 from scipy.stats import trim_mean
 
-from fl_imaging.cli import check_overrides
+from fl_imaging.compose import check_overrides
 from fl_imaging.config import StrategyConfig, UpdateValidationConfig
+from fl_imaging.protocol import ReplySites, site_reply
 from strategies import (
     STRATEGIES,
     CenteredClipping,
@@ -53,15 +54,10 @@ CONF_STRATEGIES = Path(__file__).resolve().parents[1] / "conf" / "strategy"
 
 
 def reply(node_id: int, arrays: Arrays, num_examples: int = 10, **metrics: float) -> Message:
-    """A train reply from ``node_id`` carrying ``arrays`` and ``num-examples``."""
+    """A train reply of site ``hospital-<node_id>`` carrying ``arrays`` and ``num-examples``."""
     instruction = Message(content=RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
-    content = RecordDict(
-        {
-            "arrays": record(arrays),
-            "metrics": MetricRecord({"num-examples": num_examples, **metrics}),
-        }
-    )
-    return Message(content, reply_to=instruction)
+    content = {"num-examples": num_examples, **metrics}
+    return site_reply(instruction, f"hospital-{node_id}", content, record(arrays))
 
 
 def error_reply(node_id: int, reason: str) -> Message:
@@ -299,7 +295,7 @@ def validating(
     return build_strategy(
         cfg,
         num_sites=num_sites,
-        site_of=lambda msg: f"hospital-{msg.metadata.src_node_id}",
+        sites=ReplySites({node: f"hospital-{node}" for node in range(1, num_sites + 1)}),
         on_checks=lambda rnd, c: checks.__setitem__(rnd, c),
     )
 

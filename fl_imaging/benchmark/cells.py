@@ -74,7 +74,7 @@ def run_cell(cell: Cell, cfg: RunConfig, folder: Path) -> tuple[str, float, str]
     Returns (status ``done`` or ``failed``, wall seconds, error text). A failure is recorded in
     ``cell.json`` and returned, not raised, so the benchmark goes on with the other cells.
     """
-    from fl_imaging.cli import run
+    from fl_imaging.run import run
 
     if folder.exists():
         shutil.rmtree(folder)

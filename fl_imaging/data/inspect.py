@@ -19,6 +19,7 @@ import pydicom
 from monai.transforms import LoadImage
 from PIL import Image
 
+from fl_imaging.config import TaskName
 from fl_imaging.data.readers import IMAGE_READERS
 from fl_imaging.data.sites import NIFTI_SUFFIXES, Case, SiteDataError, scan_site
 
@@ -51,7 +52,7 @@ class SiteReport:
 
     site: str
     root: str
-    task: str
+    task: TaskName
     cases: list[CaseReport] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     #: The complete cases found by the layout scan (image and label), in case-id order.
@@ -136,7 +137,7 @@ def _stored_dtype(path: Path) -> str:
     return np.dtype(nib.load(path).get_data_dtype()).newbyteorder("=").name
 
 
-def _inspect_case(case: Case, task: str, num_classes: int) -> CaseReport:
+def _inspect_case(case: Case, task: TaskName, num_classes: int) -> CaseReport:
     image_path = Path(case.image)
     report = CaseReport(case.case_id, case.image, _format_of(image_path))
     if image_path.is_dir():
@@ -167,7 +168,7 @@ def _inspect_case(case: Case, task: str, num_classes: int) -> CaseReport:
         )
     if finite.any():
         report.min, report.max = float(array[finite].min()), float(array[finite].max())
-    if task == "segmentation":
+    if task == TaskName.segmentation:
         _check_label(case, report, array.shape, affine, num_classes)
     elif not 0 <= int(case.label) < num_classes:
         report.problems.append(
@@ -209,7 +210,7 @@ def _check_label(
 
 def inspect_site(
     root: Path,
-    task: str,
+    task: TaskName,
     *,
     num_classes: int = 2,
     site: str | None = None,

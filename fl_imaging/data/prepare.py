@@ -80,7 +80,7 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteR
         sites.append(
             load_site(
                 folder,
-                cfg.task.name.value,
+                cfg.task.name,
                 val_fraction=data.val_fraction,
                 seed=cfg.seed + i,
                 cases=cases,
@@ -98,10 +98,9 @@ def checked_cases(folder: Path, cfg: RunConfig) -> tuple[list[Case], SiteReport]
     every problem, unless ``data.exclude_bad_cases`` is set: then the failing cases are left out
     and named in the log.
     """
-    task = cfg.task.name.value
     report = inspect_site(
         folder,
-        task,
+        cfg.task.name,
         num_classes=cfg.task.num_classes,
         class_names=list(cfg.task.class_names) or None,
     )

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fl_imaging.config import TaskName
+
 __all__ = [
     "IMAGE_2D_SUFFIXES",
     "NIFTI_SUFFIXES",
@@ -127,7 +129,7 @@ def _read_csv(path: Path, site: str, columns: tuple[str, ...]) -> list[dict[str,
 
 
 def find_cases(
-    root: Path, task: str, site: str | None = None, class_names: list[str] | None = None
+    root: Path, task: TaskName, site: str | None = None, class_names: list[str] | None = None
 ) -> list[Case]:
     """List the cases of a site folder without decoding any image.
 
@@ -146,7 +148,7 @@ def find_cases(
 
 
 def scan_site(
-    root: Path, task: str, site: str | None = None, class_names: list[str] | None = None
+    root: Path, task: TaskName, site: str | None = None, class_names: list[str] | None = None
 ) -> tuple[list[Case], list[str]]:
     """List a site folder's complete cases and every problem of its layout, without decoding.
 
@@ -170,7 +172,7 @@ def scan_site(
     images: dict[str, Path] = {}
     problems: list[str] = []
     labels: dict[str, str | int] = {}
-    class_folders = task != "segmentation" and not (root / "labels.csv").is_file()
+    class_folders = task != TaskName.segmentation and not (root / "labels.csv").is_file()
     if class_folders:
         _scan_class_folders(images_dir, class_names, images, labels, problems)
     else:
@@ -184,7 +186,7 @@ def scan_site(
         for row in _read_csv(split_file, site, ("case_id", "split")):
             splits[row["case_id"]] = row["split"].strip().lower()
 
-    if task == "segmentation":
+    if task == TaskName.segmentation:
         labels_dir = root / "labels"
         if not labels_dir.is_dir():
             raise SiteDataError(
@@ -268,7 +270,7 @@ def _scan_class_folders(
 
 def load_site(
     root: Path,
-    task: str,
+    task: TaskName,
     *,
     val_fraction: float,
     seed: int,

@@ -9,7 +9,6 @@ that says what to fix.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import subprocess
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fl_imaging.deploy.certs import ServerCertificate
+from fl_imaging.deploy.flower_home import CONNECTION, cli_home, toml_string
 from fl_imaging.deploy.processes import (
     SUPERNODE_READY,
     ManagedProcess,
@@ -35,7 +35,6 @@ __all__ = [
     "SiteCheckError",
     "SuperNodeSpec",
     "check_site_folder",
-    "cli_home",
     "register_site_keys",
     "start_superlink",
     "start_supernode",
@@ -130,23 +129,12 @@ def start_superlink(
     return proc
 
 
-def cli_home(home: Path, superlink: str, ca_cert: Path | None) -> dict[str, str]:
-    """A private Flower home for the ``flwr`` command (one connection to ``superlink``) and the
-    environment that uses it (``FLWR_HOME`` and ``HOME`` set to ``home``)."""
-    from fl_imaging.engines.deployment import write_flower_home
-
-    write_flower_home(home, superlink, str(ca_cert) if ca_cert else None)
-    return flower_env(home, {"HOME": str(home)})
-
-
 def register_site_keys(
     public_keys: list[Path], superlink: str, ca_cert: Path, home: Path
 ) -> dict[Path, int]:
     """Register each site's public key with the SuperLink (``flwr supernode register``), so that
     the SuperNode holding the matching private key is admitted. Returns key file -> node id.
     Raises :class:`ProcessError` with Flower's message when a key is refused."""
-    from fl_imaging.engines.deployment import CONNECTION
-
     env = cli_home(home, superlink, ca_cert)
     node_ids: dict[Path, int] = {}
     for key in public_keys:
@@ -178,8 +166,8 @@ def check_site_folder(
     :class:`SiteCheckError` with the report when the folder is not ready."""
     command = [
         sys.executable,
-        "-c",
-        "import sys; from fl_imaging.data_cli import main; sys.exit(main())",
+        "-m",
+        "fl_imaging.cli.data",  # the command, in a process of its own: it decodes every volume
         "inspect",
         str(data_dir),
         "--task",
@@ -225,18 +213,14 @@ class SuperNodeSpec:
         return self.site_name or self.data_dir.name
 
 
-def _toml(value: str) -> str:
-    return json.dumps(value, ensure_ascii=True)
-
-
 def supernode_command(spec: SuperNodeSpec) -> list[str]:
     """``flower-supernode`` for ``spec``. Its node config (``data-dir``, ``site-name``,
     ``site-index``) goes through a TOML file in the state folder, so any folder name works."""
     spec.state_dir.mkdir(parents=True, exist_ok=True)
     node_config = spec.state_dir / "node-config.toml"
     lines = [
-        f"data-dir = {_toml(str(spec.data_dir.resolve()))}",
-        f"site-name = {_toml(spec.name)}",
+        f"data-dir = {toml_string(str(spec.data_dir.resolve()))}",
+        f"site-name = {toml_string(spec.name)}",
     ]
     if spec.site_index is not None:
         lines.append(f"site-index = {spec.site_index}")

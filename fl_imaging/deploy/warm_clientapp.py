@@ -11,8 +11,9 @@ This runner (ours) is that outside executor, kept alive: it polls the SuperNode'
 for ClientApp tasks (``AcquireTask``) and runs each in this process with Flower's own steps
 (pull the task's message, context and app bundle; call the ClientApp; push the reply and the
 task's end state; heartbeats meanwhile). Modules stay imported between messages, so the
-ClientApp's per-process cache (``fl_imaging.flower.client_app._TRAINERS``: decoded volumes)
-survives from round to round. Messages run one at a time, as with Flower's SuperNode.
+ClientApp's per-process cache (its ``SiteTrainers``, :mod:`fl_imaging.site_training`: the
+decoded volumes) survives from round to round. Messages run one at a time, as with Flower's
+SuperNode.
 
 The SuperNode hands out a task as soon as it stored the message's header, while it still pulls
 the message's arrays from the SuperLink; pulling them here then finds them "unavailable" and

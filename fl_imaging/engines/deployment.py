@@ -20,22 +20,15 @@ import signal
 import subprocess
 from pathlib import Path
 
-from fl_imaging.config import ConfigError, RunConfig, config_to_yaml
-from fl_imaging.deploy.processes import flower_command, flower_env
-from fl_imaging.flower.protocol import CONFIG_KEY
+from fl_imaging.config import RunConfig, config_to_yaml
+from fl_imaging.deploy.flower_home import CONNECTION, cli_home, toml_string
+from fl_imaging.deploy.processes import flower_command
+from fl_imaging.protocol import CONFIG_KEY
 
-__all__ = [
-    "CONNECTION",
-    "DeploymentError",
-    "run_deployment_engine",
-    "write_app_dir",
-    "write_flower_home",
-]
+__all__ = ["DeploymentError", "run_deployment_engine", "write_app_dir"]
 
 log = logging.getLogger("fl_imaging.engine")
 
-#: Name of the SuperLink connection in the private Flower home.
-CONNECTION = "fl-imaging"
 APP_DIR = "flower-app"
 HOME_DIR = "flower-home"
 _RUN_STARTED = re.compile(r"Successfully started run (\d+)")
@@ -43,11 +36,6 @@ _RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 
 class DeploymentError(RuntimeError):
     """The SuperLink refused the run, or the run failed; the message says what to check."""
-
-
-def _toml_string(text: str) -> str:
-    """``text`` as a TOML basic string (JSON's escapes are a subset of TOML's)."""
-    return json.dumps(text, ensure_ascii=True)
 
 
 def write_app_dir(run_dir: Path, cfg: RunConfig) -> Path:
@@ -76,37 +64,10 @@ serverapp = "fl_imaging.flower.server_app:app"
 clientapp = "fl_imaging.flower.client_app:app"
 
 [tool.flwr.app.config]
-{CONFIG_KEY} = {_toml_string(config_to_yaml(cfg))}
+{CONFIG_KEY} = {toml_string(config_to_yaml(cfg))}
 """
     (app_dir / "pyproject.toml").write_text(text)
     return app_dir
-
-
-def write_flower_home(home: Path, superlink: str, root_certificates: str | None) -> Path:
-    """Write a private Flower home (``home/config.toml``) holding one SuperLink connection,
-    ``fl-imaging``, set as default: ``superlink`` (host:port) with the CA certificate that
-    signed its TLS certificate, or plain text when ``root_certificates`` is None (loopback
-    trials only). Returns ``home``."""
-    home.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "[superlink]",
-        f'default = "{CONNECTION}"',
-        "",
-        f"[superlink.{CONNECTION}]",
-        f"address = {_toml_string(superlink)}",
-    ]
-    if root_certificates:
-        ca = Path(root_certificates).expanduser().resolve()
-        if not ca.is_file():
-            raise ConfigError(
-                f"engine.root_certificates={root_certificates}: no such file; give the CA "
-                "certificate (ca.crt) the coordinator shared"
-            )
-        lines.append(f"root-certificates = {_toml_string(str(ca))}")
-    else:
-        lines.append("insecure = true")
-    (home / "config.toml").write_text("\n".join(lines) + "\n")
-    return home
 
 
 def _run_status(run_id: str, env: dict[str, str]) -> str:
@@ -146,8 +107,8 @@ def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
     run_dir = Path(cfg.run_dir).resolve()
     engine = cfg.engine
     app_dir = write_app_dir(run_dir, cfg)
-    home = write_flower_home(run_dir / HOME_DIR, engine.superlink, engine.root_certificates)
-    env = flower_env(home, {"HOME": str(home)})
+    ca = Path(engine.root_certificates) if engine.root_certificates else None
+    env = cli_home(run_dir / HOME_DIR, engine.superlink, ca)
     command = [flower_command("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
     log.info(
         "deployment engine: submitting to the SuperLink at %s (%s), %d round(s), %s site(s) "

@@ -6,8 +6,12 @@ import logging
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 from fl_imaging.config import RunConfig
+
+if TYPE_CHECKING:
+    from fl_imaging.flower.federation import FederationPlan
 
 __all__ = ["run_simulation_engine"]
 
@@ -31,9 +35,12 @@ def _quiet_flower(verbose: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def run_simulation_engine(cfg: RunConfig, site_names: list[str]) -> None:
+def run_simulation_engine(
+    cfg: RunConfig, site_names: list[str], plan: FederationPlan | None = None
+) -> None:
     """Run ``cfg`` on Flower's simulation engine, one virtual SuperNode per entry of
-    ``cfg.data.sites``; the ServerApp writes the run's files into ``cfg.run_dir``.
+    ``cfg.data.sites``; the ServerApp (with the server side ``plan`` already made, or its own)
+    writes the run's files into ``cfg.run_dir``.
 
     Uses Flower's in-process ``run_simulation`` (Ray backend) rather than ``flwr run``: the same
     engine, without a background SuperLink process or an app bundle, so a run costs one Ray start.
@@ -71,7 +78,7 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str]) -> None:
     )
     try:
         run_simulation(
-            server_app=build_server_app(cfg, site_names),
+            server_app=build_server_app(cfg, site_names, plan),
             client_app=build_client_app(cfg),
             num_supernodes=len(site_names),
             backend_config=backend_config,  # type: ignore[arg-type]

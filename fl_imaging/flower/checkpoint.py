@@ -3,10 +3,12 @@ the metrics so far, so that an interrupted run can go on from the next round (``
 
 Ours: Flower's strategies keep their state (server momentum, Adam moments, the privacy
 accountant's history, ...) as plain attributes and offer no save/load. The state of every object
-in the wrapper chain (``inner`` / ``strategy`` attributes) is kept: values that pickle are
-stored as they are, objects with ``state_dict()`` (Flower's RDP accountant) by that state;
-callables are rebuilt from the config instead. A checkpoint is a pickle: resume only from run
-folders you made.
+in the wrapper chain (``inner`` / ``strategy`` attributes) is kept, but for the run's
+bookkeeping layers (``checkpointed = False``: recording, site availability, whose rows and
+failures the checkpoint holds itself): values that pickle are stored as they are, objects with
+``state_dict()`` (Flower's RDP accountant) by that state; callables and the shared
+:class:`~fl_imaging.protocol.ReplySites` (node ids differ in a resumed run) are rebuilt
+instead. A checkpoint is a pickle: resume only from run folders you made.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import OmegaConf
 
 from fl_imaging.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml
-from fl_imaging.results import MetricRow
+from fl_imaging.protocol import ReplySites
+from fl_imaging.results import Failure, MetricRow
 from strategies.wrapper import wrapper_chain
 
 __all__ = [
@@ -49,18 +52,23 @@ class Checkpoint:
     arrays: dict[str, Any]
     strategy: dict[str, dict[str, Any]]
     rows: list[MetricRow]
-    failures: list[tuple[int, str, str]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
     config: str = ""
 
 
+def _aggregation_chain(strategy: Strategy) -> list[Any]:
+    """The layers of ``strategy``'s wrapper chain whose state a checkpoint keeps."""
+    return [node for node in wrapper_chain(strategy) if getattr(node, "checkpointed", True)]
+
+
 def strategy_state(strategy: Strategy) -> dict[str, dict[str, Any]]:
-    """The saveable state of each object in ``strategy``'s wrapper chain, keyed
+    """The saveable state of each aggregation layer in ``strategy``'s wrapper chain, keyed
     ``<depth>:<class name>``."""
     state: dict[str, dict[str, Any]] = {}
-    for depth, node in enumerate(wrapper_chain(strategy)):
+    for depth, node in enumerate(_aggregation_chain(strategy)):
         fields: dict[str, Any] = {}
         for name, value in vars(node).items():
-            if isinstance(value, Strategy) or callable(value):
+            if isinstance(value, Strategy | ReplySites) or callable(value):
                 continue
             if hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
                 fields[name] = {"__state_dict__": value.state_dict()}
@@ -77,7 +85,7 @@ def strategy_state(strategy: Strategy) -> dict[str, dict[str, Any]]:
 def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, Any]]) -> None:
     """Put ``state`` (from :func:`strategy_state`) back into a freshly built strategy chain of
     the same classes. Raises :class:`ConfigError` when the chains differ."""
-    chain = wrapper_chain(strategy)
+    chain = _aggregation_chain(strategy)
     names = [f"{d}:{type(n).__name__}" for d, n in enumerate(chain)]
     if names != list(state):
         raise ConfigError(
@@ -99,7 +107,7 @@ def save_checkpoint(
     arrays: ArrayRecord,
     strategy: Strategy,
     rows: list[MetricRow],
-    failures: list[tuple[int, str, str]],
+    failures: list[Failure],
     cfg: RunConfig,
 ) -> Path:
     """Write the checkpoint after ``server_round`` to ``path`` atomically (a reader never sees

@@ -16,25 +16,13 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, Context
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["LOCAL_NORMS", "norm_state_keys", "restore_local_norms", "save_local_norms"]
+from fl_imaging.model_checks import norm_state_keys
+
+__all__ = ["LOCAL_NORMS", "restore_local_norms", "save_local_norms"]
 
 #: Key of the site's own normalisation layers in its ``context.state``.
 LOCAL_NORMS = "fedbn-local-norms"
-_NORM_LAYERS = (_NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def norm_state_keys(model: nn.Module) -> list[str]:
-    """Names of ``model``'s state-dict entries that belong to normalisation layers (batch,
-    instance, group and layer norm: weight, bias, running mean and variance, batch counter).
-    Empty for a model whose normalisation layers have no parameters (MONAI's default U-Net)."""
-    keys: list[str] = []
-    for module_name, module in model.named_modules():
-        if isinstance(module, _NORM_LAYERS):
-            prefix = f"{module_name}." if module_name else ""
-            keys.extend(prefix + k for k in module.state_dict())
-    return keys
 
 
 def restore_local_norms(model: nn.Module, context: Context) -> bool:

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from fl_imaging.config import TaskName
 from fl_imaging.data.inspect import SiteReport, inspect_site
 
 __all__ = ["format_report", "main"]
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.class_names.split(",") if n.strip()] or None
-    report = inspect_site(args.folder, args.task, num_classes=args.num_classes, class_names=names)
+    report = inspect_site(
+        args.folder, TaskName(args.task), num_classes=args.num_classes, class_names=names
+    )
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
@@ -86,3 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """Console-script wrapper: exit with :func:`main`'s code."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -33,14 +33,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_imaging.flower.recording import site_name
+from fl_imaging.protocol import ReplySites
+from fl_imaging.results import Failure
 from strategies.wrapper import StrategyWrapper
 
 __all__ = ["NotEnoughSites", "SiteAvailability"]
 
 log = logging.getLogger("fl_imaging.server")
-
-Failures = list[tuple[int, str, str]]
 
 
 class NotEnoughSites(RuntimeError):
@@ -53,8 +52,12 @@ class SiteAvailability(StrategyWrapper):
     skips aggregation when fewer than ``min_replies`` training replies are usable.
 
     ``site_names`` is extended with every site name first seen in a reply (the ServerApp's table
-    and progress lines show them); ``failures`` returns the list to append to (the recorder's).
+    and progress lines show them); ``failures`` returns the list to append to (the recorder's);
+    ``sites`` names the site behind a reply (shared with the other layers of the chain).
     """
+
+    #: Run bookkeeping, not aggregation state: nothing of it goes into a checkpoint.
+    checkpointed = False
 
     def __init__(
         self,
@@ -65,8 +68,9 @@ class SiteAvailability(StrategyWrapper):
         wait_timeout: float,
         round_timeout: float,
         site_names: list[str],
-        failures: Callable[[], Failures],
+        failures: Callable[[], list[Failure]],
         poll_seconds: float = 1.0,
+        sites: ReplySites | None = None,
     ) -> None:
         super().__init__(inner)
         self.min_sites = min_sites
@@ -76,12 +80,8 @@ class SiteAvailability(StrategyWrapper):
         self.site_names = site_names
         self.failures = failures
         self.poll_seconds = poll_seconds
-        #: SuperNode id -> site name, learnt from replies.
-        self.node_sites: dict[int, str] = {}
+        self.sites = sites or ReplySites()
         self._sent: dict[str, set[int]] = {"train": set(), "evaluate": set()}
-
-    def _name(self, node_id: int) -> str:
-        return self.node_sites.get(node_id, f"node-{node_id}")
 
     def wait_for_sites(self, grid: Grid, server_round: int) -> int:
         """Wait until ``min_sites`` sites are connected; returns how many are. Raises
@@ -120,11 +120,13 @@ class SiteAvailability(StrategyWrapper):
     def _note_replies(self, server_round: int, replies: list[Message], phase: str) -> int:
         """Learn site names, name failed sites, record silent ones; returns usable replies."""
         usable = 0
+        new: set[str] = set()
         for msg in replies:
+            name = self.sites(msg)
             if not msg.has_error():
                 usable += 1
-                self.node_sites[msg.metadata.src_node_id] = site_name(msg)
-        new = {n for n in self.node_sites.values() if n not in self.site_names}
+                if name not in self.site_names:
+                    new.add(name)
         self.site_names.extend(sorted(new))
         failures = self.failures()
         replied = {m.metadata.src_node_id for m in replies}
@@ -134,8 +136,8 @@ class SiteAvailability(StrategyWrapper):
                 f"no {phase} reply within engine.round_timeout={self.round_timeout:g} s "
                 "(site disconnected or too slow)"
             )
-            failures.append((server_round, self._name(node_id), reason))
-            log.warning("round %d: site %s: %s", server_round, self._name(node_id), reason)
+            failures.append((server_round, self.sites.of_node(node_id), reason))
+            log.warning("round %d: site %s: %s", server_round, self.sites.of_node(node_id), reason)
         return usable
 
     def _name_failures(self) -> None:
@@ -144,8 +146,8 @@ class SiteAvailability(StrategyWrapper):
         failures = self.failures()
         for i, (rnd, site, reason) in enumerate(failures):
             node = site.removeprefix("node-")
-            if node.isdigit() and int(node) in self.node_sites:
-                name = self.node_sites[int(node)]
+            if node.isdigit() and int(node) in self.sites.names:
+                name = self.sites.of_node(int(node))
                 failures[i] = (rnd, name, reason.replace(f"site {site} ", f"site {name} "))
 
     def configure_train(

@@ -24,11 +24,12 @@ from fl_imaging.config import RunConfig
 from fl_imaging.data.sites import Case
 from fl_imaging.site_training import SiteTrainer
 
-__all__ = ["WHOLE_TEST_FILE", "whole_test_metrics"]
+__all__ = ["ALL_TEST_CASES_FILE", "all_test_cases_metrics"]
 
 log = logging.getLogger("fl_imaging.bench")
 
-WHOLE_TEST_FILE = "whole_test.json"
+#: The cell's cache of these figures.
+ALL_TEST_CASES_FILE = "whole_test.json"
 
 
 def _model_files(folder: Path, kind: str) -> list[Path]:
@@ -37,14 +38,14 @@ def _model_files(folder: Path, kind: str) -> list[Path]:
     return [folder / "model.pt"]
 
 
-def whole_test_metrics(cfg: RunConfig, folder: Path, kind: str) -> dict[str, float]:
+def all_test_cases_metrics(cfg: RunConfig, folder: Path, kind: str) -> dict[str, float]:
     """The test metrics (task metric -> value, ``loss`` included) of the final model(s) of the
     finished cell in ``folder`` (run with ``cfg``; ``kind`` ``pooled``, ``local`` or
     ``federated``) over every site's test cases together; the mean over site models for
     ``local``. Empty for FedBN cells and when the sites hold no test cases. Read from the
     cell's ``whole_test.json`` when there, else computed and written there.
     """
-    cached = folder / WHOLE_TEST_FILE
+    cached = folder / ALL_TEST_CASES_FILE
     if cached.is_file():
         saved = json.loads(cached.read_text())
         return {k: math.nan if v is None else float(v) for k, v in saved.items()}

@@ -50,3 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """Console-script wrapper: exit with :func:`main`'s code."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,9 +1,4 @@
-"""The ``fl-imaging-bench`` command: run a named benchmark, resumably, and write its tables.
-
-    fl-imaging-bench experiment=hippocampus_iid            # every cell, then the tables
-    fl-imaging-bench experiment=smoke --list               # the cells and whether they ran
-    fl-imaging-bench experiment=smoke --only pooled,fedavg # some methods only
-    fl-imaging-bench experiment=mednist_dirichlet bench.seeds=[0] engine.rounds=2   # any override
+"""Run a named benchmark, resumably, and write its tables (what ``fl-imaging-bench`` does).
 
 A benchmark is an experiment preset (``conf/experiment/``) with a ``bench`` section: setups
 (datasets x partitions), strategies and seeds, plus the pooled and local-only baselines on the
@@ -15,7 +10,6 @@ over seeds), ``convergence_SETUP.png`` and ``per_site_SETUP.png``.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import math
@@ -23,11 +17,11 @@ import os
 import platform
 import shlex
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
+from fl_imaging.benchmark.all_test_cases import all_test_cases_metrics
 from fl_imaging.benchmark.cells import cell_status, read_cell, run_cell
 from fl_imaging.benchmark.plan import Cell, plan_cells
 from fl_imaging.benchmark.report import (
@@ -39,12 +33,21 @@ from fl_imaging.benchmark.report import (
     write_results_csv,
     write_summary,
 )
-from fl_imaging.benchmark.whole_test import whole_test_metrics
-from fl_imaging.cli import USER_ERRORS, check_fedbn, check_overrides
 from fl_imaging.config import ConfigError, DataName, RunConfig
+from fl_imaging.model_checks import check_fedbn
 from fl_imaging.results import AGGREGATE_SITE, read_metrics
+from fl_imaging.run import USER_ERRORS, check_overrides
 
-__all__ = ["entry", "main"]
+__all__ = ["PRESETS", "run_benchmark"]
+
+#: The benchmark presets shipped in ``conf/experiment/``.
+PRESETS = (
+    "smoke",
+    "hippocampus_iid",
+    "hippocampus_shift",
+    "adrenal3d_dirichlet",
+    "mednist_dirichlet",
+)
 
 log = logging.getLogger("fl_imaging.bench")
 
@@ -147,7 +150,9 @@ def _report(
         for rnd, value in _curve(rows, metrics[0]).items():
             curves[cell.setup][cell.method][rnd].append(value)
         try:
-            whole[(cell.setup, cell.method, cell.seed)] = whole_test_metrics(cfg, folder, cell.kind)
+            whole[(cell.setup, cell.method, cell.seed)] = all_test_cases_metrics(
+                cfg, folder, cell.kind
+            )
         except Exception as err:  # a table without this figure beats no table
             log.error("cell %s: not scored on all test cases at once: %s", cell.key, err)
     write_results_csv(results, metrics, out / "results.csv")
@@ -160,39 +165,22 @@ def _report(
     return md_path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark named by the overrides in ``argv``; returns the exit code (0: every
-    cell done, 1: some cell failed, 2: a configuration error)."""
-    parser = argparse.ArgumentParser(
-        prog="fl-imaging-bench",
-        description=__doc__.split("\n\n")[0],
-        epilog="Presets: smoke, hippocampus_iid, hippocampus_shift, adrenal3d_dirichlet, "
-        "mednist_dirichlet (conf/experiment/).",
-    )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke")
-    parser.add_argument(
-        "--list", action="store_true", help="print the cells and their state, run nothing"
-    )
-    parser.add_argument(
-        "--only",
-        default="",
-        help="comma-separated methods (strategy labels, pooled, local) to run; the tables "
-        "still show every cell done so far. Default: all",
-    )
-    args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    overrides = list(args.overrides)
+def run_benchmark(overrides: list[str], only: str = "", list_only: bool = False) -> int:
+    """Run the benchmark named by ``overrides`` (e.g. ``experiment=smoke``): every cell not done
+    before, or only those of the comma-separated methods in ``only``, then the tables (every
+    cell done so far); with ``list_only``, print the cells and their state and run nothing.
+    Returns the exit code: 0 every cell done, 1 some cell failed, 2 a configuration error."""
+    overrides = list(overrides)
     try:
         base = check_overrides(overrides)
         name = base.bench.name
         if not name:
             raise ConfigError(
-                "no benchmark chosen: add experiment=NAME (smoke, hippocampus_iid, "
-                "hippocampus_shift, adrenal3d_dirichlet, mednist_dirichlet) or set bench.name"
+                f"no benchmark chosen: add experiment=NAME ({', '.join(PRESETS)}) or set bench.name"
             )
         planned = plan_cells(base.bench, overrides)
         methods = list(dict.fromkeys(c.method for c in planned))
-        wanted = {m.strip() for m in args.only.split(",") if m.strip()} or set(methods)
+        wanted = {m.strip() for m in only.split(",") if m.strip()} or set(methods)
         unknown = wanted - set(methods)
         if unknown:
             raise ConfigError(
@@ -206,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(base.bench.out_dir) / name
     metrics = _main_metrics(cells[0][1])
     states = [cell_status(cell, out / "cells" / cell.key) for cell, _ in cells]
-    if args.list:
+    if list_only:
         for (cell, _), state in zip(cells, states, strict=True):
             print(f"{state:8} {cell.key}")
         return 0
@@ -251,12 +239,3 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
-
-
-def entry() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    entry()

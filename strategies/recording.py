@@ -19,28 +19,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_imaging.flower.protocol import (
-    GLOBAL_EVAL,
-    NUM_EXAMPLES,
-    SITE_NAME,
-    SITE_RECORD,
-    UNIT_WEIGHT,
-)
-from fl_imaging.results import AGGREGATE_SITE, MetricRow
+from fl_imaging.protocol import GLOBAL_EVAL, NUM_EXAMPLES, UNIT_WEIGHT, ReplySites
+from fl_imaging.results import AGGREGATE_SITE, Failure, MetricRow
 from strategies.privacy import privacy_spent
 from strategies.validation import ACCEPTED, FLAGGED, UpdateCheck
 from strategies.wrapper import StrategyWrapper
 
-__all__ = ["RecordingStrategy", "site_name"]
+__all__ = ["RecordingStrategy", "array_bytes"]
 
 log = logging.getLogger("fl_imaging.server")
-
-
-def site_name(msg: Message) -> str:
-    """The site that sent ``msg`` (its ``site`` record), or ``node-<id>`` for error replies."""
-    if not msg.has_error() and SITE_RECORD in msg.content.config_records:
-        return str(msg.content.config_records[SITE_RECORD][SITE_NAME])
-    return f"node-{msg.metadata.src_node_id}"
 
 
 def array_bytes(record: ArrayRecord) -> int:
@@ -52,8 +39,12 @@ class RecordingStrategy(StrategyWrapper):
     """Wraps ``inner`` and records per-site metrics of every train and evaluate reply.
 
     ``on_round_end(round, rows)`` is called at the end of each round with every row recorded so
-    far, e.g. to print a progress line and save a checkpoint.
+    far, e.g. to print a progress line and save a checkpoint. ``sites`` names the site behind
+    each reply (shared with the other layers of the chain).
     """
+
+    #: Run bookkeeping, not aggregation state: a checkpoint keeps its rows and failures itself.
+    checkpointed = False
 
     def __init__(
         self,
@@ -63,11 +54,13 @@ class RecordingStrategy(StrategyWrapper):
         global_arrays: ArrayRecord | None = None,
         offset: int = 0,
         evaluate_until: int | None = None,
+        sites: ReplySites | None = None,
     ) -> None:
         super().__init__(inner)
+        self.sites = sites or ReplySites()
         self.on_round_end = on_round_end
         self.rows: list[MetricRow] = []
-        self.failures: list[tuple[int, str, str]] = []
+        self.failures: list[Failure] = []
         #: The global weights after the last round that produced an aggregate.
         self.global_arrays = global_arrays
         self.offset = offset
@@ -99,7 +92,7 @@ class RecordingStrategy(StrategyWrapper):
     def _record(self, server_round: int, replies: list[Message], phase: str) -> None:
         evaluated: list[tuple[str, dict]] = []
         for msg in replies:
-            site = site_name(msg)
+            site = self.sites(msg)
             if msg.has_error():
                 self.failures.append((server_round, site, msg.error.reason))
                 log.warning(

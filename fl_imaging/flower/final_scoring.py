@@ -16,26 +16,31 @@ import math
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fl_imaging.flower.protocol import EVAL_SPLIT, FINETUNE_EPOCHS, NUM_EXAMPLES
-from fl_imaging.flower.recording import site_name
-from fl_imaging.results import AGGREGATE_SITE, MetricRow
+from fl_imaging.protocol import EVAL_SPLIT, FINETUNE_EPOCHS, NUM_EXAMPLES, ReplySites
+from fl_imaging.results import AGGREGATE_SITE, Failure, MetricRow
 
-__all__ = ["test_final_model"]
+__all__ = ["score_final_model"]
 
 log = logging.getLogger("fl_imaging.server")
 
 
-def test_final_model(
-    grid: Grid, arrays: ArrayRecord, server_round: int, finetune_epochs: int, timeout: float
-) -> tuple[list[MetricRow], list[tuple[int, str, str]]]:
+def score_final_model(
+    grid: Grid,
+    arrays: ArrayRecord,
+    server_round: int,
+    finetune_epochs: int,
+    timeout: float,
+    sites: ReplySites | None = None,
+) -> tuple[list[MetricRow], list[Failure]]:
     """Send ``arrays`` (the final global model) to every connected site for scoring on its test
     cases, after ``finetune_epochs`` epochs of local fine-tuning too when > 0; wait up to
     ``timeout`` seconds.
 
     Returns the metric rows, recorded at ``server_round`` (per site ``test_<metric>``,
     ``finetuned_<metric>`` and ``num_test``, and their average over sites weighted by test cases
-    as site ``all``), and the failures as (round, site, reason).
+    as site ``all``), and the failures as (round, site, reason); ``sites`` names the replies.
     """
+    sites = sites or ReplySites()
     config = ConfigRecord({EVAL_SPLIT: "test", FINETUNE_EPOCHS: finetune_epochs})
     messages = [
         Message(
@@ -46,11 +51,11 @@ def test_final_model(
         for node_id in grid.get_node_ids()
     ]
     rows: list[MetricRow] = []
-    failures: list[tuple[int, str, str]] = []
+    failures: list[Failure] = []
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        site = site_name(reply)
+        site = sites(reply)
         if reply.has_error():
             failures.append((server_round, site, f"test round: {reply.error.reason}"))
             log.warning("test round: site %s failed: %s", site, reply.error.reason)

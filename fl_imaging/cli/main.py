@@ -1,0 +1,82 @@
+"""The ``fl-imaging`` command: check the overrides, then let Hydra compose and run the pipeline.
+
+    fl-imaging [OVERRIDES ...]            # e.g. experiment=hippocampus strategy=fedmedian
+    fl-imaging --multirun seed=0,1        # a sweep, one run folder per job
+
+Before Hydra starts a run, the overrides are checked (:func:`fl_imaging.compose.check_overrides`),
+so a config error stops at once with exit code 2; the run itself is :func:`fl_imaging.run.run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from fl_imaging.config import config_dir, validate_config
+from fl_imaging.run import USER_ERRORS, check_overrides, run
+
+__all__ = ["main"]
+
+log = logging.getLogger("fl_imaging")
+
+#: Hydra options that take the next argument as their value.
+_OPTIONS_WITH_VALUE = {
+    "--config-name",
+    "-cn",
+    "--config-path",
+    "-cp",
+    "--config-dir",
+    "-cd",
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--experimental-rerun",
+}
+
+
+def _overrides_of(argv: list[str]) -> list[str]:
+    overrides: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in _OPTIONS_WITH_VALUE:
+            skip = True
+            continue
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        overrides.append(arg)
+    return overrides
+
+
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+def _hydra_main(composed: DictConfig) -> None:
+    try:
+        run(validate_config(composed))
+    except USER_ERRORS as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Entry point of ``fl-imaging``: check the overrides, then hand over to Hydra."""
+    argv = sys.argv[1:]
+    if not {"--help", "-h", "--hydra-help"} & set(argv):
+        try:
+            check_overrides(_overrides_of(argv))
+        except USER_ERRORS as err:
+            print(f"fl-imaging: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            GlobalHydra.instance().clear()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""What the coordinator and the sites say to each other: run_config and message keys, the reply a
+site sends, and the one helper that names the site behind a reply.
+
+This is the ground floor of the Flower side: the ServerApp, the ClientApp, our strategies and the
+tests all read these names from here, so that both ends of a message agree on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fl_imaging.config import RunConfig, config_from_yaml
+
+__all__ = [
+    "CONFIG_KEY",
+    "EVALUATE_GLOBAL",
+    "EVAL_SPLIT",
+    "FINETUNE_EPOCHS",
+    "GLOBAL_EVAL",
+    "LOCAL_EPOCHS",
+    "MALICIOUS",
+    "NUM_EXAMPLES",
+    "PROXIMAL_MU",
+    "SERVER_ROUND",
+    "SITE_NAME",
+    "SITE_RECORD",
+    "UNIT_WEIGHT",
+    "ReplySites",
+    "resolve_config",
+    "site_reply",
+]
+
+#: run_config key holding the whole resolved experiment config as YAML (deployment engine).
+CONFIG_KEY = "fl-imaging-config"
+#: ConfigRecord in every reply that names the site which sent it.
+SITE_RECORD = "site"
+SITE_NAME = "name"
+#: Metric Flower's strategies weight by: the number of samples (cases), never batches.
+NUM_EXAMPLES = "num-examples"
+#: Metric every site sends as 1: the weight of DP-FedAvg, which must weight sites equally.
+UNIT_WEIGHT = "unit-weight"
+#: Metric a site sends as 1 when it is a simulated malicious site (attack=...), else 0.
+MALICIOUS = "malicious"
+SERVER_ROUND = "server-round"
+LOCAL_EPOCHS = "local-epochs"
+#: Train-config flag: evaluate the received global model before training, and send the result
+#: in the reply's ConfigRecord ``GLOBAL_EVAL`` (one message per round).
+EVALUATE_GLOBAL = "evaluate-global"
+GLOBAL_EVAL = "global-eval"
+#: Evaluate-config keys of the final test round: the split to score (``val`` by default, or
+#: ``test``) and the epochs of local fine-tuning after which a site scores the test cases again.
+EVAL_SPLIT = "split"
+FINETUNE_EPOCHS = "finetune-epochs"
+#: Train-config key of FedProx's proximal weight (sent by Flower's FedProx).
+PROXIMAL_MU = "proximal-mu"
+
+
+def resolve_config(bound: RunConfig | None, context: Context) -> RunConfig:
+    """Return the config an app was built with (simulation) or the one sent in run_config
+    (deployment). Raises ValueError when neither exists."""
+    if bound is not None:
+        return bound
+    text = context.run_config.get(CONFIG_KEY)
+    if not isinstance(text, str):
+        raise ValueError(
+            f"run_config has no '{CONFIG_KEY}': start runs with `fl-imaging`, which sends the "
+            "experiment config along."
+        )
+    return config_from_yaml(text)
+
+
+def site_reply(
+    msg: Message,
+    site: str,
+    metrics: Mapping[str, float],
+    arrays: ArrayRecord | None = None,
+    global_eval: Mapping[str, float] | None = None,
+) -> Message:
+    """The reply a site sends to ``msg``: its ``metrics`` (plus ``unit-weight`` = 1), the
+    ``site`` record naming it, the model ``arrays`` (training replies) and, with one message
+    per round, its evaluation of the previous global model (``global_eval``)."""
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({**metrics, UNIT_WEIGHT: 1}),
+            SITE_RECORD: ConfigRecord({SITE_NAME: site}),
+        }
+    )
+    if arrays is not None:
+        content["arrays"] = arrays
+    if global_eval is not None:
+        content[GLOBAL_EVAL] = ConfigRecord(dict(global_eval))
+    return Message(content=content, reply_to=msg)
+
+
+class ReplySites:
+    """Names the site behind a reply: the one place that does.
+
+    A site's replies carry its name (:func:`site_reply`); an error reply carries nothing but the
+    sender's node id, so the name each node gave earlier is remembered and used for it, and a
+    node never heard from is called ``node-<id>``. ``known`` seeds node id -> site name.
+    """
+
+    def __init__(self, known: Mapping[int, str] | None = None) -> None:
+        self.names: dict[int, str] = dict(known or {})
+
+    def __call__(self, msg: Message) -> str:
+        """The name of the site that sent ``msg`` (learnt from it when it names itself)."""
+        node = int(msg.metadata.src_node_id)
+        if not msg.has_error() and SITE_RECORD in msg.content.config_records:
+            self.names[node] = str(msg.content.config_records[SITE_RECORD][SITE_NAME])
+        return self.of_node(node)
+
+    def of_node(self, node_id: int) -> str:
+        """The name node ``node_id`` gave in its replies so far, or ``node-<id>``."""
+        return self.names.get(int(node_id), f"node-{node_id}")

@@ -1,0 +1,88 @@
+"""The pipeline every run goes through: compose, check, prepare the sites, run the engine.
+
+``fl-imaging`` (through Hydra), ``fl-imaging-bench`` (one call per cell), the baselines and the
+scripts all come here; this module imports no command. The steps, in order:
+
+1. compose the config from overrides and validate it (:func:`fl_imaging.compose.check_overrides`;
+   ``fl-imaging`` lets Hydra compose and checks the same way first);
+2. check what depends on the model alone (:func:`fl_imaging.model_checks.check_model`), before
+   any site's data is read;
+3. prepare the sites (:func:`fl_imaging.data.prepare.prepare_sites`: demo data, public datasets
+   split into sites, or the hospitals' own folders, each checked), except in a deployment, where
+   every site reads its own folder;
+4. plan the server side (:func:`fl_imaging.flower.federation.plan_federation`: the strategy chain
+   and the checkpoint to resume from, checked here, once);
+5. run the engine (simulation or deployment), which writes the results into the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from fl_imaging.compose import check_overrides
+from fl_imaging.config import ConfigError, DataName, EngineName, RunConfig
+from fl_imaging.data.partition import PartitionError
+from fl_imaging.data.sites import SiteDataError
+from fl_imaging.engines.deployment import DeploymentError
+from strategies import StrategyError
+
+__all__ = ["USER_ERRORS", "check_overrides", "run"]
+
+log = logging.getLogger("fl_imaging")
+
+#: The errors a user can fix (config, data, strategy, deployment): shown as one message, exit 2.
+USER_ERRORS = (ConfigError, SiteDataError, PartitionError, StrategyError, DeploymentError)
+
+
+def run(cfg: RunConfig) -> Path:
+    """Run a validated config (steps 2-5 of the module docstring); returns the run folder.
+
+    ``engine=deployment`` with ``data=folders``: the sites' folders stay at the sites (each
+    SuperNode reads its own), so nothing is read here; ``data.sites`` may name the sites for the
+    table, and ``engine.num_sites`` says how many to expect. Raises one of :data:`USER_ERRORS`
+    for what the user must change.
+    """
+    # Imported here, so that a config error stops before torch and MONAI are imported.
+    from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
+    from fl_imaging.flower.federation import plan_federation
+    from fl_imaging.model_checks import check_model
+
+    check_model(cfg)
+    run_dir = Path(cfg.run_dir).resolve()
+    cfg = replace(cfg, run_dir=str(run_dir))
+    deployment = cfg.engine.name == EngineName.deployment
+    if deployment and cfg.data.name == DataName.folders:
+        site_names = [Path(p).name for p in cfg.data.sites]
+        log.info(
+            "deployment: site data stays at the sites (each SuperNode reads its own folder); "
+            "expecting %s site(s)%s",
+            cfg.engine.num_sites or len(site_names) or "?",
+            f": {', '.join(site_names)}" if site_names else "",
+        )
+    else:
+        cfg, sites, reports = prepare_sites(cfg)
+        table = write_partition_summary(
+            partition_summary(sites, reports), run_dir / "partition.csv"
+        )
+        log.info("sites of this run (cases per split):\n%s", table)
+        site_names = [s.name for s in sites]
+    if (cfg.engine.num_sites or len(site_names)) < 1:
+        raise ConfigError(
+            "engine=deployment with data=folders: say how many sites to expect with "
+            "engine.num_sites=N (or name them: data.sites=[hospital-a,hospital-b])"
+        )
+    if cfg.resume:
+        cfg = replace(cfg, resume=str(Path(cfg.resume).resolve()))
+    plan = plan_federation(cfg, site_names)
+    if deployment:
+        from fl_imaging.engines.deployment import run_deployment_engine
+
+        run_deployment_engine(cfg, site_names)  # the ServerApp plans again, on its own host
+    else:
+        from fl_imaging.engines.simulation import run_simulation_engine
+
+        run_simulation_engine(cfg, site_names, plan)
+    log.info("results in %s: metrics.csv, curves.png, model.pt, config.yaml, summary.txt", run_dir)
+    return run_dir
