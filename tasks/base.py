@@ -3,6 +3,15 @@
 A task is built from the ``task`` config group. It knows nothing about Flower or sites: it takes
 MONAI datasets and a model and returns numbers. The training loop is ours (a plain PyTorch loop,
 MONAI has none for this); everything inside it is MONAI's (networks, losses, metrics, transforms).
+
+Shapes in the docstrings of the tasks, as MONAI writes them:
+
+- ``B``: batch size; ``C_in``: ``cfg.in_channels``; ``K``: ``cfg.num_classes`` (background
+  included for segmentation, so foreground classes are ``1..K-1``).
+- ``*spatial``: ``H, W`` when ``cfg.spatial_dims`` is 2, ``H, W, D`` when it is 3 (``H, W[, D]``);
+  ``*roi_size``: the spatial sizes of ``cfg.roi_size`` (one per spatial axis).
+- A *sample* is one case without the batch axis (``(C_in, *spatial)``); a DataLoader stacks
+  samples into *batches* with a leading ``B`` axis.
 """
 
 from __future__ import annotations
@@ -30,14 +39,29 @@ ExtraLoss = Callable[[nn.Module], torch.Tensor]
 
 @dataclass
 class TrainResult:
-    """Mean training loss over the samples seen, and how many samples (not batches) were seen."""
+    """Mean training loss over the samples seen, and how many samples (not batches) were seen.
+
+    Attributes:
+        loss: mean per-sample loss of the last epoch (each batch's loss, extra term included,
+            weighted by its batch size); ``0.0`` when no sample was seen.
+        num_samples: number of samples (cases, not batches) seen in the last epoch, ``>= 0``.
+    """
 
     loss: float
     num_samples: int
 
 
 def build_optimizer(model: nn.Module, cfg: TaskConfig) -> torch.optim.Optimizer:
-    """Return the optimizer named in ``cfg.optimizer`` over ``model``'s parameters."""
+    """Return the optimizer named in ``cfg.optimizer`` over ``model``'s parameters.
+
+    Args:
+        model: the network whose ``parameters()`` the optimizer updates.
+        cfg: task config; ``cfg.optimizer`` gives ``name`` (``sgd``: SGD with ``momentum``;
+            ``adamw``: AdamW; ``adam``: Adam), ``lr`` and ``weight_decay``.
+
+    Returns:
+        A new ``torch.optim.Optimizer`` with fresh state (no momentum or Adam moments yet).
+    """
     opt = cfg.optimizer
     params = model.parameters()
     if opt.name == OptimizerName.sgd:
@@ -50,9 +74,19 @@ def build_optimizer(model: nn.Module, cfg: TaskConfig) -> torch.optim.Optimizer:
 
 
 class ImagingTask(abc.ABC):
-    """A MONAI training task configured by a :class:`~fl_imaging.config.TaskConfig`."""
+    """A MONAI training task configured by a :class:`~fl_imaging.config.TaskConfig`.
 
-    #: Name of the metric that summarises a site's validation result (higher is better).
+    Args:
+        cfg: the validated ``task`` config (spatial dims, channels, classes, model, optimizer,
+            ``roi_size``, ...).
+        device: where :meth:`train` and :meth:`evaluate` run the model; None: ``cuda`` if
+            available, else ``cpu``.
+    """
+
+    #: Name of the metric that summarises a site's validation result (higher is better), a key
+    #: of the dict :meth:`evaluate` returns. Class attribute: ``"dice"`` for segmentation,
+    #: ``"accuracy"`` for classification (the base's ``"loss"`` is lower-is-better and used by
+    #: no task).
     main_metric: str = "loss"
 
     def __init__(self, cfg: TaskConfig, device: torch.device | None = None) -> None:
@@ -61,39 +95,91 @@ class ImagingTask(abc.ABC):
 
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
-        """Return a freshly initialised MONAI network (on the CPU)."""
+        """Return a freshly initialised MONAI network (on the CPU, in training mode).
+
+        Returns:
+            An ``nn.Module`` taking images ``(B, C_in, *spatial)`` float32 and returning float32
+            logits (no softmax): ``(B, K, *spatial)`` for segmentation, ``(B, K)`` for
+            classification.
+        """
 
     @abc.abstractmethod
     def load_transforms(self) -> Compose:
         """Deterministic transforms from file paths to tensors: decoding, orientation, spacing,
-        intensity normalisation. Their output is what a cache keeps."""
+        intensity normalisation. Their output is what a cache keeps.
+
+        Returns:
+            A ``Compose`` mapping a case dict ``{"image": path, "label": path or class index,
+            ...}`` to a sample whose ``image`` is ``(C_in, *spatial)`` float32 (z-scored per
+            channel); the label's form is the task's (see the subclasses). Other keys (e.g.
+            ``case_id``) pass through.
+        """
 
     @abc.abstractmethod
     def inference_transforms(self) -> Compose:
         """The image part of :meth:`load_transforms` (no label), keeping MONAI's metadata so that
-        a prediction can be mapped back to the input's grid (``Invertd``)."""
+        a prediction can be mapped back to the input's grid (``Invertd``).
+
+        Returns:
+            A ``Compose`` mapping ``{"image": path}`` to a dict whose ``image`` is a
+            ``MetaTensor`` ``(C_in, *spatial)`` float32 carrying its affine and the applied
+            operations.
+        """
 
     @abc.abstractmethod
     def train_transforms(self) -> Compose:
-        """Random augmentation applied after :meth:`load_transforms` for training batches."""
+        """Random augmentation applied after :meth:`load_transforms` for training batches.
+
+        Returns:
+            A ``Compose`` applied to a sample from :meth:`load_transforms`; its output is what a
+            training DataLoader stacks (``image`` float32, ``label`` int64, see the subclasses).
+            Seed it with ``Compose.set_random_state`` for reproducible augmentation.
+        """
 
     def eval_transforms(self) -> Compose:
-        """Transforms applied after :meth:`load_transforms` for evaluation samples."""
+        """Transforms applied after :meth:`load_transforms` for evaluation samples.
+
+        Returns:
+            A deterministic ``Compose`` (here empty: samples pass unchanged); subclasses cast the
+            label to int64.
+        """
         return Compose([])
 
     @abc.abstractmethod
     def loss_function(self) -> nn.Module:
-        """The MONAI loss taking ``(prediction_logits, target)``."""
+        """The loss taking ``(prediction_logits, target)``.
+
+        Returns:
+            An ``nn.Module`` called as ``loss_fn(logits, target)``, with ``logits`` as
+            :meth:`build_model`'s output and ``target`` as a batch's ``label`` (class indices);
+            it returns a scalar (0-d) float tensor, the mean over the batch.
+        """
 
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
         """Evaluate ``model`` on a loader of validation samples.
 
-        Returns metric name -> value; always ``loss`` and the task's :attr:`main_metric`.
+        Args:
+            model: a network as :meth:`build_model` returns; moved to :attr:`device` and put in
+                eval mode (it stays there).
+            loader: an iterable of batch dicts (a DataLoader over samples from
+                :meth:`load_transforms` + :meth:`eval_transforms`, or a list of such dicts),
+                each holding at least ``image`` ``(B, C_in, *spatial)`` float32 and ``label``.
+
+        Returns:
+            Metric name -> Python float; always ``loss`` (sample-weighted mean of the batches'
+            losses, ``>= 0``) and the task's :attr:`main_metric`.
+
+        Raises:
+            ValueError: when ``loader`` yields no batch.
         """
 
     def collate_keys(self) -> Sequence[str]:
-        """Keys of a sample dictionary that training batches need."""
+        """Keys of a sample dictionary that training batches need.
+
+        Returns:
+            ``("image", "label")``.
+        """
         return ("image", "label")
 
     def train(
@@ -107,8 +193,24 @@ class ImagingTask(abc.ABC):
     ) -> TrainResult:
         """Train ``model`` in place for ``epochs`` passes over ``loader``.
 
-        ``extra_loss(model)`` is added to every batch's loss when given. ``log`` receives one line
-        per epoch. Returns the mean loss of the last epoch and the number of samples it saw.
+        Each call builds a new optimizer (:func:`build_optimizer`), so no optimizer state is
+        kept from one call (round) to the next. The model is moved to :attr:`device` and put in
+        training mode (it stays there).
+
+        Args:
+            model: a network as :meth:`build_model` returns.
+            loader: an iterable of batch dicts (a DataLoader over samples from
+                :meth:`load_transforms` + :meth:`train_transforms`, or a list of such dicts)
+                holding ``image`` ``(B, C_in, *spatial)`` float32 and ``label`` in the form
+                :meth:`loss_function` takes (see the subclasses).
+            epochs: number of passes over ``loader``; 0 trains nothing.
+            extra_loss: when given, ``extra_loss(model)`` (a scalar tensor, e.g. FedProx's
+                proximal term) is added to every batch's loss before the backward pass.
+            log: when given, receives one line per epoch with its mean loss and sample count.
+
+        Returns:
+            A :class:`TrainResult`: the last epoch's mean per-sample loss (extra term included;
+            ``0.0`` without samples) and its number of samples.
         """
         model.to(self.device).train()
         optimizer = build_optimizer(model, self.cfg)

@@ -29,16 +29,37 @@ __all__ = ["ClassificationTask"]
 
 
 class ClassificationTask(ImagingTask):
-    """Whole-image classification into ``num_classes`` classes.
+    """Whole-image classification into ``K = num_classes`` classes.
 
-    Samples are ``{"image": (C, *roi_size) float, "label": () long class index}``.
-    Metrics: ``accuracy`` (fraction), ``auc`` (macro one-vs-rest ROC-AUC, NaN when the validation
-    set holds a single class), ``loss`` (cross-entropy).
+    Samples are ``{"image": (C_in, *roi_size) float32, "label": () class index 0..K-1}`` (label
+    a 0-d float32 tensor after :meth:`load_transforms`, int64 after :meth:`train_transforms` or
+    :meth:`eval_transforms`); batches hold ``image`` ``(B, C_in, *roi_size)`` and ``label``
+    ``(B,)``. The model maps images to float32 logits ``(B, K)``.
+    Metrics: ``accuracy`` (fraction in [0, 1]), ``auc`` (macro one-vs-rest ROC-AUC in [0, 1],
+    NaN when the validation set holds a single class or, for K > 2, lacks any class), ``loss``
+    (cross-entropy, >= 0).
+
+    Args:
+        cfg: the validated ``task`` config (``name: classification``).
+        device: where training and evaluation run; None: ``cuda`` if available, else ``cpu``.
     """
 
     main_metric = "accuracy"
 
     def build_model(self) -> nn.Module:
+        """Return a freshly initialised MONAI ``ResNet`` or ``DenseNet`` (``cfg.model.name``).
+
+        ResNet: basic blocks, one per stage, the 4 stage widths of ``cfg.model.channels``, a
+        3-wide stride-1 stem. DenseNet: ``init_features = growth_rate = channels[0]``, one
+        dense block of 2 layers per ``channels`` entry, ``dropout``. ``cfg.model.norm`` replaces
+        the network's default normalisation when set.
+
+        Returns:
+            An ``nn.Module`` (CPU, training mode) mapping images ``(B, C_in, *spatial)``
+            float32 to logits ``(B, K)`` float32 (no softmax); it ends in global pooling, so
+            any spatial size large enough for its downsampling works (training and evaluation
+            use ``cfg.roi_size``).
+        """
         cfg = self.cfg
         channels = list(cfg.model.channels)
         if cfg.model.name == ModelName.resnet:
@@ -66,7 +87,12 @@ class ClassificationTask(ImagingTask):
 
     def _image_steps(self) -> list:
         """Decoding, RAS orientation (3D), optional resampling, resizing to ``roi_size`` and
-        z-score intensity of the image."""
+        z-score intensity of the image.
+
+        Returns:
+            The list of MONAI dict transforms on ``image`` (not yet composed), ending in an
+            image ``(C_in, *roi_size)``.
+        """
         steps: list = [
             LoadImaged(keys="image", reader=list(IMAGE_READERS), image_only=True),
             EnsureChannelFirstd(keys="image"),
@@ -82,6 +108,15 @@ class ClassificationTask(ImagingTask):
         return steps
 
     def load_transforms(self) -> Compose:
+        """Deterministic loading of a case: what the dataset cache keeps.
+
+        Returns:
+            A ``Compose`` mapping ``{"image": path, "label": int class index, ...}`` to plain
+            tensors (no metadata): ``image`` ``(C_in, *roi_size)`` float32 (RAS-oriented in
+            3D, resampled to ``cfg.spacing`` when set, resized to ``cfg.roi_size``, z-scored
+            per channel) and ``label`` a 0-d float32 tensor holding the class index 0..K-1.
+            Other keys (``case_id``) pass through.
+        """
         return Compose(
             [
                 *self._image_steps(),
@@ -90,23 +125,74 @@ class ClassificationTask(ImagingTask):
         )
 
     def inference_transforms(self) -> Compose:
+        """The image part of :meth:`load_transforms`, for prediction on new images.
+
+        Returns:
+            A ``Compose`` mapping ``{"image": path}`` to ``image``: a ``MetaTensor``
+            ``(C_in, *roi_size)`` float32 keeping its metadata.
+        """
         return Compose([*self._image_steps(), EnsureTyped(keys="image", dtype=torch.float32)])
 
     def train_transforms(self) -> Compose:
+        """Random flip of a loaded sample, for training.
+
+        Returns:
+            A ``Compose`` flipping ``image`` ``(C_in, *roi_size)`` float32 along its first
+            spatial axis with probability 0.5 and casting ``label`` to a 0-d int64 tensor (a
+            DataLoader stacks it to ``(B,)``).
+        """
         return Compose([RandFlipd(keys="image", prob=0.5, spatial_axis=0), self._label_as_long()])
 
     def eval_transforms(self) -> Compose:
+        """Transforms after :meth:`load_transforms` for evaluation (labels as long).
+
+        Returns:
+            A ``Compose`` leaving ``image`` unchanged and casting ``label`` to a 0-d int64
+            tensor.
+        """
         return Compose([self._label_as_long()])
 
     @staticmethod
     def _label_as_long() -> EnsureTyped:
+        """``label`` as an int64 tensor without metadata (same shape)."""
         return EnsureTyped(keys="label", dtype=torch.long, track_meta=False)
 
     def loss_function(self) -> nn.Module:
+        """PyTorch's ``nn.CrossEntropyLoss()`` (MONAI has no classification loss of its own).
+
+        Returns:
+            A module called as ``loss_fn(logits, target)`` with ``logits`` ``(B, K)`` float
+            (log-softmax is applied inside) and ``target`` ``(B,)`` int64 class indices
+            0..K-1. It returns a 0-d float tensor, >= 0: the mean over the batch.
+        """
         return nn.CrossEntropyLoss()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        """Accuracy, macro ROC-AUC and mean cross-entropy of ``model`` on ``loader``.
+
+        Class probabilities are the softmax of the logits over the K classes; the predicted
+        class is their arg-max (the lowest index on ties). The AUC is MONAI's
+        ``ROCAUCMetric(average="macro")``: the unweighted mean over the K classes of the
+        one-vs-rest AUC of that class's probability (tied scores count 1/2). For K = 2 both
+        classes give the same value, the AUC of the probability of class 1.
+
+        Args:
+            model: a network as :meth:`build_model` returns; moved to :attr:`device` and put in
+                eval mode (it stays there).
+            loader: an iterable of batch dicts holding ``image`` ``(B, C_in, *roi_size)``
+                float32 and ``label`` ``(B,)`` (or ``(B, 1)``) class indices 0..K-1, any
+                numeric dtype (cast to int64).
+
+        Returns:
+            ``{"accuracy": ..., "auc": ..., "loss": ...}`` as Python floats over all cases of
+            ``loader`` together: ``accuracy`` in [0, 1]; ``auc`` in [0, 1], NaN when the labels
+            hold a single class or (K > 2) some class has no case (its one-vs-rest AUC is
+            undefined; MONAI warns); ``loss`` the sample-weighted mean cross-entropy, >= 0.
+
+        Raises:
+            ValueError: when ``loader`` yields no batch.
+        """
         model.to(self.device).eval()
         loss_fn = self.loss_function()
         probs, labels = [], []

@@ -33,15 +33,41 @@ __all__ = ["SegmentationTask"]
 
 
 class SegmentationTask(ImagingTask):
-    """Voxel-wise segmentation of ``num_classes`` classes (background included).
+    """Voxel-wise segmentation of ``K = num_classes`` classes (background 0 included).
 
-    Samples are ``{"image": (C, *spatial) float, "label": (1, *spatial) int class index}``.
-    Metrics: ``dice`` (mean over foreground classes), ``dice_<k>`` per foreground class, ``loss``.
+    Samples are ``{"image": (C_in, *spatial) float32, "label": (1, *spatial) class indices
+    0..K-1}`` (label uint8 after :meth:`load_transforms`, int64 after :meth:`train_transforms`
+    or :meth:`eval_transforms`); batches add the leading ``B`` axis. The model maps
+    ``(B, C_in, *spatial)`` to float32 logits ``(B, K, *spatial)``.
+    Metrics: ``dice`` (mean over foreground classes), ``dice_<k>`` per foreground class
+    ``k = 1..K-1`` (each in [0, 1]), ``loss`` (Dice + cross-entropy, >= 0).
+
+    Args:
+        cfg: the validated ``task`` config (``name: segmentation``).
+        device: where training and evaluation run; None: ``cuda`` if available, else ``cpu``.
     """
 
     main_metric = "dice"
 
     def build_model(self) -> nn.Module:
+        """Return a freshly initialised MONAI ``UNet`` or ``SegResNet`` (``cfg.model.name``).
+
+        UNet: one level per ``cfg.model.channels`` entry, stride 2 between levels,
+        ``num_res_units`` residual units, ``dropout``; SegResNet: ``init_filters =
+        channels[0]``, one down block per entry. ``cfg.model.norm`` replaces the network's
+        default normalisation when set.
+
+        Returns:
+            An ``nn.Module`` (CPU, training mode) mapping images ``(B, C_in, *spatial)``
+            float32 to logits ``(B, K, *spatial)`` float32 (no softmax), same spatial size.
+            Each spatial size it sees (``cfg.roi_size`` for the sliding windows) must be a
+            multiple of ``2 ** (len(channels) - 1)``.
+
+        Raises:
+            ValueError: for SegResNet with MONAI's default group norm (``cfg.model.norm``
+                unset) when ``channels[0]`` is not a multiple of 8: MONAI ignores the
+                ``num_groups`` argument passed here unless ``norm_name`` is set.
+        """
         cfg = self.cfg
         channels = tuple(cfg.model.channels)
         if cfg.model.name == ModelName.segresnet:
@@ -69,7 +95,15 @@ class SegmentationTask(ImagingTask):
 
     def _image_steps(self, keys: list[str]) -> list:
         """Decoding, RAS orientation, optional resampling and z-score intensity of ``keys``
-        (``image`` first); labels are resampled with nearest-neighbour interpolation."""
+        (``image`` first); labels are resampled with nearest-neighbour interpolation.
+
+        Args:
+            keys: ``["image"]`` or ``["image", "label"]``.
+
+        Returns:
+            The list of MONAI dict transforms (not yet composed); each key becomes
+            channel-first ``(C, *spatial)``, oriented to ``"RAS"[:spatial_dims]``.
+        """
         modes = ("bilinear", "nearest")[: len(keys)]
         steps: list = [
             LoadImaged(keys=keys, reader=list(IMAGE_READERS), image_only=True),
@@ -84,6 +118,16 @@ class SegmentationTask(ImagingTask):
         return steps
 
     def load_transforms(self) -> Compose:
+        """Deterministic loading of a case: what the dataset cache keeps.
+
+        Returns:
+            A ``Compose`` mapping ``{"image": path, "label": path, ...}`` to plain tensors (no
+            metadata): ``image`` ``(C_in, *spatial)`` float32, z-scored per channel over all
+            voxels; ``label`` ``(1, *spatial)`` uint8 class indices 0..K-1. ``*spatial`` is the
+            image's grid after RAS orientation and, when ``cfg.spacing`` is set, resampling to
+            that spacing (bilinear image, nearest-neighbour label); image and label files must
+            share a grid. Other keys (``case_id``) pass through.
+        """
         keys = ["image", "label"]
         return Compose(
             [
@@ -94,11 +138,30 @@ class SegmentationTask(ImagingTask):
         )
 
     def inference_transforms(self) -> Compose:
+        """The image part of :meth:`load_transforms`, for prediction on new images.
+
+        Returns:
+            A ``Compose`` mapping ``{"image": path}`` to ``image``: a ``MetaTensor``
+            ``(C_in, *spatial)`` float32 (oriented, resampled, z-scored as in
+            :meth:`load_transforms`) keeping its metadata, so that ``Invertd`` can map logits
+            ``(K, *spatial)`` back to the file's grid.
+        """
         return Compose(
             [*self._image_steps(["image"]), CastToTyped(keys="image", dtype=torch.float32)]
         )
 
     def train_transforms(self) -> Compose:
+        """Random patch and flip of a loaded sample, for training.
+
+        Pads ``image`` and ``label`` (zeros) to at least ``cfg.roi_size``, crops one random
+        ``roi_size`` patch from both, flips both along the first spatial axis with probability
+        0.5, and casts the label to int64.
+
+        Returns:
+            A ``Compose`` mapping a sample from :meth:`load_transforms` to ``image``
+            ``(C_in, *roi_size)`` float32 and ``label`` ``(1, *roi_size)`` int64 class indices
+            0..K-1.
+        """
         keys = ["image", "label"]
         roi = tuple(self.cfg.roi_size)
         return Compose(
@@ -111,14 +174,47 @@ class SegmentationTask(ImagingTask):
         )
 
     def eval_transforms(self) -> Compose:
-        """Transforms after :meth:`load_transforms` for evaluation (labels as long)."""
+        """Transforms after :meth:`load_transforms` for evaluation (labels as long).
+
+        Returns:
+            A ``Compose`` keeping the whole image ``(C_in, *spatial)`` float32 (no crop:
+            :meth:`evaluate` uses sliding windows) and casting ``label`` to ``(1, *spatial)``
+            int64.
+        """
         return Compose([CastToTyped(keys="label", dtype=torch.long)])
 
     def loss_function(self) -> nn.Module:
+        """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+
+        Returns:
+            A module called as ``loss_fn(logits, target)`` with ``logits`` ``(B, K, *spatial)``
+            float (softmax is applied inside) and ``target`` ``(B, 1, *spatial)`` class indices
+            0..K-1 (one-hot encoded inside). It returns a 0-d float tensor, >= 0: soft Dice
+            loss over all K classes (background included), averaged over batch and classes,
+            plus the mean voxel-wise cross-entropy, with equal weights.
+        """
         return DiceCELoss(to_onehot_y=True, softmax=True)
 
     def predict_logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Sliding-window logits ``(B, num_classes, *spatial)`` for images ``(B, C, *spatial)``."""
+        """Sliding-window logits ``(B, num_classes, *spatial)`` for images ``(B, C, *spatial)``.
+
+        Windows of ``cfg.roi_size`` overlap by ``cfg.sw_overlap`` and are blended with equal
+        weights; ``cfg.sw_batch_size`` windows go through ``model`` at once. Neither the
+        model's mode nor gradient tracking is changed: call it under ``torch.no_grad()`` with
+        ``model.eval()`` for inference.
+
+        Args:
+            model: a network as :meth:`build_model` returns, on the device of ``images``.
+            images: ``(B, C_in, *spatial)`` float32, any spatial size (smaller images are
+                padded for the windows, the output is cropped back).
+
+        Returns:
+            Logits ``(B, K, *spatial)`` float32 (no softmax), same spatial size and device as
+            ``images``.
+
+        Raises:
+            ValueError: when ``images`` has not ``2 + cfg.spatial_dims`` dimensions.
+        """
         return sliding_window_inference(
             images,
             roi_size=tuple(self.cfg.roi_size),
@@ -129,6 +225,30 @@ class SegmentationTask(ImagingTask):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        """Per-class Dice of the arg-max prediction and the mean loss on ``loader``.
+
+        Logits come from :meth:`predict_logits` on whole images; the prediction is their
+        arg-max over classes. Dice is computed per case and foreground class; a case whose
+        ground truth lacks class ``k`` is left out of ``dice_<k>`` (a false positive there
+        costs nothing), and ``dice_<k>`` is the mean over the remaining cases. When no case
+        holds class ``k``, MONAI's reduction gives ``dice_<k> = 0.0`` (not NaN).
+
+        Args:
+            model: a network as :meth:`build_model` returns; moved to :attr:`device` and put in
+                eval mode (it stays there).
+            loader: an iterable of batch dicts holding ``image`` ``(B, C_in, *spatial)``
+                float32 and ``label`` ``(B, 1, *spatial)`` int64 class indices 0..K-1 (spatial
+                sizes may differ between batches, not within one).
+
+        Returns:
+            ``{"dice_1": ..., ..., "dice_<K-1>": ..., "dice": ..., "loss": ...}`` as Python
+            floats: ``dice_<k>`` in [0, 1]; ``dice`` the mean of the ``dice_<k>`` (NaN ones
+            ignored) in [0, 1]; ``loss`` the sample-weighted mean of :meth:`loss_function` over
+            the batches, >= 0.
+
+        Raises:
+            ValueError: when ``loader`` yields no batch.
+        """
         model.to(self.device).eval()
         n_classes = self.cfg.num_classes
         dice = DiceMetric(include_background=False, reduction="mean_batch")

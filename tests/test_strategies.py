@@ -193,10 +193,38 @@ def test_geometric_median_matches_a_direct_minimisation() -> None:
     assert int(out["count"]) == 3  # counters come from the first reply
 
 
-def test_geometric_median_function_unweighted_on_a_symmetric_set() -> None:
+def test_geometric_median_known_medians_weighting_and_settings() -> None:
     square = np.array([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0], [0.0, 0.0]])
     np.testing.assert_allclose(geometric_median(square), [0.0, 0.0], atol=1e-8)
-    assert isinstance(GeometricMedian(), GeometricMedian)
+    # Collinear models (every weight equal to t, bias t): the geometric median is the 1-D
+    # (weighted) median of t, far from the (weighted) mean the iteration starts from.
+    t = [0.0, 1.0, 2.0, 10.0, 100.0]
+    sites = [model([v] * 4, v, count=3 + i) for i, v in enumerate(t)]
+    weights = [10, 10, 10, 30, 10]  # t=10 holds 30 of 70: below half, yet the weighted median
+
+    def value(out: Arrays | None) -> np.ndarray:
+        assert out is not None
+        assert out["w"].dtype == np.float32 and out["count"].dtype == np.int64
+        assert int(out["count"]) == 3  # counters come from the first reply
+        return np.concatenate([out["w"].ravel(), out["b"]])
+
+    # Defaults weight by num-examples: median 10 (weighted mean 19.0).
+    weighted = GeometricMedian()
+    np.testing.assert_allclose(value(aggregate(weighted, GLOBAL, sites, weights)), 10, atol=1e-4)
+    # Unweighted: median 2 (mean 22.6), whatever the num-examples.
+    unweighted = GeometricMedian(weighted=False)
+    np.testing.assert_allclose(value(aggregate(unweighted, GLOBAL, sites, weights)), 2, atol=1e-4)
+    # max_iter reaches the iteration: one Weiszfeld step from the unweighted mean.
+    z0 = np.mean(t)
+    b = 1.0 / np.abs(np.asarray(t) - z0)
+    one_step = GeometricMedian(weighted=False, max_iter=1)
+    got = value(aggregate(one_step, GLOBAL, sites, weights))
+    np.testing.assert_allclose(got, float(b @ t / b.sum()), rtol=1e-6)
+
+    for bad in ({"max_iter": 0}, {"max_iter": -1}, {"tol": -1e-9}, {"eps": 0.0}, {"eps": -1e-6}):
+        with pytest.raises(ValueError, match="max_iter >= 1, tol >= 0 and eps > 0"):
+            GeometricMedian(**bad)
+    GeometricMedian(max_iter=1, tol=0.0, eps=1e-12)  # the limits themselves are allowed
 
 
 def direct_centered_clipping(
