@@ -19,6 +19,7 @@ from monai.transforms import LoadImage
 from fl_imaging.cli import check_overrides
 from fl_imaging.data import download as dl
 from fl_imaging.data.datasets import DatasetPool, load_class_folders, load_medmnist, load_msd
+from fl_imaging.data.datasets.msd_download import msd_layout_problems, msd_summary
 from fl_imaging.data.readers import IMAGE_READERS
 from fl_imaging.data.simulated import load_pool
 from fl_imaging.data.sites import SiteDataError
@@ -314,9 +315,9 @@ def test_the_presets_fit_their_datasets(adrenal28: DatasetPool) -> None:
 
 
 def test_what_passes_the_msd_layout_check_is_read_by_the_adapter() -> None:
-    assert dl.msd_layout_problems(_shared(MSD)) == []
+    assert msd_layout_problems(_shared(MSD)) == []
     pool = load_msd(MSD)
-    assert f"{len(pool.cases)} training entries" in dl.msd_summary(MSD)
+    assert f"{len(pool.cases)} training entries" in msd_summary(MSD)
     images = sorted(p.name for p in (MSD / "imagesTr").glob("*.nii.gz"))
     assert [Path(c.image).name for c in pool.cases] == images
 

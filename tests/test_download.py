@@ -23,6 +23,13 @@ import numpy as np
 import pytest
 
 from fl_imaging.data import download as dl
+from fl_imaging.data.datasets import msd_download
+from fl_imaging.data.datasets.msd_download import (
+    MSD_MD5,
+    fetch_msd_task,
+    msd_layout_problems,
+    msd_summary,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FL_IMAGING_SHARED_DATA", REPO / ".." / "shared" / "data"))
@@ -134,8 +141,8 @@ def _npz(path: Path, n: tuple[int, int, int] = (4, 2, 2), size: int = 28, drop: 
 
 def test_layout_checks_pass_on_the_shared_copies() -> None:
     msd = _shared(MSD)
-    assert dl.msd_layout_problems(msd) == []
-    assert "260 training entries" in dl.msd_summary(msd)
+    assert msd_layout_problems(msd) == []
+    assert "260 training entries" in msd_summary(msd)
     medmnist = _shared(MEDMNIST)
     for size in (28, 64):
         assert dl.medmnist_layout_problems(medmnist, "adrenalmnist3d", size) == []
@@ -150,12 +157,10 @@ def test_msd_check_reports_a_copy_without_labels(tmp_path: Path) -> None:
     broken.mkdir()
     (broken / "dataset.json").symlink_to(_shared(MSD) / "dataset.json")
     (broken / "imagesTr").symlink_to(MSD / "imagesTr")
-    problems = dl.msd_layout_problems(broken)
+    problems = msd_layout_problems(broken)
     assert any("labelsTr/ is missing" in p for p in problems), problems
     assert any("lists 260 file(s) that are not there" in p for p in problems), problems
-    assert dl.msd_layout_problems(tmp_path / "nowhere") == [
-        f"{tmp_path / 'nowhere'} is not a folder"
-    ]
+    assert msd_layout_problems(tmp_path / "nowhere") == [f"{tmp_path / 'nowhere'} is not a folder"]
 
 
 def test_msd_check_reports_junk_and_unpaired_files(tmp_path: Path) -> None:
@@ -163,7 +168,7 @@ def test_msd_check_reports_junk_and_unpaired_files(tmp_path: Path) -> None:
     dl.extract_archive(tar, tmp_path / "raw")
     task = tmp_path / "raw" / "Task99_Test"
     (task / "labelsTr" / "case_2.nii.gz").unlink()
-    problems = " | ".join(dl.msd_layout_problems(task))
+    problems = " | ".join(msd_layout_problems(task))
     assert "macOS '._' file(s)" in problems and "case_2.nii.gz" in problems
 
 
@@ -217,7 +222,7 @@ def test_class_folder_check_reports_a_single_class_and_a_nested_folder(tmp_path:
 def test_msd_task_download_unpacks_and_removes_macos_junk(tmp_path: Path) -> None:
     tar, n_junk = _msd_tar(tmp_path)
     out = tmp_path / "out"
-    got = dl.fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5=_md5(tar), quiet=True)
+    got = fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5=_md5(tar), quiet=True)
     assert got == dl.Fetched(out / "Task99_Test", downloaded=True, junk_removed=n_junk)
     assert _files(out) == [
         "Task99_Test",
@@ -231,8 +236,8 @@ def test_msd_task_download_unpacks_and_removes_macos_junk(tmp_path: Path) -> Non
         "Task99_Test/labelsTr/case_1.nii.gz",
         "Task99_Test/labelsTr/case_2.nii.gz",
     ]  # no ._ files, no tar, no staging folder
-    assert dl.msd_layout_problems(got.path) == []
-    again = dl.fetch_msd_task("Task99_Test", out, url="file:///nowhere", md5="0" * 32, quiet=True)
+    assert msd_layout_problems(got.path) == []
+    again = fetch_msd_task("Task99_Test", out, url="file:///nowhere", md5="0" * 32, quiet=True)
     assert again == dl.Fetched(out / "Task99_Test", downloaded=False)
 
 
@@ -240,7 +245,7 @@ def test_wrong_md5_fails_with_its_message_and_leaves_no_dataset(tmp_path: Path) 
     tar, _ = _msd_tar(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(dl.ChecksumError) as caught:
-        dl.fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5="0" * 32, quiet=True)
+        fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5="0" * 32, quiet=True)
     message = str(caught.value)
     part = out / "Task99_Test.tar.part"
     assert f"MD5 mismatch for {part}: expected {'0' * 32}, got {_md5(tar)}" in message
@@ -248,7 +253,7 @@ def test_wrong_md5_fails_with_its_message_and_leaves_no_dataset(tmp_path: Path) 
     assert _files(out) == ["Task99_Test.tar.part"]  # never renamed, nothing unpacked
 
     part.unlink()  # as the message says; the next run succeeds
-    assert dl.fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5=_md5(tar), quiet=True)
+    assert fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5=_md5(tar), quiet=True)
 
 
 @pytest.mark.parametrize(
@@ -378,7 +383,7 @@ def test_an_existing_file_with_the_wrong_md5_is_named(tmp_path: Path) -> None:
     dest = tmp_path / "Task04_Hippocampus.tar"
     dest.write_bytes(b"truncated")
     with pytest.raises(dl.ChecksumError) as caught:
-        dl.download_file("file:///unused", dest, dl.MSD_MD5["Task04_Hippocampus"], quiet=True)
+        dl.download_file("file:///unused", dest, MSD_MD5["Task04_Hippocampus"], quiet=True)
     assert str(caught.value).startswith(
         f"MD5 mismatch for {dest}: expected 9d24dba78a72977dbd1d2e110310f31b, "
         f"got {hashlib.md5(b'truncated').hexdigest()}."
@@ -392,7 +397,7 @@ def test_msd_and_mednist_checksums_are_monais() -> None:
         pytest.skip("monai is not installed")
     text = (Path(spec.submodule_search_locations[0]) / "apps" / "datasets.py").read_text()
     monai_msd = dict(re.findall(r'"(Task\d\d_\w+)": "([0-9a-f]{32})"', text))
-    assert monai_msd == dl.MSD_MD5 and len(dl.MSD_MD5) == 10
+    assert monai_msd == MSD_MD5 and len(MSD_MD5) == 10
     assert f'md5 = "{dl.MEDNIST_SOURCES["monai"].md5}"' in text
 
 
@@ -434,8 +439,8 @@ def test_scripts_download_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tar, n_junk = _msd_tar(tmp_path, "Task04_Hippocampus")
-    monkeypatch.setattr(dl, "MSD_URL", f"file://{tmp_path}/{{task}}.tar")
-    monkeypatch.setitem(dl.MSD_MD5, "Task04_Hippocampus", _md5(tar))
+    monkeypatch.setattr(msd_download, "MSD_URL", f"file://{tmp_path}/{{task}}.tar")
+    monkeypatch.setitem(MSD_MD5, "Task04_Hippocampus", _md5(tar))
     assert _script("download_msd").main(["--out", str(tmp_path / "msd"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"removed {n_junk} macOS '._' junk file(s)" in out
