@@ -19,6 +19,11 @@ from monai.transforms import LoadImage
 from fl_imaging.cli import check_overrides
 from fl_imaging.data import download as dl
 from fl_imaging.data.datasets import DatasetPool, load_class_folders, load_medmnist, load_msd
+from fl_imaging.data.datasets.medmnist_download import (
+    medmnist_filename,
+    medmnist_layout_problems,
+    medmnist_summary,
+)
 from fl_imaging.data.datasets.msd_download import msd_layout_problems, msd_summary
 from fl_imaging.data.readers import IMAGE_READERS
 from fl_imaging.data.simulated import load_pool
@@ -326,11 +331,11 @@ def test_what_passes_the_medmnist_layout_check_is_read_by_the_adapter(
     adrenal28: DatasetPool,
 ) -> None:
     for size in (28, 64):
-        assert dl.medmnist_layout_problems(_shared(MEDMNIST), "adrenalmnist3d", size) == []
+        assert medmnist_layout_problems(_shared(MEDMNIST), "adrenalmnist3d", size) == []
     counts = adrenal28.split_counts()
-    summary = dl.medmnist_summary(MEDMNIST, "adrenalmnist3d", 28)
+    summary = medmnist_summary(MEDMNIST, "adrenalmnist3d", 28)
     assert f"train {counts['train']}, val {counts['val']}, test {counts['test']}" in summary
-    assert dl.medmnist_filename("adrenalmnist3d", 64) == "adrenalmnist3d_64.npz"
+    assert medmnist_filename("adrenalmnist3d", 64) == "adrenalmnist3d_64.npz"
 
 
 def test_what_passes_the_class_folder_layout_check_is_read_by_the_adapter() -> None:

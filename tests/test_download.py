@@ -24,6 +24,12 @@ import pytest
 
 from fl_imaging.data import download as dl
 from fl_imaging.data.datasets import msd_download
+from fl_imaging.data.datasets.medmnist_download import (
+    fetch_medmnist,
+    medmnist_layout_problems,
+    medmnist_md5,
+    medmnist_summary,
+)
 from fl_imaging.data.datasets.msd_download import (
     MSD_MD5,
     fetch_msd_task,
@@ -145,8 +151,8 @@ def test_layout_checks_pass_on_the_shared_copies() -> None:
     assert "260 training entries" in msd_summary(msd)
     medmnist = _shared(MEDMNIST)
     for size in (28, 64):
-        assert dl.medmnist_layout_problems(medmnist, "adrenalmnist3d", size) == []
-    assert "train 1188, val 98, test 298" in dl.medmnist_summary(medmnist, "adrenalmnist3d", 64)
+        assert medmnist_layout_problems(medmnist, "adrenalmnist3d", size) == []
+    assert "train 1188, val 98, test 298" in medmnist_summary(medmnist, "adrenalmnist3d", 64)
     mednist = _shared(MEDNIST)
     assert dl.class_folder_layout_problems(mednist) == []
     assert "6 class folder(s), 3000 images" in dl.class_folder_summary(mednist)
@@ -174,7 +180,7 @@ def test_msd_check_reports_junk_and_unpaired_files(tmp_path: Path) -> None:
 
 def test_medmnist_check_reports_a_missing_key_and_mismatched_counts(tmp_path: Path) -> None:
     _npz(tmp_path / "adrenalmnist3d.npz", drop="test_labels")
-    problems = dl.medmnist_layout_problems(tmp_path, "adrenalmnist3d", 28)
+    problems = medmnist_layout_problems(tmp_path, "adrenalmnist3d", 28)
     assert problems == [f"{tmp_path / 'adrenalmnist3d.npz'} lacks the array(s) test_labels"]
 
     path = _npz(tmp_path / "bad" / "adrenalmnist3d_64.npz", size=64)
@@ -182,15 +188,15 @@ def test_medmnist_check_reports_a_missing_key_and_mismatched_counts(tmp_path: Pa
         arrays = dict(data)
     arrays["val_labels"] = arrays["val_labels"][:1]
     np.savez(path, **arrays)
-    problems = dl.medmnist_layout_problems(path.parent, "adrenalmnist3d", 64)
+    problems = medmnist_layout_problems(path.parent, "adrenalmnist3d", 64)
     assert problems == [f"{path}: val_images has 2 images but val_labels has 1 labels"]
     # the same file read as the 28 px size is the wrong shape; a missing size is named
     path.rename(path.parent / "adrenalmnist3d.npz")
-    problems = dl.medmnist_layout_problems(path.parent, "adrenalmnist3d", 28)
+    problems = medmnist_layout_problems(path.parent, "adrenalmnist3d", 28)
     assert sum("expected (N, 28, 28, 28)" in p for p in problems) == 3, problems
-    assert "not found" in dl.medmnist_layout_problems(tmp_path, "adrenalmnist3d", 64)[0]
+    assert "not found" in medmnist_layout_problems(tmp_path, "adrenalmnist3d", 64)[0]
     (tmp_path / "organmnist3d.npz").write_bytes(b"not a zip")
-    assert "not a readable .npz" in dl.medmnist_layout_problems(tmp_path, "organmnist3d", 28)[0]
+    assert "not a readable .npz" in medmnist_layout_problems(tmp_path, "organmnist3d", 28)[0]
 
 
 def test_class_folder_check_reports_a_single_class_and_a_nested_folder(tmp_path: Path) -> None:
@@ -316,18 +322,18 @@ def test_medmnist_file_download_and_its_checksum(tmp_path: Path) -> None:
     src = _npz(tmp_path / "src" / "testmnist3d_64.npz", size=64)
     out = tmp_path / "out"
     with pytest.raises(dl.DownloadError, match="--md5 on the command line"):
-        dl.fetch_medmnist("testmnist3d", 64, out, url=src.as_uri(), quiet=True)
+        fetch_medmnist("testmnist3d", 64, out, url=src.as_uri(), quiet=True)
     assert not out.exists()
     with pytest.raises(dl.ChecksumError, match="Delete it"):
-        dl.fetch_medmnist("testmnist3d", 64, out, md5="f" * 32, url=src.as_uri(), quiet=True)
+        fetch_medmnist("testmnist3d", 64, out, md5="f" * 32, url=src.as_uri(), quiet=True)
     assert _files(out) == ["testmnist3d_64.npz.part"]
-    got = dl.fetch_medmnist("testmnist3d", 64, out, md5=_md5(src), url=src.as_uri(), quiet=True)
+    got = fetch_medmnist("testmnist3d", 64, out, md5=_md5(src), url=src.as_uri(), quiet=True)
     assert got == dl.Fetched(out, downloaded=True)  # the .part was restarted, not appended to
     assert _files(out) == ["testmnist3d_64.npz"] and _md5(out / "testmnist3d_64.npz") == _md5(src)
-    again = dl.fetch_medmnist("testmnist3d", 64, out, md5=_md5(src), url="file:///x", quiet=True)
+    again = fetch_medmnist("testmnist3d", 64, out, md5=_md5(src), url="file:///x", quiet=True)
     assert again.downloaded is False
     with pytest.raises(dl.DownloadError, match="published in sizes 28, 64 only"):
-        dl.fetch_medmnist("adrenalmnist3d", 128, out, quiet=True)
+        fetch_medmnist("adrenalmnist3d", 128, out, quiet=True)
 
 
 class _RangeServer(http.server.BaseHTTPRequestHandler):
@@ -403,8 +409,8 @@ def test_msd_and_mednist_checksums_are_monais() -> None:
 
 def test_medmnist_checksums_match_the_official_files() -> None:
     medmnist = _shared(MEDMNIST)
-    assert dl.md5_of(medmnist / "adrenalmnist3d.npz") == dl.medmnist_md5("adrenalmnist3d", 28)
-    assert dl.md5_of(medmnist / "adrenalmnist3d_64.npz") == dl.medmnist_md5("adrenalmnist3d", 64)
+    assert dl.md5_of(medmnist / "adrenalmnist3d.npz") == medmnist_md5("adrenalmnist3d", 28)
+    assert dl.md5_of(medmnist / "adrenalmnist3d_64.npz") == medmnist_md5("adrenalmnist3d", 64)
 
 
 # ------------------------------------------------------------------------------------------
