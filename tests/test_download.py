@@ -24,6 +24,13 @@ import pytest
 
 from fl_imaging.data import download as dl
 from fl_imaging.data.datasets import msd_download
+from fl_imaging.data.datasets.class_folders_download import (
+    MEDNIST_SOURCES,
+    ArchiveSource,
+    class_folder_layout_problems,
+    class_folder_summary,
+    fetch_mednist,
+)
 from fl_imaging.data.datasets.medmnist_download import (
     fetch_medmnist,
     medmnist_layout_problems,
@@ -154,8 +161,8 @@ def test_layout_checks_pass_on_the_shared_copies() -> None:
         assert medmnist_layout_problems(medmnist, "adrenalmnist3d", size) == []
     assert "train 1188, val 98, test 298" in medmnist_summary(medmnist, "adrenalmnist3d", 64)
     mednist = _shared(MEDNIST)
-    assert dl.class_folder_layout_problems(mednist) == []
-    assert "6 class folder(s), 3000 images" in dl.class_folder_summary(mednist)
+    assert class_folder_layout_problems(mednist) == []
+    assert "6 class folder(s), 3000 images" in class_folder_summary(mednist)
 
 
 def test_msd_check_reports_a_copy_without_labels(tmp_path: Path) -> None:
@@ -204,19 +211,19 @@ def test_class_folder_check_reports_a_single_class_and_a_nested_folder(tmp_path:
     single.mkdir(parents=True)
     for name in sorted(os.listdir(_shared(MEDNIST) / "CXR"))[:3]:
         (single / name).symlink_to(MEDNIST / "CXR" / name)
-    problems = dl.class_folder_layout_problems(single.parent)
+    problems = class_folder_layout_problems(single.parent)
     assert problems == [f"{single.parent} holds 1 class folder(s) (CXR); at least 2 are needed"]
 
     nested = tmp_path / "nested"
     (nested / "MedNIST_64x64_500").mkdir(parents=True)
     for cls in ("CTAbd", "CXR"):
         (nested / "MedNIST_64x64_500" / cls).symlink_to(MEDNIST / cls)
-    problems = dl.class_folder_layout_problems(nested)
+    problems = class_folder_layout_problems(nested)
     assert "(MedNIST_64x64_500)" in problems[0] and "pass that folder instead" in problems[0]
-    assert dl.class_folder_layout_problems(nested / "MedNIST_64x64_500") == []
+    assert class_folder_layout_problems(nested / "MedNIST_64x64_500") == []
 
     (nested / "MedNIST_64x64_500" / "Empty").mkdir()
-    (problem,) = dl.class_folder_layout_problems(nested / "MedNIST_64x64_500")
+    (problem,) = class_folder_layout_problems(nested / "MedNIST_64x64_500")
     assert "hold no image files" in problem and "Empty" in problem
 
 
@@ -274,16 +281,16 @@ def test_mednist_archive_is_flattened_into_class_folders(
         f"__MACOSX/{top}/CXR/._000{suffix}": b"\x00\x05\x16\x07",
     }
     archive = _class_archive(tmp_path, top, suffix, kind, junk)
-    source = dl.ArchiveSource(archive.as_uri(), _md5(archive), archive.name, top)
+    source = ArchiveSource(archive.as_uri(), _md5(archive), archive.name, top)
     out = tmp_path / "out"
-    got = dl.fetch_mednist(source, out, quiet=True)
+    got = fetch_mednist(source, out, quiet=True)
     assert got == dl.Fetched(out, downloaded=True, junk_removed=3)
     assert _files(out) == sorted(
         ["CTAbd", "CXR", "MRBrain"]
         + [f"{c}/{i:03d}{suffix}" for c in ("CTAbd", "CXR", "MRBrain") for i in range(3)]
     )
-    assert dl.class_folder_layout_problems(out) == []
-    assert dl.fetch_mednist(source, out, quiet=True).downloaded is False
+    assert class_folder_layout_problems(out) == []
+    assert fetch_mednist(source, out, quiet=True).downloaded is False
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar-absolute", "tar-link"])
@@ -310,10 +317,10 @@ def test_an_unsafe_archive_member_is_refused_before_anything_is_written(
             else:
                 info.size = 1
                 tf.addfile(info, io.BytesIO(b"x"))
-    source = dl.ArchiveSource(archive.as_uri(), _md5(archive), archive.name, "MedNIST_64x64_500")
+    source = ArchiveSource(archive.as_uri(), _md5(archive), archive.name, "MedNIST_64x64_500")
     out = tmp_path / "out"
     with pytest.raises(dl.UnsafeArchiveError, match=re.escape(repr(bad))):
-        dl.fetch_mednist(source, out, quiet=True)
+        fetch_mednist(source, out, quiet=True)
     assert not (tmp_path / "evil.txt").exists()
     assert _files(out) == [archive.name]  # the checked archive only: no class folder, no staging
 
@@ -404,7 +411,7 @@ def test_msd_and_mednist_checksums_are_monais() -> None:
     text = (Path(spec.submodule_search_locations[0]) / "apps" / "datasets.py").read_text()
     monai_msd = dict(re.findall(r'"(Task\d\d_\w+)": "([0-9a-f]{32})"', text))
     assert monai_msd == MSD_MD5 and len(MSD_MD5) == 10
-    assert f'md5 = "{dl.MEDNIST_SOURCES["monai"].md5}"' in text
+    assert f'md5 = "{MEDNIST_SOURCES["monai"].md5}"' in text
 
 
 def test_medmnist_checksums_match_the_official_files() -> None:
@@ -453,8 +460,8 @@ def test_scripts_download_end_to_end(
     assert f"data.root={tmp_path / 'msd' / 'Task04_Hippocampus'}" in out
 
     zipped = _class_archive(tmp_path, "MedNIST_64x64_500", ".jpg", "zip", {})
-    source = dl.ArchiveSource(zipped.as_uri(), _md5(zipped), zipped.name, "MedNIST_64x64_500")
-    monkeypatch.setitem(dl.MEDNIST_SOURCES, "rsna-64x64-500", source)
+    source = ArchiveSource(zipped.as_uri(), _md5(zipped), zipped.name, "MedNIST_64x64_500")
+    monkeypatch.setitem(MEDNIST_SOURCES, "rsna-64x64-500", source)
     assert _script("download_mednist").main(["--out", str(tmp_path / "mednist"), "--quiet"]) == 0
     assert "3 class folder(s), 9 images" in capsys.readouterr().out
 
