@@ -22,7 +22,6 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from fl_imaging.data import download as dl
 from fl_imaging.data.datasets import msd_download
 from fl_imaging.data.datasets.class_folders_download import (
     MEDNIST_SOURCES,
@@ -42,6 +41,15 @@ from fl_imaging.data.datasets.msd_download import (
     fetch_msd_task,
     msd_layout_problems,
     msd_summary,
+)
+from fl_imaging.data.fetch import (
+    ChecksumError,
+    DownloadError,
+    Fetched,
+    UnsafeArchiveError,
+    download_file,
+    extract_archive,
+    md5_of,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +186,7 @@ def test_msd_check_reports_a_copy_without_labels(tmp_path: Path) -> None:
 
 def test_msd_check_reports_junk_and_unpaired_files(tmp_path: Path) -> None:
     tar, _ = _msd_tar(tmp_path)
-    dl.extract_archive(tar, tmp_path / "raw")
+    extract_archive(tar, tmp_path / "raw")
     task = tmp_path / "raw" / "Task99_Test"
     (task / "labelsTr" / "case_2.nii.gz").unlink()
     problems = " | ".join(msd_layout_problems(task))
@@ -236,7 +244,7 @@ def test_msd_task_download_unpacks_and_removes_macos_junk(tmp_path: Path) -> Non
     tar, n_junk = _msd_tar(tmp_path)
     out = tmp_path / "out"
     got = fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5=_md5(tar), quiet=True)
-    assert got == dl.Fetched(out / "Task99_Test", downloaded=True, junk_removed=n_junk)
+    assert got == Fetched(out / "Task99_Test", downloaded=True, junk_removed=n_junk)
     assert _files(out) == [
         "Task99_Test",
         "Task99_Test/dataset.json",
@@ -251,13 +259,13 @@ def test_msd_task_download_unpacks_and_removes_macos_junk(tmp_path: Path) -> Non
     ]  # no ._ files, no tar, no staging folder
     assert msd_layout_problems(got.path) == []
     again = fetch_msd_task("Task99_Test", out, url="file:///nowhere", md5="0" * 32, quiet=True)
-    assert again == dl.Fetched(out / "Task99_Test", downloaded=False)
+    assert again == Fetched(out / "Task99_Test", downloaded=False)
 
 
 def test_wrong_md5_fails_with_its_message_and_leaves_no_dataset(tmp_path: Path) -> None:
     tar, _ = _msd_tar(tmp_path)
     out = tmp_path / "out"
-    with pytest.raises(dl.ChecksumError) as caught:
+    with pytest.raises(ChecksumError) as caught:
         fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5="0" * 32, quiet=True)
     message = str(caught.value)
     part = out / "Task99_Test.tar.part"
@@ -284,7 +292,7 @@ def test_mednist_archive_is_flattened_into_class_folders(
     source = ArchiveSource(archive.as_uri(), _md5(archive), archive.name, top)
     out = tmp_path / "out"
     got = fetch_mednist(source, out, quiet=True)
-    assert got == dl.Fetched(out, downloaded=True, junk_removed=3)
+    assert got == Fetched(out, downloaded=True, junk_removed=3)
     assert _files(out) == sorted(
         ["CTAbd", "CXR", "MRBrain"]
         + [f"{c}/{i:03d}{suffix}" for c in ("CTAbd", "CXR", "MRBrain") for i in range(3)]
@@ -319,7 +327,7 @@ def test_an_unsafe_archive_member_is_refused_before_anything_is_written(
                 tf.addfile(info, io.BytesIO(b"x"))
     source = ArchiveSource(archive.as_uri(), _md5(archive), archive.name, "MedNIST_64x64_500")
     out = tmp_path / "out"
-    with pytest.raises(dl.UnsafeArchiveError, match=re.escape(repr(bad))):
+    with pytest.raises(UnsafeArchiveError, match=re.escape(repr(bad))):
         fetch_mednist(source, out, quiet=True)
     assert not (tmp_path / "evil.txt").exists()
     assert _files(out) == [archive.name]  # the checked archive only: no class folder, no staging
@@ -328,18 +336,18 @@ def test_an_unsafe_archive_member_is_refused_before_anything_is_written(
 def test_medmnist_file_download_and_its_checksum(tmp_path: Path) -> None:
     src = _npz(tmp_path / "src" / "testmnist3d_64.npz", size=64)
     out = tmp_path / "out"
-    with pytest.raises(dl.DownloadError, match="--md5 on the command line"):
+    with pytest.raises(DownloadError, match="--md5 on the command line"):
         fetch_medmnist("testmnist3d", 64, out, url=src.as_uri(), quiet=True)
     assert not out.exists()
-    with pytest.raises(dl.ChecksumError, match="Delete it"):
+    with pytest.raises(ChecksumError, match="Delete it"):
         fetch_medmnist("testmnist3d", 64, out, md5="f" * 32, url=src.as_uri(), quiet=True)
     assert _files(out) == ["testmnist3d_64.npz.part"]
     got = fetch_medmnist("testmnist3d", 64, out, md5=_md5(src), url=src.as_uri(), quiet=True)
-    assert got == dl.Fetched(out, downloaded=True)  # the .part was restarted, not appended to
+    assert got == Fetched(out, downloaded=True)  # the .part was restarted, not appended to
     assert _files(out) == ["testmnist3d_64.npz"] and _md5(out / "testmnist3d_64.npz") == _md5(src)
     again = fetch_medmnist("testmnist3d", 64, out, md5=_md5(src), url="file:///x", quiet=True)
     assert again.downloaded is False
-    with pytest.raises(dl.DownloadError, match="published in sizes 28, 64 only"):
+    with pytest.raises(DownloadError, match="published in sizes 28, 64 only"):
         fetch_medmnist("adrenalmnist3d", 128, out, quiet=True)
 
 
@@ -386,7 +394,7 @@ def test_an_interrupted_download_resumes_with_a_range_request(
     _RangeServer.payload, _RangeServer.ranges = payload, []
     dest = tmp_path / "data.bin"
     (tmp_path / "data.bin.part").write_bytes(payload[:100_000])
-    dl.download_file(http_url, dest, hashlib.md5(payload).hexdigest())
+    download_file(http_url, dest, hashlib.md5(payload).hexdigest())
     assert dest.read_bytes() == payload and _RangeServer.ranges == ["bytes=100000-"]
     err = capsys.readouterr().err
     assert "resuming at 97.7 KB" in err and "data.bin: 293.0 KB / 293.0 KB (100%)" in err
@@ -395,8 +403,8 @@ def test_an_interrupted_download_resumes_with_a_range_request(
 def test_an_existing_file_with_the_wrong_md5_is_named(tmp_path: Path) -> None:
     dest = tmp_path / "Task04_Hippocampus.tar"
     dest.write_bytes(b"truncated")
-    with pytest.raises(dl.ChecksumError) as caught:
-        dl.download_file("file:///unused", dest, MSD_MD5["Task04_Hippocampus"], quiet=True)
+    with pytest.raises(ChecksumError) as caught:
+        download_file("file:///unused", dest, MSD_MD5["Task04_Hippocampus"], quiet=True)
     assert str(caught.value).startswith(
         f"MD5 mismatch for {dest}: expected 9d24dba78a72977dbd1d2e110310f31b, "
         f"got {hashlib.md5(b'truncated').hexdigest()}."
@@ -416,8 +424,8 @@ def test_msd_and_mednist_checksums_are_monais() -> None:
 
 def test_medmnist_checksums_match_the_official_files() -> None:
     medmnist = _shared(MEDMNIST)
-    assert dl.md5_of(medmnist / "adrenalmnist3d.npz") == medmnist_md5("adrenalmnist3d", 28)
-    assert dl.md5_of(medmnist / "adrenalmnist3d_64.npz") == medmnist_md5("adrenalmnist3d", 64)
+    assert md5_of(medmnist / "adrenalmnist3d.npz") == medmnist_md5("adrenalmnist3d", 28)
+    assert md5_of(medmnist / "adrenalmnist3d_64.npz") == medmnist_md5("adrenalmnist3d", 64)
 
 
 # ------------------------------------------------------------------------------------------
