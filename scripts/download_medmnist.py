@@ -20,12 +20,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fl_imaging.data import download as dl
+from fl_imaging.data.datasets.medmnist_download import (
+    MEDMNIST_MD5,
+    fetch_medmnist,
+    medmnist_layout_problems,
+    medmnist_summary,
+)
+from fl_imaging.data.fetch import report_layout, require_out_or_check, script_main, script_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of this script."""
-    parser = dl.script_parser(
+    parser = script_parser(
         "download_medmnist.py",
         "Download MedMNIST .npz files (checked by MD5) into OUT/, or check them.",
         out_help="folder to put the .npz files in",
@@ -52,29 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dl.script_main
+@script_main
 def main(argv: list[str] | None = None) -> int:
     """Run the script with ``argv`` (default: the command line); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list:
-        for flag, sizes in dl.MEDMNIST_MD5.items():
+        for flag, sizes in MEDMNIST_MD5.items():
             print(f"{flag:16s} {', '.join(map(str, sorted(sizes)))}")
         return 0
     if not args.flag:
         parser.error("give --flag (see --list)")
-    dl.require_out_or_check(parser, args)
+    require_out_or_check(parser, args)
     if args.md5 and len(args.size) > 1:
         parser.error("--md5 belongs to one file: give a single --size with it")
     root = args.check if args.check is not None else args.out
     if args.check is None:
         for size in args.size:
-            dl.fetch_medmnist(args.flag, size, args.out, md5=args.md5, quiet=args.quiet)
+            fetch_medmnist(args.flag, size, args.out, md5=args.md5, quiet=args.quiet)
     status = 0
     for size in args.size:
-        summary = dl.medmnist_summary(root, args.flag, size)
-        problems = dl.medmnist_layout_problems(root, args.flag, size)
-        status = max(status, dl.report_layout(summary, problems, root))
+        summary = medmnist_summary(root, args.flag, size)
+        problems = medmnist_layout_problems(root, args.flag, size)
+        status = max(status, report_layout(summary, problems, root))
     return status
 
 

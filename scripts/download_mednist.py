@@ -24,12 +24,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fl_imaging.data import download as dl
+from fl_imaging.data.datasets.class_folders_download import (
+    MEDNIST_SOURCES,
+    class_folder_layout_problems,
+    class_folder_summary,
+    fetch_mednist,
+)
+from fl_imaging.data.fetch import report_layout, require_out_or_check, script_main, script_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of this script."""
-    parser = dl.script_parser(
+    parser = script_parser(
         "download_mednist.py",
         "Download MedNIST-style class folders (checked by MD5) into OUT/, or check.",
         out_help="folder to put the class folders in",
@@ -37,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--source",
-        choices=list(dl.MEDNIST_SOURCES),
+        choices=list(MEDNIST_SOURCES),
         default="rsna-64x64-500",
         help="which archive (default: %(default)s)",
     )
@@ -47,23 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dl.script_main
+@script_main
 def main(argv: list[str] | None = None) -> int:
     """Run the script with ``argv`` (default: the command line); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    dl.require_out_or_check(parser, args)
+    require_out_or_check(parser, args)
     if args.check is not None:
         root = args.check
     else:
-        fetched = dl.fetch_mednist(
+        fetched = fetch_mednist(
             args.source, args.out, keep_archive=args.keep_archive, quiet=args.quiet
         )
         root = fetched.path
         if fetched.downloaded:
             print(f"removed {fetched.junk_removed} macOS junk file(s) after extraction")
-    problems = dl.class_folder_layout_problems(root)
-    return dl.report_layout(dl.class_folder_summary(root), problems, root)
+    problems = class_folder_layout_problems(root)
+    return report_layout(class_folder_summary(root), problems, root)
 
 
 if __name__ == "__main__":

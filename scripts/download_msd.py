@@ -18,12 +18,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fl_imaging.data import download as dl
+from fl_imaging.data.datasets.msd_download import (
+    MSD_MD5,
+    fetch_msd_task,
+    msd_layout_problems,
+    msd_summary,
+)
+from fl_imaging.data.fetch import report_layout, require_out_or_check, script_main, script_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of this script."""
-    parser = dl.script_parser(
+    parser = script_parser(
         "download_msd.py",
         "Download an MSD task (checked by MD5) into OUT/<task>/, or check one.",
         out_help="folder to put the task folder in",
@@ -32,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--task",
-        choices=list(dl.MSD_MD5),
+        choices=list(MSD_MD5),
         default="Task04_Hippocampus",
         help="which task (default: %(default)s)",
     )
@@ -42,24 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dl.script_main
+@script_main
 def main(argv: list[str] | None = None) -> int:
     """Run the script with ``argv`` (default: the command line); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    dl.require_out_or_check(parser, args, " a task folder")
+    require_out_or_check(parser, args, " a task folder")
     if args.check is not None:
         root = args.check
         if not (root / "dataset.json").exists() and (root / args.task).is_dir():
             root = root / args.task
     else:
-        fetched = dl.fetch_msd_task(
+        fetched = fetch_msd_task(
             args.task, args.out, keep_archive=args.keep_archive, quiet=args.quiet
         )
         root = fetched.path
         if fetched.downloaded:
             print(f"removed {fetched.junk_removed} macOS '._' junk file(s) after extraction")
-    return dl.report_layout(dl.msd_summary(root), dl.msd_layout_problems(root), root)
+    return report_layout(msd_summary(root), msd_layout_problems(root), root)
 
 
 if __name__ == "__main__":

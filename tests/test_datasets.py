@@ -17,8 +17,17 @@ import pytest
 from monai.transforms import LoadImage
 
 from fl_imaging.compose import check_overrides
-from fl_imaging.data import download as dl
 from fl_imaging.data.datasets import DatasetPool, load_class_folders, load_medmnist, load_msd
+from fl_imaging.data.datasets.class_folders_download import (
+    class_folder_layout_problems,
+    class_folder_summary,
+)
+from fl_imaging.data.datasets.medmnist_download import (
+    medmnist_filename,
+    medmnist_layout_problems,
+    medmnist_summary,
+)
+from fl_imaging.data.datasets.msd_download import msd_layout_problems, msd_summary
 from fl_imaging.data.readers import IMAGE_READERS
 from fl_imaging.data.simulated import load_pool
 from fl_imaging.data.sites import SiteDataError
@@ -314,9 +323,9 @@ def test_the_presets_fit_their_datasets(adrenal28: DatasetPool) -> None:
 
 
 def test_what_passes_the_msd_layout_check_is_read_by_the_adapter() -> None:
-    assert dl.msd_layout_problems(_shared(MSD)) == []
+    assert msd_layout_problems(_shared(MSD)) == []
     pool = load_msd(MSD)
-    assert f"{len(pool.cases)} training entries" in dl.msd_summary(MSD)
+    assert f"{len(pool.cases)} training entries" in msd_summary(MSD)
     images = sorted(p.name for p in (MSD / "imagesTr").glob("*.nii.gz"))
     assert [Path(c.image).name for c in pool.cases] == images
 
@@ -325,19 +334,19 @@ def test_what_passes_the_medmnist_layout_check_is_read_by_the_adapter(
     adrenal28: DatasetPool,
 ) -> None:
     for size in (28, 64):
-        assert dl.medmnist_layout_problems(_shared(MEDMNIST), "adrenalmnist3d", size) == []
+        assert medmnist_layout_problems(_shared(MEDMNIST), "adrenalmnist3d", size) == []
     counts = adrenal28.split_counts()
-    summary = dl.medmnist_summary(MEDMNIST, "adrenalmnist3d", 28)
+    summary = medmnist_summary(MEDMNIST, "adrenalmnist3d", 28)
     assert f"train {counts['train']}, val {counts['val']}, test {counts['test']}" in summary
-    assert dl.medmnist_filename("adrenalmnist3d", 64) == "adrenalmnist3d_64.npz"
+    assert medmnist_filename("adrenalmnist3d", 64) == "adrenalmnist3d_64.npz"
 
 
 def test_what_passes_the_class_folder_layout_check_is_read_by_the_adapter() -> None:
-    assert dl.class_folder_layout_problems(_shared(MEDNIST)) == []
+    assert class_folder_layout_problems(_shared(MEDNIST)) == []
     pool = load_class_folders(MEDNIST)
     per_class = Counter(pool.class_names[c.label] for c in pool.cases)
     listed = ", ".join(f"{name} {per_class[name]}" for name in pool.class_names)
-    assert dl.class_folder_summary(MEDNIST).endswith(
+    assert class_folder_summary(MEDNIST).endswith(
         f"{len(pool.class_names)} class folder(s), {len(pool.cases)} images ({listed})"
     )
 
@@ -353,7 +362,7 @@ def test_a_class_folder_the_adapter_refuses_fails_the_layout_check_too(
         (root / "CXR" / stray).write_bytes(b"x")
     with pytest.raises(SiteDataError, match=re.escape(str(root / "CXR" / stray.rstrip("/")))):
         load_class_folders(root)
-    problems = dl.class_folder_layout_problems(root)
+    problems = class_folder_layout_problems(root)
     assert len(problems) == 1 and stray.rstrip("/") in problems[0], problems
 
 
@@ -366,6 +375,6 @@ def test_a_folder_the_adapter_skips_is_not_counted_as_a_class_by_the_layout_chec
         (root / "_backup" / image.name).symlink_to(image)
     with pytest.raises(SiteDataError, match="1 class folder"):
         load_class_folders(root)
-    assert dl.class_folder_layout_problems(root) == [
+    assert class_folder_layout_problems(root) == [
         f"{root} holds 1 class folder(s) (CXR); at least 2 are needed"
     ]

@@ -22,7 +22,35 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from fl_imaging.data import download as dl
+from fl_imaging.data.datasets import msd_download
+from fl_imaging.data.datasets.class_folders_download import (
+    MEDNIST_SOURCES,
+    ArchiveSource,
+    class_folder_layout_problems,
+    class_folder_summary,
+    fetch_mednist,
+)
+from fl_imaging.data.datasets.medmnist_download import (
+    fetch_medmnist,
+    medmnist_layout_problems,
+    medmnist_md5,
+    medmnist_summary,
+)
+from fl_imaging.data.datasets.msd_download import (
+    MSD_MD5,
+    fetch_msd_task,
+    msd_layout_problems,
+    msd_summary,
+)
+from fl_imaging.data.fetch import (
+    ChecksumError,
+    DownloadError,
+    Fetched,
+    UnsafeArchiveError,
+    download_file,
+    extract_archive,
+    md5_of,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FL_IMAGING_SHARED_DATA", REPO / ".." / "shared" / "data"))
@@ -134,15 +162,15 @@ def _npz(path: Path, n: tuple[int, int, int] = (4, 2, 2), size: int = 28, drop: 
 
 def test_layout_checks_pass_on_the_shared_copies() -> None:
     msd = _shared(MSD)
-    assert dl.msd_layout_problems(msd) == []
-    assert "260 training entries" in dl.msd_summary(msd)
+    assert msd_layout_problems(msd) == []
+    assert "260 training entries" in msd_summary(msd)
     medmnist = _shared(MEDMNIST)
     for size in (28, 64):
-        assert dl.medmnist_layout_problems(medmnist, "adrenalmnist3d", size) == []
-    assert "train 1188, val 98, test 298" in dl.medmnist_summary(medmnist, "adrenalmnist3d", 64)
+        assert medmnist_layout_problems(medmnist, "adrenalmnist3d", size) == []
+    assert "train 1188, val 98, test 298" in medmnist_summary(medmnist, "adrenalmnist3d", 64)
     mednist = _shared(MEDNIST)
-    assert dl.class_folder_layout_problems(mednist) == []
-    assert "6 class folder(s), 3000 images" in dl.class_folder_summary(mednist)
+    assert class_folder_layout_problems(mednist) == []
+    assert "6 class folder(s), 3000 images" in class_folder_summary(mednist)
 
 
 def test_msd_check_reports_a_copy_without_labels(tmp_path: Path) -> None:
@@ -150,26 +178,24 @@ def test_msd_check_reports_a_copy_without_labels(tmp_path: Path) -> None:
     broken.mkdir()
     (broken / "dataset.json").symlink_to(_shared(MSD) / "dataset.json")
     (broken / "imagesTr").symlink_to(MSD / "imagesTr")
-    problems = dl.msd_layout_problems(broken)
+    problems = msd_layout_problems(broken)
     assert any("labelsTr/ is missing" in p for p in problems), problems
     assert any("lists 260 file(s) that are not there" in p for p in problems), problems
-    assert dl.msd_layout_problems(tmp_path / "nowhere") == [
-        f"{tmp_path / 'nowhere'} is not a folder"
-    ]
+    assert msd_layout_problems(tmp_path / "nowhere") == [f"{tmp_path / 'nowhere'} is not a folder"]
 
 
 def test_msd_check_reports_junk_and_unpaired_files(tmp_path: Path) -> None:
     tar, _ = _msd_tar(tmp_path)
-    dl.extract_archive(tar, tmp_path / "raw")
+    extract_archive(tar, tmp_path / "raw")
     task = tmp_path / "raw" / "Task99_Test"
     (task / "labelsTr" / "case_2.nii.gz").unlink()
-    problems = " | ".join(dl.msd_layout_problems(task))
+    problems = " | ".join(msd_layout_problems(task))
     assert "macOS '._' file(s)" in problems and "case_2.nii.gz" in problems
 
 
 def test_medmnist_check_reports_a_missing_key_and_mismatched_counts(tmp_path: Path) -> None:
     _npz(tmp_path / "adrenalmnist3d.npz", drop="test_labels")
-    problems = dl.medmnist_layout_problems(tmp_path, "adrenalmnist3d", 28)
+    problems = medmnist_layout_problems(tmp_path, "adrenalmnist3d", 28)
     assert problems == [f"{tmp_path / 'adrenalmnist3d.npz'} lacks the array(s) test_labels"]
 
     path = _npz(tmp_path / "bad" / "adrenalmnist3d_64.npz", size=64)
@@ -177,15 +203,15 @@ def test_medmnist_check_reports_a_missing_key_and_mismatched_counts(tmp_path: Pa
         arrays = dict(data)
     arrays["val_labels"] = arrays["val_labels"][:1]
     np.savez(path, **arrays)
-    problems = dl.medmnist_layout_problems(path.parent, "adrenalmnist3d", 64)
+    problems = medmnist_layout_problems(path.parent, "adrenalmnist3d", 64)
     assert problems == [f"{path}: val_images has 2 images but val_labels has 1 labels"]
     # the same file read as the 28 px size is the wrong shape; a missing size is named
     path.rename(path.parent / "adrenalmnist3d.npz")
-    problems = dl.medmnist_layout_problems(path.parent, "adrenalmnist3d", 28)
+    problems = medmnist_layout_problems(path.parent, "adrenalmnist3d", 28)
     assert sum("expected (N, 28, 28, 28)" in p for p in problems) == 3, problems
-    assert "not found" in dl.medmnist_layout_problems(tmp_path, "adrenalmnist3d", 64)[0]
+    assert "not found" in medmnist_layout_problems(tmp_path, "adrenalmnist3d", 64)[0]
     (tmp_path / "organmnist3d.npz").write_bytes(b"not a zip")
-    assert "not a readable .npz" in dl.medmnist_layout_problems(tmp_path, "organmnist3d", 28)[0]
+    assert "not a readable .npz" in medmnist_layout_problems(tmp_path, "organmnist3d", 28)[0]
 
 
 def test_class_folder_check_reports_a_single_class_and_a_nested_folder(tmp_path: Path) -> None:
@@ -193,19 +219,19 @@ def test_class_folder_check_reports_a_single_class_and_a_nested_folder(tmp_path:
     single.mkdir(parents=True)
     for name in sorted(os.listdir(_shared(MEDNIST) / "CXR"))[:3]:
         (single / name).symlink_to(MEDNIST / "CXR" / name)
-    problems = dl.class_folder_layout_problems(single.parent)
+    problems = class_folder_layout_problems(single.parent)
     assert problems == [f"{single.parent} holds 1 class folder(s) (CXR); at least 2 are needed"]
 
     nested = tmp_path / "nested"
     (nested / "MedNIST_64x64_500").mkdir(parents=True)
     for cls in ("CTAbd", "CXR"):
         (nested / "MedNIST_64x64_500" / cls).symlink_to(MEDNIST / cls)
-    problems = dl.class_folder_layout_problems(nested)
+    problems = class_folder_layout_problems(nested)
     assert "(MedNIST_64x64_500)" in problems[0] and "pass that folder instead" in problems[0]
-    assert dl.class_folder_layout_problems(nested / "MedNIST_64x64_500") == []
+    assert class_folder_layout_problems(nested / "MedNIST_64x64_500") == []
 
     (nested / "MedNIST_64x64_500" / "Empty").mkdir()
-    (problem,) = dl.class_folder_layout_problems(nested / "MedNIST_64x64_500")
+    (problem,) = class_folder_layout_problems(nested / "MedNIST_64x64_500")
     assert "hold no image files" in problem and "Empty" in problem
 
 
@@ -217,8 +243,8 @@ def test_class_folder_check_reports_a_single_class_and_a_nested_folder(tmp_path:
 def test_msd_task_download_unpacks_and_removes_macos_junk(tmp_path: Path) -> None:
     tar, n_junk = _msd_tar(tmp_path)
     out = tmp_path / "out"
-    got = dl.fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5=_md5(tar), quiet=True)
-    assert got == dl.Fetched(out / "Task99_Test", downloaded=True, junk_removed=n_junk)
+    got = fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5=_md5(tar), quiet=True)
+    assert got == Fetched(out / "Task99_Test", downloaded=True, junk_removed=n_junk)
     assert _files(out) == [
         "Task99_Test",
         "Task99_Test/dataset.json",
@@ -231,16 +257,16 @@ def test_msd_task_download_unpacks_and_removes_macos_junk(tmp_path: Path) -> Non
         "Task99_Test/labelsTr/case_1.nii.gz",
         "Task99_Test/labelsTr/case_2.nii.gz",
     ]  # no ._ files, no tar, no staging folder
-    assert dl.msd_layout_problems(got.path) == []
-    again = dl.fetch_msd_task("Task99_Test", out, url="file:///nowhere", md5="0" * 32, quiet=True)
-    assert again == dl.Fetched(out / "Task99_Test", downloaded=False)
+    assert msd_layout_problems(got.path) == []
+    again = fetch_msd_task("Task99_Test", out, url="file:///nowhere", md5="0" * 32, quiet=True)
+    assert again == Fetched(out / "Task99_Test", downloaded=False)
 
 
 def test_wrong_md5_fails_with_its_message_and_leaves_no_dataset(tmp_path: Path) -> None:
     tar, _ = _msd_tar(tmp_path)
     out = tmp_path / "out"
-    with pytest.raises(dl.ChecksumError) as caught:
-        dl.fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5="0" * 32, quiet=True)
+    with pytest.raises(ChecksumError) as caught:
+        fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5="0" * 32, quiet=True)
     message = str(caught.value)
     part = out / "Task99_Test.tar.part"
     assert f"MD5 mismatch for {part}: expected {'0' * 32}, got {_md5(tar)}" in message
@@ -248,7 +274,7 @@ def test_wrong_md5_fails_with_its_message_and_leaves_no_dataset(tmp_path: Path) 
     assert _files(out) == ["Task99_Test.tar.part"]  # never renamed, nothing unpacked
 
     part.unlink()  # as the message says; the next run succeeds
-    assert dl.fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5=_md5(tar), quiet=True)
+    assert fetch_msd_task("Task99_Test", out, url=tar.as_uri(), md5=_md5(tar), quiet=True)
 
 
 @pytest.mark.parametrize(
@@ -263,16 +289,16 @@ def test_mednist_archive_is_flattened_into_class_folders(
         f"__MACOSX/{top}/CXR/._000{suffix}": b"\x00\x05\x16\x07",
     }
     archive = _class_archive(tmp_path, top, suffix, kind, junk)
-    source = dl.ArchiveSource(archive.as_uri(), _md5(archive), archive.name, top)
+    source = ArchiveSource(archive.as_uri(), _md5(archive), archive.name, top)
     out = tmp_path / "out"
-    got = dl.fetch_mednist(source, out, quiet=True)
-    assert got == dl.Fetched(out, downloaded=True, junk_removed=3)
+    got = fetch_mednist(source, out, quiet=True)
+    assert got == Fetched(out, downloaded=True, junk_removed=3)
     assert _files(out) == sorted(
         ["CTAbd", "CXR", "MRBrain"]
         + [f"{c}/{i:03d}{suffix}" for c in ("CTAbd", "CXR", "MRBrain") for i in range(3)]
     )
-    assert dl.class_folder_layout_problems(out) == []
-    assert dl.fetch_mednist(source, out, quiet=True).downloaded is False
+    assert class_folder_layout_problems(out) == []
+    assert fetch_mednist(source, out, quiet=True).downloaded is False
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar-absolute", "tar-link"])
@@ -299,10 +325,10 @@ def test_an_unsafe_archive_member_is_refused_before_anything_is_written(
             else:
                 info.size = 1
                 tf.addfile(info, io.BytesIO(b"x"))
-    source = dl.ArchiveSource(archive.as_uri(), _md5(archive), archive.name, "MedNIST_64x64_500")
+    source = ArchiveSource(archive.as_uri(), _md5(archive), archive.name, "MedNIST_64x64_500")
     out = tmp_path / "out"
-    with pytest.raises(dl.UnsafeArchiveError, match=re.escape(repr(bad))):
-        dl.fetch_mednist(source, out, quiet=True)
+    with pytest.raises(UnsafeArchiveError, match=re.escape(repr(bad))):
+        fetch_mednist(source, out, quiet=True)
     assert not (tmp_path / "evil.txt").exists()
     assert _files(out) == [archive.name]  # the checked archive only: no class folder, no staging
 
@@ -310,19 +336,19 @@ def test_an_unsafe_archive_member_is_refused_before_anything_is_written(
 def test_medmnist_file_download_and_its_checksum(tmp_path: Path) -> None:
     src = _npz(tmp_path / "src" / "testmnist3d_64.npz", size=64)
     out = tmp_path / "out"
-    with pytest.raises(dl.DownloadError, match="--md5 on the command line"):
-        dl.fetch_medmnist("testmnist3d", 64, out, url=src.as_uri(), quiet=True)
+    with pytest.raises(DownloadError, match="--md5 on the command line"):
+        fetch_medmnist("testmnist3d", 64, out, url=src.as_uri(), quiet=True)
     assert not out.exists()
-    with pytest.raises(dl.ChecksumError, match="Delete it"):
-        dl.fetch_medmnist("testmnist3d", 64, out, md5="f" * 32, url=src.as_uri(), quiet=True)
+    with pytest.raises(ChecksumError, match="Delete it"):
+        fetch_medmnist("testmnist3d", 64, out, md5="f" * 32, url=src.as_uri(), quiet=True)
     assert _files(out) == ["testmnist3d_64.npz.part"]
-    got = dl.fetch_medmnist("testmnist3d", 64, out, md5=_md5(src), url=src.as_uri(), quiet=True)
-    assert got == dl.Fetched(out, downloaded=True)  # the .part was restarted, not appended to
+    got = fetch_medmnist("testmnist3d", 64, out, md5=_md5(src), url=src.as_uri(), quiet=True)
+    assert got == Fetched(out, downloaded=True)  # the .part was restarted, not appended to
     assert _files(out) == ["testmnist3d_64.npz"] and _md5(out / "testmnist3d_64.npz") == _md5(src)
-    again = dl.fetch_medmnist("testmnist3d", 64, out, md5=_md5(src), url="file:///x", quiet=True)
+    again = fetch_medmnist("testmnist3d", 64, out, md5=_md5(src), url="file:///x", quiet=True)
     assert again.downloaded is False
-    with pytest.raises(dl.DownloadError, match="published in sizes 28, 64 only"):
-        dl.fetch_medmnist("adrenalmnist3d", 128, out, quiet=True)
+    with pytest.raises(DownloadError, match="published in sizes 28, 64 only"):
+        fetch_medmnist("adrenalmnist3d", 128, out, quiet=True)
 
 
 class _RangeServer(http.server.BaseHTTPRequestHandler):
@@ -368,7 +394,7 @@ def test_an_interrupted_download_resumes_with_a_range_request(
     _RangeServer.payload, _RangeServer.ranges = payload, []
     dest = tmp_path / "data.bin"
     (tmp_path / "data.bin.part").write_bytes(payload[:100_000])
-    dl.download_file(http_url, dest, hashlib.md5(payload).hexdigest())
+    download_file(http_url, dest, hashlib.md5(payload).hexdigest())
     assert dest.read_bytes() == payload and _RangeServer.ranges == ["bytes=100000-"]
     err = capsys.readouterr().err
     assert "resuming at 97.7 KB" in err and "data.bin: 293.0 KB / 293.0 KB (100%)" in err
@@ -377,8 +403,8 @@ def test_an_interrupted_download_resumes_with_a_range_request(
 def test_an_existing_file_with_the_wrong_md5_is_named(tmp_path: Path) -> None:
     dest = tmp_path / "Task04_Hippocampus.tar"
     dest.write_bytes(b"truncated")
-    with pytest.raises(dl.ChecksumError) as caught:
-        dl.download_file("file:///unused", dest, dl.MSD_MD5["Task04_Hippocampus"], quiet=True)
+    with pytest.raises(ChecksumError) as caught:
+        download_file("file:///unused", dest, MSD_MD5["Task04_Hippocampus"], quiet=True)
     assert str(caught.value).startswith(
         f"MD5 mismatch for {dest}: expected 9d24dba78a72977dbd1d2e110310f31b, "
         f"got {hashlib.md5(b'truncated').hexdigest()}."
@@ -392,14 +418,14 @@ def test_msd_and_mednist_checksums_are_monais() -> None:
         pytest.skip("monai is not installed")
     text = (Path(spec.submodule_search_locations[0]) / "apps" / "datasets.py").read_text()
     monai_msd = dict(re.findall(r'"(Task\d\d_\w+)": "([0-9a-f]{32})"', text))
-    assert monai_msd == dl.MSD_MD5 and len(dl.MSD_MD5) == 10
-    assert f'md5 = "{dl.MEDNIST_SOURCES["monai"].md5}"' in text
+    assert monai_msd == MSD_MD5 and len(MSD_MD5) == 10
+    assert f'md5 = "{MEDNIST_SOURCES["monai"].md5}"' in text
 
 
 def test_medmnist_checksums_match_the_official_files() -> None:
     medmnist = _shared(MEDMNIST)
-    assert dl.md5_of(medmnist / "adrenalmnist3d.npz") == dl.medmnist_md5("adrenalmnist3d", 28)
-    assert dl.md5_of(medmnist / "adrenalmnist3d_64.npz") == dl.medmnist_md5("adrenalmnist3d", 64)
+    assert md5_of(medmnist / "adrenalmnist3d.npz") == medmnist_md5("adrenalmnist3d", 28)
+    assert md5_of(medmnist / "adrenalmnist3d_64.npz") == medmnist_md5("adrenalmnist3d", 64)
 
 
 # ------------------------------------------------------------------------------------------
@@ -434,16 +460,16 @@ def test_scripts_download_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tar, n_junk = _msd_tar(tmp_path, "Task04_Hippocampus")
-    monkeypatch.setattr(dl, "MSD_URL", f"file://{tmp_path}/{{task}}.tar")
-    monkeypatch.setitem(dl.MSD_MD5, "Task04_Hippocampus", _md5(tar))
+    monkeypatch.setattr(msd_download, "MSD_URL", f"file://{tmp_path}/{{task}}.tar")
+    monkeypatch.setitem(MSD_MD5, "Task04_Hippocampus", _md5(tar))
     assert _script("download_msd").main(["--out", str(tmp_path / "msd"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"removed {n_junk} macOS '._' junk file(s)" in out
     assert f"data.root={tmp_path / 'msd' / 'Task04_Hippocampus'}" in out
 
     zipped = _class_archive(tmp_path, "MedNIST_64x64_500", ".jpg", "zip", {})
-    source = dl.ArchiveSource(zipped.as_uri(), _md5(zipped), zipped.name, "MedNIST_64x64_500")
-    monkeypatch.setitem(dl.MEDNIST_SOURCES, "rsna-64x64-500", source)
+    source = ArchiveSource(zipped.as_uri(), _md5(zipped), zipped.name, "MedNIST_64x64_500")
+    monkeypatch.setitem(MEDNIST_SOURCES, "rsna-64x64-500", source)
     assert _script("download_mednist").main(["--out", str(tmp_path / "mednist"), "--quiet"]) == 0
     assert "3 class folder(s), 9 images" in capsys.readouterr().out
 

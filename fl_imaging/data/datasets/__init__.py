@@ -5,6 +5,11 @@ cases, which :mod:`fl_imaging.data.partition` then splits into simulated sites.
   ``labelsTr/``), segmentation;
 - :func:`load_class_folders`: ``ROOT/<class name>/<image files>`` (MedNIST), classification;
 - :func:`load_medmnist`: a MedMNIST v2 ``{flag}.npz`` / ``{flag}_{size}.npz``, classification.
+
+Beside each adapter, a ``*_download`` module fetches that dataset from its official source and
+checks the layout the adapter reads (:mod:`.msd_download`, :mod:`.class_folders_download`,
+:mod:`.medmnist_download`; the ``scripts/download_*.py`` command lines use them), on the shared
+download machinery of :mod:`fl_imaging.data.fetch`.
 """
 
 from fl_imaging.data.datasets.class_folders import load_class_folders
