@@ -29,6 +29,7 @@ __all__ = [
     "SiteTrainers",
     "build_site_trainer",
     "finetune_seed",
+    "process_trainers",
     "proximal_term",
     "training_seed",
 ]
@@ -275,3 +276,13 @@ class SiteTrainers:
     def values(self) -> list[SiteTrainer]:
         """The trainers kept, oldest first."""
         return list(self._trainers.values())
+
+
+#: The trainers of this process. Flower's simulation hands each Ray actor a copy of the
+#: ClientApp for every message, so the cache must live in the process, not in the app object.
+_PROCESS_TRAINERS = SiteTrainers()
+
+
+def process_trainers() -> SiteTrainers:
+    """The :class:`SiteTrainers` this process keeps for the ClientApp (one per process)."""
+    return _PROCESS_TRAINERS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,10 @@ def test_two_rounds_three_sites_write_every_result(tmp_path: Path) -> None:
     assert "round 1/2  train loss" in output and "| dice - |" in output
     # one site of the demo is stored as DICOM series
     assert any(p.is_dir() for p in (tmp_path / "demo" / "site-1" / "images").iterdir())
+    # each of the 2 Ray actors decodes a site once, however many messages it serves it (3 here)
+    for site in sites:
+        loads = len(re.findall(rf"\[site {site}\] \d+ training, .* ready in", output))
+        assert 1 <= loads <= 2, (site, loads)
 
 
 def test_multirun_sweeps_and_classification_runs(tmp_path: Path) -> None:

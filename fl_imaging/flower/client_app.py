@@ -35,6 +35,7 @@ from fl_imaging.site_training import (
     SiteTrainer,
     SiteTrainers,
     finetune_seed,
+    process_trainers,
     proximal_term,
     training_seed,
 )
@@ -70,13 +71,13 @@ def build_client_app(
     config: RunConfig | None = None, trainers: SiteTrainers | None = None
 ) -> ClientApp:
     """Return a ClientApp bound to ``config`` (simulation), or reading it from run_config (None),
-    taking its site trainers from ``trainers`` (default: one cache for the process).
+    taking its site trainers from ``trainers`` (default: the process's, :func:`process_trainers`,
+    looked up at each message: Ray hands every message a copy of the app).
 
     Client-side DP (``strategy.dp.mode=client_*``) runs training through Flower's
     ``fixedclipping_mod`` / ``adaptiveclipping_mod``, which clip the update before it leaves.
     """
     client = ClientApp()
-    trainers = trainers or SiteTrainers()
 
     def site_trainer(
         context: Context, cfg: RunConfig, global_state: dict
@@ -86,7 +87,8 @@ def build_client_app(
         show_progress(log)
         site = SiteRef.of_node(context.node_config, cfg.data.sites)
         attack = site_attack(cfg, site.index, site.simulated)
-        trainer = trainers.get(cfg, site, attack.label_transforms() if attack else ())
+        cache = process_trainers() if trainers is None else trainers
+        trainer = cache.get(cfg, site, attack.label_transforms() if attack else ())
         trainer.load_state(global_state)
         if cfg.strategy.fedbn:
             restore_local_norms(trainer.model, context)
