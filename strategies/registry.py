@@ -9,6 +9,7 @@ bounding, DP, site availability, recording) is assembled in :mod:`strategies.cha
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 from flwr.serverapp.strategy import (
@@ -40,6 +41,8 @@ __all__ = [
     "build_aggregator",
     "sites_needed",
 ]
+
+log = logging.getLogger("fl_imaging.server")
 
 #: Config name -> strategy class, Flower's first, then ours.
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -103,6 +106,9 @@ def _check_params(cfg: StrategyConfig, accepted: list[str]) -> None:
 
 
 def _check_enough_sites(strategy: Strategy, per_round: int) -> None:
+    """Refuse a robust aggregator that cannot work with ``per_round`` sites (Flower would skip
+    every aggregation of Bulyan, or quietly clamp Krum's neighbours to 1), and warn when Krum
+    runs below the number of sites its guarantee needs."""
     if isinstance(strategy, Bulyan):
         needed = 4 * strategy.num_malicious_nodes + 3
         if per_round < needed:
@@ -111,6 +117,33 @@ def _check_enough_sites(strategy: Strategy, per_round: int) -> None:
                 f"at least {needed} sites per round (4f+3), but a round has {per_round}; Flower "
                 "would skip every aggregation. Lower strategy.params.num_malicious_nodes or add "
                 "sites."
+            )
+    elif isinstance(strategy, Krum | MultiKrum):
+        name = "krum" if isinstance(strategy, Krum) else "multikrum"
+        malicious = strategy.num_malicious_nodes
+        neighbours = per_round - malicious - 2
+        if malicious < 0 or neighbours < 1:
+            raise StrategyError(
+                f"strategy '{name}' with num_malicious_nodes={malicious} scores each update "
+                f"against its n - f - 2 nearest others, {neighbours} with {per_round} sites per "
+                "round; Flower would quietly use 1. Lower strategy.params.num_malicious_nodes or "
+                "add sites."
+            )
+        if per_round < 2 * malicious + 3:
+            log.warning(
+                "strategy '%s' with num_malicious_nodes=%d and %d sites per round: Krum's "
+                "guarantee (Blanchard et al. 2017) needs at least 2f+3 = %d sites; it runs, but "
+                "it may pick a malicious update",
+                name,
+                malicious,
+                per_round,
+                2 * malicious + 3,
+            )
+        if not 1 <= strategy.num_nodes_to_select <= per_round - malicious:
+            raise StrategyError(
+                f"strategy '{name}': num_nodes_to_select={strategy.num_nodes_to_select} must be "
+                f"between 1 and the {per_round - malicious} honest sites of a round (sites per "
+                "round minus num_malicious_nodes)"
             )
 
 

@@ -81,6 +81,43 @@ def test_ranges_are_checked() -> None:
         check_overrides(["task.model.name=densenet"])
 
 
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        (
+            "task.spacing=[0,1,1]",
+            r"task\.spacing=\[0\.0, 1\.0, 1\.0\]: every spacing \(mm\) must be positive",
+        ),
+        ("task.roi_size=[0,0,0]", r"task\.roi_size=\[0, 0, 0\]: every size \(voxels\) must be 1"),
+        ("task.in_channels=0", r"task\.in_channels=0: must be 1 or more"),
+        ("task.sw_overlap=1.5", r"the overlap in \[0, 1\)"),
+        ("engine.num_sites=0", r"engine\.num_sites=0: must be 1 or more"),
+        ("engine.round_timeout=0", r"engine\.round_timeout=0\.0"),
+    ],
+)
+def test_sizes_spacings_and_timeouts_are_checked(override: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        check_overrides([override])
+
+
+def test_krum_with_more_malicious_sites_than_it_can_score_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    krum = check_overrides(["strategy=krum"]).strategy  # num_malicious_nodes=1
+    with pytest.raises(StrategyError, match=r"'krum' with num_malicious_nodes=1 .* 0 with 3 sites"):
+        build_strategy(krum, num_sites=3)
+    multikrum = check_overrides(["strategy=multikrum", "strategy.params.num_nodes_to_select=5"])
+    with pytest.raises(StrategyError, match=r"num_nodes_to_select=5 must be between 1 and the 4"):
+        build_strategy(multikrum.strategy, num_sites=5)
+    with caplog.at_level("WARNING", logger="fl_imaging.server"):
+        build_strategy(krum, num_sites=4)  # runs, below Krum's 2f+3 guarantee: said so
+    assert "needs at least 2f+3 = 5 sites" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fl_imaging.server"):
+        build_strategy(krum, num_sites=5)
+    assert "2f+3" not in caplog.text
+
+
 def test_validate_accepts_plain_dicts() -> None:
     with pytest.raises(ConfigError, match="Unknown config key 'engine.roundz'"):
         validate_config({"engine": {"roundz": 2}})
