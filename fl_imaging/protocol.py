@@ -7,7 +7,9 @@ tests all read these names from here, so that both ends of a message agree on th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
@@ -28,7 +30,10 @@ __all__ = [
     "SITE_RECORD",
     "UNIT_WEIGHT",
     "ReplySites",
+    "SiteError",
+    "error_reason",
     "resolve_config",
+    "site_errors",
     "site_reply",
 ]
 
@@ -94,12 +99,41 @@ def site_reply(
     return Message(content=content, reply_to=msg)
 
 
+class SiteError(RuntimeError):
+    """A site's ClientApp failed; the message starts with ``[site NAME]``, the only way to name
+    the site in the error reply Flower builds from it (an error reply carries no content)."""
+
+
+_SITE_IN_ERROR = re.compile(r"\[site ([^\]]+)\]")
+#: Flower's reason for an exception raised in a ClientApp: ``<class 'T'>:<'message'>``.
+_FLOWER_REASON = re.compile(r"^<class '[^']*'>:<'(.*)'>$", re.DOTALL)
+
+
+@contextmanager
+def site_errors(site: str) -> Iterator[None]:
+    """Inside, an exception of a site's ClientApp is raised again as a :class:`SiteError` that
+    names ``site``, its type and its message, so that the coordinator knows which site failed
+    and why even if the site never answered otherwise."""
+    try:
+        yield
+    except Exception as err:
+        raise SiteError(f"[site {site}] {type(err).__name__}: {err}") from err
+
+
+def error_reason(msg: Message) -> str:
+    """The reason of an error reply, without Flower's ``<class ...>:<'...'>`` wrapping."""
+    reason = msg.error.reason
+    match = _FLOWER_REASON.match(reason)
+    return match.group(1) if match else reason
+
+
 class ReplySites:
     """Names the site behind a reply: the one place that does.
 
-    A site's replies carry its name (:func:`site_reply`); an error reply carries nothing but the
-    sender's node id, so the name each node gave earlier is remembered and used for it, and a
-    node never heard from is called ``node-<id>``. ``known`` seeds node id -> site name.
+    A site's replies carry its name (:func:`site_reply`); an error reply carries the name in its
+    reason when our ClientApp raised it (:func:`site_errors`), else only the sender's node id:
+    then the name the node gave earlier is used, and a node never heard from is called
+    ``node-<id>``. ``known`` seeds node id -> site name.
     """
 
     def __init__(self, known: Mapping[int, str] | None = None) -> None:
@@ -108,7 +142,10 @@ class ReplySites:
     def __call__(self, msg: Message) -> str:
         """The name of the site that sent ``msg`` (learnt from it when it names itself)."""
         node = int(msg.metadata.src_node_id)
-        if not msg.has_error() and SITE_RECORD in msg.content.config_records:
+        if msg.has_error():
+            if (named := _SITE_IN_ERROR.search(msg.error.reason)) is not None:
+                self.names[node] = named.group(1)
+        elif SITE_RECORD in msg.content.config_records:
             self.names[node] = str(msg.content.config_records[SITE_RECORD][SITE_NAME])
         return self.of_node(node)
 

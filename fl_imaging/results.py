@@ -25,6 +25,7 @@ __all__ = [
     "AGGREGATE_SITE",
     "Failure",
     "MetricRow",
+    "SitesFailed",
     "format_round_table",
     "plot_curves",
     "privacy_line",
@@ -49,6 +50,11 @@ class MetricRow:
     site: str
     metric: str
     value: float
+
+
+class SitesFailed(RuntimeError):
+    """Some site took part in no round of a run that needed every site; the message names each
+    site and its first reason (the run's files are written)."""
 
 
 #: A site that failed in a round: (round, site name, reason).

@@ -26,6 +26,8 @@ from fl_imaging.config import ConfigError, DataName, EngineName, RunConfig
 from fl_imaging.data.partition import PartitionError
 from fl_imaging.data.sites import SiteDataError
 from fl_imaging.engines.deployment import DeploymentError
+from fl_imaging.engines.simulation import SimulationError
+from fl_imaging.results import SitesFailed
 from strategies import StrategyError
 
 __all__ = ["USER_ERRORS", "check_overrides", "run"]
@@ -33,7 +35,15 @@ __all__ = ["USER_ERRORS", "check_overrides", "run"]
 log = logging.getLogger("fl_imaging")
 
 #: The errors a user can fix (config, data, strategy, deployment): shown as one message, exit 2.
-USER_ERRORS = (ConfigError, SiteDataError, PartitionError, StrategyError, DeploymentError)
+USER_ERRORS = (
+    ConfigError,
+    SiteDataError,
+    PartitionError,
+    StrategyError,
+    DeploymentError,
+    SimulationError,
+    SitesFailed,
+)
 
 
 def run(cfg: RunConfig) -> Path:
@@ -84,5 +94,6 @@ def run(cfg: RunConfig) -> Path:
         from fl_imaging.engines.simulation import run_simulation_engine
 
         run_simulation_engine(cfg, site_names, plan)
+        plan.raise_if_sites_failed()
     log.info("results in %s: metrics.csv, curves.png, model.pt, config.yaml, summary.txt", run_dir)
     return run_dir

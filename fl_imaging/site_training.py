@@ -19,7 +19,8 @@ from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose
 
 from fl_imaging.config import RunConfig
-from fl_imaging.data.sites import Case, SiteDataError, load_site
+from fl_imaging.data.prepare import checked_cases
+from fl_imaging.data.sites import Case, SiteDataError, find_cases, load_site
 from tasks import build_task
 from tasks.base import ExtraLoss, ImagingTask, TrainResult
 
@@ -31,6 +32,7 @@ __all__ = [
     "finetune_seed",
     "process_trainers",
     "proximal_term",
+    "site_cases",
     "training_seed",
 ]
 
@@ -223,7 +225,7 @@ def build_site_trainer(
         val_fraction=cfg.data.val_fraction,
         seed=cfg.seed + site.index,
         name=site.name,
-        class_names=list(cfg.task.class_names) or None,
+        cases=site_cases(cfg, site),
     )
     trainer = SiteTrainer(
         site.name,
@@ -245,6 +247,22 @@ def build_site_trainer(
         time.perf_counter() - start,
     )
     return trainer
+
+
+def site_cases(cfg: RunConfig, site: SiteRef) -> list[Case]:
+    """The cases ``site`` trains on: those of its folder, less ``data.excluded_cases`` for it
+    (the coordinator's check with ``data.exclude_bad_cases``, in simulation). A deployed site
+    the coordinator never checked runs that check itself when ``data.exclude_bad_cases`` is set.
+    Logs every case left out; raises :class:`SiteDataError` as the check does."""
+    excluded = cfg.data.excluded_cases.get(site.name)
+    if excluded is None and cfg.data.exclude_bad_cases:
+        cases, _ = checked_cases(site.folder, cfg)
+        return cases
+    names = list(cfg.task.class_names) or None
+    cases = find_cases(site.folder, cfg.task.name, site.name, names)
+    if excluded:
+        log.info("[site %s] leaves out %s (data.excluded_cases)", site.name, ", ".join(excluded))
+    return [c for c in cases if c.case_id not in set(excluded or ())]
 
 
 class SiteTrainers:

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_imaging.protocol import GLOBAL_EVAL, NUM_EXAMPLES, UNIT_WEIGHT, ReplySites
+from fl_imaging.protocol import GLOBAL_EVAL, NUM_EXAMPLES, UNIT_WEIGHT, ReplySites, error_reason
 from fl_imaging.results import AGGREGATE_SITE, Failure, MetricRow
 from strategies.privacy import privacy_spent
 from strategies.validation import ACCEPTED, FLAGGED, UpdateCheck
@@ -94,13 +94,13 @@ class RecordingStrategy(StrategyWrapper):
         for msg in replies:
             site = self.sites(msg)
             if msg.has_error():
-                self.failures.append((server_round, site, msg.error.reason))
+                self.failures.append((server_round, site, error_reason(msg)))
                 log.warning(
                     "round %d: site %s failed in %s: %s",
                     server_round,
                     site,
                     phase,
-                    msg.error.reason,
+                    error_reason(msg),
                 )
                 continue
             if phase == "train":

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
 from fl_imaging.config import NORM_OUTLIER_ACTIONS, UpdateValidationConfig
-from fl_imaging.protocol import ReplySites
+from fl_imaging.protocol import ReplySites, error_reason
 from strategies.arrays import (
     Arrays,
     cast_like,
@@ -120,7 +120,7 @@ class ValidatingStrategy(SentArraysWrapper):
 
     def _inspect(self, msg: Message, site: str, sent: Arrays) -> _Reply:
         if msg.has_error():
-            reason = f"site {site} replied with an error: {msg.error.reason}"
+            reason = f"site {site} replied with an error: {error_reason(msg)}"
             return _Reply(msg, site, None, math.nan, REJECTED, reason)
         try:
             _, record = reply_arrays(msg)

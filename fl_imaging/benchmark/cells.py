@@ -19,6 +19,7 @@ import torch
 
 from fl_imaging.benchmark.plan import Cell
 from fl_imaging.config import RunConfig, config_to_yaml
+from fl_imaging.engines.interrupts import RunInterrupted
 from fl_imaging.results import write_metrics
 
 __all__ = ["CELL_FILE", "cell_status", "run_cell"]
@@ -88,6 +89,8 @@ def run_cell(cell: Cell, cfg: RunConfig, folder: Path) -> tuple[str, float, str]
         else:
             _run_baseline(cfg, cell.kind, folder)
         status = "done"
+    except RunInterrupted:  # the user stopped it: the benchmark stops too
+        raise
     except Exception as err:  # one broken cell must not end the benchmark
         log.exception("cell %s failed", cell.key)
         status, error = "failed", f"{type(err).__name__}: {err}"

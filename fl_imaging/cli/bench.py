@@ -15,6 +15,7 @@ import logging
 import sys
 
 from fl_imaging.benchmark.runner import PRESETS, run_benchmark
+from fl_imaging.engines.interrupts import INTERRUPTED_EXIT_CODE, RunInterrupted
 
 __all__ = ["entry", "main"]
 
@@ -39,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    return run_benchmark(args.overrides, args.only, args.list)
+    try:
+        return run_benchmark(args.overrides, args.only, args.list)
+    except (RunInterrupted, KeyboardInterrupt):
+        logging.getLogger("fl_imaging.bench").warning(
+            "benchmark interrupted: the cells done so far are kept; run the same command again "
+            "to go on (done cells are reused, the interrupted one runs again)"
+        )
+        return INTERRUPTED_EXIT_CODE
 
 
 def entry() -> None:

@@ -10,16 +10,19 @@ so a config error stops at once with exit code 2; the run itself is :func:`fl_im
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from fl_imaging.config import config_dir, validate_config
+from fl_imaging.engines.interrupts import INTERRUPTED_EXIT_CODE, RunInterrupted
 from fl_imaging.run import USER_ERRORS, check_overrides, run
 
-__all__ = ["main"]
+__all__ = ["main", "resume_command"]
 
 log = logging.getLogger("fl_imaging")
 
@@ -55,6 +58,13 @@ def _overrides_of(argv: list[str]) -> list[str]:
     return overrides
 
 
+def resume_command(argv: list[str], run_dir: Path) -> str:
+    """The ``fl-imaging`` command that goes on from ``run_dir``: the same overrides (but
+    ``resume=`` and Hydra's own ``hydra.*``, so that the resumed run gets a new folder)."""
+    kept = [a for a in argv if not a.startswith(("resume=", "hydra.", "--multirun", "-m"))]
+    return shlex.join(["fl-imaging", *kept, f"resume={run_dir}"])
+
+
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _hydra_main(composed: DictConfig) -> None:
     try:
@@ -62,6 +72,14 @@ def _hydra_main(composed: DictConfig) -> None:
     except USER_ERRORS as err:
         log.error("%s", err)
         sys.exit(2)
+    except RunInterrupted as stop:
+        log.warning(
+            "stopped: the finished rounds' results are in %s (metrics.csv, summary.txt, "
+            "config.yaml, model.pt, the checkpoint); to go on:\n  %s",
+            stop.run_dir,
+            resume_command(sys.argv[1:], stop.run_dir),
+        )
+        sys.exit(INTERRUPTED_EXIT_CODE)
 
 
 def main() -> None:

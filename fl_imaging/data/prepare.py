@@ -74,9 +74,14 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteR
         )
     sites: list[SiteData] = []
     reports: list[SiteReport] = []
+    excluded: dict[str, list[str]] = {}
     for i, folder in enumerate(folders):
         log.info("checking site %d/%d: %s", i + 1, len(folders), folder)
         cases, report = checked_cases(folder, cfg)
+        left_out = {c.case_id for c in report.found} - {c.case_id for c in cases}
+        left_out |= set(data.excluded_cases.get(folder.name, []))
+        cases = [c for c in cases if c.case_id not in left_out]
+        excluded[folder.name] = sorted(left_out)
         sites.append(
             load_site(
                 folder,
@@ -87,7 +92,10 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteR
             )
         )
         reports.append(report)
-    resolved = replace(cfg, data=replace(data, sites=[str(f) for f in folders]))
+    # Every site reads the same list, so that it trains on exactly the cases checked here.
+    resolved = replace(
+        cfg, data=replace(data, sites=[str(f) for f in folders], excluded_cases=excluded)
+    )
     return resolved, sites, reports
 
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fl_imaging.config import RunConfig
+from fl_imaging.engines.interrupts import RunInterrupted, stop_on_signal
+from fl_imaging.engines.ray_reaper import finish_reaper, start_reaper
 
 if TYPE_CHECKING:
     from fl_imaging.flower.federation import FederationPlan
 
-__all__ = ["run_simulation_engine"]
+__all__ = ["SimulationError", "run_simulation_engine"]
 
 log = logging.getLogger("fl_imaging.engine")
 
@@ -35,17 +40,18 @@ def _quiet_flower(verbose: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def run_simulation_engine(
-    cfg: RunConfig, site_names: list[str], plan: FederationPlan | None = None
-) -> None:
+def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: FederationPlan) -> None:
     """Run ``cfg`` on Flower's simulation engine, one virtual SuperNode per entry of
-    ``cfg.data.sites``; the ServerApp (with the server side ``plan`` already made, or its own)
-    writes the run's files into ``cfg.run_dir``.
+    ``cfg.data.sites``; the ServerApp runs the server side ``plan`` and writes the run's files
+    into ``cfg.run_dir``.
 
     Uses Flower's in-process ``run_simulation`` (Ray backend) rather than ``flwr run``: the same
     engine, without a background SuperLink process or an app bundle, so a run costs one Ray start.
     Ray gets ``engine.num_cpus`` CPUs (default: all) and reserves ``engine.cpus_per_client`` per
-    ClientApp; its files go to a private temporary folder removed afterwards.
+    ClientApp; its files go to a private temporary folder removed afterwards (also when this
+    process is killed: :mod:`fl_imaging.engines.ray_reaper`). Ctrl-C or SIGTERM stops the run
+    within seconds, with the finished rounds' results written (:mod:`~.interrupts`), and raises
+    :class:`~fl_imaging.engines.interrupts.RunInterrupted`.
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -76,13 +82,63 @@ def run_simulation_engine(
         engine.rounds,
         min(parallel, len(site_names)),
     )
+    reaper = start_reaper(Path(ray_tmp))
+    stop_ray = partial(_stop_ray, ray_tmp, reaper)
     try:
-        run_simulation(
-            server_app=build_server_app(cfg, site_names, plan),
-            client_app=build_client_app(cfg),
-            num_supernodes=len(site_names),
-            backend_config=backend_config,  # type: ignore[arg-type]
-            verbose_logging=engine.verbose,
-        )
+        with stop_on_signal(plan.stop, force=stop_ray):
+            try:
+                run_simulation(
+                    server_app=build_server_app(cfg, site_names, plan),
+                    client_app=build_client_app(cfg),
+                    num_supernodes=len(site_names),
+                    backend_config=backend_config,  # type: ignore[arg-type]
+                    verbose_logging=engine.verbose,
+                )
+            except KeyboardInterrupt:
+                if not plan.stop.is_set():
+                    raise
+            except Exception as err:
+                # Flower's runtime failed (Ray could not start, ...): its ServerApp thread would
+                # wait for replies for ever, and the process with it.
+                reason = f"Flower's simulation engine failed: {_root_cause(err)}"
+                plan.stopped = plan.stopped or reason
+                plan.stop.set()
+                plan.done.wait(timeout=STOP_WRITE_TIMEOUT)
+                raise SimulationError(
+                    f"{reason}. Rerun with engine.verbose=true to see Flower's and Ray's own log."
+                ) from err
+            if plan.stop.is_set() and not plan.done.wait(timeout=STOP_WRITE_TIMEOUT):
+                log.error("the ServerApp did not write its results within %d s", STOP_WRITE_TIMEOUT)
     finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        stop_ray()
+    if plan.stop.is_set():
+        raise RunInterrupted(plan.run_dir, plan.stopped or "interrupted before the first round")
+
+
+class SimulationError(RuntimeError):
+    """Flower's simulation engine (Ray) failed; the message gives the first cause."""
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost cause of ``err`` as one line (``Type: message``)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+#: Seconds an interrupted run waits for the ServerApp to write what the finished rounds produced.
+STOP_WRITE_TIMEOUT = 60
+
+
+def _stop_ray(ray_tmp: str, reaper: subprocess.Popen[bytes] | None) -> None:
+    """Shut Ray down if it still runs in this process, have the ``reaper`` stop the processes
+    Ray leaves behind (its actors exit on their own time after ``ray.shutdown``) and remove its
+    temporary folder."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if reaper is not None:
+        finish_reaper(reaper)
+    shutil.rmtree(ray_tmp, ignore_errors=True)

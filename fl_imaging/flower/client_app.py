@@ -28,6 +28,7 @@ from fl_imaging.protocol import (
     PROXIMAL_MU,
     SERVER_ROUND,
     resolve_config,
+    site_errors,
     site_reply,
 )
 from fl_imaging.site_training import (
@@ -51,14 +52,13 @@ CLIENT_DP_MODS = {
 }
 
 
-def _evaluation(
-    trainer: SiteTrainer, split: str = "val", finetune_epochs: int = 0, seed: int = 0
-) -> dict[str, float]:
-    """The site's metrics of its current model and the number of cases scored
-    (``num-examples``): on its validation cases (``val_loss``, the task's metrics), or, in the
-    test round, on its test cases (``test_*``, ``finetuned_*`` after fine-tuning a copy)."""
-    if split == "test":
-        metrics = trainer.test_metrics(finetune_epochs, seed=seed)
+def _evaluation(trainer: SiteTrainer, settings: ConfigRecord, seed: int = 0) -> dict[str, float]:
+    """The site's metrics of its model on its validation cases (``val_loss``, the task's), or, when
+    ``settings`` ask for ``split=test``, on its test cases (``test_*``, and ``finetuned_*`` after
+    ``finetune-epochs`` of fine-tuning with ``seed``); with the number of cases scored."""
+    if settings.get(EVAL_SPLIT, "val") == "test":
+        epochs = int(settings.get(FINETUNE_EPOCHS, 0))
+        metrics = trainer.test_metrics(epochs, seed=seed)
         if not metrics:
             log.warning(
                 "[site %s] has no test cases: nothing to score in the test round", trainer.name
@@ -80,29 +80,28 @@ def build_client_app(
     client = ClientApp()
 
     def site_trainer(
-        context: Context, cfg: RunConfig, global_state: dict
-    ) -> tuple[SiteRef, SiteTrainer, SimulatedAttack | None]:
-        """This node's site, its trainer holding ``global_state`` (with FedBN, the site's own
-        normalisation layers on top), and the attack it plays in a simulation (or None)."""
+        context: Context, cfg: RunConfig, site: SiteRef, global_state: dict
+    ) -> tuple[SiteTrainer, SimulatedAttack | None]:
+        """``site``'s trainer holding ``global_state`` (with FedBN, the site's own normalisation
+        layers on top), and the attack it plays in a simulation (or None)."""
         show_progress(log)
-        site = SiteRef.of_node(context.node_config, cfg.data.sites)
         attack = site_attack(cfg, site.index, site.simulated)
         cache = process_trainers() if trainers is None else trainers
         trainer = cache.get(cfg, site, attack.label_transforms() if attack else ())
         trainer.load_state(global_state)
         if cfg.strategy.fedbn:
             restore_local_norms(trainer.model, context)
-        return site, trainer, attack
+        return trainer, attack
 
-    def train_site(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    def train_site(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
         """Train on the received global model; reply with the new weights and the training
         metrics (and, with one message per round, the evaluation of the model received)."""
         global_state = msg.content["arrays"].to_torch_state_dict()
-        site, trainer, attack = site_trainer(context, cfg, global_state)
+        trainer, attack = site_trainer(context, cfg, site, global_state)
         settings = msg.content["config"]
         rnd = int(settings.get(SERVER_ROUND, 0))
         evaluated = settings.get(EVALUATE_GLOBAL, False) and rnd > 1
-        previous = _evaluation(trainer) if evaluated else None
+        previous = _evaluation(trainer, ConfigRecord()) if evaluated else None
         mu = float(settings.get(PROXIMAL_MU, 0.0))
         result = trainer.fit(
             int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs)),
@@ -125,20 +124,23 @@ def build_client_app(
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = resolve_config(config, context)
-        mod = CLIENT_DP_MODS.get(cfg.strategy.dp.mode)
-        if mod is None:
-            return train_site(msg, context, cfg)
-        return mod(msg, context, lambda m, c: train_site(m, c, cfg))
+        site = SiteRef.of_node(context.node_config, cfg.data.sites)
+        with site_errors(site.name):  # a failure names the site in the error reply
+            mod = CLIENT_DP_MODS.get(cfg.strategy.dp.mode)
+            if mod is None:
+                return train_site(msg, context, cfg, site)
+            return mod(msg, context, lambda m, c: train_site(m, c, cfg, site))
 
     @client.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = resolve_config(config, context)
-        global_state = msg.content["arrays"].to_torch_state_dict()
-        site, trainer, _ = site_trainer(context, cfg, global_state)
-        settings = msg.content.config_records.get("config", ConfigRecord())
-        split, epochs = str(settings.get(EVAL_SPLIT, "val")), int(settings.get(FINETUNE_EPOCHS, 0))
-        metrics = _evaluation(trainer, split, epochs, seed=finetune_seed(cfg.seed, site.index))
-        return site_reply(msg, site.name, metrics)
+        site = SiteRef.of_node(context.node_config, cfg.data.sites)
+        with site_errors(site.name):
+            global_state = msg.content["arrays"].to_torch_state_dict()
+            trainer, _ = site_trainer(context, cfg, site, global_state)
+            settings = msg.content.config_records.get("config", ConfigRecord())
+            metrics = _evaluation(trainer, settings, finetune_seed(cfg.seed, site.index))
+            return site_reply(msg, site.name, metrics)
 
     return client
 

@@ -10,7 +10,8 @@ process on the SuperLink's host, makes its plan from the config it receives.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from fl_imaging.flower.checkpoint import (
     restore_strategy_state,
     save_checkpoint,
 )
-from fl_imaging.results import MetricRow, progress_line
+from fl_imaging.results import MetricRow, SitesFailed, progress_line
 from strategies import Federation, RecordingStrategy, build_strategy
 from tasks import build_task
 
@@ -39,7 +40,12 @@ class FederationPlan:
     """Everything the ServerApp hands to Flower: the validated config, the task's model (its
     initial weights, or the checkpoint's), the strategy chain (outermost layer: the recorder,
     see :mod:`strategies.chain`), the sites' names for the tables (extended as sites reply),
-    the task's main metric and the checkpoint resumed from (None: a fresh run)."""
+    the task's main metric and the checkpoint resumed from (None: a fresh run).
+
+    How the run ends: ``stop`` is set to ask a running ServerApp to stop (Ctrl-C); ``stopped``
+    then holds why it ended early (empty when it ran all rounds), ``interrupted`` whether it was
+    asked to, and ``done`` is set once its files are written.
+    """
 
     cfg: RunConfig
     model: torch.nn.Module
@@ -47,11 +53,69 @@ class FederationPlan:
     site_names: list[str]
     main_metric: str
     checkpoint: Checkpoint | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    stopped: str = ""
+    interrupted: bool = False
 
     @property
     def run_dir(self) -> Path:
         """Where the run's files go (``cfg.run_dir``)."""
         return Path(self.cfg.run_dir)
+
+    def rounds_done(self) -> int:
+        """The last round with recorded results (0 before the first)."""
+        return max((r.round for r in self.strategy.rows), default=0)
+
+    def absent_sites(self) -> dict[str, str]:
+        """The sites that failed (or never answered) in every round they were asked to train
+        in, by name, with the first reason; empty when every site trained at least once."""
+        trained = {r.site for r in self.strategy.rows if r.metric == "train_loss"}
+        absent: dict[str, str] = {}
+        for _, site, reason in self.strategy.failures:
+            if site not in trained and not reason.startswith("test round"):
+                absent.setdefault(site, reason)
+        return absent
+
+    def absence_note(self) -> str:
+        """Lines for summary.txt on :meth:`absent_sites` (empty when none): each site, its
+        reason, and whether the run counts it as a failure (every site was needed) or went on
+        without it under ``engine.min_sites``."""
+        absent = self.absent_sites()
+        if not absent:
+            return ""
+        tolerated = self.cfg.engine.min_sites is not None
+        lines = [
+            f"site {site} took part in no round ({reason}); "
+            + (
+                f"the model was trained without it (engine.min_sites={self.cfg.engine.min_sites})"
+                if tolerated
+                else "the run fails: fix the site (fl-imaging-data inspect on its folder), or set "
+                "engine.min_sites to let a run go on without a site"
+            )
+            for site, reason in sorted(absent.items())
+        ]
+        return "\n".join(lines)
+
+    def raise_if_sites_failed(self) -> None:
+        """Raise :class:`SitesFailed` when a site took part in no round and the run needed every
+        site (``engine.min_sites`` unset); an interrupted run is not judged."""
+        absent = self.absent_sites()
+        if absent and self.cfg.engine.min_sites is None and not self.interrupted:
+            raise SitesFailed(
+                f"{self.absence_note()}\nresults of the other sites are in {self.run_dir}"
+            )
+
+    def note_interrupted(self) -> None:
+        """Note that the run was asked to stop (Ctrl-C, or the engine failed: ``stopped`` says
+        so already), after which round, and how to go on."""
+        self.interrupted = True
+        why = self.stopped or "interrupted (Ctrl-C)"
+        self.stopped = (
+            f"{why} after round {self.rounds_done()} of {self.cfg.engine.rounds}: the results "
+            f"and the checkpoint of the finished rounds are kept; go on with resume={self.run_dir}"
+        )
+        log.warning("%s", self.stopped)
 
     def after_round(self, rnd: int, rows: list[MetricRow]) -> None:
         """Print round ``rnd``'s progress line and save the checkpoint after it."""

@@ -16,10 +16,17 @@ import math
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fl_imaging.protocol import EVAL_SPLIT, FINETUNE_EPOCHS, NUM_EXAMPLES, ReplySites
+from fl_imaging.flower.federation import FederationPlan
+from fl_imaging.protocol import (
+    EVAL_SPLIT,
+    FINETUNE_EPOCHS,
+    NUM_EXAMPLES,
+    ReplySites,
+    error_reason,
+)
 from fl_imaging.results import AGGREGATE_SITE, Failure, MetricRow
 
-__all__ = ["score_final_model"]
+__all__ = ["score_final_model", "score_test_cases"]
 
 log = logging.getLogger("fl_imaging.server")
 
@@ -57,8 +64,8 @@ def score_final_model(
     for reply in grid.send_and_receive(messages, timeout=timeout):
         site = sites(reply)
         if reply.has_error():
-            failures.append((server_round, site, f"test round: {reply.error.reason}"))
-            log.warning("test round: site %s failed: %s", site, reply.error.reason)
+            failures.append((server_round, site, f"test round: {error_reason(reply)}"))
+            log.warning("test round: site %s failed: %s", site, error_reason(reply))
             continue
         metrics = dict(reply.content["metrics"])
         cases = float(metrics.pop(NUM_EXAMPLES, 0))
@@ -73,3 +80,36 @@ def score_final_model(
         if weights[name] > 0:
             rows.append(MetricRow(server_round, AGGREGATE_SITE, name, total / weights[name]))
     return rows, failures
+
+
+def score_test_cases(grid: Grid, plan: FederationPlan) -> None:
+    """The test round of ``plan``'s run (``engine.test``): every site scores the final model
+    on its test cases (and after ``engine.finetune_epochs`` of fine-tuning); the rows and
+    failures go to the recorder, and a line per figure to the log."""
+    recorder, epochs = plan.strategy, plan.cfg.engine.finetune_epochs
+    assert recorder.global_arrays is not None
+    log.info(
+        "test round: every site scores the final model on its test cases%s",
+        f", then after {epochs} epoch(s) of local fine-tuning" if epochs else "",
+    )
+    done = max((r.round for r in recorder.rows), default=0)
+    rows, failures = score_final_model(
+        grid, recorder.global_arrays, done, epochs, plan.cfg.engine.round_timeout, recorder.sites
+    )
+    recorder.rows.extend(rows)
+    recorder.failures.extend(failures)
+    labels = {
+        "test": "test (final model)",
+        "finetuned": f"test after {epochs} epoch(s) of fine-tuning",
+    }
+    for prefix, label in labels.items():
+        values = {r.site: r.value for r in rows if r.metric == f"{prefix}_{plan.main_metric}"}
+        mean = values.pop(AGGREGATE_SITE, None)
+        if values:
+            log.info(
+                "%s %s: %s%s",
+                label,
+                plan.main_metric,
+                "  ".join(f"{site} {value:.3f}" for site, value in sorted(values.items())),
+                f"  | all sites {mean:.3f}" if mean is not None else "",
+            )

@@ -7,6 +7,11 @@ after its last reply; the simulation's in-memory Grid asks every 0.1 s. This wra
 delegates everything to Flower's Grid and only re-implements ``send_and_receive`` with a short
 interval: one small request to the SuperLink per interval while a phase is open.
 
+It also stops waiting when the run is asked to stop (Ctrl-C, SIGTERM: ``stop`` is set): it raises
+:class:`StopRequested`, so the ServerApp can write what the finished rounds produced instead of
+waiting for replies that will never come; the round in flight is abandoned, even if its replies
+arrived meanwhile (a site killed by the same Ctrl-C answers with an error).
+
 It also names the sender of the error replies the SuperLink writes itself: for a SuperNode that
 stopped sending heartbeats, Flower 1.41 answers "Node Unavailable" with the SuperLink (node 1) as
 sender, so every such reply would look as if the same node had failed. The wrapper sets the
@@ -15,6 +20,7 @@ sender back to the node the message was sent to (the metadata field Flower fills
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 
@@ -22,15 +28,23 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-__all__ = ["QuickPollGrid"]
+__all__ = ["QuickPollGrid", "StopRequested"]
+
+
+class StopRequested(RuntimeError):
+    """The run was asked to stop while a round was in flight; that round is abandoned."""
 
 
 class QuickPollGrid(Grid):
-    """Wraps ``grid``; ``send_and_receive`` asks for replies every ``interval`` seconds."""
+    """Wraps ``grid``; ``send_and_receive`` asks for replies every ``interval`` seconds and
+    raises :class:`StopRequested` once ``stop`` is set."""
 
-    def __init__(self, grid: Grid, interval: float = 0.2) -> None:
+    def __init__(
+        self, grid: Grid, interval: float = 0.2, stop: threading.Event | None = None
+    ) -> None:
         self.grid = grid
         self.interval = interval
+        self.stop = stop or threading.Event()
 
     def set_run(self, run: Run) -> None:
         """Set the run (delegated)."""
@@ -68,7 +82,10 @@ class QuickPollGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Push ``messages``, then collect replies until every message has one or ``timeout``
-        seconds passed (None: no limit); returns the replies received."""
+        seconds passed (None: no limit); returns the replies received. Raises
+        :class:`StopRequested` when ``stop`` is set before or while waiting."""
+        if self.stop.is_set():
+            raise StopRequested("the run was asked to stop")
         messages = list(messages)
         destination = {
             msg_id: msg.metadata.dst_node_id
@@ -88,5 +105,9 @@ class QuickPollGrid(Grid):
             pending -= {m.metadata.reply_to_message_id for m in received}
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.interval)
+            self.stop.wait(self.interval)
+            if self.stop.is_set():
+                break
+        if self.stop.is_set():
+            raise StopRequested("the run was asked to stop while a round was in flight")
         return replies

@@ -17,11 +17,11 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fl_imaging.config import RunConfig
 from fl_imaging.flower.federation import FederationPlan, plan_federation
-from fl_imaging.flower.final_scoring import score_final_model
-from fl_imaging.flower.polling import QuickPollGrid
+from fl_imaging.flower.final_scoring import score_test_cases
+from fl_imaging.flower.polling import QuickPollGrid, StopRequested
 from fl_imaging.logs import show_progress
 from fl_imaging.protocol import EVALUATE_GLOBAL, LOCAL_EPOCHS, resolve_config
-from fl_imaging.results import AGGREGATE_SITE, write_run_files
+from fl_imaging.results import write_run_files
 from strategies import NotEnoughSites, RecordingStrategy
 
 __all__ = ["app", "build_server_app", "run_federation"]
@@ -40,37 +40,50 @@ def run_federation(
     ``engine.min_sites`` connected sites. Returns the recording strategy (``rows``: every metric).
     """
     plan = plan or plan_federation(cfg, site_names)
+    try:
+        _run_rounds(grid, plan)
+    finally:
+        plan.done.set()
+    return plan.strategy
+
+
+def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
+    """The rounds, the test round and the run's files; why the run stopped early goes to
+    ``plan.stopped`` (and summary.txt)."""
     cfg, recorder = plan.cfg, plan.strategy
-    rounds = cfg.engine.rounds
-    stopped = ""
-    sites_gone = False  # too few sites left: no test round either
+    test = cfg.engine.test
     try:
         recorder.start(
             grid=grid,
             initial_arrays=recorder.global_arrays,
-            num_rounds=rounds - recorder.offset,
+            num_rounds=cfg.engine.rounds - recorder.offset,
             timeout=cfg.engine.round_timeout,
             train_config=ConfigRecord(
                 {LOCAL_EPOCHS: cfg.task.local_epochs, EVALUATE_GLOBAL: cfg.engine.evaluate_in_train}
             ),
         )
     except PrivacyBudgetExhausted as err:
-        done = max((r.round for r in recorder.rows), default=0)
-        stopped = (
-            f"stopped after round {done} of {rounds}: the privacy budget "
-            f"strategy.dp.max_epsilon={cfg.strategy.dp.max_epsilon} would be exceeded by the "
-            f"next round ({err})"
+        plan.stopped = (
+            f"stopped after round {plan.rounds_done()} of {cfg.engine.rounds}: the privacy "
+            f"budget strategy.dp.max_epsilon={cfg.strategy.dp.max_epsilon} would be exceeded by "
+            f"the next round ({err})"
         )
-        log.warning("%s", stopped)
+        log.warning("%s", plan.stopped)
     except NotEnoughSites as err:
-        stopped, sites_gone = str(err), True
-        log.error("%s", stopped)
-    if cfg.engine.test and sites_gone:
-        log.warning("no test round: too few sites are connected")
-    elif cfg.engine.test:
-        _test_round(grid, plan)
+        plan.stopped, test = str(err), False
+        log.error("%s", plan.stopped)
+        if cfg.engine.test:
+            log.warning("no test round: too few sites are connected")
+    except StopRequested:
+        plan.note_interrupted()
+    if test and not plan.interrupted:
+        try:
+            score_test_cases(grid, plan)
+        except StopRequested:
+            plan.note_interrupted()
     assert recorder.global_arrays is not None
     plan.model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
+    notes = "\n".join(n for n in (plan.stopped, plan.absence_note()) if n)
     write_run_files(
         plan.run_dir,
         cfg,
@@ -79,40 +92,8 @@ def run_federation(
         plan.model,
         plan.site_names,
         plan.main_metric,
-        stopped,
+        notes,
     )
-    return recorder
-
-
-def _test_round(grid: Grid, plan: FederationPlan) -> None:
-    """Every site scores the final model on its test cases (``engine.test``); record and log."""
-    recorder, epochs = plan.strategy, plan.cfg.engine.finetune_epochs
-    assert recorder.global_arrays is not None
-    log.info(
-        "test round: every site scores the final model on its test cases%s",
-        f", then after {epochs} epoch(s) of local fine-tuning" if epochs else "",
-    )
-    done = max((r.round for r in recorder.rows), default=0)
-    rows, failures = score_final_model(
-        grid, recorder.global_arrays, done, epochs, plan.cfg.engine.round_timeout, recorder.sites
-    )
-    recorder.rows.extend(rows)
-    recorder.failures.extend(failures)
-    labels = {
-        "test": "test (final model)",
-        "finetuned": f"test after {epochs} epoch(s) of fine-tuning",
-    }
-    for prefix, label in labels.items():
-        values = {r.site: r.value for r in rows if r.metric == f"{prefix}_{plan.main_metric}"}
-        mean = values.pop(AGGREGATE_SITE, None)
-        if values:
-            log.info(
-                "%s %s: %s%s",
-                label,
-                plan.main_metric,
-                "  ".join(f"{site} {value:.3f}" for site, value in sorted(values.items())),
-                f"  | all sites {mean:.3f}" if mean is not None else "",
-            )
 
 
 def build_server_app(
@@ -130,8 +111,12 @@ def build_server_app(
             show_progress(logging.getLogger("fl_imaging"))
         cfg = resolve_config(config, context)
         names = site_names or [Path(p).name for p in cfg.data.sites]
-        # Deployment: Flower's Grid looks for replies every 3 s; ours every 0.2 s.
-        run_federation(QuickPollGrid(grid) if config is None else grid, cfg, names, plan)
+        # Flower's deployment Grid looks for replies every 3 s; ours every 0.2 s, and stops
+        # waiting when the plan is asked to stop (Ctrl-C in simulation).
+        run_plan = plan or plan_federation(cfg, names)
+        run_federation(QuickPollGrid(grid, stop=run_plan.stop), cfg, names, run_plan)
+        if config is None:  # deployment: a site that never trained fails the run's status
+            run_plan.raise_if_sites_failed()
 
     return server
 

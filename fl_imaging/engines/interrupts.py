@@ -1,0 +1,66 @@
+"""Stopping a run on the user's word: one Ctrl-C (or SIGTERM) ends it within seconds, cleanly.
+
+Flower's in-process simulation has no way to stop: on Ctrl-C its simulation loop unwinds in the
+main thread, but the ServerApp's thread goes on waiting for replies that will never come, and the
+process hangs until a second Ctrl-C (seen with Flower 1.41). So, while a run is on, ours is the
+signal handler (:func:`stop_on_signal`): the first SIGINT or SIGTERM sets the run's ``stop`` event,
+which the ServerApp's Grid checks (:class:`~fl_imaging.flower.polling.QuickPollGrid`), and raises
+``KeyboardInterrupt`` in the main thread, so that Flower's loop stops Ray's actors at once; the
+ServerApp then writes what the finished rounds produced and the engine raises
+:class:`RunInterrupted`. A second signal stops everything at once (``force``, exit 130).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+__all__ = ["INTERRUPTED_EXIT_CODE", "RunInterrupted", "stop_on_signal"]
+
+log = logging.getLogger("fl_imaging.engine")
+
+#: Exit code of a run stopped by the user (128 + SIGINT), as shells report Ctrl-C.
+INTERRUPTED_EXIT_CODE = 130
+
+
+class RunInterrupted(Exception):
+    """The user stopped the run; ``run_dir`` holds what its finished rounds produced and
+    ``reason`` says after which round it stopped and how to go on."""
+
+    def __init__(self, run_dir: Path, reason: str) -> None:
+        super().__init__(reason)
+        self.run_dir = run_dir
+        self.reason = reason
+
+
+@contextmanager
+def stop_on_signal(stop: threading.Event, force: Callable[[], None]) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM stop the run: the first sets ``stop`` and raises
+    ``KeyboardInterrupt`` in the main thread; a second calls ``force`` (stop what was started)
+    and ends the process with exit code 130. The previous handlers are restored on leaving.
+    Must be entered in the main thread (Python's rule for signal handlers)."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.error("second %s: stopping at once", signal.Signals(signum).name)
+            force()
+            os._exit(INTERRUPTED_EXIT_CODE)
+        stop.set()
+        log.warning(
+            "%s: stopping; the finished rounds' results are being written (again to quit at once)",
+            signal.Signals(signum).name,
+        )
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

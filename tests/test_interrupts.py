@@ -1,0 +1,191 @@
+"""Stopping a run: one Ctrl-C ends a real simulation within seconds with the finished rounds'
+files, no Ray process and no temporary folder left, and a resume command that finishes it; a
+killed run's Ray processes are stopped by the watcher; the Grid stops waiting once asked to."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+from flower_fakes import FakeGrid, record
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from fl_imaging.cli.main import resume_command
+from fl_imaging.flower.polling import QuickPollGrid, StopRequested
+from fl_imaging.results import read_metrics
+
+RAY_PROCESS = re.compile(r"ray::|raylet|gcs_server")
+
+
+class SilentGrid(FakeGrid):
+    """Pushes messages and never has a reply (sites busy training)."""
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return []
+
+
+def _train_messages(nodes: int) -> list[Message]:
+    content = RecordDict({"arrays": record({}), "config": ConfigRecord({"server-round": 1})})
+    return [
+        Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN)
+        for n in range(1, nodes + 1)
+    ]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_grid_stops_waiting_once_the_run_is_asked_to_stop() -> None:
+    stop = threading.Event()
+    grid = QuickPollGrid(SilentGrid(2, lambda n, r, s: s), interval=0.05, stop=stop)
+    threading.Timer(0.3, stop.set).start()
+    start = time.monotonic()
+    with pytest.raises(StopRequested):
+        grid.send_and_receive(_train_messages(2), timeout=30)
+    assert time.monotonic() - start < 2.0  # not the 30 s timeout
+    with pytest.raises(StopRequested):  # a new round does not start either
+        grid.send_and_receive(_train_messages(2), timeout=30)
+
+
+def test_the_resume_command_keeps_the_overrides_but_hydra_and_resume() -> None:
+    argv = ["experiment=quick", "engine.rounds=8", "hydra.run.dir=/x", "resume=/old", "seed=1"]
+    assert resume_command(argv, Path("/runs/a b")) == shlex.join(
+        ["fl-imaging", "experiment=quick", "engine.rounds=8", "seed=1", "resume=/runs/a b"]
+    )
+
+
+def _processes_in_group(pgid: int) -> list[str]:
+    """Command lines of the live (not zombie) processes of process group ``pgid``."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(stat).with_name("cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(cmdline)
+    return found
+
+
+def _start(tmp_path: Path, ray_parent: Path, run: str, *overrides: str) -> subprocess.Popen[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "fl_imaging.cli",
+        "experiment=quick",
+        "engine.rounds=4",
+        *overrides,
+        f"data.root={tmp_path / 'demo'}",
+        f"hydra.run.dir={tmp_path / run}",
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(ray_parent)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the SIGINT a terminal would send
+    )
+
+
+@pytest.fixture
+def ray_parent() -> Iterator[Path]:
+    """A short folder for this test's Ray folder (TMPDIR), with no other run's in it: a Unix
+    socket path inside Ray's folder must stay under 108 bytes, and pytest's tmp_path is long."""
+    folder = Path(tempfile.mkdtemp(prefix="fi-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _until(proc: subprocess.Popen[str], text: str, output: list[str], seconds: float) -> None:
+    """Read the run's output until a line holds ``text``; fail after ``seconds``."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if text in line:
+                return
+    raise AssertionError(f"no {text!r} in the run's output:\n{''.join(output[-40:])}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc (Linux)")
+def test_ctrl_c_in_round_2_keeps_the_files_stops_ray_and_resume_finishes(
+    tmp_path: Path, ray_parent: Path
+) -> None:
+    proc = _start(tmp_path, ray_parent, "first")
+    output: list[str] = []
+    try:
+        _until(proc, "round 1/4", output, 300)
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole group
+        sent = time.monotonic()
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(output) + rest
+    assert proc.returncode == 130, text[-3000:]
+    assert time.monotonic() - sent < 30, text[-3000:]
+    assert "Traceback" not in text
+    run = tmp_path / "first"
+    for name in ("metrics.csv", "summary.txt", "config.yaml", "model.pt", "checkpoint.pkl"):
+        assert (run / name).is_file(), name
+    done = max(r.round for r in read_metrics(run / "metrics.csv"))
+    assert 1 <= done < 4
+    assert f"interrupted (Ctrl-C) after round {done} of 4" in (run / "summary.txt").read_text()
+    time.sleep(2)  # Ray's processes are told to stop before the command exits
+    assert not [c for c in _processes_in_group(proc.pid) if RAY_PROCESS.search(c)]
+    assert not list(ray_parent.glob("flimg-ray-*"))
+    command = text[text.index("to go on:") :].splitlines()[1].split()
+    assert command[0] == "fl-imaging" and command[-1] == f"resume={run}"
+
+    resumed = _start(tmp_path, ray_parent, "resumed", f"resume={run}")
+    rest, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, rest[-3000:]
+    assert max(r.round for r in read_metrics(tmp_path / "resumed" / "metrics.csv")) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc (Linux)")
+def test_a_killed_run_leaves_no_ray_process_and_no_temporary_folder(
+    tmp_path: Path, ray_parent: Path
+) -> None:
+    proc = _start(tmp_path, ray_parent, "killed", "engine.rounds=8")
+    output: list[str] = []
+    try:
+        _until(proc, "round 1/8", output, 300)
+        os.kill(proc.pid, signal.SIGKILL)  # the process alone, as the OOM killer would
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            left = [c for c in _processes_in_group(proc.pid) if RAY_PROCESS.search(c)]
+            if not left and not list(ray_parent.glob("flimg-ray-*")):
+                break
+            time.sleep(0.5)
+        assert not left, left
+        assert not list(ray_parent.glob("flimg-ray-*"))
+    finally:
+        try:  # nothing of the group should be left; stop it anyway if something is
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,153 @@
+"""Sites that fail: an error reply names its site, a site that never trains is named in
+summary.txt and fails the run (or is dropped under engine.min_sites, and said so), and the cases
+a site leaves out with data.exclude_bad_cases reach the site itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flower_fakes import FakeGrid
+from flwr.app import Error, Message, MessageType, RecordDict
+
+from fl_imaging.compose import check_overrides
+from fl_imaging.config import RunConfig
+from fl_imaging.data.demo import make_demo_data
+from fl_imaging.flower.federation import plan_federation
+from fl_imaging.flower.server_app import run_federation
+from fl_imaging.protocol import ReplySites, SiteError, error_reason, site_errors
+from fl_imaging.results import SitesFailed, read_metrics
+from fl_imaging.site_training import SiteRef, site_cases
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def _error_from(node: int, exc: Exception) -> Message:
+    """The error reply Flower builds when a ClientApp raises ``exc`` (its reason format)."""
+    instruction = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    reason = f"{type(exc)}:<'{exc}'>"
+    return Message(Error(code=0, reason=reason), reply_to=instruction)
+
+
+def test_an_error_raised_at_a_site_names_the_site() -> None:
+    with pytest.raises(SiteError) as raised:
+        with site_errors("hospital-b"):
+            raise ValueError("cannot decode /data/b/images/7.nii.gz")
+    reply = _error_from(4, raised.value)
+    assert ReplySites()(reply) == "hospital-b"
+    assert error_reason(reply) == (
+        "[site hospital-b] ValueError: cannot decode /data/b/images/7.nii.gz"
+    )
+    foreign = _error_from(5, RuntimeError("Node Unavailable"))
+    assert ReplySites()(foreign) == "node-5"  # Flower's own error: no name in it
+    assert ReplySites({5: "hospital-c"})(foreign) == "hospital-c"  # ... but known from before
+
+
+class BrokenSiteGrid(FakeGrid):
+    """Sites 1..n train by sending back what they got; site ``broken`` raises every time."""
+
+    def __init__(self, nodes: int, broken: int) -> None:
+        super().__init__(nodes, lambda node, rnd, sent: sent)
+        self.broken = broken
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        good = [m for m in messages if m.metadata.dst_node_id != self.broken]
+        replies = list(super().send_and_receive(good, timeout=timeout))
+        for msg in messages:
+            if msg.metadata.dst_node_id == self.broken:
+                try:
+                    with site_errors(f"site-{self.broken}"):
+                        raise OSError(f"/data/site-{self.broken}/images: Input/output error")
+                except SiteError as err:
+                    replies.append(Message(Error(0, f"{type(err)}:<'{err}'>"), reply_to=msg))
+        return replies
+
+
+def _cfg(tmp_path: Path, *overrides: str) -> RunConfig:
+    cfg = check_overrides(["experiment=quick", "engine.rounds=2", "engine.num_sites=3", *overrides])
+    return replace(cfg, run_dir=str(tmp_path))
+
+
+def test_a_site_that_fails_every_round_is_named_and_fails_the_run(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    plan = plan_federation(cfg, [])
+    run_federation(BrokenSiteGrid(3, broken=2), cfg, [], plan)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "site site-2 took part in no round ([site site-2] OSError: /data/site-2" in summary
+    assert "the run fails" in summary and "node-" not in summary
+    with pytest.raises(SitesFailed, match="site site-2 took part in no round"):
+        plan.raise_if_sites_failed()
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert {r.site for r in rows if r.metric == "train_loss"} == {"site-1", "site-3", "all"}
+
+
+def test_under_min_sites_the_run_goes_on_without_the_site_and_says_so(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "engine.min_sites=2")
+    plan = plan_federation(cfg, [])
+    run_federation(BrokenSiteGrid(3, broken=3), cfg, [], plan)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "site site-3 took part in no round" in summary
+    assert "trained without it (engine.min_sites=2)" in summary
+    plan.raise_if_sites_failed()  # tolerated: no error
+
+
+def _broken_demo(tmp_path: Path) -> list[Path]:
+    """Two demo sites (NIfTI); case 0 of site-2 has a truncated image."""
+    sites = make_demo_data(
+        tmp_path / "demo", num_sites=2, cases_per_site=6, shape=(16, 16, 16), dicom_sites=()
+    )
+    image = sorted((sites[1] / "images").iterdir())[0]
+    image.write_bytes(image.read_bytes()[:200])
+    return sites
+
+
+def test_cases_left_out_by_the_coordinator_are_left_out_at_the_site(tmp_path: Path) -> None:
+    sites = _broken_demo(tmp_path)
+    broken = sorted((sites[1] / "images").iterdir())[0].name.split(".")[0]
+    cfg = check_overrides(
+        ["experiment=quick", "data=folders", "data.exclude_bad_cases=true", "task.batch_size=2"]
+    )
+    cfg.data.sites = [str(s) for s in sites]
+    from fl_imaging.data.prepare import prepare_sites
+
+    cfg, _, _ = prepare_sites(cfg)
+    assert cfg.data.excluded_cases == {"site-1": [], "site-2": [broken]}
+    ids = [c.case_id for c in site_cases(cfg, SiteRef("site-2", sites[1], 1, simulated=True))]
+    assert broken not in ids and len(ids) == 5
+    # a deployed site the coordinator never checked checks itself
+    cfg.data.excluded_cases = {}
+    ids = [c.case_id for c in site_cases(cfg, SiteRef("site-2", sites[1], 1))]
+    assert broken not in ids and len(ids) == 5
+
+
+@pytest.mark.slow
+def test_exclude_bad_cases_trains_every_site_every_round(tmp_path: Path) -> None:
+    sites = _broken_demo(tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fl_imaging.cli",
+            "experiment=quick",
+            "data=folders",
+            f"data.sites=[{sites[0]},{sites[1]}]",
+            "data.exclude_bad_cases=true",
+            "task.roi_size=[16,16,16]",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    trained = {(r.round, r.site) for r in rows if r.metric == "train_loss"}
+    assert trained >= {(rnd, s) for rnd in (1, 2) for s in ("site-1", "site-2")}
+    assert "failed" not in (tmp_path / "run" / "summary.txt").read_text()
+    assert np.isfinite([r.value for r in rows if r.metric == "dice"]).all()
