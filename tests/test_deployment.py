@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flower_fakes import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from runtime_intruder import AUTHENTICATION_FAILED, Answer, acquire_plain
 
 from fl_imaging.compose import check_overrides
 from fl_imaging.config import config_from_yaml
@@ -307,18 +308,50 @@ def _env(tmp: Path) -> dict[str, str]:
     return flower_env(tmp / "flwr-home", {"HOME": str(tmp)})
 
 
+class _Intruder(threading.Thread):
+    """A local process without the SuperNodes' secrets that asks each site's Runtime API for
+    ClientApp tasks every half second until stopped; keeps every answer."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.addresses = addresses
+        self.answers: list[tuple[str, Answer | Exception]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            for address in self.addresses:
+                try:
+                    self.answers.append((address, acquire_plain(address)))
+                except Exception as err:  # noted: the test fails on it
+                    self.answers.append((address, err))
+
+
 @pytest.mark.slow
 def test_three_sites_two_rounds_each_site_reads_only_its_folder(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
-    run = subprocess.run(
-        _fl_imaging(federation, tmp_path / "run"),
-        capture_output=True,
-        text=True,
-        env=_env(tmp_path),
-        timeout=300,
-    )
+    for started in federation.site_processes.values():  # these rounds run with the secret on
+        assert "--superexec-auth-secret-file" in started[0].command
+    addresses = [f"127.0.0.1:{spec.runtime_port}" for spec in federation.specs.values()]
+    intruder = _Intruder(addresses)
+    intruder.start()
+    try:
+        run = subprocess.run(
+            _fl_imaging(federation, tmp_path / "run"),
+            capture_output=True,
+            text=True,
+            env=_env(tmp_path),
+            timeout=300,
+        )
+    finally:
+        intruder.done.set()
+        intruder.join(timeout=30)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # Meanwhile, every try of the intruder was refused by Flower's SuperExec authentication.
+    assert {address for address, _ in intruder.answers} == set(addresses)
+    refused = Answer(401, AUTHENTICATION_FAILED)
+    assert all(answer == refused for _, answer in intruder.answers), intruder.answers
     assert "finished:completed" in run.stdout + run.stderr
     out = tmp_path / "run"
     for name in ("metrics.csv", "summary.txt", "model.pt", "curves.png", "config.yaml"):
@@ -333,6 +366,7 @@ def test_three_sites_two_rounds_each_site_reads_only_its_folder(
     for name, spec in federation.specs.items():
         logs = "".join(p.log_text() for p in federation.site_processes[name])
         assert f"[site {name}]" in logs and str(spec.data_dir) in logs
+        assert "accepts this runner's requests (signed with the SuperExec secret)" in logs
         others = [str(s.data_dir) for n, s in federation.specs.items() if n != name]
         assert not any(other in logs for other in others)
 

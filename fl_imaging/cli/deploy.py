@@ -25,6 +25,12 @@ Everything on this machine (loopback), printing the ``fl-imaging`` command to ru
 No command needs privileges; every path and port is an option. ``superlink``, ``supernode``
 and ``local`` run in the foreground and stop everything they started (by PID, with children) on
 Ctrl-C or SIGTERM.
+
+A SuperNode's local Runtime API (``--port``, plain HTTP on 127.0.0.1) is closed to other local
+users with ``--isolation process`` (the default): each start writes a new random secret
+(``superexec-auth.secret`` in the state folder, mode 0600) that only the SuperNode and its
+ClientApp process know (Flower's SuperExec authentication). With ``--isolation subprocess``
+Flower ignores that secret and the port stays open: a warning says so.
 """
 
 from __future__ import annotations
@@ -256,6 +262,14 @@ _DATABASE_HELP = (
 )
 
 
+_ISOLATION_HELP = (
+    "process (default): one long-lived ClientApp process per SuperNode (data decoded once), the "
+    "only holder of the SuperNode's secret, so other local users cannot take the site's tasks "
+    "from its --port; subprocess: Flower's default, a new process per message, and that port is "
+    "open to every local user (Flower ignores the secret then)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fl-imaging-deploy",
@@ -316,8 +330,7 @@ def _parser() -> argparse.ArgumentParser:
         "--isolation",
         choices=ISOLATION_MODES,
         default="process",
-        help="process: one long-lived ClientApp process (data decoded once); subprocess: "
-        "Flower's default, a new process per message",
+        help=_ISOLATION_HELP,
     )
     node.add_argument("--task", choices=["segmentation", "classification"], default="segmentation")
     node.add_argument("--num-classes", type=int, default=2)
@@ -340,7 +353,9 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--demo-shape", type=int, default=24)
     local.add_argument("--state", type=Path, default=None, help="default: a new temp folder")
     local.add_argument("--port", type=int, default=None, help="SuperLink port (default: free)")
-    local.add_argument("--isolation", choices=ISOLATION_MODES, default="process")
+    local.add_argument(
+        "--isolation", choices=ISOLATION_MODES, default="process", help=_ISOLATION_HELP
+    )
     local.add_argument("--task", choices=["segmentation", "classification"], default="segmentation")
     local.add_argument("--num-classes", type=int, default=2)
     local.add_argument("--skip-check", action="store_true", help="do not run inspect first")

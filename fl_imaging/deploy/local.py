@@ -144,11 +144,12 @@ def start_local(
     site, named after its folder), ``superlink/`` and ``sites/NAME/`` (state and logs). The
     SuperLink listens on ``port`` (default: a free one); each SuperNode's Runtime API gets a free
     port. ``isolation`` says how SuperNodes run their ClientApp (default ``process``: one
-    long-lived process each, see :mod:`fl_imaging.deploy.warm_clientapp`; ``subprocess``:
-    Flower's default). With ``check``, each folder must pass ``fl-imaging-data inspect`` (``task``,
-    ``num_classes``) first. The SuperLink keeps its state in memory unless ``database`` names a
-    SQLite file (relative paths: in ``state_dir/superlink``). Everything started is stopped
-    again when a step fails.
+    long-lived process each, see :mod:`fl_imaging.deploy.warm_clientapp`, the only holder of its
+    SuperNode's secret, so that no other local process can take the site's tasks; ``subprocess``:
+    Flower's default, which leaves each Runtime API port open to local users). With ``check``,
+    each folder must pass ``fl-imaging-data inspect`` (``task``, ``num_classes``) first. The
+    SuperLink keeps its state in memory unless ``database`` names a SQLite file (relative paths:
+    in ``state_dir/superlink``). Everything started is stopped again when a step fails.
     """
     sites = [Path(s).resolve() for s in sites]
     names = [s.name for s in sites]

@@ -5,14 +5,24 @@ Each function builds Flower's command line, starts it through
 :mod:`fl_imaging.deploy.processes` and waits until it is ready, so that a caller (the
 ``fl-imaging-deploy`` command, the local mode, the tests) gets a running process or an error
 that says what to fix.
+
+A SuperNode's Runtime API (plain HTTP on 127.0.0.1) hands the site's tasks to whoever asks. With
+``isolation='process'`` each start writes a new random secret into the SuperNode's state folder
+(mode 0600) and gives its path to ``flower-supernode --superexec-auth-secret-file`` and to the
+ClientApp runner: Flower then serves ``AcquireTask`` only to requests signed with it (HMAC,
+Flower's own), and every other call needs the task token that ``AcquireTask`` hands out. With
+``isolation='subprocess'`` Flower ignores such a secret: the port stays open to local users.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import secrets
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,27 +42,36 @@ from fl_imaging.deploy.processes import (
 __all__ = [
     "IN_MEMORY_DATABASE",
     "ISOLATION_MODES",
+    "SUPEREXEC_SECRET_FILE",
     "SiteCheckError",
     "SuperNodeSpec",
     "check_site_folder",
+    "open_runtime_api_warning",
     "register_site_keys",
     "start_superlink",
     "start_supernode",
     "supernode_command",
     "superlink_command",
+    "write_superexec_secret",
 ]
 
 log = logging.getLogger("fl_imaging.deploy")
 
-#: ``subprocess``: Flower's default, a new ``flwr-clientapp`` process per message.
+#: ``subprocess``: Flower's default, a new ``flwr-clientapp`` process per message; the
+#: SuperNode's Runtime API stays open to local users.
 #: ``process``: the SuperNode runs no ClientApp itself; fl-imaging's long-lived ClientApp
-#: runner (:mod:`fl_imaging.deploy.warm_clientapp`) serves it (see that module).
+#: runner (:mod:`fl_imaging.deploy.warm_clientapp`) serves it (see that module), and only it
+#: holds the secret that the Runtime API asks for.
 ISOLATION_MODES = ("subprocess", "process")
 _REGISTERED = re.compile(r"SuperNode (\d+) registered")
 #: ``flower-superlink --database`` value that keeps the SuperLink's state (nodes, runs, messages
 #: and their arrays) in memory: Flower's default. A file (SQLite) survives a restart but writes
 #: every object of every message to disk.
 IN_MEMORY_DATABASE = ":flwr-in-memory:"
+#: The SuperNode's SuperExec secret, in its state folder (a new one at every start).
+SUPEREXEC_SECRET_FILE = "superexec-auth.secret"
+#: Bytes of that secret (Flower derives an HMAC-SHA256 key from it).
+SUPEREXEC_SECRET_BYTES = 32
 
 
 class SiteCheckError(RuntimeError):
@@ -213,9 +232,48 @@ class SuperNodeSpec:
         return self.site_name or self.data_dir.name
 
 
+def write_superexec_secret(state_dir: Path) -> Path:
+    """Write a new random secret (``secrets.token_bytes``) to ``state_dir``/
+    :data:`SUPEREXEC_SECRET_FILE`, readable by this user only (0600; written to a new file, then
+    renamed over the old one); returns its path. Raises :class:`ProcessError` naming the file
+    when it cannot be written."""
+    path = state_dir / SUPEREXEC_SECRET_FILE
+    tmp = ""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".superexec-auth-")  # mode 0600
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(SUPEREXEC_SECRET_BYTES))
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise ProcessError(
+            f"cannot write the SuperNode's secret {path}: {err}. Give a --state folder that "
+            "this user can write."
+        ) from None
+    return path
+
+
+def open_runtime_api_warning(spec: SuperNodeSpec) -> str | None:
+    """The warning for a SuperNode whose Runtime API any local user can use (``isolation=
+    'subprocess'``: Flower ignores the SuperExec secret there), or None when it is closed."""
+    if spec.isolation != "subprocess":
+        return None
+    return (
+        f"SuperNode {spec.name}: with --isolation subprocess its Runtime API (127.0.0.1:"
+        f"{spec.runtime_port}) is open to every local user of this machine, who can take this "
+        "site's tasks and messages (Flower ignores the SuperExec secret in that mode); "
+        "--isolation process (the default) closes it"
+    )
+
+
 def supernode_command(spec: SuperNodeSpec) -> list[str]:
     """``flower-supernode`` for ``spec``. Its node config (``data-dir``, ``site-name``,
-    ``site-index``) goes through a TOML file in the state folder, so any folder name works."""
+    ``site-index``) goes through a TOML file in the state folder, so any folder name works. With
+    ``isolation='process'`` it also writes a new secret (:func:`write_superexec_secret`) and
+    passes it with ``--superexec-auth-secret-file``: only the ClientApp runner started with the
+    same file can then take the site's tasks."""
     spec.state_dir.mkdir(parents=True, exist_ok=True)
     node_config = spec.state_dir / "node-config.toml"
     lines = [
@@ -246,6 +304,9 @@ def supernode_command(spec: SuperNodeSpec) -> list[str]:
         command += ["--auth-supernode-private-key", str(spec.private_key)]
     if spec.max_retries is not None:
         command += ["--max-retries", str(spec.max_retries)]
+    if spec.isolation == "process":
+        secret = write_superexec_secret(spec.state_dir)
+        command += ["--superexec-auth-secret-file", str(secret)]
     return command
 
 
@@ -255,16 +316,22 @@ def start_supernode(
     """Start the SuperNode of ``spec`` (log ``supernode.log`` in its state folder) and, with
     ``wait``, wait until the SuperLink accepted it (Flower logs ``SuperNode ID: N``). With
     ``isolation='process'`` also starts fl-imaging's long-lived ClientApp runner against the
-    SuperNode's Runtime API. Returns the processes started, SuperNode first. Raises
-    :class:`ProcessError` (with the log's end) when the SuperLink refuses it."""
+    SuperNode's Runtime API, with the SuperNode's secret (see :func:`supernode_command`). Returns
+    the processes started, SuperNode first. Raises :class:`ProcessError` (with the log's end)
+    when the SuperLink refuses it. With ``isolation='subprocess'`` logs
+    :func:`open_runtime_api_warning`."""
     if spec.isolation not in ISOLATION_MODES:
         raise ProcessError(
             f"isolation={spec.isolation!r}: allowed values are {', '.join(ISOLATION_MODES)}"
         )
+    warning = open_runtime_api_warning(spec)
+    if warning is not None:
+        log.warning(warning)
     env = flower_env(spec.state_dir / "flwr-home")
+    command = supernode_command(spec)
     node = start_process(
         f"supernode {spec.name}",
-        supernode_command(spec),
+        command,
         spec.state_dir / "supernode.log",
         env,
         cwd=spec.state_dir,
@@ -285,6 +352,8 @@ def start_supernode(
                         f"127.0.0.1:{spec.runtime_port}",
                         "--parent-pid",
                         str(node.pid),
+                        "--superexec-auth-secret-file",
+                        command[command.index("--superexec-auth-secret-file") + 1],
                     ],
                     spec.state_dir / "clientapp.log",
                     env,

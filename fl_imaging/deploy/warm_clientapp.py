@@ -25,7 +25,14 @@ It uses Flower's internal Runtime API client (``flwr.supercore.runtime``), which
 another Flower release: the toolkit pins flwr 1.41. A ClientApp that raises is answered with an
 error reply, as ``flwr-clientapp`` does; the runner goes on with the next task.
 
-    python -m fl_imaging.deploy.warm_clientapp --runtime-api-address 127.0.0.1:9094
+A SuperNode started with ``--superexec-auth-secret-file FILE`` (``fl-imaging-deploy`` does so)
+serves ``AcquireTask`` only to requests signed with that secret; give the runner the same file.
+It signs them as Flower's ``flower-superexec`` does (``SuperExecAuthHttpInterceptor``: an
+HMAC-SHA256 over the method, a timestamp, a nonce and the request body's hash). A SuperNode that
+refuses the runner's requests stops it with a message (exit code 2).
+
+    python -m fl_imaging.deploy.warm_clientapp --runtime-api-address 127.0.0.1:9094 \\
+        --superexec-auth-secret-file node-state/superexec-auth.secret
 """
 
 from __future__ import annotations
@@ -37,8 +44,12 @@ import signal
 import sys
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
-__all__ = ["main", "serve"]
+if TYPE_CHECKING:
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+__all__ = ["SIGNED_METHODS", "RefusedError", "main", "serve"]
 
 log = logging.getLogger("fl_imaging.deploy.clientapp")
 
@@ -46,12 +57,30 @@ log = logging.getLogger("fl_imaging.deploy.clientapp")
 PULL_BACKOFF = 0.05
 #: Longest wait between two pulls of one object (seconds; Flower's is 10 s).
 PULL_BACKOFF_CAP = 0.5
+#: The Runtime API calls that a SuperNode with a SuperExec secret wants signed (as
+#: ``_SUPEREXEC_AUTH_METHODS`` in ``flwr/supercore/superexec/run_superexec.py``); every other
+#: call carries the task token that ``AcquireTask`` returned.
+SIGNED_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
 
 
-def _http_client(address: str, token: str | None):  # type: ignore[no-untyped-def]
+class RefusedError(RuntimeError):
+    """The SuperNode refused the runner's signed (or unsigned) ``AcquireTask``."""
+
+
+def _unauthorized(exc: BaseException) -> bool:
+    """True for an HTTP 401 answer (Flower's "Authentication failed.")."""
+    import httpx
+
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401
+
+
+def _http_client(address: str, token: str | None, secret: bytes | None = None) -> RuntimeHttpClient:
+    """Flower's Runtime API client for ``address``: with the task ``token`` (a task's calls), or
+    without (``AcquireTask``), then signed with ``secret`` when given."""
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
     )
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -61,6 +90,17 @@ def _http_client(address: str, token: str | None):  # type: ignore[no-untyped-de
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
         retry.max_time = 60.0  # a task's SuperNode that is gone for a minute will not return
+    else:
+        # Flower's invoker answers a 401 by interrupting its own process (SIGINT) and exiting
+        # silently: a refused AcquireTask is raised instead, to be reported (see serve).
+        flower_giveup = retry.should_giveup
+        retry.should_giveup = lambda exc: (
+            _unauthorized(exc) or bool(flower_giveup is not None and flower_giveup(exc))
+        )
+    if secret is not None:
+        interceptors.append(
+            SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=SIGNED_METHODS)
+        )
     return RuntimeHttpClient.from_server_address(
         server_address=address,
         insecure=True,
@@ -195,21 +235,47 @@ class _Runner:
 
 
 def serve(
-    runtime_api_address: str, poll_seconds: float = 0.1, pull_backoff: float = PULL_BACKOFF
+    runtime_api_address: str,
+    poll_seconds: float = 0.1,
+    pull_backoff: float = PULL_BACKOFF,
+    secret: bytes | None = None,
 ) -> None:
     """Serve ClientApp tasks from the SuperNode at ``runtime_api_address`` until stopped,
-    polling for a new task every ``poll_seconds``; a message's objects that the SuperNode does
-    not hold yet are pulled again after ``pull_backoff`` seconds (doubling, at most 0.5 s)."""
+    polling for a new task every ``poll_seconds`` (requests signed with ``secret``, the
+    SuperNode's SuperExec secret, when given); a message's objects that the SuperNode does not
+    hold yet are pulled again after ``pull_backoff`` seconds (doubling, at most 0.5 s). Raises
+    :class:`RefusedError` when the SuperNode refuses the runner's requests (401)."""
+    import httpx
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
 
     runner = _Runner(runtime_api_address, pull_backoff)
-    acquirer = _http_client(runtime_api_address, None)
+    acquirer = _http_client(runtime_api_address, None, secret)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
-    log.info("serving ClientApp tasks of the SuperNode at %s", runtime_api_address)
+    signed = "signed with the SuperExec secret" if secret is not None else "unsigned"
+    log.info("serving ClientApp tasks of the SuperNode at %s (%s)", runtime_api_address, signed)
+    accepted = False
     try:
         while True:
-            response = acquirer.AcquireTask(request)
+            try:
+                response = acquirer.AcquireTask(request)
+            except httpx.HTTPStatusError as err:
+                if not _unauthorized(err):
+                    raise
+                hint = (
+                    "check that this runner has the SuperNode's current secret (a new one at "
+                    "every start: restart both together)"
+                    if secret is not None
+                    else "the SuperNode wants signed requests: give this runner its "
+                    "--superexec-auth-secret-file"
+                )
+                raise RefusedError(
+                    f"the SuperNode at {runtime_api_address} refused this runner's AcquireTask "
+                    f"({signed}): {err.response.text.strip()}; {hint}"
+                ) from None
+            if not accepted:
+                accepted = True
+                log.info("the SuperNode accepts this runner's requests (%s)", signed)
             if response.HasField("task") and response.token:
                 runner.run_task(response.token)
             else:
@@ -240,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="exit when this process (the SuperNode) is gone",
     )
+    parser.add_argument(
+        "--superexec-auth-secret-file",
+        default=None,
+        help="the file holding the secret given to flower-supernode --superexec-auth-secret-file "
+        "(read as raw bytes); without it requests are unsigned, which such a SuperNode refuses",
+    )
     parser.add_argument("--poll-seconds", type=float, default=0.1)
     parser.add_argument(
         "--pull-backoff",
@@ -258,6 +330,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    secret = None
+    if args.superexec_auth_secret_file is not None:
+        from flwr.supercore.auth import load_superexec_auth_secret
+
+        try:  # Flower's own reader, as flower-supernode reads the same file
+            secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
+        except ValueError as err:
+            print(
+                f"{parser.prog}: error: {err}; give the file that flower-supernode got with "
+                "--superexec-auth-secret-file",
+                file=sys.stderr,
+            )
+            return 2
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     for module in args.preload or ["fl_imaging.flower.client_app"]:
         start = time.perf_counter()
@@ -269,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
 
         start_parent_process_monitor(args.parent_pid)
     try:
-        serve(args.runtime_api_address, args.poll_seconds, args.pull_backoff)
+        serve(args.runtime_api_address, args.poll_seconds, args.pull_backoff, secret)
+    except RefusedError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
     return 0
