@@ -26,14 +26,23 @@ from fl_imaging.config import ConfigError, DataName, EngineName, RunConfig
 from fl_imaging.data.partition import PartitionError
 from fl_imaging.data.sites import SiteDataError
 from fl_imaging.engines.deployment import DeploymentError
+from fl_imaging.results import RunFolderError
 from strategies import StrategyError
 
 __all__ = ["USER_ERRORS", "check_overrides", "run"]
 
 log = logging.getLogger("fl_imaging")
 
-#: The errors a user can fix (config, data, strategy, deployment): shown as one message, exit 2.
-USER_ERRORS = (ConfigError, SiteDataError, PartitionError, StrategyError, DeploymentError)
+#: The errors a user can fix (config, data, strategy, deployment, a run folder that cannot be
+#: written): shown as one message, exit 2.
+USER_ERRORS = (
+    ConfigError,
+    SiteDataError,
+    PartitionError,
+    StrategyError,
+    DeploymentError,
+    RunFolderError,
+)
 
 
 def run(cfg: RunConfig) -> Path:

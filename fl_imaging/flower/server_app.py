@@ -21,7 +21,7 @@ from fl_imaging.flower.final_scoring import score_final_model
 from fl_imaging.flower.polling import QuickPollGrid
 from fl_imaging.logs import show_progress
 from fl_imaging.protocol import EVALUATE_GLOBAL, LOCAL_EPOCHS, resolve_config
-from fl_imaging.results import AGGREGATE_SITE, write_run_files
+from fl_imaging.results import AGGREGATE_SITE, RunFolderError, write_run_files
 from strategies import NotEnoughSites, RecordingStrategy
 
 __all__ = ["app", "build_server_app", "run_federation"]
@@ -34,16 +34,21 @@ def run_federation(
 ) -> RecordingStrategy:
     """Run the rounds of ``plan`` (default: :func:`plan_federation` of ``cfg`` and
     ``site_names``) over ``grid``, then the test round (``engine.test``), and write metrics.csv,
-    curves.png, model.pt, config.yaml and summary.txt into ``cfg.run_dir`` (checkpoint.pkl after
+    curves.png, model.pt, config.yaml and summary.txt into ``cfg.run_dir`` (the checkpoint after
     every round). A DP run whose next round would exceed ``strategy.dp.max_epsilon`` stops there
     with its results written; so does a run that waited ``engine.wait_timeout`` seconds for
     ``engine.min_sites`` connected sites. Returns the recording strategy (``rows``: every metric).
+
+    A checkpoint that cannot be written (disk full) stops the run too: its results are written
+    if they can, then the :class:`~fl_imaging.results.RunFolderError` is raised, so that the
+    command exits non-zero with its message.
     """
     plan = plan or plan_federation(cfg, site_names)
     cfg, recorder = plan.cfg, plan.strategy
     rounds = cfg.engine.rounds
     stopped = ""
     sites_gone = False  # too few sites left: no test round either
+    write_error: RunFolderError | None = None
     try:
         recorder.start(
             grid=grid,
@@ -65,7 +70,14 @@ def run_federation(
     except NotEnoughSites as err:
         stopped, sites_gone = str(err), True
         log.error("%s", stopped)
-    if cfg.engine.test and sites_gone:
+    except RunFolderError as err:  # the checkpoint after a round could not be written
+        done = max((r.round for r in recorder.rows), default=0)
+        write_error = RunFolderError(f"stopped after round {done} of {rounds}: {err}")
+        stopped = str(write_error)
+        log.error("%s", stopped)
+    if cfg.engine.test and write_error is not None:
+        log.warning("no test round: the run folder cannot be written")
+    elif cfg.engine.test and sites_gone:
         log.warning("no test round: too few sites are connected")
     elif cfg.engine.test:
         _test_round(grid, plan)
@@ -81,6 +93,8 @@ def run_federation(
         plan.main_metric,
         stopped,
     )
+    if write_error is not None:
+        raise write_error
     return recorder
 
 
