@@ -260,6 +260,16 @@ def test_restore_refuses_another_strategy_chain(saved: str, resumed: str) -> Non
         restore_strategy_state(target, state)
 
 
+def test_restore_sets_only_what_the_chain_itself_saves() -> None:
+    cfg = check_overrides(["strategy=fedadam"]).strategy
+    state = strategy_state(build_strategy(cfg, num_sites=2))
+    state["1:FedAdam"]["train_metrics_aggr_fn"] = "not a function"  # as a forged file could
+    target = build_strategy(cfg, num_sites=2)
+    with pytest.raises(ConfigError, match=r"holds 1:FedAdam.train_metrics_aggr_fn, which this"):
+        restore_strategy_state(target, state)
+    assert callable(target.inner.train_metrics_aggr_fn)
+
+
 # --- checkpoint files -------------------------------------------------------------------------
 
 

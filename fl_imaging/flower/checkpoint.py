@@ -2,16 +2,17 @@
 the metrics so far, so that an interrupted run can go on from the next round (``resume=RUN_DIR``).
 
 Ours: Flower's strategies keep their state (server momentum, Adam moments, the privacy
-accountant's history, ...) as plain attributes and offer no save/load. The state of every layer
-in the wrapper chain (``inner`` / ``strategy`` attributes) is kept, but for the run's
-bookkeeping layers (``checkpointed = False``: recording, site availability, whose rows and
-failures the checkpoint holds itself): every attribute, as plain values and NumPy arrays
+accountant's history, ...) as plain attributes and offer no save/load. Kept: every attribute of
+every layer of the wrapper chain (``inner`` / ``strategy`` attributes) but the run's bookkeeping
+layers (``checkpointed = False``: recording and site availability, whose rows and failures the
+checkpoint holds itself); plain values and NumPy arrays as they are
 (:mod:`fl_imaging.flower.checkpoint_codec`), objects with ``state_dict()`` (Flower's RDP
-accountant) by that state. Rebuilt from the config instead, not stored: the links between the
-layers, callables (metric aggregation, hooks), the shared :class:`~fl_imaging.protocol.ReplySites`
-(node ids differ in a resumed run), and what :data:`LEFT_OUT` lists. A value of any other type
-stops the save with :class:`~fl_imaging.flower.checkpoint_codec.UnencodableValue` rather than
-being dropped unnoticed.
+accountant) by that state. Not kept, rebuilt from the config: the links between the layers,
+callables (metric aggregation, hooks), the shared :class:`~fl_imaging.protocol.ReplySites` (node
+ids differ in a resumed run), and what :data:`LEFT_OUT` lists. A value of any other type stops
+the save with :class:`~fl_imaging.flower.checkpoint_codec.UnencodableValue` rather than being
+dropped unnoticed (the tests save the chain of every strategy). Restoring sets only attributes
+a freshly built chain itself would save.
 
 On disk (:mod:`fl_imaging.flower.checkpoint_files`): ``checkpoint.json`` and one NPZ of arrays,
 with a format version and SHA-256 checksums, written atomically; nothing in them is executed
@@ -129,13 +130,21 @@ def strategy_state(strategy: Strategy) -> dict[str, dict[str, Any]]:
 
 def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, Any]]) -> None:
     """Put ``state`` (from :func:`strategy_state`) back into a freshly built strategy chain of
-    the same classes. Raises :class:`ConfigError` when the chains differ."""
+    the same classes. Raises :class:`ConfigError` when the chains differ or ``state`` holds an
+    attribute the fresh chain would not save (nothing else is ever set)."""
     chain = _aggregation_chain(strategy)
     names = [f"{d}:{type(n).__name__}" for d, n in enumerate(chain)]
     if names != list(state):
         raise ConfigError(
             f"the checkpoint's strategy ({' > '.join(state)}) is not this run's "
             f"({' > '.join(names)}): resume with the same strategy settings"
+        )
+    fresh = strategy_state(strategy)
+    unknown = [f"{layer}.{n}" for layer in names for n in state[layer] if n not in fresh[layer]]
+    if unknown:  # only what this chain itself would save is ever set
+        raise ConfigError(
+            f"the checkpoint holds {', '.join(unknown)}, which this run's strategy does not "
+            "keep: resume with the fl-imaging and the strategy settings of the checkpointed run"
         )
     for layer, node, fields in zip(names, chain, state.values(), strict=True):
         for name, value in fields.items():
