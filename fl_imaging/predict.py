@@ -20,6 +20,7 @@ from monai.transforms import Invertd
 from fl_imaging.config import RunConfig, TaskName, config_from_yaml
 from fl_imaging.data.nifti_io import save_nifti
 from fl_imaging.data.sites import SiteDataError, case_id_of, is_image_file
+from fl_imaging.results import WeightsFileError, load_weights
 from tasks import build_task
 from tasks.segmentation import SegmentationTask
 
@@ -43,8 +44,8 @@ class LoadedRun:
 def load_run(run_dir: Path) -> LoadedRun:
     """Read ``run_dir/config.yaml`` and ``run_dir/model.pt`` as written by ``fl-imaging``.
 
-    Raises :class:`PredictionError` when either is missing or the weights do not fit the model
-    the config describes.
+    Raises :class:`PredictionError` when either is missing, ``model.pt`` is truncated or
+    damaged, or the weights do not fit the model the config describes.
     """
     config, weights = run_dir / "config.yaml", run_dir / "model.pt"
     for path in (config, weights):
@@ -56,7 +57,13 @@ def load_run(run_dir: Path) -> LoadedRun:
     cfg = config_from_yaml(config.read_text())
     model = build_task(cfg.task).build_model()
     try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        state = load_weights(weights)
+    except WeightsFileError as err:
+        raise PredictionError(
+            f"{err}: copy model.pt again from the folder the run wrote it to, or run again"
+        ) from None
+    try:
+        model.load_state_dict(state)
     except (RuntimeError, ValueError) as err:
         raise PredictionError(
             f"{weights} does not fit the model in {config}: {str(err).splitlines()[0]}"

@@ -9,13 +9,18 @@ aggregate over the sites of that round.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
+import pickle
+import zipfile
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
+from fl_imaging.atomic import reason_of, write_atomically
 from fl_imaging.config import DPMode, RunConfig, config_to_yaml
 
 if TYPE_CHECKING:
@@ -25,12 +30,16 @@ __all__ = [
     "AGGREGATE_SITE",
     "Failure",
     "MetricRow",
+    "RunFolderError",
     "SitesFailed",
+    "WeightsFileError",
     "format_round_table",
+    "load_weights",
     "plot_curves",
     "privacy_line",
     "progress_line",
     "read_metrics",
+    "save_weights",
     "write_metrics",
     "write_run_files",
 ]
@@ -61,17 +70,77 @@ class SitesFailed(RuntimeError):
 Failure = tuple[int, str, str]
 
 
+class RunFolderError(RuntimeError):
+    """The run's files (checkpoint, results) could not be written into its folder: disk full,
+    no permission, ... The message names the folder and the operating system's reason."""
+
+
+class WeightsFileError(ValueError):
+    """A weights file (``model.pt``) that cannot be read: truncated, damaged or not a PyTorch
+    weights file. The message names the file."""
+
+
+#: What ``torch.load(..., weights_only=True)`` raises on a truncated or damaged file (checked
+#: with torch 2.13: a cut-off zip gives OSError, an empty file EOFError, a changed header byte
+#: RuntimeError from its zip reader or UnicodeDecodeError, a foreign pickle UnpicklingError).
+_TORCH_LOAD_ERRORS = (
+    OSError,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+)
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
+    """``torch.save`` ``state_dict`` to ``path`` atomically (a reader never sees half a file;
+    on failure an earlier file stays as it was); returns ``path``. Raises ``OSError``."""
+    import torch
+
+    return write_atomically(path, lambda handle: torch.save(state_dict, handle))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read the weights ``save_weights`` wrote, with ``torch.load(weights_only=True)`` (no code
+    runs while loading), on the CPU. Raises :class:`WeightsFileError` naming ``path`` when it is
+    missing, truncated or damaged. (A changed byte inside a tensor's data is not found: torch's
+    reader does not check its zip checksums.)"""
+    import torch
+
+    if not path.is_file():
+        raise WeightsFileError(f"{path} not found")
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text advises weights_only=False: not here
+        raise WeightsFileError(
+            f"{path}: the file is damaged or not a weights file (it holds objects other than "
+            "tensors, which are not loaded: loading them could run code)"
+        ) from None
+    except _TORCH_LOAD_ERRORS as err:
+        first = (str(err).splitlines() or [""])[0]
+        detail = type(err).__name__ + (f": {first[:80]}" if first else "")
+        raise WeightsFileError(
+            f"{path}: the file is truncated or damaged (torch.load: {detail})"
+        ) from None
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, torch.Tensor) for v in weights.values()
+    ):
+        raise WeightsFileError(f"{path} holds no model weights (a dict of tensors)")
+    return weights
+
+
 def write_metrics(rows: list[MetricRow], path: Path) -> Path:
-    """Write rows to a CSV with columns round, site, metric, value; returns ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(FIELDS)
-        for row in sorted(
-            rows, key=lambda r: (r.round, r.site == AGGREGATE_SITE, r.site, r.metric)
-        ):
-            writer.writerow((row.round, row.site, row.metric, f"{row.value:.6g}"))
-    return path
+    """Write rows to a CSV with columns round, site, metric, value, atomically (see
+    :func:`fl_imaging.atomic.write_atomically`); returns ``path``. Raises ``OSError``."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(FIELDS)
+    for row in sorted(rows, key=lambda r: (r.round, r.site == AGGREGATE_SITE, r.site, r.metric)):
+        writer.writerow((row.round, row.site, row.metric, f"{row.value:.6g}"))
+    return write_atomically(path, lambda handle: handle.write(text.getvalue().encode()))
 
 
 def read_metrics(path: Path) -> list[MetricRow]:
@@ -144,9 +213,10 @@ def plot_curves(rows: list[MetricRow], main_metric: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -201,18 +271,33 @@ def write_run_files(
 ) -> None:
     """Write metrics.csv, curves.png, model.pt, config.yaml and summary.txt into ``run_dir``
     from the run's ``rows`` and ``failures``; ``stopped`` says why a run ended early (it goes
-    into the summary, after the per-round table and the privacy line)."""
-    import torch
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_metrics(rows, run_dir / "metrics.csv")
-    plot_curves(rows, main_metric, run_dir / "curves.png")
-    torch.save(model.state_dict(), run_dir / "model.pt")
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    into the summary, after the per-round table and the privacy line). Each file is written
+    atomically. Raises :class:`RunFolderError` naming the file and the reason (``No space left
+    on device``) when one cannot be written; the files written before it stay."""
     table = format_round_table(rows, main_metric, site_names)
     failed = "".join(f"\nround {rnd}: site {site} failed: {why}" for rnd, site, why in failures)
     notes = "".join(f"\n{line}" for line in (privacy_line(rows, cfg), stopped) if line)
-    (run_dir / "summary.txt").write_text(table + "\n" + failed + notes + "\n")
+    summary = table + "\n" + failed + notes + "\n"
+    writers: dict[str, Callable[[Path], object]] = {
+        "metrics.csv": lambda path: write_metrics(rows, path),
+        "curves.png": lambda path: plot_curves(rows, main_metric, path),
+        "model.pt": lambda path: save_weights(model.state_dict(), path),
+        "config.yaml": lambda path: write_atomically(path, _text(config_to_yaml(cfg))),
+        "summary.txt": lambda path: write_atomically(path, _text(summary)),
+    }
+    for name, write in writers.items():
+        try:
+            write(run_dir / name)
+        except OSError as err:
+            raise RunFolderError(
+                f"could not write the run's results into {run_dir} ({name}: {reason_of(err)}): "
+                "free space there or give a folder you can write to (hydra.run.dir=...)"
+            ) from None
     log.info(
         "per-round results (validation %s per site):\n%s%s%s", main_metric, table, failed, notes
     )
+
+
+def _text(text: str) -> Callable[[BinaryIO], object]:
+    """A writer for :func:`~fl_imaging.atomic.write_atomically`: ``text`` as UTF-8."""
+    return lambda handle: handle.write(text.encode())

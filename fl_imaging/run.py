@@ -27,14 +27,15 @@ from fl_imaging.data.partition import PartitionError
 from fl_imaging.data.sites import SiteDataError
 from fl_imaging.engines.deployment import DeploymentError
 from fl_imaging.engines.simulation import SimulationError
-from fl_imaging.results import SitesFailed
+from fl_imaging.results import RunFolderError, SitesFailed
 from strategies import StrategyError
 
 __all__ = ["USER_ERRORS", "check_overrides", "run"]
 
 log = logging.getLogger("fl_imaging")
 
-#: The errors a user can fix (config, data, strategy, deployment): shown as one message, exit 2.
+#: The errors a user can fix (config, data, strategy, deployment, a run folder that cannot be
+#: written, a failed engine or site): shown as one message, exit 2.
 USER_ERRORS = (
     ConfigError,
     SiteDataError,
@@ -43,6 +44,7 @@ USER_ERRORS = (
     DeploymentError,
     SimulationError,
     SitesFailed,
+    RunFolderError,
 )
 
 

@@ -293,5 +293,5 @@ class RunConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
     run_dir: str = "runs/latest"
-    #: A previous run's folder to resume from (its checkpoint.pkl), or None.
+    #: A previous run's folder to resume from (its checkpoint.json), or None.
     resume: str | None = None

@@ -6,8 +6,13 @@ classification gives one row of probabilities per image; broken inputs exit 1 na
 from __future__ import annotations
 
 import csv
+import datetime
+import errno
 import os
+import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
@@ -22,6 +27,7 @@ from fl_imaging.config import RunConfig, config_to_yaml
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.dicom_io import write_dicom_series
 from fl_imaging.data.readers import IMAGE_READERS
+from fl_imaging.results import load_weights, save_weights
 from tasks import build_task
 from tasks.segmentation import SegmentationTask
 
@@ -296,3 +302,75 @@ def test_an_input_that_does_not_exist(seg_run: tuple[RunConfig, Path], tmp_path:
     _, run_dir = seg_run
     assert predict_cli([str(run_dir), str(tmp_path / "nowhere")]) == 1
     assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# A damaged model.pt (see also fl_imaging.results.load_weights / save_weights)
+# ------------------------------------------------------------------------------------------
+
+
+def _cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _zip_header_changed(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[:4] = b"XXXX"
+    path.write_bytes(bytes(data))
+
+
+def _an_object(path: Path) -> None:
+    # protocol 2, torch.save's own; its weights_only loader refuses the date object
+    path.write_bytes(pickle.dumps(datetime.date(2020, 1, 1), protocol=2))
+
+
+def _no_tensors(path: Path) -> None:
+    torch.save({"weight": [1.0, 2.0]}, path)
+
+
+TRUNCATED = "the file is truncated or damaged (torch.load: "
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_cut_in_half, TRUNCATED),
+        (_empty, TRUNCATED),
+        (_zip_header_changed, TRUNCATED),
+        (_an_object, "the file is damaged or not a weights file (it holds objects other than"),
+        (_no_tensors, "holds no model weights"),
+    ],
+)
+def test_a_damaged_model_pt_exits_1_in_one_line_naming_it(
+    damage: Callable[[Path], None], message: str, tmp_path: Path, capsys
+) -> None:
+    _, run_dir = _make_run(tmp_path / "run", SEGMENTATION)
+    damage(run_dir / "model.pt")
+    image, _ = _write_reoriented(tmp_path / "scan.nii.gz", ("R", "A", "S"))
+    assert predict_cli([str(run_dir), str(image)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.out + captured.err
+    assert lines[0].startswith(f"fl-imaging-predict: error: {run_dir / 'model.pt'}")
+    assert message in lines[0]
+    assert not (run_dir / "predictions").exists()
+
+
+def test_model_pt_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "model.pt"
+    save_weights({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def disk_full(obj: object, handle: BinaryIO) -> None:
+        handle.write(b"half a model")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_weights({"w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    assert torch.equal(load_weights(path)["w"], torch.ones(3))

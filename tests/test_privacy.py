@@ -245,7 +245,7 @@ def test_the_command_exits_2_on_a_refused_dp_setting_before_training(tmp_path: P
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-3000:]
     assert "engine.clients_per_round=1 of 2 sites" in output
-    for name in ("metrics.csv", "model.pt", "checkpoint.pkl"):
+    for name in ("metrics.csv", "model.pt", "checkpoint.json"):
         assert not (tmp_path / "run" / name).exists()
 
 

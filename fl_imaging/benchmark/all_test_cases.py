@@ -18,10 +18,9 @@ import logging
 import math
 from pathlib import Path
 
-import torch
-
 from fl_imaging.config import RunConfig
 from fl_imaging.data.sites import Case
+from fl_imaging.results import load_weights
 from fl_imaging.site_training import SiteTrainer
 
 __all__ = ["ALL_TEST_CASES_FILE", "all_test_cases_metrics"]
@@ -88,7 +87,7 @@ def _score(cfg: RunConfig, folder: Path, kind: str) -> dict[str, float]:
     scorer = SiteTrainer("all sites", [], [], task, batch_size=1, test_cases=cases)
     per_model = []
     for path in files:
-        scorer.load_state(torch.load(path, map_location="cpu", weights_only=True))
+        scorer.load_state(load_weights(path))  # WeightsFileError: one line naming the file
         per_model.append(scorer.evaluate("test"))
     log.info("%s: %d model(s) scored on all %d test cases", folder, len(files), len(cases))
     return {k: sum(m[k] for m in per_model) / len(per_model) for k in per_model[0]}

@@ -98,6 +98,8 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: Federatio
                 if not plan.stop.is_set():
                     raise
             except Exception as err:
+                if plan.done.is_set():  # our ServerApp finished and raised: its own message
+                    raise
                 # Flower's runtime failed (Ray could not start, ...): its ServerApp thread would
                 # wait for replies for ever, and the process with it.
                 reason = f"Flower's simulation engine failed: {_root_cause(err)}"

@@ -19,7 +19,6 @@ from flwr.app import Array, ArrayRecord
 
 from fl_imaging.config import RunConfig
 from fl_imaging.flower.checkpoint import (
-    CHECKPOINT_FILE,
     Checkpoint,
     check_resumable,
     load_checkpoint,
@@ -118,12 +117,14 @@ class FederationPlan:
         log.warning("%s", self.stopped)
 
     def after_round(self, rnd: int, rows: list[MetricRow]) -> None:
-        """Print round ``rnd``'s progress line and save the checkpoint after it."""
+        """Print round ``rnd``'s progress line and save the checkpoint after it. Raises
+        :class:`~fl_imaging.results.RunFolderError` when the checkpoint cannot be written (the
+        previous one is kept)."""
         rounds = self.cfg.engine.rounds
         log.info(progress_line(rnd, rounds, rows, self.main_metric, self.site_names))
         assert self.strategy.global_arrays is not None
         save_checkpoint(
-            self.run_dir / CHECKPOINT_FILE,
+            self.run_dir,
             server_round=rnd,
             arrays=self.strategy.global_arrays,
             strategy=self.strategy,

@@ -21,7 +21,7 @@ from fl_imaging.flower.final_scoring import score_test_cases
 from fl_imaging.flower.polling import QuickPollGrid, StopRequested
 from fl_imaging.logs import show_progress
 from fl_imaging.protocol import EVALUATE_GLOBAL, LOCAL_EPOCHS, resolve_config
-from fl_imaging.results import write_run_files
+from fl_imaging.results import RunFolderError, write_run_files
 from strategies import NotEnoughSites, RecordingStrategy
 
 __all__ = ["app", "build_server_app", "run_federation"]
@@ -34,10 +34,14 @@ def run_federation(
 ) -> RecordingStrategy:
     """Run the rounds of ``plan`` (default: :func:`plan_federation` of ``cfg`` and
     ``site_names``) over ``grid``, then the test round (``engine.test``), and write metrics.csv,
-    curves.png, model.pt, config.yaml and summary.txt into ``cfg.run_dir`` (checkpoint.pkl after
+    curves.png, model.pt, config.yaml and summary.txt into ``cfg.run_dir`` (the checkpoint after
     every round). A DP run whose next round would exceed ``strategy.dp.max_epsilon`` stops there
     with its results written; so does a run that waited ``engine.wait_timeout`` seconds for
     ``engine.min_sites`` connected sites. Returns the recording strategy (``rows``: every metric).
+
+    A checkpoint that cannot be written (disk full) stops the run too: its results are written
+    if they can, then the :class:`~fl_imaging.results.RunFolderError` is raised, so that the
+    command exits non-zero with its message.
     """
     plan = plan or plan_federation(cfg, site_names)
     try:
@@ -52,6 +56,7 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
     ``plan.stopped`` (and summary.txt)."""
     cfg, recorder = plan.cfg, plan.strategy
     test = cfg.engine.test
+    write_error: RunFolderError | None = None
     try:
         recorder.start(
             grid=grid,
@@ -74,6 +79,14 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
         log.error("%s", plan.stopped)
         if cfg.engine.test:
             log.warning("no test round: too few sites are connected")
+    except RunFolderError as err:  # the checkpoint after a round could not be written
+        write_error = RunFolderError(
+            f"stopped after round {plan.rounds_done()} of {cfg.engine.rounds}: {err}"
+        )
+        plan.stopped, test = str(write_error), False
+        log.error("%s", plan.stopped)
+        if cfg.engine.test:
+            log.warning("no test round: the run folder cannot be written")
     except StopRequested:
         plan.note_interrupted()
     if test and not plan.interrupted:
@@ -94,6 +107,8 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
         plan.main_metric,
         notes,
     )
+    if write_error is not None:
+        raise write_error
 
 
 def build_server_app(
