@@ -288,8 +288,10 @@ def test_an_unreadable_image(seg_run: tuple[RunConfig, Path], tmp_path: Path, ca
     broken.write_bytes(good.read_bytes()[:150])
     assert predict_cli([str(run_dir), str(folder), "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"fl-imaging-predict: error: {broken}: cannot be read for prediction")
-    assert "fl-imaging-data inspect" in err
+    assert err.startswith(f"fl-imaging-predict: error: 1 problem(s) in {folder}, nothing predicted")
+    assert f"  - {broken}: cannot be read (unreadable or truncated)" in err
+    assert f"fl-imaging-data inspect --images-only {folder}" in err
+    assert not (tmp_path / "out").exists()  # every input is checked before anything is written
 
 
 def test_an_input_that_does_not_exist(seg_run: tuple[RunConfig, Path], tmp_path: Path, capsys):
