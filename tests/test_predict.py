@@ -298,3 +298,35 @@ def test_an_input_that_does_not_exist(seg_run: tuple[RunConfig, Path], tmp_path:
     _, run_dir = seg_run
     assert predict_cli([str(run_dir), str(tmp_path / "nowhere")]) == 1
     assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def _broken_input(kind: str, folder: Path) -> tuple[Path, str]:
+    """One input predict must refuse, and the start of its message."""
+    if kind == "missing-slice":
+        (site,) = make_demo_data(folder / "demo", num_sites=1, cases_per_site=1, shape=(8, 8, 6))
+        series = site / "images" / "site1-case000"
+        (series / "IM0003").unlink()
+        return series, f"{series}: slices are not evenly spaced along the slice normal: gap of 3"
+    path = folder / "scan.nii.gz"
+    if kind == "4d":
+        nib.save(nib.Nifti1Image(np.ones((8, 8, 6, 2), np.float32), np.eye(4)), path)
+        return path, f"{path}: 2 channel(s) per voxel (shape 8x8x6"
+    if kind == "2d":
+        nib.save(nib.Nifti1Image(np.ones((8, 8), np.float32), np.eye(4)), path)
+        return path, f"{path}: a 2D image (shape 8x8) but the task is 3D"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(path, format="PNG")
+    return path, f"{path}: the file holds a PNG image, not NIfTI as its name says"
+
+
+@pytest.mark.parametrize("kind", ["missing-slice", "4d", "2d", "png-named-nifti"])
+def test_an_input_the_task_cannot_take_is_refused_in_one_message(
+    seg_run: tuple[RunConfig, Path], tmp_path: Path, capsys, kind: str
+) -> None:
+    _, run_dir = seg_run
+    path, message = _broken_input(kind, tmp_path)
+    out = tmp_path / "out"
+    assert predict_cli([str(run_dir), str(path), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"fl-imaging-predict: error: 1 problem(s) in {path}, nothing predicted")
+    assert f"\n  - {message}" in err and "Traceback" not in err
+    assert not out.exists()
