@@ -1,4 +1,10 @@
-"""Apply a trained global model to a folder of images (NIfTI or DICOM) and write the predictions.
+"""Apply a trained global model to a folder of images (NIfTI, NRRD, DICOM, 2D) and write the
+predictions.
+
+Every input is checked first, as ``fl-imaging-data inspect --images-only`` checks it, against the
+run's task (spatial dimensions, channels; DICOM series geometry and SOP class; file content): one
+that cannot be predicted on stops the command before anything is written, with a message naming
+the file.
 
 Segmentation: one mask per image, ``<case id>.nii.gz`` (uint8 class indices), in the input's own
 grid and orientation: the model sees the image through the task's transforms and MONAI's

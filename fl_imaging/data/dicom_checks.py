@@ -140,9 +140,13 @@ def dicom_series_problems(path: Path) -> list[str]:
         try:
             headers.append((file, pydicom.dcmread(file, stop_before_pixels=True)))
         except Exception as err:  # pydicom raises many types for broken files
+            advice = (
+                "give a NIfTI (.nii.gz), NRRD (.nrrd), 2D image (.png ...) or DICOM file"
+                if path.is_file()
+                else f"move it out of {path} or re-export the series"
+            )
             problems.append(
-                f"{file}: not a readable DICOM file ({type(err).__name__}: {err}); "
-                f"move it out of {path} or re-export the series"
+                f"{file}: not a readable DICOM file ({type(err).__name__}: {err}); {advice}"
             )
     if problems:
         return problems

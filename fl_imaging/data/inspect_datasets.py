@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fl_imaging.config import TaskName
 from fl_imaging.data.datasets import DatasetPool, load_class_folders, load_medmnist, load_msd
+from fl_imaging.data.datasets.medmnist_download import medmnist_layout_problems
 from fl_imaging.data.datasets.msd_download import msd_layout_problems
 from fl_imaging.data.inspect import SiteReport, inspect_case
 from fl_imaging.data.sites import SiteDataError, is_image_file
@@ -97,6 +98,7 @@ def inspect_dataset(
     if layout is None:
         raise SiteDataError(f"{root}: not a public dataset layout (MSD, MedMNIST, class folders)")
     report = SiteReport(site=root.name, root=str(root), task=task or TaskName.segmentation)
+    report.dataset = f"in the {layout} layout"
     try:
         if layout == "msd":
             report.problems += msd_layout_problems(root)
@@ -109,6 +111,10 @@ def inspect_dataset(
             with tempfile.TemporaryDirectory(prefix="fl-imaging-inspect-") as export:
                 for path in files:
                     flag, size = _medmnist_file(path)
+                    problems = medmnist_layout_problems(path.parent, flag, size)
+                    if problems:  # e.g. not a readable .npz: the adapter would not say it
+                        report.problems += problems
+                        continue
                     pool = load_medmnist(path.parent, flag, size, Path(export))
                     pools.append(pool)
                     start = len(report.cases)
@@ -121,6 +127,8 @@ def inspect_dataset(
                         case.problems = [p.replace(exported, f"{path}:") for p in case.problems]
     except SiteDataError as err:
         report.problems.append(str(err))
+        return report
+    if not pools:
         return report
     first = pools[0]
     report.task = TaskName(first.task)
