@@ -1,4 +1,10 @@
-"""Apply a trained global model to a folder of images (NIfTI or DICOM) and write the predictions.
+"""Apply a trained global model to a folder of images (NIfTI, NRRD, DICOM, 2D) and write the
+predictions.
+
+Every input is checked first, as ``fl-imaging-data inspect --images-only`` checks it, against the
+run's task (spatial dimensions, channels; DICOM series geometry and SOP class; file content): one
+that cannot be predicted on stops the command before anything is written, with a message naming
+the file.
 
 Segmentation: one mask per image, ``<case id>.nii.gz`` (uint8 class indices), in the input's own
 grid and orientation: the model sees the image through the task's transforms and MONAI's
@@ -18,13 +24,18 @@ import torch
 from monai.transforms import Invertd
 
 from fl_imaging.config import RunConfig, TaskName, config_from_yaml
+from fl_imaging.data.image_checks import check_image
+from fl_imaging.data.image_folder import find_images
 from fl_imaging.data.nifti_io import save_nifti
-from fl_imaging.data.sites import SiteDataError, case_id_of, is_image_file
+from fl_imaging.data.sites import SiteDataError
 from fl_imaging.results import WeightsFileError, load_weights
 from tasks import build_task
 from tasks.segmentation import SegmentationTask
 
-__all__ = ["PredictionError", "find_images", "load_run", "predict_folder"]
+__all__ = ["PredictionError", "check_inputs", "load_run", "predict_folder"]
+
+#: Problems listed in a prediction error; ``fl-imaging-data inspect --images-only`` lists all.
+MAX_SHOWN = 20
 
 log = logging.getLogger("fl_imaging.predict")
 
@@ -71,47 +82,43 @@ def load_run(run_dir: Path) -> LoadedRun:
     return LoadedRun(cfg, model.eval())
 
 
-def find_images(source: Path) -> list[tuple[str, Path]]:
-    """List (case id, image) pairs to predict on, sorted by case id.
+def check_inputs(run: LoadedRun, source: Path) -> list[tuple[str, Path]]:
+    """Find the images under ``source`` (:func:`~fl_imaging.data.image_folder.find_images`) and
+    check each against the run's task before anything is predicted: the checks of
+    ``fl-imaging-data inspect`` (file content, DICOM series geometry and SOP class, decoding,
+    spatial dimensions and channels as in the run's config, no NaN).
 
-    ``source`` is a site folder (its ``images/`` are used), a folder of NIfTI / 2D image files
-    and DICOM series folders (sub-folders holding image files, such as class folders, are
-    searched too), or a single image file or DICOM series folder. Raises :class:`SiteDataError`
-    when nothing to predict on is found.
+    Returns the (case id, image) pairs. Raises :class:`PredictionError` listing every problem.
     """
-    if not source.exists():
-        raise SiteDataError(
-            f"{source} does not exist: give a site folder, a folder of images or an image"
+    images, problems = find_images(source)
+    task = run.cfg.task
+    for case_id, path in images:
+        report, _ = check_image(
+            case_id, path, spatial_dims=task.spatial_dims, in_channels=task.in_channels
         )
-    folder = source / "images" if (source / "images").is_dir() else source
-    if source.is_file() or (folder == source and _is_series(source)):
-        return [(case_id_of(source), source)]
-    found: dict[str, Path] = {}
-    for entry in sorted(folder.rglob("*")):
-        if entry.name.startswith(".") or any(p.name.startswith(".") for p in entry.parents):
-            continue
-        if (entry.is_file() and is_image_file(entry)) or (entry.is_dir() and _is_series(entry)):
-            found.setdefault(case_id_of(entry), entry)
-    if not found:
-        raise SiteDataError(f"{folder}: no NIfTI file, 2D image or DICOM series folder found")
-    return sorted(found.items())
-
-
-def _is_series(folder: Path) -> bool:
-    """A folder holding files that are not NIfTI or 2D images (DICOM files, any name)."""
-    return any(
-        p.is_file() and not p.name.startswith(".") and not is_image_file(p)
-        for p in folder.iterdir()
-    )
+        problems += report.problems
+    if problems:
+        shown = problems[:MAX_SHOWN] + (
+            [f"... and {len(problems) - MAX_SHOWN} more"] if len(problems) > MAX_SHOWN else []
+        )
+        raise PredictionError(
+            f"{len(problems)} problem(s) in {source}, nothing predicted:\n  - "
+            + "\n  - ".join(shown)
+            + f"\nfl-imaging-data inspect --images-only {source} shows them again."
+        )
+    return images
 
 
 def predict_folder(run: LoadedRun, source: Path, output: Path) -> list[Path]:
-    """Predict every image found by :func:`find_images` under ``source`` into ``output``.
+    """Check every image under ``source`` (:func:`check_inputs`), then predict each into
+    ``output``.
 
     Returns the files written: one mask per image (segmentation) or ``predictions.csv``
-    (classification). Raises :class:`SiteDataError` naming an image that cannot be read.
+    (classification). Raises :class:`PredictionError` listing every input that cannot be
+    predicted on (nothing is written then), :class:`SiteDataError` when ``source`` holds no
+    image or an image cannot be decoded after all.
     """
-    images = find_images(source)
+    images = check_inputs(run, source)
     output.mkdir(parents=True, exist_ok=True)
     task = build_task(run.cfg.task, torch.device("cpu"))
     transform = task.inference_transforms()

@@ -256,7 +256,7 @@ def site_cases(cfg: RunConfig, site: SiteRef) -> list[Case]:
     Logs every case left out; raises :class:`SiteDataError` as the check does."""
     excluded = cfg.data.excluded_cases.get(site.name)
     if excluded is None and cfg.data.exclude_bad_cases:
-        cases, _ = checked_cases(site.folder, cfg)
+        cases, _ = checked_cases(site.folder, cfg, seed=cfg.seed + site.index)
         return cases
     names = list(cfg.task.class_names) or None
     cases = find_cases(site.folder, cfg.task.name, site.name, names)

@@ -294,8 +294,10 @@ def test_an_unreadable_image(seg_run: tuple[RunConfig, Path], tmp_path: Path, ca
     broken.write_bytes(good.read_bytes()[:150])
     assert predict_cli([str(run_dir), str(folder), "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"fl-imaging-predict: error: {broken}: cannot be read for prediction")
-    assert "fl-imaging-data inspect" in err
+    assert err.startswith(f"fl-imaging-predict: error: 1 problem(s) in {folder}, nothing predicted")
+    assert f"  - {broken}: cannot be read (unreadable or truncated)" in err
+    assert f"fl-imaging-data inspect --images-only {folder}" in err
+    assert not (tmp_path / "out").exists()  # every input is checked before anything is written
 
 
 def test_an_input_that_does_not_exist(seg_run: tuple[RunConfig, Path], tmp_path: Path, capsys):
@@ -374,3 +376,35 @@ def test_model_pt_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) ->
         save_weights({"w": torch.zeros(3)}, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
     assert torch.equal(load_weights(path)["w"], torch.ones(3))
+
+
+def _broken_input(kind: str, folder: Path) -> tuple[Path, str]:
+    """One input predict must refuse, and the start of its message."""
+    if kind == "missing-slice":
+        (site,) = make_demo_data(folder / "demo", num_sites=1, cases_per_site=1, shape=(8, 8, 6))
+        series = site / "images" / "site1-case000"
+        (series / "IM0003").unlink()
+        return series, f"{series}: slices are not evenly spaced along the slice normal: gap of 3"
+    path = folder / "scan.nii.gz"
+    if kind == "4d":
+        nib.save(nib.Nifti1Image(np.ones((8, 8, 6, 2), np.float32), np.eye(4)), path)
+        return path, f"{path}: 2 channel(s) per voxel (shape 8x8x6"
+    if kind == "2d":
+        nib.save(nib.Nifti1Image(np.ones((8, 8), np.float32), np.eye(4)), path)
+        return path, f"{path}: a 2D image (shape 8x8) but the task is 3D"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(path, format="PNG")
+    return path, f"{path}: the file holds a PNG image, not NIfTI as its name says"
+
+
+@pytest.mark.parametrize("kind", ["missing-slice", "4d", "2d", "png-named-nifti"])
+def test_an_input_the_task_cannot_take_is_refused_in_one_message(
+    seg_run: tuple[RunConfig, Path], tmp_path: Path, capsys, kind: str
+) -> None:
+    _, run_dir = seg_run
+    path, message = _broken_input(kind, tmp_path)
+    out = tmp_path / "out"
+    assert predict_cli([str(run_dir), str(path), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"fl-imaging-predict: error: 1 problem(s) in {path}, nothing predicted")
+    assert f"\n  - {message}" in err and "Traceback" not in err
+    assert not out.exists()

@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
+from monai.transforms import LoadImage
 
 from fl_imaging.data.inspect import inspect_site
+from fl_imaging.data.readers import IMAGE_READERS
 
 SHARED = Path(
     os.environ.get("FL_IMAGING_SHARED_DATA", Path(__file__).parents[1] / ".." / "shared" / "data")
@@ -47,16 +51,36 @@ def test_real_nifti_volumes_read_with_their_shapes_and_spacings(tmp_path: Path) 
     assert anat.label_values == [0, 1] and anat.dtype == "int16"
 
 
-def test_real_dicom_series_and_a_folder_mixing_series(tmp_path: Path) -> None:
+def test_real_dicom_series_sound_uneven_and_mixed(tmp_path: Path) -> None:
+    """CT5N (5 slices, 2.5 mm apart) is read with pydicom's geometry; CT2 holds 3 slices 1.25 mm
+    apart and a fourth 202.5 mm away (MONAI would stack them 68.3 mm apart): refused, naming the
+    gap; MR2 mixes 3 series."""
     site = _site(
         tmp_path / "dicom",
-        {"ct2": DICOM / "77654033" / "CT2", "mr2": DICOM / "98892003" / "MR2"},
+        {
+            "ct2": DICOM / "77654033" / "CT2",
+            "ct5n": DICOM / "98892001" / "CT5N",
+            "mr2": DICOM / "98892003" / "MR2",
+        },
         {},
     )
-    (site / "labels.csv").write_text("case_id,label\nct2,0\nmr2,1\n")
+    (site / "labels.csv").write_text("case_id,label\nct2,0\nct5n,0\nmr2,1\n")
     report = inspect_site(site, "classification")
-    ct2, mr2 = report.cases
-    assert ct2.format == "dicom" and ct2.shape == [16, 16, 4] and not ct2.problems
-    assert ct2.spacing[:2] == [0.4883, 0.4883]
+    ct2, ct5n, mr2 = report.cases
+    assert ct5n.format == "dicom" and ct5n.shape == [16, 16, 5] and not ct5n.problems
+    assert ct5n.spacing == [0.4883, 0.4883, 2.5]
+    # every slice lies where pydicom's ImagePositionPatient puts it (LPS -> RAS)
+    affine = np.asarray(
+        LoadImage(reader=list(IMAGE_READERS), image_only=True)(str(site / "images" / "ct5n")).affine
+    )
+    placed = sorted(tuple(np.round((affine @ [0, 0, k, 1])[:3], 4)) for k in range(5))
+    expected = sorted(
+        tuple(np.round(np.array([-1, -1, 1]) * [float(v) for v in header.ImagePositionPatient], 4))
+        for header in (pydicom.dcmread(p) for p in (DICOM / "98892001" / "CT5N").iterdir())
+    )
+    np.testing.assert_allclose(placed, expected, atol=1e-3)
+    (problem,) = ct2.problems
+    assert problem.startswith(f"{site / 'images' / 'ct2'}: slices are not evenly spaced")
+    assert "gap of 202.5 mm between 17106 and 17136" in problem and "1.25 mm apart" in problem
     (problem,) = mr2.problems
     assert "mr2" in problem and "mixes 3 DICOM series" in problem

@@ -199,20 +199,26 @@ def test_a_case_id_in_two_class_folders_is_reported(tmp_path: Path, capsys) -> N
     )
     assert [c.case_id for c in report.found] == ["normal0", "normal1", "tumour0"]
     assert report.found[1].image == str(first)
-    assert data_cli(["inspect", str(site), "--task", "classification", "--json"]) == 1
+    assert (
+        data_cli(
+            ["inspect", str(site), "--task", "classification", "--spatial-dims", "2", "--json"]
+        )
+        == 1
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["ok"] is False and printed["problems"] == [problem]
 
 
 def test_inspect_exit_codes_on_class_folder_sites(tmp_path: Path, capsys) -> None:
     two = _class_site(tmp_path / "two", {"a": 2, "b": 2})
-    assert data_cli(["inspect", str(two), "--task", "classification"]) == 0
+    assert data_cli(["inspect", str(two), "--task", "classification", "--spatial-dims", "2"]) == 0
     out = capsys.readouterr().out
     assert "4 case(s), task classification, formats png; 0 problem(s)" in out
     three = _class_site(tmp_path / "three", {"a": 1, "b": 1, "c": 1})
-    assert data_cli(["inspect", str(three), "--task", "classification"]) == 1
+    assert data_cli(["inspect", str(three), "--task", "classification", "--spatial-dims", "2"]) == 1
     assert "case c0: class 2 outside 0..1" in capsys.readouterr().out
-    assert data_cli(["inspect", str(three), "--task", "classification", "--num-classes", "3"]) == 0
+    three_classes = ["--task", "classification", "--num-classes", "3", "--spatial-dims", "2"]
+    assert data_cli(["inspect", str(three), *three_classes]) == 0
     (tmp_path / "empty" / "images" / "a").mkdir(parents=True)
     assert data_cli(["inspect", str(tmp_path / "empty"), "--task", "classification"]) == 1
     assert "empty" in capsys.readouterr().out

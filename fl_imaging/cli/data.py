@@ -1,10 +1,18 @@
 """The ``fl-imaging-data`` command: check a hospital's site folder before it joins.
 
-    fl-imaging-data inspect DIR [--task segmentation|classification] [--num-classes N] [--json]
+    fl-imaging-data inspect DIR [--task segmentation|classification] [--num-classes N]
+                                [--spatial-dims 2|3] [--in-channels C] [--class-names A,B]
+                                [--images-only] [--json]
+
+DIR is a site folder (images/, labels/ or labels.csv, split.csv), a folder of images to predict
+on (with --images-only: no labels needed), or a public dataset in its download layout (an MSD
+task folder, a MedMNIST .npz or a folder of them, class folders), checked through the adapter
+that reads it, with the task, classes and dimensionality taken from the dataset unless given.
 
 Prints one line per case (id, format, shape, spacing, orientation, dtype, intensity range, label
-values), then a summary and every problem, each naming its file. Exits 0 when the folder is
-ready, 1 when anything is wrong, 2 for a usage error.
+values), then a summary and every problem, each naming its file. A site is checked with the
+rules training applies (at least one training and one validation case). Exits 0 when the folder
+is ready, 1 when anything is wrong, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -15,9 +23,13 @@ import sys
 from pathlib import Path
 
 from fl_imaging.config import TaskName
-from fl_imaging.data.inspect import SiteReport, inspect_site
+from fl_imaging.data.inspect import SiteReport, inspect_images, inspect_site
+from fl_imaging.data.inspect_datasets import dataset_layout, inspect_dataset
 
 __all__ = ["format_report", "main"]
+
+#: What a site is checked against when the options are not given (the default task's values).
+DEFAULT_TASK, DEFAULT_CLASSES, DEFAULT_DIMS, DEFAULT_CHANNELS = "segmentation", 2, 3, 1
 
 
 def format_report(report: SiteReport) -> str:
@@ -25,11 +37,14 @@ def format_report(report: SiteReport) -> str:
     header = ["case", "format", "shape", "spacing (mm)", "orient", "dtype", "range", "labels"]
     rows = [header]
     for case in report.cases:
+        shape = "x".join(map(str, case.shape)) or "?"
+        if case.channels > 1:
+            shape += f" ({case.channels} ch)"
         rows.append(
             [
                 case.case_id,
                 case.format,
-                "x".join(map(str, case.shape)) or "?",
+                shape,
                 "x".join(f"{s:g}" for s in case.spacing) or "?",
                 case.orientation or "?",
                 case.dtype or "?",
@@ -41,18 +56,32 @@ def format_report(report: SiteReport) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     formats = sorted({c.format for c in report.cases})
     problems = report.all_problems
+    what = (
+        "images only (no labels)"
+        if report.images_only
+        else f"dataset {report.dataset}"
+        if report.dataset
+        else f"task {report.task}"
+    )
+    kind = "folder" if report.images_only else "dataset" if report.dataset else "site"
     lines.append("")
     lines.append(
-        f"site {report.site} ({report.root}): {len(report.cases)} case(s), task {report.task}, "
+        f"{kind} {report.site} ({report.root}): {len(report.cases)} case(s), {what}, "
         f"formats {', '.join(formats) or '-'}; {len(problems)} problem(s)"
     )
     lines += [f"  PROBLEM {p}" for p in problems]
-    lines.append("ready to join" if report.ok else "NOT ready: fix the problems above")
+    ready = (
+        "ready to predict on"
+        if report.images_only
+        else "ready to train on"
+        if report.dataset
+        else "ready to join"
+    )
+    lines.append(ready if report.ok else "NOT ready: fix the problems above")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fl-imaging-data``; returns the exit code."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fl-imaging-data",
         description=__doc__,
@@ -60,12 +89,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="decode and check every case of a site folder")
-    inspect.add_argument("folder", type=Path, help="the site folder (images/, labels/ ...)")
     inspect.add_argument(
-        "--task", choices=["segmentation", "classification"], default="segmentation"
+        "folder", type=Path, help="site folder, folder of images, or public dataset folder"
     )
     inspect.add_argument(
-        "--num-classes", type=int, default=2, help="label values must lie in 0..N-1 (default 2)"
+        "--task",
+        choices=["segmentation", "classification"],
+        default=None,
+        help=f"default {DEFAULT_TASK} (a public dataset: its own)",
+    )
+    inspect.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help=f"label values must lie in 0..N-1 (default {DEFAULT_CLASSES}; a dataset: its own)",
+    )
+    inspect.add_argument(
+        "--spatial-dims",
+        type=int,
+        choices=[2, 3],
+        default=None,
+        help=f"the task's task.spatial_dims (default {DEFAULT_DIMS}; a dataset: its own)",
+    )
+    inspect.add_argument(
+        "--in-channels",
+        type=int,
+        default=None,
+        help=f"the task's task.in_channels (default {DEFAULT_CHANNELS})",
     )
     inspect.add_argument(
         "--class-names",
@@ -73,12 +123,42 @@ def main(argv: list[str] | None = None) -> int:
         help="classification with class sub-folders: the class names in index order, "
         "comma-separated (default: the folder names, sorted)",
     )
-    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
-    names = [n.strip() for n in args.class_names.split(",") if n.strip()] or None
-    report = inspect_site(
-        args.folder, TaskName(args.task), num_classes=args.num_classes, class_names=names
+    inspect.add_argument(
+        "--images-only",
+        action="store_true",
+        help="check the images of a folder without labels (a folder to predict on)",
     )
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fl-imaging-data``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    names = [n.strip() for n in args.class_names.split(",") if n.strip()] or None
+    dims = args.spatial_dims or DEFAULT_DIMS
+    channels = args.in_channels or DEFAULT_CHANNELS
+    task = TaskName(args.task or DEFAULT_TASK)
+    if args.images_only:
+        report = inspect_images(args.folder, spatial_dims=dims, in_channels=channels, task=task)
+    elif dataset_layout(args.folder) is not None:
+        report = inspect_dataset(
+            args.folder,
+            task=TaskName(args.task) if args.task else None,
+            num_classes=args.num_classes,
+            spatial_dims=args.spatial_dims,
+            in_channels=args.in_channels,
+            class_names=names,
+        )
+    else:
+        report = inspect_site(
+            args.folder,
+            task,
+            num_classes=args.num_classes or DEFAULT_CLASSES,
+            class_names=names,
+            spatial_dims=dims,
+            in_channels=channels,
+        )
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:

@@ -77,7 +77,7 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteR
     excluded: dict[str, list[str]] = {}
     for i, folder in enumerate(folders):
         log.info("checking site %d/%d: %s", i + 1, len(folders), folder)
-        cases, report = checked_cases(folder, cfg)
+        cases, report = checked_cases(folder, cfg, seed=cfg.seed + i)
         left_out = {c.case_id for c in report.found} - {c.case_id for c in cases}
         left_out |= set(data.excluded_cases.get(folder.name, []))
         cases = [c for c in cases if c.case_id not in left_out]
@@ -99,8 +99,12 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteR
     return resolved, sites, reports
 
 
-def checked_cases(folder: Path, cfg: RunConfig) -> tuple[list[Case], SiteReport]:
-    """Decode and check every case of a site folder (as ``fl-imaging-data inspect`` does).
+def checked_cases(
+    folder: Path, cfg: RunConfig, seed: int | None = None
+) -> tuple[list[Case], SiteReport]:
+    """Decode and check every case of a site folder (as ``fl-imaging-data inspect`` does, with
+    the task's dimensionality, channels and classes, and the split rule with ``data.val_fraction``
+    and ``seed``, default ``cfg.seed``).
 
     Returns the cases that passed and the full report. Raises :class:`SiteDataError` listing
     every problem, unless ``data.exclude_bad_cases`` is set: then the failing cases are left out
@@ -111,10 +115,14 @@ def checked_cases(folder: Path, cfg: RunConfig) -> tuple[list[Case], SiteReport]
         cfg.task.name,
         num_classes=cfg.task.num_classes,
         class_names=list(cfg.task.class_names) or None,
+        spatial_dims=cfg.task.spatial_dims,
+        in_channels=cfg.task.in_channels,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.seed if seed is None else seed,
     )
     problems = report.all_problems
     bad = {c.case_id for c in report.cases if c.problems}
-    if problems and (not cfg.data.exclude_bad_cases or report.problems and not report.cases):
+    if problems and (not cfg.data.exclude_bad_cases or not report.found):
         shown = problems[:MAX_SHOWN] + (
             [f"... and {len(problems) - MAX_SHOWN} more: fl-imaging-data inspect {folder}"]
             if len(problems) > MAX_SHOWN

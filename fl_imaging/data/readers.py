@@ -7,9 +7,11 @@ import warnings
 
 __all__ = ["IMAGE_READERS"]
 
-#: MONAI readers for every image: NIfTI (nibabel), DICOM series (pydicom), 2D (PIL). MONAI's
-#: LoadImage tries a given list from its end, so the commonest format (NIfTI) is tried first.
-IMAGE_READERS = ("PILReader", "PydicomReader", "NibabelReader")
+#: MONAI readers for every image: NIfTI (nibabel), NRRD (pynrrd), DICOM series (pydicom), 2D
+#: (PIL). MONAI's LoadImage tries a given list from its end until one reads the file, so the
+#: commonest format (NIfTI) is tried first. NRRD comes before DICOM and PIL so that a ``.nhdr``
+#: (which MONAI's suffix check does not list) is read by pynrrd.
+IMAGE_READERS = ("PILReader", "PydicomReader", "NrrdReader", "NibabelReader")
 
 # MONAI builds its GPU DICOM reader whenever LoadImage is created and, on a machine without
 # nvImageCodec, says so on every load; the CPU pydicom reader is used either way.

@@ -2,17 +2,20 @@
 
 A site folder holds::
 
-    images/CASE_ID.nii.gz | CASE_ID.nii   NIfTI volumes
+    images/CASE_ID.nii.gz | CASE_ID.nii   NIfTI volumes (or NRRD: CASE_ID.nrrd | CASE_ID.nhdr)
     images/CASE_ID/                       one DICOM series per folder (any file names)
     images/CASE_ID.png | .jpg             2D images (2D tasks)
-    labels/CASE_ID.nii.gz                 segmentation masks, paired with images by case id
+    labels/CASE_ID.nii.gz                 segmentation masks (NIfTI or NRRD), paired with images
+                                          by case id
     labels.csv                            classification labels: ``case_id,label[,split]``
     images/CLASS_NAME/...                 classification without labels.csv: one sub-folder
                                           per class, holding the images (or DICOM series) above
     split.csv                             optional ``case_id,split`` (train / val / test)
 
-Only file names are read here; decoding is MONAI's job (see ``tasks``). Every problem found is
-reported with the site and the file, and nothing is skipped silently.
+Only file names and small text files are read here (and, for a file in ``labels/`` that is not
+NIfTI or NRRD, its DICOM header, to say what it is); decoding is MONAI's job (see ``tasks``).
+CSV files may carry the byte-order mark Excel writes. Every problem found is reported with the site
+and the file, and nothing is skipped silently.
 """
 
 from __future__ import annotations
@@ -21,16 +24,21 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nrrd
 import numpy as np
 
 from fl_imaging.config import TaskName
+from fl_imaging.data.dicom_checks import SEG_ADVICE, describe_dicom
 
 __all__ = [
     "IMAGE_2D_SUFFIXES",
     "NIFTI_SUFFIXES",
+    "NRRD_SUFFIXES",
+    "VOLUME_SUFFIXES",
     "Case",
     "SiteData",
     "SiteDataError",
+    "SiteScan",
     "case_id_of",
     "find_cases",
     "is_image_file",
@@ -39,6 +47,10 @@ __all__ = [
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: NRRD volumes, read by MONAI's NrrdReader (pynrrd); ``.nhdr`` has its data in a separate file.
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+#: Volume files accepted as images and as segmentation labels.
+VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, *NRRD_SUFFIXES)
 #: 2D image files read by MONAI's PILReader.
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
@@ -78,25 +90,54 @@ class SiteData:
         return len(self.train) + len(self.val) + len(self.test)
 
 
+@dataclass
+class SiteScan:
+    """What the layout of a site folder holds, nothing decoded.
+
+    ``cases``: the complete cases (image and label), sorted by case id; ``problems``: one
+    sentence per problem, naming the file; ``unlabelled``: (case id, image) of the images that
+    have no label, so that they can still be checked and listed.
+    """
+
+    cases: list[Case]
+    problems: list[str]
+    unlabelled: list[tuple[str, Path]] = field(default_factory=list)
+
+
 def case_id_of(path: Path) -> str:
-    """The case id of an image path: its name without the NIfTI or image suffix."""
-    for suffix in (*NIFTI_SUFFIXES, *IMAGE_2D_SUFFIXES):
+    """The case id of an image path: its name without the NIfTI, NRRD or 2D image suffix."""
+    for suffix in (*VOLUME_SUFFIXES, *IMAGE_2D_SUFFIXES):
         if path.name.lower().endswith(suffix):
             return path.name[: -len(suffix)]
     return path.name
 
 
 def is_image_file(path: Path) -> bool:
-    """True for a NIfTI file or a 2D image file (by its suffix)."""
-    return path.name.lower().endswith((*NIFTI_SUFFIXES, *IMAGE_2D_SUFFIXES))
+    """True for a NIfTI or NRRD file or a 2D image file (by its suffix)."""
+    return path.name.lower().endswith((*VOLUME_SUFFIXES, *IMAGE_2D_SUFFIXES))
+
+
+def nhdr_data_files(folder: Path) -> set[str]:
+    """Names of the data files that the ``.nhdr`` headers of ``folder`` point to (read with
+    pynrrd), so that they are not taken for stray files."""
+    names: set[str] = set()
+    for header in folder.glob("*.nhdr"):
+        try:
+            data_file = nrrd.read_header(str(header)).get("data file")
+        except Exception:  # a broken header is reported when the image is decoded
+            continue
+        if isinstance(data_file, str) and not data_file.upper().startswith("LIST"):
+            names.add(Path(data_file.split()[0]).name)
+    return names
 
 
 def _collect_images(folder: Path, images: dict[str, Path], problems: list[str]) -> list[str]:
     """Add the images of ``folder`` (files, or DICOM series sub-folders) to ``images`` by case
     id; return the case ids added. Unknown files and duplicated ids go to ``problems``."""
     added: list[str] = []
+    detached = nhdr_data_files(folder)
     for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or entry.name in detached:
             continue
         if entry.is_dir() or is_image_file(entry):
             case_id = case_id_of(entry)
@@ -110,22 +151,67 @@ def _collect_images(folder: Path, images: dict[str, Path], problems: list[str]) 
             added.append(case_id)
         else:
             problems.append(
-                f"{entry}: not a NIfTI file (.nii, .nii.gz), a 2D image (.png, .jpg ...) "
-                f"nor a DICOM series folder; move it out of {folder}"
+                f"{entry}: not a NIfTI file (.nii, .nii.gz), an NRRD file (.nrrd, .nhdr), a 2D "
+                f"image (.png, .jpg ...) nor a DICOM series folder; move it out of {folder}"
             )
     return added
 
 
-def _read_csv(path: Path, site: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise SiteDataError(
-                f"[site {site}] {path}: missing column(s) {', '.join(missing)}; "
-                f"the header must start with {','.join(columns)}"
+def _read_csv(path: Path, site: str, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a CSV file as (line number, row with stripped values); the header names the
+    ``columns`` (spaces around names and Excel's UTF-8 byte-order mark are allowed)."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+            missing = [c for c in columns if c not in reader.fieldnames]
+            if missing:
+                raise SiteDataError(
+                    f"[site {site}] {path}: missing column(s) {', '.join(missing)} (header "
+                    f"{','.join(reader.fieldnames) or 'empty'}); the header must start with "
+                    f"{','.join(columns)}"
+                )
+            return [
+                (line, {k: (v or "").strip() for k, v in row.items() if isinstance(k, str)})
+                for line, row in enumerate(reader, start=2)
+            ]
+    except UnicodeDecodeError as err:
+        raise SiteDataError(
+            f"[site {site}] {path}: not UTF-8 text ({err.reason} at byte {err.start}); save it "
+            "as 'CSV UTF-8'"
+        ) from None
+
+
+def _csv_column(
+    path: Path,
+    rows: list[tuple[int, dict[str, str]]],
+    column: str,
+    images: dict[str, Path],
+    problems: list[str],
+) -> dict[str, tuple[int, str]]:
+    """``column`` of each case id in ``rows`` as {case id: (line, value)}; rows without a value
+    are left out. A case id without an image, or listed twice, goes to ``problems``."""
+    values: dict[str, tuple[int, str]] = {}
+    for line, row in rows:
+        case_id, value = row["case_id"], row.get(column, "")
+        if not value:
+            continue
+        if case_id in values:
+            first, before = values[case_id]
+            what = f"two {column}s ({before} and {value})" if before != value else "listed twice"
+            problems.append(
+                f"{path} line {line}: case {case_id} {what} (also line {first}); keep one row "
+                "per case"
             )
-        return list(reader)
+            continue
+        values[case_id] = (line, value)
+        if case_id not in images:
+            problems.append(
+                f"{path} line {line}: case {case_id} has no image in images/ (no "
+                f"images/{case_id}.nii.gz, .nrrd, .png ... nor a DICOM folder images/{case_id}/);"
+                " fix the case id or add the image"
+            )
+    return values
 
 
 def find_cases(
@@ -139,26 +225,28 @@ def find_cases(
     :func:`scan_site`.
     """
     site = site or root.name
-    cases, problems = scan_site(root, task, site, class_names)
-    if problems:
+    scan = scan_site(root, task, site, class_names)
+    if scan.problems:
         raise SiteDataError(
-            f"[site {site}] {len(problems)} problem(s) in {root}:\n  - " + "\n  - ".join(problems)
+            f"[site {site}] {len(scan.problems)} problem(s) in {root}:\n  - "
+            + "\n  - ".join(scan.problems)
         )
-    return cases
+    return scan.cases
 
 
 def scan_site(
     root: Path, task: TaskName, site: str | None = None, class_names: list[str] | None = None
-) -> tuple[list[Case], list[str]]:
+) -> SiteScan:
     """List a site folder's complete cases and every problem of its layout, without decoding.
 
     Classification labels come from ``labels.csv`` or, without it, from class sub-folders of
     ``images/``: class k is ``class_names[k]`` when given, else the k-th folder name in sorted
-    order. Returns (cases with both image and label, sorted by case id; problems, each naming the
-    file). Problems: an unknown file in ``images/``, a duplicated case id, an image without a
-    label, a label without an image, a class label that is not an integer, an unknown class
-    folder, an unknown split. A missing or empty folder raises :class:`SiteDataError` at once,
-    since nothing else can be checked.
+    order. Returns a :class:`SiteScan`. Problems: an unknown file in ``images/`` or ``labels/``
+    (a DICOM SEG named as such, with how to convert it), a missing ``labels/`` folder, a
+    duplicated case id, an image without a label, a label without an image, a row of
+    ``labels.csv`` or ``split.csv`` naming no image or repeating a case, a class label that is
+    not an integer, an unknown class folder, an unknown split. A missing or empty folder raises
+    :class:`SiteDataError` at once, since nothing else can be checked.
     """
     site = site or root.name
     images_dir = root / "images"
@@ -167,7 +255,9 @@ def scan_site(
     if not images_dir.is_dir():
         raise SiteDataError(
             f"[site {site}] {images_dir} is missing: put the site's NIfTI files or DICOM series "
-            "folders in an images/ sub-folder (see the README's site layout)"
+            "folders in an images/ sub-folder (see the README's site layout), or give a public "
+            "dataset folder in its own layout (MSD dataset.json + imagesTr/, a MedMNIST .npz, "
+            "class folders)"
         )
     images: dict[str, Path] = {}
     problems: list[str] = []
@@ -183,40 +273,84 @@ def scan_site(
     splits: dict[str, str] = {}
     split_file = root / "split.csv"
     if split_file.is_file():
-        for row in _read_csv(split_file, site, ("case_id", "split")):
-            splits[row["case_id"]] = row["split"].strip().lower()
+        rows = _read_csv(split_file, site, ("case_id", "split"))
+        for case_id, (_, split) in _csv_column(split_file, rows, "split", images, problems).items():
+            splits[case_id] = split.lower()
 
     if task == TaskName.segmentation:
         labels_dir = root / "labels"
-        if not labels_dir.is_dir():
-            raise SiteDataError(
-                f"[site {site}] {labels_dir} is missing: segmentation needs one NIfTI mask per "
-                "image, named like the image, in labels/"
+        if labels_dir.is_dir():
+            _collect_labels(labels_dir, labels, problems)
+        else:
+            problems.append(
+                f"{labels_dir} is missing: segmentation needs one mask per image (NIfTI or "
+                "NRRD), named like the image, in labels/; to check images that have no labels "
+                "(a folder to predict on) use fl-imaging-data inspect --images-only"
             )
-        for entry in sorted(labels_dir.iterdir()):
-            if entry.name.endswith(NIFTI_SUFFIXES):
-                labels[case_id_of(entry)] = str(entry)
         for case_id in sorted(set(labels) - set(images)):
             problems.append(f"{labels[case_id]}: label without an image (no images/{case_id}*)")
     elif not class_folders:
         labels_csv = root / "labels.csv"
-        for line, row in enumerate(_read_csv(labels_csv, site, ("case_id", "label")), start=2):
+        rows = _read_csv(labels_csv, site, ("case_id", "label"))
+        for case_id, (line, value) in _csv_column(
+            labels_csv, rows, "label", images, problems
+        ).items():
             try:
-                labels[row["case_id"]] = int(row["label"])
+                labels[case_id] = int(value)
             except ValueError:
                 problems.append(
-                    f"{labels_csv} line {line}: label {row['label']!r} of case {row['case_id']} "
+                    f"{labels_csv} line {line}: label {value!r} of case {case_id} "
                     "is not an integer class index"
                 )
-            if row.get("split"):
-                splits[row["case_id"]] = row["split"].strip().lower()
-    for case_id in sorted(set(images) - set(labels)):
-        problems.append(f"{images[case_id]}: image without a label (case id {case_id})")
+        for case_id, (line, split) in _csv_column(labels_csv, rows, "split", images, []).items():
+            if splits.get(case_id, split.lower()) != split.lower():
+                problems.append(
+                    f"{labels_csv} line {line}: case {case_id} has split {split!r} but "
+                    f"{split_file} says {splits[case_id]!r}; keep one"
+                )
+            splits[case_id] = split.lower()
+    unlabelled = sorted(set(images) - set(labels))
+    if not (task == TaskName.segmentation and not (root / "labels").is_dir()):
+        for case_id in unlabelled:
+            problems.append(f"{images[case_id]}: image without a label (case id {case_id})")
     for case_id, split in sorted(splits.items()):
         if split not in SPLITS:
             problems.append(f"split of case {case_id} is {split!r}: use one of {', '.join(SPLITS)}")
     complete = sorted(set(images) & set(labels))
-    return [Case(c, str(images[c]), labels[c], splits.get(c)) for c in complete], problems
+    return SiteScan(
+        [Case(c, str(images[c]), labels[c], splits.get(c)) for c in complete],
+        problems,
+        [(c, images[c]) for c in unlabelled],
+    )
+
+
+def _collect_labels(labels_dir: Path, labels: dict[str, str | int], problems: list[str]) -> None:
+    """Add the NIfTI / NRRD masks of ``labels_dir`` to ``labels`` by case id; anything else goes
+    to ``problems``, a DICOM object saying what it is (a DICOM SEG: how to convert it)."""
+    detached = nhdr_data_files(labels_dir)
+    for entry in sorted(labels_dir.iterdir()):
+        if entry.name.startswith(".") or entry.name in detached:
+            continue
+        if entry.is_file() and entry.name.lower().endswith(VOLUME_SUFFIXES):
+            case_id = case_id_of(entry)
+            if case_id in labels:
+                problems.append(
+                    f"{entry}: label of case {case_id} given twice ({labels[case_id]}); keep one"
+                )
+                continue
+            labels[case_id] = str(entry)
+            continue
+        what = describe_dicom(entry)
+        advice = (
+            SEG_ADVICE
+            if what and "Modality SEG" in what or what and "Segmentation" in what
+            else "labels must be NIfTI (.nii.gz, .nii) or NRRD (.nrrd, .nhdr) masks named like "
+            "their image: convert it to NIfTI"
+        )
+        problems.append(
+            f"{entry}: {what or 'not a NIfTI or NRRD file'}: format not supported as a label; "
+            f"{advice}"
+        )
 
 
 def _scan_class_folders(

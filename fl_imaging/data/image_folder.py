@@ -1,0 +1,65 @@
+"""Find the images of a folder that has no labels: what ``fl-imaging-predict`` predicts on and
+``fl-imaging-data inspect --images-only`` checks. Only names are read here, nothing is decoded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fl_imaging.data.sites import SiteDataError, case_id_of, is_image_file, nhdr_data_files
+
+__all__ = ["find_images", "is_series"]
+
+
+def is_series(folder: Path) -> bool:
+    """True for a folder holding files that are not NIfTI, NRRD or 2D images (nor the data
+    files of a ``.nhdr``): DICOM files, whatever their names."""
+    detached = nhdr_data_files(folder)
+    return any(
+        p.is_file()
+        and not p.name.startswith(".")
+        and not is_image_file(p)
+        and p.name not in detached
+        for p in folder.iterdir()
+    )
+
+
+def find_images(source: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """List the (case id, image) pairs under ``source``, sorted by case id, and the problems.
+
+    ``source`` is a site folder (its ``images/`` are used), a folder of NIfTI / NRRD / 2D image
+    files and DICOM series folders (sub-folders holding image files, such as class folders, are
+    searched too), or a single image file or DICOM series folder. Problems: a case id found twice
+    (e.g. the same file name in two class folders), each naming both files. Raises
+    :class:`SiteDataError` when ``source`` does not exist or holds nothing to predict on.
+    """
+    if not source.exists():
+        raise SiteDataError(
+            f"{source} does not exist: give a site folder, a folder of images or an image"
+        )
+    folder = source / "images" if (source / "images").is_dir() else source
+    if source.is_file() or (folder == source and is_series(source)):
+        return [(case_id_of(source), source)], []
+    found: dict[str, Path] = {}
+    series: set[Path] = set()
+    problems: list[str] = []
+    for entry in sorted(folder.rglob("*")):
+        if entry.name.startswith(".") or any(p.name.startswith(".") for p in entry.parents):
+            continue
+        if series.intersection(entry.parents):
+            continue  # a file of a DICOM series already found
+        if (entry.is_file() and is_image_file(entry)) or (entry.is_dir() and is_series(entry)):
+            case_id = case_id_of(entry)
+            if case_id in found:
+                problems.append(
+                    f"{entry}: case id {case_id} appears twice ({found[case_id]}); predictions "
+                    "are named by case id: give every image its own name"
+                )
+                continue
+            found[case_id] = entry
+            if entry.is_dir():
+                series.add(entry)
+    if not found:
+        raise SiteDataError(
+            f"{folder}: no NIfTI or NRRD file, 2D image or DICOM series folder found"
+        )
+    return sorted(found.items()), problems
