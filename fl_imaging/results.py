@@ -211,7 +211,8 @@ def plot_curves(rows: list[MetricRow], main_metric: str, path: Path) -> Path:
         ax.set_xlabel("round")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # a run stopped before its first round has none
+            ax.legend(fontsize="small")
     fig.tight_layout()
     try:
         write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=100))

@@ -173,9 +173,9 @@ class DataConfig:
     test_fraction: float = 0.0
     cache: bool = True
     exclude_bad_cases: bool = False
-    #: Cases each site leaves out, by site name: filled with the cases that failed the checks
-    #: when ``exclude_bad_cases`` is set (every site reads it), and open to hand-made entries.
-    excluded_cases: dict[str, list[str]] = field(default_factory=dict)
+    #: Cases the sites leave out, as ``SITE/CASE_ID``: filled with the cases that failed the
+    #: checks when ``exclude_bad_cases`` is set (every site reads it); hand-made entries welcome.
+    excluded_cases: list[str] = field(default_factory=list)
 
 
 @dataclass

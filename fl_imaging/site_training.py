@@ -19,7 +19,7 @@ from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose
 
 from fl_imaging.config import RunConfig
-from fl_imaging.data.prepare import checked_cases
+from fl_imaging.data.prepare import checked_cases, excluded_of
 from fl_imaging.data.sites import Case, SiteDataError, find_cases, load_site
 from tasks import build_task
 from tasks.base import ExtraLoss, ImagingTask, TrainResult
@@ -250,19 +250,22 @@ def build_site_trainer(
 
 
 def site_cases(cfg: RunConfig, site: SiteRef) -> list[Case]:
-    """The cases ``site`` trains on: those of its folder, less ``data.excluded_cases`` for it
-    (the coordinator's check with ``data.exclude_bad_cases``, in simulation). A deployed site
-    the coordinator never checked runs that check itself when ``data.exclude_bad_cases`` is set.
-    Logs every case left out; raises :class:`SiteDataError` as the check does."""
-    excluded = cfg.data.excluded_cases.get(site.name)
-    if excluded is None and cfg.data.exclude_bad_cases:
+    """The cases ``site`` trains on: those of its folder, less its ``data.excluded_cases``
+    (filled by the coordinator's check with ``data.exclude_bad_cases`` in simulation). A deployed
+    site, whose folder the coordinator never sees, runs that check itself when
+    ``data.exclude_bad_cases`` is set. Logs what it leaves out; raises :class:`SiteDataError` as
+    the check does."""
+    if cfg.data.exclude_bad_cases and not site.simulated:
         cases, _ = checked_cases(site.folder, cfg, seed=cfg.seed + site.index)
-        return cases
-    names = list(cfg.task.class_names) or None
-    cases = find_cases(site.folder, cfg.task.name, site.name, names)
+    else:
+        names = list(cfg.task.class_names) or None
+        cases = find_cases(site.folder, cfg.task.name, site.name, names)
+    excluded = excluded_of(cfg.data.excluded_cases, site.name)
     if excluded:
-        log.info("[site %s] leaves out %s (data.excluded_cases)", site.name, ", ".join(excluded))
-    return [c for c in cases if c.case_id not in set(excluded or ())]
+        log.info(
+            "[site %s] leaves out %s (data.excluded_cases)", site.name, ", ".join(sorted(excluded))
+        )
+    return [c for c in cases if c.case_id not in excluded]
 
 
 class SiteTrainers:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from fl_imaging.cli.data import main as data_cli
 from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, validate_config
 from strategies import StrategyError, build_strategy
@@ -134,3 +135,20 @@ def test_cli_exits_2_before_training_with_the_message(tmp_path) -> None:
     assert proc.returncode == 2
     assert "engine.rounds" in proc.stderr and "int" in proc.stderr
     assert not (tmp_path / "demo-data").exists()  # nothing was generated or trained
+
+
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        (["--num-classes", "0"], "argument --num-classes: must be 2 or more, got 0"),
+        (["--in-channels", "0"], "argument --in-channels: must be 1 or more, got 0"),
+        (["--num-classes", "two"], "argument --num-classes: invalid integer value: 'two'"),
+    ],
+)
+def test_inspect_refuses_impossible_class_and_channel_counts(
+    tmp_path, capsys, option: list[str], words: str
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        data_cli(["inspect", str(tmp_path), *option])
+    assert stop.value.code == 2
+    assert words in capsys.readouterr().err

@@ -148,7 +148,7 @@ def test_ctrl_c_in_round_2_keeps_the_files_stops_ray_and_resume_finishes(
     assert time.monotonic() - sent < 30, text[-3000:]
     assert "Traceback" not in text
     run = tmp_path / "first"
-    for name in ("metrics.csv", "summary.txt", "config.yaml", "model.pt", "checkpoint.pkl"):
+    for name in ("metrics.csv", "summary.txt", "config.yaml", "model.pt", "checkpoint.json"):
         assert (run / name).is_file(), name
     done = max(r.round for r in read_metrics(run / "metrics.csv"))
     assert 1 <= done < 4

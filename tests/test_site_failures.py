@@ -116,11 +116,11 @@ def test_cases_left_out_by_the_coordinator_are_left_out_at_the_site(tmp_path: Pa
     from fl_imaging.data.prepare import prepare_sites
 
     cfg, _, _ = prepare_sites(cfg)
-    assert cfg.data.excluded_cases == {"site-1": [], "site-2": [broken]}
+    assert cfg.data.excluded_cases == [f"site-2/{broken}"]
     ids = [c.case_id for c in site_cases(cfg, SiteRef("site-2", sites[1], 1, simulated=True))]
     assert broken not in ids and len(ids) == 5
     # a deployed site the coordinator never checked checks itself
-    cfg.data.excluded_cases = {}
+    cfg.data.excluded_cases = []
     ids = [c.case_id for c in site_cases(cfg, SiteRef("site-2", sites[1], 1))]
     assert broken not in ids and len(ids) == 5
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fl_imaging.config import TaskName
@@ -100,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument(
         "--num-classes",
-        type=int,
+        type=_at_least(2),
         default=None,
         help=f"label values must lie in 0..N-1 (default {DEFAULT_CLASSES}; a dataset: its own)",
     )
@@ -113,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument(
         "--in-channels",
-        type=int,
+        type=_at_least(1),
         default=None,
         help=f"the task's task.in_channels (default {DEFAULT_CHANNELS})",
     )
@@ -132,12 +133,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low`` (argparse names the option if not)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse's "invalid integer value" for a non-number
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fl-imaging-data``; returns the exit code."""
     args = _parser().parse_args(argv)
     names = [n.strip() for n in args.class_names.split(",") if n.strip()] or None
-    dims = args.spatial_dims or DEFAULT_DIMS
-    channels = args.in_channels or DEFAULT_CHANNELS
+    dims = DEFAULT_DIMS if args.spatial_dims is None else args.spatial_dims
+    channels = DEFAULT_CHANNELS if args.in_channels is None else args.in_channels
     task = TaskName(args.task or DEFAULT_TASK)
     if args.images_only:
         report = inspect_images(args.folder, spatial_dims=dims, in_channels=channels, task=task)
@@ -154,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         report = inspect_site(
             args.folder,
             task,
-            num_classes=args.num_classes or DEFAULT_CLASSES,
+            num_classes=DEFAULT_CLASSES if args.num_classes is None else args.num_classes,
             class_names=names,
             spatial_dims=dims,
             in_channels=channels,

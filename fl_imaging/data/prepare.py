@@ -74,14 +74,14 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteR
         )
     sites: list[SiteData] = []
     reports: list[SiteReport] = []
-    excluded: dict[str, list[str]] = {}
+    excluded: list[str] = []
     for i, folder in enumerate(folders):
         log.info("checking site %d/%d: %s", i + 1, len(folders), folder)
         cases, report = checked_cases(folder, cfg, seed=cfg.seed + i)
         left_out = {c.case_id for c in report.found} - {c.case_id for c in cases}
-        left_out |= set(data.excluded_cases.get(folder.name, []))
+        left_out |= excluded_of(data.excluded_cases, folder.name)
         cases = [c for c in cases if c.case_id not in left_out]
-        excluded[folder.name] = sorted(left_out)
+        excluded += [f"{folder.name}/{case_id}" for case_id in sorted(left_out)]
         sites.append(
             load_site(
                 folder,
@@ -97,6 +97,11 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteR
         cfg, data=replace(data, sites=[str(f) for f in folders], excluded_cases=excluded)
     )
     return resolved, sites, reports
+
+
+def excluded_of(entries: list[str], site: str) -> set[str]:
+    """The case ids ``data.excluded_cases`` (``SITE/CASE_ID`` entries) leaves out at ``site``."""
+    return {e.split("/", 1)[1] for e in entries if "/" in e and e.split("/", 1)[0] == site}
 
 
 def checked_cases(
