@@ -156,4 +156,19 @@ def _strategy_problems(strategy: StrategyConfig) -> list[str]:
         )
     if strategy.norm_bound is not None and not strategy.norm_bound > 0:
         problems.append(f"strategy.norm_bound={strategy.norm_bound}: must be positive")
+    secagg = strategy.secagg
+    modulus, levels = secagg.modulus, secagg.quantization_range
+    if not 2**16 <= modulus <= 2**32 or modulus & (modulus - 1):
+        problems.append(
+            f"strategy.secagg.modulus={modulus}: must be a power of two from 2**16 to 2**32"
+        )
+    if not 2 <= levels <= min(2**30, modulus // 2):
+        problems.append(
+            f"strategy.secagg.quantization_range={levels}: must be from 2 to the smaller of 2**30 "
+            "and modulus / 2 (the sum of the sites' values must stay below the modulus)"
+        )
+    if not secagg.clipping_range > 0 or not secagg.max_weight > 0 or not secagg.threshold > 0:
+        problems.append(
+            "strategy.secagg: clipping_range, max_weight and threshold must be positive"
+        )
     return problems

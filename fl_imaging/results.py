@@ -39,6 +39,7 @@ __all__ = [
     "privacy_line",
     "progress_line",
     "read_metrics",
+    "secure_aggregation_line",
     "save_weights",
     "write_metrics",
     "write_run_files",
@@ -260,6 +261,24 @@ def privacy_line(rows: list[MetricRow], cfg: RunConfig) -> str:
     )
 
 
+def secure_aggregation_line(rows: list[MetricRow], cfg: RunConfig) -> str:
+    """What the coordinator saw of the sites' updates: only sums (secure aggregation: of how
+    many sites, in which rounds, and which rounds it could not unmask) or every update in the
+    clear."""
+    if not cfg.strategy.secagg.enabled:
+        return "coordinator: saw every site's model update in the clear (no secure aggregation)"
+    summed = {r.round: int(r.value) for r in rows if r.metric == "secagg_sites"}
+    rounds = sorted({r.round for r in rows if r.metric == "train_loss"} | set(summed))
+    unmasked = [rnd for rnd in rounds if summed.get(rnd, 0) > 0]
+    sizes = "/".join(str(n) for n in sorted({summed[rnd] for rnd in unmasked})) or "0"
+    line = f"secure aggregation: the server saw only the sum of {sizes} sites' updates in "
+    if unmasked and len(unmasked) == len(rounds):
+        return line + "every round"
+    missing = ", ".join(str(rnd) for rnd in rounds if rnd not in unmasked) or "-"
+    shown = ", ".join(map(str, unmasked)) or "no round"
+    return line + f"round(s) {shown}; round(s) {missing} gave no aggregate (failures above)"
+
+
 def write_run_files(
     run_dir: Path,
     cfg: RunConfig,
@@ -277,7 +296,8 @@ def write_run_files(
     on device``) when one cannot be written; the files written before it stay."""
     table = format_round_table(rows, main_metric, site_names)
     failed = "".join(f"\nround {rnd}: site {site} failed: {why}" for rnd, site, why in failures)
-    notes = "".join(f"\n{line}" for line in (privacy_line(rows, cfg), stopped) if line)
+    lines = (secure_aggregation_line(rows, cfg), privacy_line(rows, cfg), stopped)
+    notes = "".join(f"\n{line}" for line in lines if line)
     summary = table + "\n" + failed + notes + "\n"
     writers: dict[str, Callable[[Path], object]] = {
         "metrics.csv": lambda path: write_metrics(rows, path),

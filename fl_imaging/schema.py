@@ -31,6 +31,7 @@ __all__ = [
     "PartitionConfig",
     "PartitionName",
     "RunConfig",
+    "SecAggConfig",
     "StrategyConfig",
     "TaskConfig",
     "TaskName",
@@ -216,6 +217,22 @@ class AttackConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation (SecAgg+, ``strategies/secure_aggregation.py``): the coordinator sees
+    only the sum of each round's site updates. ``threshold``: the sites (a fraction of the
+    round's, or a count) whose shares rebuild a secret; the packed update is clipped to
+    ``clipping_range``, quantised to ``quantization_range`` levels, summed modulo ``modulus``
+    (a power of two up to 2**32); a site's weight (training cases) is at most ``max_weight``."""
+
+    enabled: bool = False
+    threshold: float = 0.66
+    clipping_range: float = 8.0
+    quantization_range: int = 2**24
+    modulus: int = 2**32
+    max_weight: float = 1000.0
+
+
+@dataclass
 class StrategyConfig:
     name: str = "fedavg"
     params: dict[str, Any] = field(default_factory=dict)
@@ -226,6 +243,7 @@ class StrategyConfig:
     #: FedBN (Li et al. 2021): each site keeps its own normalisation layers (weights and running
     #: statistics) and uses the global model's other weights.
     fedbn: bool = False
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
 class EngineName(enum.StrEnum):

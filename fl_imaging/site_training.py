@@ -150,6 +150,22 @@ class SiteTrainer:
         loader = DataLoader(data, batch_size=1, shuffle=False, num_workers=0)
         return self.task.evaluate(self.model, loader)
 
+    def scores(
+        self, split: str = "val", finetune_epochs: int = 0, *, seed: int = 0
+    ) -> tuple[dict[str, float], int]:
+        """The model's metrics and the number of cases scored: on the validation cases
+        (:meth:`validation_metrics`), or with ``split="test"`` on the test cases
+        (:meth:`test_metrics`, after ``finetune_epochs`` of fine-tuning with ``seed``; a site
+        without test cases says so and scores nothing)."""
+        if split != "test":
+            return self.validation_metrics(), self.num_val
+        metrics = self.test_metrics(finetune_epochs, seed=seed)
+        if not metrics:
+            log.warning(
+                "[site %s] has no test cases: nothing to score in the test round", self.name
+            )
+        return metrics, self.num_test
+
     def validation_metrics(self) -> dict[str, float]:
         """:meth:`evaluate` on the validation cases, the loss named ``val_loss``."""
         return {("val_loss" if k == "loss" else k): v for k, v in self.evaluate("val").items()}

@@ -7,7 +7,10 @@ A reply travels through the chain from the outside in; the aggregate comes back 
 2. :class:`~strategies.availability.SiteAvailability`: waits for enough connected sites, names
    the ones that dropped, skips a round with too few usable replies;
 3. :class:`~strategies.validation.ValidatingStrategy`: rejects NaN/Inf and wrong layouts, flags
-   or rejects norm outliers (always there);
+   or rejects norm outliers; or, with ``strategy.secagg.enabled``,
+   :class:`~strategies.secure_aggregation.SecureAggregation`, which unmasks the sum of the
+   round's updates (the sites check their own update before masking it; what needs single
+   updates is refused);
 4. Flower's DP wrapper (``strategy.dp.mode``, :mod:`strategies.privacy`);
 5. :class:`~strategies.norm_bounding.NormBounding` (``strategy.norm_bound``);
 6. the aggregator itself (``strategy=NAME``, :mod:`strategies.registry`).
@@ -26,11 +29,13 @@ from flwr.serverapp.strategy import Strategy
 from fl_imaging.config import StrategyConfig
 from fl_imaging.protocol import ReplySites
 from fl_imaging.results import MetricRow
+from fl_imaging.secure_sum import SecAggSettings
 from strategies.availability import SiteAvailability
 from strategies.norm_bounding import NormBounding
 from strategies.privacy import check_accountable, wrap_with_dp
 from strategies.recording import RecordingStrategy
 from strategies.registry import StrategyError, build_aggregator, sites_needed
+from strategies.secure_aggregation import SecureAggregation, check_secure_aggregation
 from strategies.validation import UpdateCheck, ValidatingStrategy
 
 __all__ = ["Federation", "build_strategy"]
@@ -81,7 +86,9 @@ def build_strategy(
     """
     per_round = num_sites if clients_per_round is None else clients_per_round
     sites = federation.sites if federation is not None else sites or ReplySites()
+    secure: SecureAggregation | None = None
     try:
+        check_secure_aggregation(cfg, per_round)
         strategy = build_aggregator(
             cfg, num_sites=num_sites, clients_per_round=clients_per_round, min_sites=min_sites
         )
@@ -89,16 +96,33 @@ def build_strategy(
         if cfg.norm_bound is not None:
             strategy = NormBounding(strategy, cfg.norm_bound)
         strategy = wrap_with_dp(strategy, cfg.dp, num_sites=num_sites, per_round=per_round)
-        validating = ValidatingStrategy(strategy, cfg.validation, sites=sites, on_checks=on_checks)
+        validating: Strategy | None = None
+        if cfg.secagg.enabled:
+            strategy = secure = SecureAggregation(
+                strategy,
+                SecAggSettings(
+                    clipping_range=cfg.secagg.clipping_range,
+                    quantization_range=cfg.secagg.quantization_range,
+                    modulus=cfg.secagg.modulus,
+                    max_weight=cfg.secagg.max_weight,
+                ),
+                threshold=cfg.secagg.threshold,
+                round_timeout=federation.round_timeout if federation else 3600.0,
+                sites=sites,
+            )
+        else:
+            strategy = validating = ValidatingStrategy(
+                strategy, cfg.validation, sites=sites, on_checks=on_checks
+            )
     except ValueError as err:
         if isinstance(err, StrategyError):
             raise
         raise StrategyError(f"strategy '{cfg.name}': {err}") from None
     if federation is None:
-        return validating
+        return strategy
     recorder: RecordingStrategy | None = None
     availability = SiteAvailability(
-        validating,
+        strategy,
         min_sites=sites_needed(num_sites, clients_per_round, min_sites),
         min_replies=min_sites or 1,
         wait_timeout=federation.wait_timeout,
@@ -115,5 +139,8 @@ def build_strategy(
         evaluate_until=federation.evaluate_until,
         sites=sites,
     )
-    validating.on_checks = recorder.record_checks
+    if isinstance(validating, ValidatingStrategy):
+        validating.on_checks = recorder.record_checks
+    if secure is not None:
+        secure.on_round = recorder.record_secure_sum
     return recorder

@@ -89,6 +89,31 @@ class RecordingStrategy(StrategyWrapper):
             if check.status not in (ACCEPTED, FLAGGED):
                 self.failures.append((server_round, check.site, f"update rejected: {check.reason}"))
 
+    def record_secure_sum(
+        self,
+        server_round: int,
+        summed: list[str],
+        dropped: list[str],
+        failure: str,
+        traffic: dict[str, int],
+    ) -> None:
+        """Record a securely aggregated round (``on_round`` of
+        :class:`~strategies.secure_aggregation.SecureAggregation`): ``secagg_summed`` per site
+        (1: its masked update is in the sum; 0: it dropped out and its masks were removed with
+        the others' shares), ``bytes_secagg`` per site (keys, shares and unmasking, both ways)
+        and, for the aggregate, ``secagg_sites``; a failed round is a failure with the reason."""
+        for site, size in traffic.items():
+            self.rows.append(MetricRow(server_round, site, "bytes_secagg", float(size)))
+        for site in summed:
+            self.rows.append(MetricRow(server_round, site, "secagg_summed", 1.0))
+        for site in dropped:
+            self.rows.append(MetricRow(server_round, site, "secagg_summed", 0.0))
+        self.rows.append(
+            MetricRow(server_round, AGGREGATE_SITE, "secagg_sites", float(len(summed)))
+        )
+        if failure:
+            self.failures.append((server_round, AGGREGATE_SITE, f"secure aggregation: {failure}"))
+
     def _record(self, server_round: int, replies: list[Message], phase: str) -> None:
         evaluated: list[tuple[str, dict]] = []
         for msg in replies:

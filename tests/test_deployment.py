@@ -1,19 +1,14 @@
-"""Deployment: certificates and keys, the server's handling of sites that come and go, and real
-Flower processes on 127.0.0.1 (SuperLink with TLS and SuperNode authentication, 3 SuperNodes).
-
-The process tests share one local federation (module fixture, stopped by PID in its teardown)
-and are marked slow; every wait is bounded.
+"""Deployment: certificates and keys, the server's handling of sites that come and go, the
+config a run sends, and process handling (start, stop, children). Runs on real Flower
+processes: test_deployment_runs.py.
 """
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
-import threading
 import time
 import tomllib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flower_fakes import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from runtime_intruder import AUTHENTICATION_FAILED, Answer, acquire_plain
 
 from fl_imaging.compose import check_overrides
 from fl_imaging.config import config_from_yaml
@@ -36,27 +30,20 @@ from fl_imaging.deploy.certs import (
     make_site_key,
     verify_server_certificate,
 )
-from fl_imaging.deploy.local import LocalFederation, start_local
 from fl_imaging.deploy.processes import (
-    ManagedProcess,
-    ProcessError,
     descendants,
     flower_env,
-    free_port,
     start_process,
     stop_process,
 )
 from fl_imaging.deploy.roles import (
     IN_MEMORY_DATABASE,
     SiteCheckError,
-    SuperNodeSpec,
     check_site_folder,
-    start_supernode,
     superlink_command,
 )
 from fl_imaging.engines.deployment import write_app_dir
 from fl_imaging.protocol import CONFIG_KEY, SITE_NAME, SITE_RECORD
-from fl_imaging.results import read_metrics
 from strategies import build_strategy
 from strategies.availability import NotEnoughSites, SiteAvailability
 
@@ -280,204 +267,3 @@ def test_a_broken_site_folder_is_refused_before_the_supernode_starts(tmp_path: P
     next((site / "labels").iterdir()).write_bytes(b"not a nifti")
     with pytest.raises(SiteCheckError, match="found problems; the SuperNode is not started"):
         check_site_folder(site)
-
-
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    """3 demo sites (24^3, 6 cases each), a SuperLink with TLS and SuperNode authentication and
-    one SuperNode per site on 127.0.0.1; every process is stopped by PID at the end."""
-    root = tmp_path_factory.mktemp("deploy")
-    sites = make_demo_data(
-        root / "data", num_sites=3, cases_per_site=6, shape=(24, 24, 24), dicom_sites=()
-    )
-    fed = start_local(sites, root / "state", check=False)
-    try:
-        yield fed
-    finally:
-        procs = fed.processes
-        fed.stop()
-        assert not any(p.alive() for p in procs)
-
-
-def _fl_imaging(fed: LocalFederation, run_dir: Path, *overrides: str) -> list[str]:
-    args = fed.fl_imaging_args("experiment=quick", *overrides)
-    return [sys.executable, "-m", "fl_imaging.cli", *args, f"hydra.run.dir={run_dir}"]
-
-
-def _env(tmp: Path) -> dict[str, str]:
-    return flower_env(tmp / "flwr-home", {"HOME": str(tmp)})
-
-
-class _Intruder(threading.Thread):
-    """A local process without the SuperNodes' secrets that asks each site's Runtime API for
-    ClientApp tasks every half second until stopped; keeps every answer."""
-
-    def __init__(self, addresses: list[str]) -> None:
-        super().__init__(daemon=True)
-        self.addresses = addresses
-        self.answers: list[tuple[str, Answer | Exception]] = []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.5):
-            for address in self.addresses:
-                try:
-                    self.answers.append((address, acquire_plain(address)))
-                except Exception as err:  # noted: the test fails on it
-                    self.answers.append((address, err))
-
-
-@pytest.mark.slow
-def test_three_sites_two_rounds_each_site_reads_only_its_folder(
-    federation: LocalFederation, tmp_path: Path
-) -> None:
-    for started in federation.site_processes.values():  # these rounds run with the secret on
-        assert "--superexec-auth-secret-file" in started[0].command
-    addresses = [f"127.0.0.1:{spec.runtime_port}" for spec in federation.specs.values()]
-    intruder = _Intruder(addresses)
-    intruder.start()
-    try:
-        run = subprocess.run(
-            _fl_imaging(federation, tmp_path / "run"),
-            capture_output=True,
-            text=True,
-            env=_env(tmp_path),
-            timeout=300,
-        )
-    finally:
-        intruder.done.set()
-        intruder.join(timeout=30)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    # Meanwhile, every try of the intruder was refused by Flower's SuperExec authentication.
-    assert {address for address, _ in intruder.answers} == set(addresses)
-    refused = Answer(401, AUTHENTICATION_FAILED)
-    assert all(answer == refused for _, answer in intruder.answers), intruder.answers
-    assert "finished:completed" in run.stdout + run.stderr
-    out = tmp_path / "run"
-    for name in ("metrics.csv", "summary.txt", "model.pt", "curves.png", "config.yaml"):
-        assert (out / name).is_file(), name
-    rows = read_metrics(out / "metrics.csv")
-    names = list(federation.specs)
-    assert {r.site for r in rows} == {*names, "all"}
-    for rnd in (1, 2):
-        for site in names:
-            got = {r.metric for r in rows if r.round == rnd and r.site == site}
-            assert {"train_loss", "dice", "num_train", "num_val"} <= got, (rnd, site, got)
-    for name, spec in federation.specs.items():
-        logs = "".join(p.log_text() for p in federation.site_processes[name])
-        assert f"[site {name}]" in logs and str(spec.data_dir) in logs
-        assert "accepts this runner's requests (signed with the SuperExec secret)" in logs
-        others = [str(s.data_dir) for n, s in federation.specs.items() if n != name]
-        assert not any(other in logs for other in others)
-
-
-def _refused(spec: SuperNodeSpec, tweak: callable | None = None) -> ManagedProcess:  # type: ignore[valid-type]
-    from fl_imaging.deploy.roles import supernode_command
-
-    command = supernode_command(spec)
-    if tweak is not None:
-        command = tweak(command)
-    proc = start_process("refused", command, spec.state_dir / "supernode.log", _env(spec.state_dir))
-    try:
-        proc.popen.wait(timeout=60)
-    finally:
-        stop_process(proc, grace=5)
-    return proc
-
-
-@pytest.mark.slow
-def test_unregistered_supernode_is_refused(federation: LocalFederation, tmp_path: Path) -> None:
-    stranger = make_site_key(tmp_path / "keys", "stranger")
-    spec = SuperNodeSpec(
-        data_dir=next(iter(federation.specs.values())).data_dir,
-        superlink=federation.superlink,
-        ca_cert=federation.ca_cert,
-        private_key=stranger.private,
-        state_dir=tmp_path / "stranger",
-        runtime_port=free_port(),
-    )
-    with pytest.raises(ProcessError, match="Failed to activate SuperNode"):
-        start_supernode(spec, timeout=60)
-    assert "No SuperNode found with the given public key" in federation.superlink_process.log_text()
-
-
-@pytest.mark.slow
-def test_plain_text_and_unverified_clients_are_refused(
-    federation: LocalFederation, tmp_path: Path
-) -> None:
-    base = dict(
-        data_dir=next(iter(federation.specs.values())).data_dir,
-        superlink=federation.superlink,
-        private_key=None,
-    )
-    plain = _refused(
-        SuperNodeSpec(
-            **base,
-            ca_cert=None,
-            state_dir=tmp_path / "plain",
-            runtime_port=free_port(),
-            max_retries=2,
-        )  # type: ignore[arg-type]
-    )
-    assert plain.popen.returncode != 0
-    assert "Server disconnected without sending a response" in plain.log_text()
-    no_ca = _refused(
-        SuperNodeSpec(**base, ca_cert=None, state_dir=tmp_path / "no-ca", runtime_port=free_port()),  # type: ignore[arg-type]
-        tweak=lambda cmd: [c for c in cmd if c != "--insecure"],  # TLS, system CAs only
-    )
-    assert no_ca.popen.returncode != 0
-    assert "CERTIFICATE_VERIFY_FAILED" in no_ca.log_text()
-
-
-@pytest.mark.slow
-def test_a_site_killed_in_round_2_is_recorded_and_used_again_when_back(
-    federation: LocalFederation, tmp_path: Path
-) -> None:
-    victim = "site-3"
-    clientapp = federation.site_processes[victim][-1]  # its long-lived ClientApp process
-    seen = len(clientapp.log_text())  # it served the other test's run already
-    run = subprocess.Popen(
-        _fl_imaging(federation, tmp_path / "run", "engine.rounds=16", "engine.min_sites=2"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_env(tmp_path),
-    )
-    restarted = threading.Event()
-    try:
-        deadline = time.monotonic() + 180
-        while "round 2 epoch 1" not in clientapp.log_text()[seen:]:
-            assert time.monotonic() < deadline and run.poll() is None, "round 2 never started"
-            time.sleep(0.2)
-        federation.kill_site(victim, signal.SIGKILL)  # a crash: no goodbye to the SuperLink
-
-        def come_back() -> None:
-            federation.start_site(victim, timeout=150)
-            restarted.set()
-
-        threading.Thread(target=come_back, daemon=True).start()
-        output, _ = run.communicate(timeout=300)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-    assert run.returncode == 0, output[-4000:]
-    assert restarted.wait(timeout=60)
-    summary = (tmp_path / "run" / "summary.txt").read_text()
-    # Killed before its reply left: Flower's SuperLink answers for the silent node once 2
-    # heartbeats (2 x 30 s) are missed. Killed while uploading its reply (a round takes about a
-    # second of training here, so this happens too): the reply's arrays never all arrive.
-    assert (
-        f"round 2: site {victim} failed: Error: Node Unavailable" in summary
-        or f"round 2: site {victim} failed: Reply message objects are unavailable" in summary
-    ), summary
-    assert "node-" not in summary and "no train reply" not in summary, summary
-    rows = read_metrics(tmp_path / "run" / "metrics.csv")
-    trained = {(r.round, r.site) for r in rows if r.metric == "train_loss"}
-    assert {(2, "site-1"), (2, "site-2")} <= trained and (2, victim) not in trained
-    # It rejoins a few seconds after the SuperLink let its old connection go (up to 60 s after
-    # the kill); rounds take about 5 s, so 16 rounds outlast that, and a later round trains
-    # with it again.
-    assert any(rnd >= 3 and site == victim for rnd, site in trained), (
-        "the site that came back was not used again"
-    )

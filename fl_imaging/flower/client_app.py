@@ -3,12 +3,13 @@
 Each site reads only its own folder: the one given by its SuperNode's ``--node-config
 data-dir=...`` (deployment) or, in simulation, the entry of ``data.sites`` at its partition id.
 Its trainer (:mod:`fl_imaging.site_training`) is kept between rounds; weights travel as NumPy
-arrays inside an ``ArrayRecord``; ``num-examples`` counts cases.
+arrays (``ArrayRecord``), masked with secure aggregation (:mod:`.secagg_site`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
@@ -17,6 +18,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from fl_imaging.attacks import SimulatedAttack, site_attack
 from fl_imaging.config import DPMode, RunConfig
 from fl_imaging.flower.local_norms import restore_local_norms, save_local_norms
+from fl_imaging.flower.secagg_site import SECAGG_STAGES, mask_reply
 from fl_imaging.logs import show_progress
 from fl_imaging.protocol import (
     EVAL_SPLIT,
@@ -31,6 +33,7 @@ from fl_imaging.protocol import (
     site_errors,
     site_reply,
 )
+from fl_imaging.secure_sum import SECAGG
 from fl_imaging.site_training import (
     SiteRef,
     SiteTrainer,
@@ -53,18 +56,11 @@ CLIENT_DP_MODS = {
 
 
 def _evaluation(trainer: SiteTrainer, settings: ConfigRecord, seed: int = 0) -> dict[str, float]:
-    """The site's metrics of its model on its validation cases (``val_loss``, the task's), or, when
-    ``settings`` ask for ``split=test``, on its test cases (``test_*``, and ``finetuned_*`` after
-    ``finetune-epochs`` of fine-tuning with ``seed``); with the number of cases scored."""
-    if settings.get(EVAL_SPLIT, "val") == "test":
-        epochs = int(settings.get(FINETUNE_EPOCHS, 0))
-        metrics = trainer.test_metrics(epochs, seed=seed)
-        if not metrics:
-            log.warning(
-                "[site %s] has no test cases: nothing to score in the test round", trainer.name
-            )
-        return {**metrics, NUM_EXAMPLES: trainer.num_test}
-    return {**trainer.validation_metrics(), NUM_EXAMPLES: trainer.num_val}
+    """The site's scores (:meth:`SiteTrainer.scores`: validation, or ``split=test`` in
+    ``settings``) and the number of cases scored (``num-examples``)."""
+    epochs = int(settings.get(FINETUNE_EPOCHS, 0))
+    metrics, cases = trainer.scores(str(settings.get(EVAL_SPLIT, "val")), epochs, seed=seed)
+    return {**metrics, NUM_EXAMPLES: cases}
 
 
 def build_client_app(
@@ -72,11 +68,8 @@ def build_client_app(
 ) -> ClientApp:
     """Return a ClientApp bound to ``config`` (simulation), or reading it from run_config (None),
     taking its site trainers from ``trainers`` (default: the process's, :func:`process_trainers`,
-    looked up at each message: Ray hands every message a copy of the app).
-
-    Client-side DP (``strategy.dp.mode=client_*``) runs training through Flower's
-    ``fixedclipping_mod`` / ``adaptiveclipping_mod``, which clip the update before it leaves.
-    """
+    looked up at each message: Ray hands every message a copy of the app). Client-side DP
+    clips the update (Flower's mods) before secure aggregation masks it."""
     client = ClientApp()
 
     def site_trainer(
@@ -114,34 +107,40 @@ def build_client_app(
         state = trainer.state()
         if attack is not None:
             state = attack.poison(global_state, state, rnd, site.name)
-        metrics = {
-            "train_loss": result.loss,
-            NUM_EXAMPLES: result.num_samples,
-            MALICIOUS: int(attack is not None),
-        }
+        metrics = {"train_loss": result.loss, NUM_EXAMPLES: result.num_samples}
+        metrics[MALICIOUS] = int(attack is not None)
         return site_reply(msg, site.name, metrics, ArrayRecord(state), previous)
 
-    @client.train()
-    def train(msg: Message, context: Context) -> Message:
-        cfg = resolve_config(config, context)
-        site = SiteRef.of_node(context.node_config, cfg.data.sites)
-        with site_errors(site.name):  # a failure names the site in the error reply
-            mod = CLIENT_DP_MODS.get(cfg.strategy.dp.mode)
-            if mod is None:
-                return train_site(msg, context, cfg, site)
-            return mod(msg, context, lambda m, c: train_site(m, c, cfg, site))
+    def train(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
+        mod = CLIENT_DP_MODS.get(cfg.strategy.dp.mode)
+        if mod is None:
+            reply = train_site(msg, context, cfg, site)
+        else:  # Flower's client-side DP clipping, before any masking
+            reply = mod(msg, context, lambda m, c: train_site(m, c, cfg, site))
+        if SECAGG in msg.content.config_records:
+            reply = mask_reply(msg, reply, context)
+        return reply
 
-    @client.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        cfg = resolve_config(config, context)
-        site = SiteRef.of_node(context.node_config, cfg.data.sites)
-        with site_errors(site.name):
-            global_state = msg.content["arrays"].to_torch_state_dict()
-            trainer, _ = site_trainer(context, cfg, site, global_state)
-            settings = msg.content.config_records.get("config", ConfigRecord())
-            metrics = _evaluation(trainer, settings, finetune_seed(cfg.seed, site.index))
-            return site_reply(msg, site.name, metrics)
+    def evaluate(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
+        global_state = msg.content["arrays"].to_torch_state_dict()
+        trainer, _ = site_trainer(context, cfg, site, global_state)
+        settings = msg.content.config_records.get("config", ConfigRecord())
+        metrics = _evaluation(trainer, settings, finetune_seed(cfg.seed, site.index))
+        return site_reply(msg, site.name, metrics)
 
+    def for_site(handler: Callable[..., Message]) -> Callable[[Message, Context], Message]:
+        def handle(msg: Message, context: Context) -> Message:
+            cfg = resolve_config(config, context)
+            site = SiteRef.of_node(context.node_config, cfg.data.sites)
+            with site_errors(site.name):  # a failure names the site in the error reply
+                return handler(msg, context, cfg, site)
+
+        return handle
+
+    client.train()(for_site(train))
+    client.evaluate()(for_site(evaluate))
+    for action, stage in SECAGG_STAGES.items():  # secure aggregation's other stages
+        client.query(action)(for_site(lambda m, c, _cfg, _site, stage=stage: stage(m, c)))
     return client
 
 

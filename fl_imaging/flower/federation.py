@@ -25,7 +25,7 @@ from fl_imaging.flower.checkpoint import (
     restore_strategy_state,
     save_checkpoint,
 )
-from fl_imaging.results import MetricRow, SitesFailed, progress_line
+from fl_imaging.results import AGGREGATE_SITE, MetricRow, SitesFailed, progress_line
 from strategies import Federation, RecordingStrategy, build_strategy
 from tasks import build_task
 
@@ -72,7 +72,7 @@ class FederationPlan:
         trained = {r.site for r in self.strategy.rows if r.metric == "train_loss"}
         absent: dict[str, str] = {}
         for _, site, reason in self.strategy.failures:
-            if site not in trained and not reason.startswith("test round"):
+            if site not in trained | {AGGREGATE_SITE} and not reason.startswith("test round"):
                 absent.setdefault(site, reason)
         return absent
 

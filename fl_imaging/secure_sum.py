@@ -1,0 +1,150 @@
+"""Secure aggregation's arithmetic and message keys, shared by the coordinator and the sites.
+
+The protocol is SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020) over Flower's Message API; the
+coordinator's side is :class:`strategies.secure_aggregation.SecureAggregation`, the sites' side
+:mod:`fl_imaging.flower.secagg_site`. A site sends ``q = quantize([f, f * update])`` (``f`` its
+weight over ``max_weight``) plus its self-mask and one pairwise mask per other site, modulo
+``modulus``; the pairwise masks cancel in the sum, the self-masks are removed with the seeds the
+other sites reveal, so the coordinator learns only the sum over the sites of the round.
+
+Flower's (``flwr.common.secure_aggregation``, ``flwr.supercore.primitives.asymmetric``): Shamir
+secret sharing, ECDH key agreement with HKDF, authenticated encryption of the shares (Fernet),
+stochastic quantisation, key pairs and their serialisation. From the ``cryptography`` package
+(which Flower's own encryption uses): HKDF to derive each round's pairwise seed from the pair's
+key, and the ChaCha20 keystream as the mask generator. Ours: the layout of the stages, the
+packing of weight and update, and the dequantisation of a sum. Flower's ``pseudo_rand_gen``
+is not used: it folds its seed to 32 bits (NumPy's ``RandomState``), few enough for a coordinator
+to search one pairwise seed exhaustively when two sites take part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from flwr.common.secure_aggregation.quantization import quantize
+
+__all__ = [
+    "KEYS_ACTION",
+    "MASKED",
+    "SHARES",
+    "SHARES_ACTION",
+    "SECAGG",
+    "UNMASK_ACTION",
+    "SecAggSettings",
+    "config_bytes",
+    "dequantize_sum",
+    "keystream_mask",
+    "pack",
+    "pair_seed",
+    "pairwise_sign",
+    "threshold_of",
+]
+
+#: Query actions of the stages (message types ``query.<action>``).
+KEYS_ACTION = "secagg_keys"
+SHARES_ACTION = "secagg_shares"
+UNMASK_ACTION = "secagg_unmask"
+#: ConfigRecord in a training message that asks the site to mask its reply (the round's
+#: participants, their public keys, the settings).
+SECAGG = "secagg"
+#: The masked vector in a site's training reply (an ArrayRecord of one uint32 array).
+MASKED = "secagg-masked"
+#: The site's encrypted shares of its round's self-mask seed, by destination node id.
+SHARES = "secagg-shares"
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """The numbers both sides must agree on: ``clipping_range`` (values of the packed vector
+    are clipped to [-c, c] before quantisation), ``quantization_range`` (Q: a value becomes an
+    integer in [0, Q]), ``modulus`` (M, a power of two up to 2**32: masks and sums live in
+    [0, M)), ``max_weight`` (a site's weight, its number of training cases, is packed as
+    ``weight / max_weight`` <= 1)."""
+
+    clipping_range: float = 8.0
+    quantization_range: int = 2**24
+    modulus: int = 2**32
+    max_weight: float = 1000.0
+
+
+def config_bytes(values: object) -> int:
+    """Bytes a ConfigRecord's values take in a message, roughly: bytes and strings by length,
+    numbers 8 each, lists by their items (framing left out)."""
+    if isinstance(values, bytes | str):
+        return len(values)
+    if isinstance(values, int | float | bool):
+        return 8
+    if isinstance(values, dict) or hasattr(values, "values"):
+        return sum(config_bytes(v) for v in values.values())  # type: ignore[union-attr]
+    if isinstance(values, list | tuple):
+        return sum(config_bytes(v) for v in values)
+    return 0
+
+
+def threshold_of(fraction_or_count: float, sites: int) -> int:
+    """Shares needed to rebuild a secret among ``sites``: a count (> 1) or a fraction of the
+    sites (<= 1), at least 2 and at most ``sites``."""
+    wanted = fraction_or_count if fraction_or_count > 1 else np.ceil(fraction_or_count * sites)
+    return int(min(sites, max(2, wanted)))
+
+
+def pairwise_sign(me: int, other: int) -> int:
+    """+1 for the site with the smaller node id of a pair, -1 for the other: the pair's masks
+    cancel in the sum."""
+    return 1 if me < other else -1
+
+
+def pair_seed(shared_key: bytes, server_round: int) -> bytes:
+    """The 32-byte seed of a pair's mask in ``server_round``: HKDF-SHA256 of the pair's ECDH key
+    (Flower's ``generate_shared_key``) with the round in its info, so every round's masks are
+    new without a new key exchange."""
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=None,
+        info=b"fl-imaging secure aggregation, pairwise mask of round %d" % server_round,
+    ).derive(shared_key)
+
+
+def keystream_mask(seed: bytes, size: int, modulus: int) -> np.ndarray:
+    """``size`` uniform integers in [0, ``modulus``) (int64, shape ``(size,)``) from the
+    ChaCha20 keystream under the 32-byte ``seed`` (``modulus`` a power of two <= 2**32)."""
+    cipher = Cipher(algorithms.ChaCha20(seed, b"\0" * 16), mode=None).encryptor()
+    words = np.frombuffer(cipher.update(b"\0" * (4 * size)), dtype="<u4")
+    return (words.astype(np.int64)) % modulus
+
+
+def pack(weight: float, update: np.ndarray, settings: SecAggSettings) -> np.ndarray:
+    """The quantised vector a site masks: ``[f, f * update]`` with ``f = weight / max_weight``,
+    clipped to the clipping range and quantised (Flower's stochastic rounding) to integers in
+    [0, Q]. ``update`` is flat (float, shape ``(D,)``); returns int64 of shape ``(D + 1,)``.
+    Raises ValueError naming the limit when the weight or a value lies outside it (clipping
+    would change the update without a word)."""
+    factor = weight / settings.max_weight
+    if not 0 < factor <= 1:
+        raise ValueError(
+            f"weight {weight:g} (training cases) is above strategy.secagg.max_weight="
+            f"{settings.max_weight:g}: raise it"
+        )
+    vector = np.concatenate([[factor], factor * np.asarray(update, dtype=np.float64)])
+    largest = float(np.abs(vector).max())
+    if not np.isfinite(largest) or largest > settings.clipping_range:
+        raise ValueError(
+            f"a value of the weighted update is {largest:.4g}, outside strategy.secagg."
+            f"clipping_range={settings.clipping_range:g}: raise the range, or clip updates "
+            "at the sites (strategy.dp.mode=client_fixed)"
+        )
+    (quantized,) = quantize([vector], settings.clipping_range, settings.quantization_range)
+    return quantized.astype(np.int64)
+
+
+def dequantize_sum(total: np.ndarray, sites: int, settings: SecAggSettings) -> np.ndarray:
+    """The float sum over ``sites`` packed vectors from the sum of their quantised values
+    (``total``, int64 in [0, M), shape ``(D + 1,)``): each value was ``(v + c) * Q / 2c``, so the
+    sum of the ``v`` is ``total * 2c / Q - sites * c``. Returns float64, shape ``(D + 1,)``."""
+    step = 2 * settings.clipping_range / settings.quantization_range
+    return total.astype(np.float64) * step - sites * settings.clipping_range
