@@ -31,6 +31,7 @@ it gets new keys (a new epoch) before it takes part again.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -193,7 +194,17 @@ class SecureAggregation(StrategyWrapper):
         for node, values in contents.items():
             self._count(node, values)
         answers: dict[int, ConfigRecord] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
+        start = time.perf_counter()
+        replies = list(self.grid.send_and_receive(messages, timeout=self.round_timeout))
+        log.info(
+            "round %d: secure aggregation's %s stage: %d of %d site(s) answered in %.1f s",
+            rnd,
+            action,
+            sum(not r.has_error() for r in replies),
+            len(messages),
+            time.perf_counter() - start,
+        )
+        for reply in replies:
             node = int(reply.metadata.src_node_id)
             if reply.has_error():
                 log.warning(
