@@ -259,6 +259,9 @@ class EngineConfig:
     cpus_per_client: int = 1
     num_cpus: int | None = None
     torch_threads: int | None = None
+    #: Simulation on an existing Ray cluster: ``auto`` or ``HOST:PORT`` of its head (None: a
+    #: private Ray on this machine, started and stopped with the run).
+    ray_address: str | None = None
     round_timeout: float = 3600.0
     verbose: bool = False
     #: Each site evaluates the global model it receives inside the training message (one

@@ -40,11 +40,18 @@ class RunInterrupted(Exception):
 
 
 @contextmanager
-def stop_on_signal(stop: threading.Event, force: Callable[[], None]) -> Iterator[None]:
-    """While inside, SIGINT and SIGTERM stop the run: the first sets ``stop`` and raises
-    ``KeyboardInterrupt`` in the main thread; a second calls ``force`` (stop what was started)
-    and ends the process with exit code 130. The previous handlers are restored on leaving.
-    Must be entered in the main thread (Python's rule for signal handlers)."""
+def stop_on_signal(
+    stop: threading.Event, force: Callable[[], None], interrupt_main: bool = True
+) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM stop the run: the first sets ``stop`` and, with
+    ``interrupt_main``, raises ``KeyboardInterrupt`` in the main thread; a second calls ``force``
+    (stop what was started) and ends the process with exit code 130. The previous handlers are
+    restored on leaving. Must be entered in the main thread (Python's rule for signal handlers).
+
+    Without ``interrupt_main`` the ServerApp stops at its next look at its Grid and the run ends
+    once the sites' messages in flight are answered: on an existing Ray cluster, Flower's
+    reaction to ``KeyboardInterrupt`` (``ray.shutdown()`` while its threads still wait on
+    actors) makes Ray's core worker end the process before the results are written."""
 
     def handle(signum: int, _frame: FrameType | None) -> None:
         if stop.is_set():
@@ -53,10 +60,13 @@ def stop_on_signal(stop: threading.Event, force: Callable[[], None]) -> Iterator
             os._exit(INTERRUPTED_EXIT_CODE)
         stop.set()
         log.warning(
-            "%s: stopping; the finished rounds' results are being written (again to quit at once)",
+            "%s: stopping; the finished rounds' results are being written%s (again to quit at "
+            "once)",
             signal.Signals(signum).name,
+            "" if interrupt_main else " once the sites' messages in flight are answered",
         )
-        raise KeyboardInterrupt
+        if interrupt_main:
+            raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from functools import partial
@@ -18,7 +19,7 @@ from fl_imaging.engines.ray_reaper import finish_reaper, start_reaper
 if TYPE_CHECKING:
     from fl_imaging.flower.federation import FederationPlan
 
-__all__ = ["SimulationError", "run_simulation_engine"]
+__all__ = ["SimulationError", "ray_cluster_cpus", "run_simulation_engine"]
 
 log = logging.getLogger("fl_imaging.engine")
 
@@ -64,28 +65,35 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: Federatio
     from fl_imaging.flower.server_app import build_server_app
 
     engine = cfg.engine
-    num_cpus = engine.num_cpus or os.cpu_count() or 1
     ray_tmp = tempfile.mkdtemp(prefix="flimg-ray-")
+    init_args: dict[str, object] = {
+        "logging_level": logging.INFO if engine.verbose else logging.ERROR,
+    }
+    if engine.ray_address:  # an existing cluster: its own CPUs, folders and processes
+        init_args["address"] = engine.ray_address
+        num_cpus = int(ray_cluster_cpus(engine.ray_address))
+        where = f"the Ray cluster at {engine.ray_address} ({num_cpus} CPUs)"
+    else:
+        num_cpus = engine.num_cpus or os.cpu_count() or 1
+        init_args.update(num_cpus=num_cpus, include_dashboard=False, _temp_dir=ray_tmp)
+        where = "this machine"
     backend_config = {
         "client_resources": {"num_cpus": engine.cpus_per_client, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": num_cpus,
-            "include_dashboard": False,
-            "logging_level": logging.INFO if engine.verbose else logging.ERROR,
-            "_temp_dir": ray_tmp,
-        },
+        "init_args": init_args,
     }
     parallel = max(1, num_cpus // engine.cpus_per_client)
     log.info(
-        "simulation engine: %d sites, %d round(s), up to %d site(s) in parallel",
+        "simulation engine on %s: %d sites, %d round(s), up to %d site(s) in parallel",
+        where,
         len(site_names),
         engine.rounds,
         min(parallel, len(site_names)),
     )
-    reaper = start_reaper(Path(ray_tmp))
+    reaper = None if engine.ray_address else start_reaper(Path(ray_tmp))
     stop_ray = partial(_stop_ray, ray_tmp, reaper)
     try:
-        with stop_on_signal(plan.stop, force=stop_ray):
+        # On a cluster, the first signal lets the messages in flight finish (see stop_on_signal)
+        with stop_on_signal(plan.stop, force=stop_ray, interrupt_main=not engine.ray_address):
             try:
                 run_simulation(
                     server_app=build_server_app(cfg, site_names, plan),
@@ -127,6 +135,35 @@ def _root_cause(err: BaseException) -> str:
         err = err.__cause__
     text = (str(err).strip().splitlines() or [""])[0]
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def ray_cluster_cpus(address: str) -> float:
+    """The CPUs of the Ray cluster at ``address``; raises :class:`SimulationError` naming the
+    address when no cluster answers there."""
+    import ray
+
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit():  # Ray itself retries a silent address for minutes
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as err:
+            raise SimulationError(
+                f"engine.ray_address={address}: nothing answers there ({err}); start the "
+                "cluster's head with `ray start --head` (see the README), check the address "
+                "and the firewall, or leave engine.ray_address unset"
+            ) from None
+    try:
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        cpus = float(ray.cluster_resources().get("CPU", 0))
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise SimulationError(
+            f"engine.ray_address={address}: no Ray cluster answers there ({err}); start one "
+            "with `ray start --head` (see the README) or leave engine.ray_address unset"
+        ) from None
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    return cpus
 
 
 #: Seconds an interrupted run waits for the ServerApp to write what the finished rounds produced.
