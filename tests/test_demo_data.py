@@ -103,3 +103,16 @@ def test_dicom_series_reads_back_like_the_nifti(tmp_path: Path) -> None:
     assert float((from_dicom - from_nifti).abs().max()) <= step / 2 + 1e-4
     assert torch.allclose(from_dicom.affine, from_nifti.affine, atol=1e-3)
     assert torch.allclose(from_dicom.pixdim, torch.tensor([0.8, 1.5, 2.5], dtype=torch.float64))
+
+
+def test_a_thousand_sites_keep_profiles_that_float32_holds() -> None:
+    from fl_imaging.data.demo import SCANNER_STEPS, site_profile
+
+    profiles = [site_profile(k, seed=0) for k in range(1000)]
+    assert max(p["gamma"] for p in profiles) < 0.8 + 0.2 * SCANNER_STEPS
+    assert max(p["noise"] for p in profiles) < 0.08 + 0.04 * SCANNER_STEPS
+    # the brightest voxel a site can write (signal <= 3, i.e. > 20 noise sigmas) stays finite
+    assert all(
+        np.isfinite(np.float32(p["scale"] * 3.0 ** p["gamma"] + p["offset"])) for p in profiles
+    )
+    assert profiles[0] != profiles[SCANNER_STEPS]  # same step, its own random part

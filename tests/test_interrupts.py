@@ -189,3 +189,26 @@ def test_a_killed_run_leaves_no_ray_process_and_no_temporary_folder(
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_many_sites_wait_in_round_1_exits_without_hanging(
+    tmp_path: Path, ray_parent: Path
+) -> None:
+    # 24 sites on 2 actors: Flower's worker threads still wait on Ray when the run stops, and
+    # Python's exit used to wait for them for ever.
+    proc = _start(tmp_path, ray_parent, "many", "data.num_sites=24", "data.cases_per_site=3")
+    output: list[str] = []
+    try:
+        _until(proc, "ready in", output, 300)
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        rest, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(output) + rest
+    assert proc.returncode == 130, text[-3000:]
+    assert time.monotonic() - sent < 60, text[-3000:]
+    assert "interrupted (Ctrl-C)" in (tmp_path / "many" / "summary.txt").read_text()

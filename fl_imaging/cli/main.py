@@ -19,7 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from fl_imaging.config import config_dir, validate_config
-from fl_imaging.engines.interrupts import INTERRUPTED_EXIT_CODE, RunInterrupted
+from fl_imaging.engines.interrupts import RunInterrupted, exit_stopped_run
 from fl_imaging.run import USER_ERRORS, check_overrides, run
 
 __all__ = ["main", "resume_command"]
@@ -79,7 +79,7 @@ def _hydra_main(composed: DictConfig) -> None:
             stop.run_dir,
             resume_command(sys.argv[1:], stop.run_dir),
         )
-        sys.exit(INTERRUPTED_EXIT_CODE)
+        exit_stopped_run()
 
 
 def main() -> None:

@@ -21,18 +21,23 @@ from fl_imaging.data.dicom_io import write_dicom_series
 
 __all__ = ["make_demo_data", "site_profile"]
 
-_VERSION = 1
+_VERSION = 2  # 2: scanner profiles repeat every SCANNER_STEPS sites
+#: Distinct scanner steps of the demo (intensity scale, offset, gamma and noise grow with them).
+SCANNER_STEPS = 8
 
 
 def site_profile(site: int, seed: int) -> dict[str, float]:
     """Intensity profile of demo site ``site`` (0-based): ``scale``, ``offset``, ``gamma`` and
-    ``noise`` (standard deviation, in units of the structure's contrast)."""
+    ``noise`` (standard deviation, in units of the structure's contrast). The scanner's step
+    repeats every :data:`SCANNER_STEPS` sites (with its own random part per site), so that
+    thousands of sites stay within float32."""
     rng = np.random.default_rng([seed, site, 7])
+    step = site % SCANNER_STEPS
     return {
-        "scale": float(300.0 * (1.0 + 0.35 * site) * rng.uniform(0.9, 1.1)),
-        "offset": float(40.0 * site + rng.uniform(0.0, 20.0)),
-        "gamma": float(0.8 + 0.2 * site + rng.uniform(-0.05, 0.05)),
-        "noise": float(0.08 + 0.04 * site),
+        "scale": float(300.0 * (1.0 + 0.35 * step) * rng.uniform(0.9, 1.1)),
+        "offset": float(40.0 * step + rng.uniform(0.0, 20.0)),
+        "gamma": float(0.8 + 0.2 * step + rng.uniform(-0.05, 0.05)),
+        "noise": float(0.08 + 0.04 * step),
     }
 
 

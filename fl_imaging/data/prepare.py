@@ -22,20 +22,24 @@ from fl_imaging.data.shift import ScannerProfile
 from fl_imaging.data.simulated import simulated_sites
 from fl_imaging.data.sites import Case, SiteData, SiteDataError, load_site
 
-__all__ = ["checked_cases", "partition_summary", "prepare_sites", "write_partition_summary"]
+__all__ = [
+    "checked_cases",
+    "partition_summary",
+    "prepare_sites",
+    "site_folders",
+    "write_partition_summary",
+]
 
 log = logging.getLogger("fl_imaging.data")
 #: Problems listed in a training error; `fl-imaging-data inspect` lists them all.
 MAX_SHOWN = 30
 
 
-def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteReport]]:
-    """Resolve, check and split every site of the federation.
-
-    Returns the config with ``data.sites`` set to absolute folder paths, one :class:`SiteData`
-    per site in that order, and each site's check report (as ``fl-imaging-data inspect`` gives
-    it). Raises :class:`SiteDataError` for a missing or broken site folder, naming it.
-    """
+def site_folders(cfg: RunConfig) -> list[Path]:
+    """The federation's site folders, absolute, in site order: the demo's (written on first
+    use), a public dataset's simulated sites (partitioned on first use) or ``data.sites``.
+    Checks nothing inside them; raises :class:`SiteDataError` for an empty federation or two
+    folders with the same name (the name is the site's)."""
     data = cfg.data
     if data.name == DataName.demo:
         if not data.root:
@@ -72,6 +76,18 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteR
             f"site folder names must be unique, they name the sites: {', '.join(duplicated)} "
             "appears more than once"
         )
+    return folders
+
+
+def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteReport]]:
+    """Resolve, check and split every site of the federation.
+
+    Returns the config with ``data.sites`` set to absolute folder paths, one :class:`SiteData`
+    per site in that order, and each site's check report (as ``fl-imaging-data inspect`` gives
+    it). Raises :class:`SiteDataError` for a missing or broken site folder, naming it.
+    """
+    data = cfg.data
+    folders = site_folders(cfg)
     sites: list[SiteData] = []
     reports: list[SiteReport] = []
     excluded: list[str] = []
