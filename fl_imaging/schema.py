@@ -177,6 +177,10 @@ class DataConfig:
     #: Cases the sites leave out, as ``SITE/CASE_ID``: filled with the cases that failed the
     #: checks when ``exclude_bad_cases`` is set (every site reads it); hand-made entries welcome.
     excluded_cases: list[str] = field(default_factory=list)
+    #: Set by the simulation engine (leave it null): a folder of the run's own, removed with it,
+    #: where the sites' decoded cases are kept so that each is decoded once per run, however
+    #: many of the engine's processes serve its site.
+    decoded_cache: str | None = None
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.transforms import Compose
 
 from fl_imaging.config import RunConfig
@@ -55,8 +55,12 @@ class SiteTrainer:
 
     Takes the site name (for messages), its training and validation cases, the task, the batch
     size, whether to cache decoded volumes in memory (MONAI ``CacheDataset``), transforms
-    applied to training labels after decoding (e.g. a simulated label-flipping attack) and its
-    held-out test cases (scored only by :meth:`evaluate` with ``split="test"``).
+    applied to training labels after decoding (e.g. a simulated label-flipping attack), its
+    held-out test cases (scored only by :meth:`evaluate` with ``split="test"``) and
+    ``decoded_cache``: with ``cache``, a folder where the output of the task's loading transforms
+    is also kept on disk (MONAI ``PersistentDataset``, read back with
+    ``torch.load(weights_only=True)``), so that the processes of one simulation that serve the
+    same site decode each case once between them (None: each process decodes what it serves).
     """
 
     def __init__(
@@ -70,32 +74,48 @@ class SiteTrainer:
         cache: bool = True,
         label_transforms: Sequence[Callable] = (),
         test_cases: Sequence[Case] = (),
+        decoded_cache: Path | None = None,
     ) -> None:
         self.name = name
         self.task = task
         self.model = task.build_model()
         self.batch_size = batch_size
+        self.decoded_cache = decoded_cache
+        #: Cases read back from ``decoded_cache`` (decoded by another process of the run).
+        self.cases_reused = 0
         # Flat lists, so that CacheDataset caches everything before the first random transform.
-        loading = list(task.load_transforms().transforms)
-        self.train_transform = Compose(
-            [*loading, *label_transforms, *task.train_transforms().transforms]
-        )
-        self.eval_transform = Compose([*loading, *task.eval_transforms().transforms])
-        self.train_data = self._dataset(train_cases, self.train_transform, cache)
-        self.val_data = self._dataset(val_cases, self.eval_transform, cache)
-        self.test_data = self._dataset(test_cases, self.eval_transform, cache)
-
-    def _dataset(self, cases: Sequence[Case], transform: Compose, cache: bool) -> Dataset:
-        items = [case.as_dict() for case in cases]
-        if not cache:
-            return Dataset(items, transform=transform)
+        self.loading = Compose(list(task.load_transforms().transforms))
+        self.train_after = [*label_transforms, *task.train_transforms().transforms]
+        self.eval_after = list(task.eval_transforms().transforms)
+        self.train_transform = Compose([*self.loading.transforms, *self.train_after])
+        self.eval_transform = Compose([*self.loading.transforms, *self.eval_after])
         try:
-            return CacheDataset(items, transform=transform, progress=False, num_workers=0)
+            self.train_data = self._dataset(train_cases, self.train_after, cache)
+            self.val_data = self._dataset(val_cases, self.eval_after, cache)
+            self.test_data = self._dataset(test_cases, self.eval_after, cache)
         except Exception as err:  # MONAI wraps reader errors; name the site and the cause
             raise SiteDataError(
                 f"[site {self.name}] could not decode its volumes: {err}. Run "
                 "`fl-imaging-data inspect` on the site folder to find the broken file."
             ) from err
+
+    def _dataset(self, cases: Sequence[Case], after: list[Callable], cache: bool) -> Dataset:
+        """The dataset of ``cases``: the task's loading transforms, then ``after``. With
+        ``cache``, decoded once into memory (through the shared ``decoded_cache`` folder when
+        there is one); without, decoded at every access."""
+        items = [case.as_dict() for case in cases]
+        if self.decoded_cache is None or not cache:
+            transform = Compose([*self.loading.transforms, *after])
+            if not cache:
+                return Dataset(items, transform=transform)
+            return CacheDataset(items, transform=transform, progress=False, num_workers=0)
+        # Keys are the items' file paths: the folder serves one run, hence one loading.
+        decoded = PersistentDataset(items, transform=self.loading, cache_dir=self.decoded_cache)
+        for item in items:
+            name = f"{decoded.hash_func(item).decode('utf-8')}{decoded.transform_hash}.pt"
+            self.cases_reused += (self.decoded_cache / name).is_file()
+        loaded = [decoded[i] for i in range(len(decoded))]
+        return CacheDataset(loaded, transform=Compose(after), progress=False, num_workers=0)
 
     @property
     def num_train(self) -> int:
@@ -252,15 +272,18 @@ def build_site_trainer(
         cache=cfg.data.cache,
         label_transforms=label_transforms,
         test_cases=data.test,
+        decoded_cache=Path(cfg.data.decoded_cache) if cfg.data.decoded_cache else None,
     )
+    reused = f", {trainer.cases_reused} decoded by another worker" if trainer.decoded_cache else ""
     log.info(
-        "[site %s] %d training, %d validation and %d test cases from %s ready in %.1f s",
+        "[site %s] %d training, %d validation and %d test cases from %s ready in %.1f s%s",
         site.name,
         len(data.train),
         len(data.val),
         len(data.test),
         site.folder,
         time.perf_counter() - start,
+        reused,
     )
     return trainer
 

@@ -335,3 +335,40 @@ def test_demo_test_cases_are_held_out_in_split_csv(tmp_path: Path) -> None:
     )
     assert not (plain / "split.csv").exists()
     assert load_site(plain, "segmentation", val_fraction=0.34, seed=0).test == []
+
+
+def test_processes_serving_a_site_decode_each_case_once_through_the_shared_folder(
+    demo_site: Path, tmp_path: Path
+) -> None:
+    cfg = _site_config(demo_site)
+    site = load_site(demo_site, "segmentation", val_fraction=0.34, seed=0)
+    task = build_task(cfg.task)
+    shared = tmp_path / "decoded"
+    shared.mkdir()
+
+    def trainer(folder: Path | None) -> SiteTrainer:
+        return SiteTrainer(
+            "site-1",
+            site.train,
+            site.val,
+            task,
+            batch_size=1,
+            test_cases=site.test,
+            decoded_cache=folder,
+        )
+
+    first, second, alone = trainer(shared), trainer(shared), trainer(None)
+    cases = len(site.train) + len(site.val) + len(site.test)
+    assert first.cases_reused == 0 and second.cases_reused == cases
+    assert len(list(shared.glob("*.pt"))) == cases
+    for split in ("val_data", "test_data"):
+        for i in range(len(getattr(alone, split))):
+            a, b = getattr(second, split)[i], getattr(alone, split)[i]
+            for key in ("image", "label"):
+                assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), (split, key)
+    # Training from the shared folder is training from the files: same seed, same weights.
+    alone.load_state(second.state())
+    second.fit(1, seed=training_seed(0, 1, 0))
+    alone.fit(1, seed=training_seed(0, 1, 0))
+    a, b = second.state(), alone.state()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,7 +98,7 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: Federatio
             try:
                 run_simulation(
                     server_app=build_server_app(cfg, site_names, plan),
-                    client_app=build_client_app(cfg),
+                    client_app=build_client_app(_with_decoded_cache(cfg, ray_tmp)),
                     num_supernodes=len(site_names),
                     backend_config=backend_config,  # type: ignore[arg-type]
                     verbose_logging=engine.verbose,
@@ -135,6 +136,16 @@ def _root_cause(err: BaseException) -> str:
         err = err.__cause__
     text = (str(err).strip().splitlines() or [""])[0]
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _with_decoded_cache(cfg: RunConfig, ray_tmp: str) -> RunConfig:
+    """``cfg`` for the ClientApps: on this machine with ``data.cache``, the sites' decoded cases
+    go to a folder inside Ray's temporary folder (removed with it), so that each case is
+    decoded once per run, not once per Ray worker that serves its site."""
+    if cfg.engine.ray_address or not cfg.data.cache:  # not shared by other machines; no cache
+        return cfg
+    cache = Path(ray_tmp) / "decoded"
+    return replace(cfg, data=replace(cfg.data, decoded_cache=str(cache)))
 
 
 def ray_cluster_cpus(address: str) -> float:
