@@ -10,6 +10,7 @@ from __future__ import annotations
 from fl_imaging.schema import (
     MODEL_NORMS,
     NORM_OUTLIER_ACTIONS,
+    CompressionMode,
     DPMode,
     ModelName,
     PartitionName,
@@ -170,5 +171,27 @@ def _strategy_problems(strategy: StrategyConfig) -> list[str]:
     if not secagg.clipping_range > 0 or not secagg.max_weight > 0 or not secagg.threshold > 0:
         problems.append(
             "strategy.secagg: clipping_range, max_weight and threshold must be positive"
+        )
+    problems.extend(_compression_problems(strategy))
+    return problems
+
+
+def _compression_problems(strategy: StrategyConfig) -> list[str]:
+    """What ``strategy.compression`` cannot do: a top-k fraction outside (0, 1], and any
+    compression under secure aggregation."""
+    problems: list[str] = []
+    if not 0.0 < strategy.compression_topk <= 1.0:
+        problems.append(
+            f"strategy.compression_topk={strategy.compression_topk}: the fraction of each "
+            "tensor's entries a site sends must be in (0, 1], e.g. 0.1"
+        )
+    if strategy.compression != CompressionMode.none and strategy.secagg.enabled:
+        problems.append(
+            f"strategy.compression={strategy.compression.value} with "
+            "strategy.secagg.enabled=true: a masked update is a vector of uniformly random "
+            "integers modulo strategy.secagg.modulus, so sparsity and half precision are lost "
+            "(every entry must be sent), and secure aggregation already quantises the update "
+            "(strategy.secagg.quantization_range); use strategy.compression=none with secure "
+            "aggregation, or turn it off to compress"
         )
     return problems

@@ -15,6 +15,7 @@ __all__ = [
     "AttackConfig",
     "AttackName",
     "BenchConfig",
+    "CompressionMode",
     "DPConfig",
     "DPMode",
     "DataConfig",
@@ -89,6 +90,15 @@ class DPMode(enum.StrEnum):
     client_fixed = "client_fixed"  # each site clips its own update; the server adds noise
     server_adaptive = "server_adaptive"  # clipping norm learnt from a noisy quantile
     client_adaptive = "client_adaptive"
+
+
+class CompressionMode(enum.StrEnum):
+    """How a site encodes its update before sending it (see ``fl_imaging/compression.py``)."""
+
+    none = "none"  # the trained weights as they are (float32)
+    fp16 = "fp16"  # the update in half precision
+    int8 = "int8"  # the update quantised to int8 with one float32 scale per tensor
+    topk = "topk"  # the largest-magnitude entries of each tensor (indices and values)
 
 
 class AttackName(enum.StrEnum):
@@ -248,6 +258,12 @@ class StrategyConfig:
     #: statistics) and uses the global model's other weights.
     fedbn: bool = False
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    #: Update compression on the way up: what a site sends is its update, encoded as this says;
+    #: the coordinator decodes it before any strategy sees it. Lossy modes keep what was not
+    #: sent at the site and add it to the next round's update (error feedback).
+    compression: CompressionMode = CompressionMode.none
+    #: ``compression=topk``: the fraction of each tensor's entries sent, in (0, 1].
+    compression_topk: float = 0.1
 
 
 class EngineName(enum.StrEnum):

@@ -6,16 +6,19 @@ A reply travels through the chain from the outside in; the aggregate comes back 
    bytes and epsilon per round, keeps the latest global model, calls the end-of-round hook;
 2. :class:`~strategies.availability.SiteAvailability`: waits for enough connected sites, names
    the ones that dropped, skips a round with too few usable replies;
-3. :class:`~strategies.validation.ValidatingStrategy`: rejects NaN/Inf and wrong layouts, flags
+3. with ``strategy.compression``, :class:`~strategies.decoding.DecodingStrategy`: turns every
+   site's compressed update back into weights (the recorder above counts the bytes as sent;
+   every layer below sees weights, as without compression);
+4. :class:`~strategies.validation.ValidatingStrategy`: rejects NaN/Inf and wrong layouts, flags
    or rejects norm outliers; or, with ``strategy.secagg.enabled``,
    :class:`~strategies.secure_aggregation.SecureAggregation`, which unmasks the sum of the
    round's updates (the sites check their own update before masking it; what needs single
    updates is refused);
-4. Flower's DP wrapper (``strategy.dp.mode``, :mod:`strategies.privacy`);
-5. :class:`~strategies.norm_bounding.NormBounding` (``strategy.norm_bound``);
-6. the aggregator itself (``strategy=NAME``, :mod:`strategies.registry`).
+5. Flower's DP wrapper (``strategy.dp.mode``, :mod:`strategies.privacy`);
+6. :class:`~strategies.norm_bounding.NormBounding` (``strategy.norm_bound``);
+7. the aggregator itself (``strategy=NAME``, :mod:`strategies.registry`).
 
-Layers 1-2 belong to a real run (``federation`` given): checks and tests build layers 3-6 only.
+Layers 1-2 belong to a real run (``federation`` given): checks and tests build layers 3-7 only.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from fl_imaging.compression import Codec
 from fl_imaging.config import StrategyConfig
 from fl_imaging.protocol import ReplySites
 from fl_imaging.results import MetricRow
 from fl_imaging.secure_sum import SecAggSettings
 from strategies.availability import SiteAvailability
+from strategies.decoding import DecodingStrategy
 from strategies.norm_bounding import NormBounding
 from strategies.privacy import check_accountable, wrap_with_dp
 from strategies.recording import RecordingStrategy
@@ -79,8 +84,9 @@ def build_strategy(
     :func:`~strategies.registry.build_aggregator`). ``on_checks(round, checks)`` receives each
     round's update checks; ``sites`` names replies (default: a new
     :class:`~fl_imaging.protocol.ReplySites`). Without ``federation`` the result is the
-    :class:`~strategies.validation.ValidatingStrategy` (layers 3-6); with it, the
-    :class:`~strategies.recording.RecordingStrategy` (layers 1-6), whose update checks it
+    :class:`~strategies.validation.ValidatingStrategy` (layers 4-7; with compression, the
+    :class:`~strategies.decoding.DecodingStrategy` around it); with it, the
+    :class:`~strategies.recording.RecordingStrategy` (layers 1-7), whose update checks it
     records. Raises :class:`~strategies.registry.StrategyError` for an unknown name or parameter,
     a federation too small for the strategy, or a DP setting that cannot be accounted.
     """
@@ -114,6 +120,9 @@ def build_strategy(
             strategy = validating = ValidatingStrategy(
                 strategy, cfg.validation, sites=sites, on_checks=on_checks
             )
+        codec = Codec.of(cfg)
+        if codec.active:  # refused with secure aggregation (fl_imaging/config_checks.py)
+            strategy = DecodingStrategy(strategy, codec, sites=sites)
     except ValueError as err:
         if isinstance(err, StrategyError):
             raise

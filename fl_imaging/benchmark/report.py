@@ -204,9 +204,9 @@ def summarise(
 ) -> list[SummaryRow]:
     """Per (setup, method) and seed: the mean over sites of each test metric, the worst site and
     the best-minus-worst gap of the main metric, the mean after fine-tuning, the cell's wall
-    time, MB sent per site and epsilon, and each metric over all sites' test cases at once
-    (``whole_<metric>``, from ``whole[(setup, method, seed)]`` where given); then mean and std
-    of each over seeds."""
+    time, MB sent per site (both ways, and up only) and epsilon, and each metric over all
+    sites' test cases at once (``whole_<metric>``, from ``whole[(setup, method, seed)]`` where
+    given); then mean and std of each over seeds."""
     main = metrics[0]
     whole = whole or {}
     cells: dict[tuple[str, str], dict[int, list[SiteResult]]] = defaultdict(
@@ -230,6 +230,7 @@ def summarise(
             per_seed["finetuned"].append(_mean([s.finetuned.get(main, math.nan) for s in sites]))
             per_seed["wall_s"].append(sites[0].wall_s)
             per_seed["mb_per_site"].append(_mean([s.mb_up + s.mb_down for s in sites]))
+            per_seed["mb_up_per_site"].append(_mean([s.mb_up for s in sites]))
             per_seed["epsilon"].append(sites[0].epsilon)
         figures = {k: (_mean(v), _std(v)) for k, v in per_seed.items()}
         summary.append(SummaryRow(setup, method, kinds[(setup, method)], len(seeds), figures))
@@ -251,7 +252,11 @@ def write_summary(
     (``vs pooled``: the method's mean over sites divided by pooled's). Returns both paths."""
     main = metrics[0]
     wholes = [f"whole_{m}" for m in metrics]
-    columns = [*metrics, *wholes, "worst", "gap", "finetuned", "wall_s", "mb_per_site", "epsilon"]
+    columns = [
+        *metrics,
+        *wholes,
+        *("worst", "gap", "finetuned", "wall_s", "mb_per_site", "mb_up_per_site", "epsilon"),
+    ]
     csv_path = folder / "summary.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -272,6 +277,7 @@ def write_summary(
         "finetuned": f"{main} after fine-tuning",
         "wall_s": "wall time (s)",
         "mb_per_site": "MB per site",
+        "mb_up_per_site": "MB up per site",
         "epsilon": "epsilon",
         **{f"whole_{m}": f"{m}, all test cases at once" for m in metrics},
     }
@@ -296,7 +302,8 @@ def write_summary(
             for c in shown:
                 if c == main:
                     continue
-                digits = 1 if c in ("wall_s",) else 2 if c in ("mb_per_site", "epsilon") else 3
+                two_digits = ("mb_per_site", "mb_up_per_site", "epsilon")
+                digits = 1 if c == "wall_s" else 2 if c in two_digits else 3
                 cells.append(_pm(row.figures[c], digits))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

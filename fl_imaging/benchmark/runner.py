@@ -95,7 +95,7 @@ def _header(name: str, argv: list[str]) -> str:
         "local fine-tuning at each site; all test cases at once: the final model (local: each "
         "site's, averaged) scored on every site's test cases together, as published figures "
         "are (FedBN: none, its sites keep their own norms); MB per site: model traffic both "
-        "ways\n"
+        "ways; MB up per site: what each site sent (compressed with strategy.compression)\n"
     )
 
 

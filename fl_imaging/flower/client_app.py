@@ -3,7 +3,8 @@
 Each site reads only its own folder: the one given by its SuperNode's ``--node-config
 data-dir=...`` (deployment) or, in simulation, the entry of ``data.sites`` at its partition id.
 Its trainer (:mod:`fl_imaging.site_training`) is kept between rounds; weights travel as NumPy
-arrays (``ArrayRecord``), masked with secure aggregation (:mod:`.secagg_site`).
+arrays (``ArrayRecord``), masked with secure aggregation (:mod:`.secagg_site`), or as a
+compressed update with ``strategy.compression`` (:mod:`.compression_site`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from fl_imaging.attacks import SimulatedAttack, site_attack
-from fl_imaging.config import DPMode, RunConfig
+from fl_imaging.compression import Codec
+from fl_imaging.config import CompressionMode, DPMode, RunConfig
+from fl_imaging.flower.compression_site import compress_reply
 from fl_imaging.flower.local_norms import restore_local_norms, save_local_norms
 from fl_imaging.flower.secagg_site import SECAGG_STAGES, mask_reply
 from fl_imaging.logs import show_progress
@@ -69,7 +72,8 @@ def build_client_app(
     """Return a ClientApp bound to ``config`` (simulation), or reading it from run_config (None),
     taking its site trainers from ``trainers`` (default: the process's, :func:`process_trainers`,
     looked up at each message: Ray hands every message a copy of the app). Client-side DP
-    clips the update (Flower's mods) before secure aggregation masks it."""
+    clips the update (Flower's mods) before secure aggregation masks it or compression encodes
+    it."""
     client = ClientApp()
 
     def site_trainer(
@@ -119,6 +123,8 @@ def build_client_app(
             reply = mod(msg, context, lambda m, c: train_site(m, c, cfg, site))
         if SECAGG in msg.content.config_records:
             reply = mask_reply(msg, reply, context)
+        elif cfg.strategy.compression != CompressionMode.none:  # after any DP clipping
+            reply = compress_reply(msg, reply, context, Codec.of(cfg.strategy))
         return reply
 
     def evaluate(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
