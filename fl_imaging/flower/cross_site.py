@@ -53,7 +53,9 @@ def _site_models(
         return models, kinds, notes
     latest = keeper.latest if keeper is not None else {}
     models = {site: to_record(arrays) for site, (_, arrays) in latest.items()}
-    kinds = {site: f"last local model (round {rnd}) of {site}" for site, (rnd, _) in latest.items()}
+    kinds = {
+        site: f"last local model of round {rnd} at {site}" for site, (rnd, _) in latest.items()
+    }
     notes = [
         "cross-site evaluation: each site's last local model (its last update, which the "
         "coordinator received in training) went to every other site; only scores came back"
