@@ -151,6 +151,8 @@ def cross_site_line(rows: list[CrossSiteRow], metric: str) -> str:
     """The summary line of cross-site evaluation: the global model's mean ``metric`` over the
     sites, and the site models' mean at their own site and at the other sites."""
     models, sites, values = _matrix(rows, metric)
+    if not values:
+        return f"cross-site evaluation: no site sent a test {metric} (see the failures above)"
     own = [values[(m, m)] for m in models if (m, m) in values]
     others = [v for (m, s), v in values.items() if m != GLOBAL_MODEL and m != s]
     glob = [v for (m, _), v in values.items() if m == GLOBAL_MODEL]

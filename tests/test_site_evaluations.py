@@ -21,6 +21,7 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     MetricRecord,
@@ -136,10 +137,13 @@ class EvaluatingGrid(FakeGrid):
     easier); test-round evaluations and score queries both use it. ``test_cases[n] = 0``: site n
     has none."""
 
-    def __init__(self, target: Arrays, test_cases: dict[int, int] | None = None) -> None:
+    def __init__(
+        self, target: Arrays, test_cases: dict[int, int] | None = None, refuse: str = ""
+    ) -> None:
         super().__init__(3, self._respond)
         self.target = target
         self.test_cases = test_cases or {}
+        self.refuse = refuse  # every site answers this query action with an error
         self.replied: dict[int, dict[int, Arrays]] = {}
         self.queries: list[str] = []
 
@@ -167,7 +171,10 @@ class EvaluatingGrid(FakeGrid):
             kind, node = msg.metadata.message_type, msg.metadata.dst_node_id
             config = msg.content.config_records.get("config", ConfigRecord())
             cases = self.test_cases.get(node, 2)
-            if kind == MessageType.EVALUATE and config.get("split") == "test":
+            if self.refuse and kind == f"query.{self.refuse}":
+                error = Error(0, f"[site site-{node}] MemoryError: out of memory")
+                replies.append(Message(error, reply_to=msg))
+            elif kind == MessageType.EVALUATE and config.get("split") == "test":
                 dice = self.score(numpy_of(msg.content["arrays"]), node)
                 metrics = {"num-examples": cases, "test_dice": dice, "finetuned_dice": dice}
                 replies.append(site_reply(msg, f"site-{node}", metrics if cases else {}))
@@ -289,6 +296,37 @@ def test_cross_site_matrix_scores_every_model_at_every_site(tmp_path: Path, epoc
     travelled = "fine-tuned model went to the coordinator" if epochs else "last local model"
     assert travelled in summary
     assert (tmp_path / "cross_site.png").stat().st_size > 1000
+
+
+def test_sites_that_fail_to_score_are_named_and_the_run_ends_with_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _cfg(tmp_path, "engine.cross_site=true", "engine.contributions=true")
+    grid = EvaluatingGrid(_target(cfg), refuse=SCORE_ACTION)
+    run_federation(grid, cfg, [], plan_federation(cfg, []))
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "cross-site evaluation: no site sent a test dice (see the failures above)" in summary
+    for node in (1, 2, 3):
+        assert (
+            f"round 2: site site-{node} failed: cross-site evaluation: scoring (test): "
+            f"[site site-{node}] MemoryError: out of memory" in summary
+        )
+        assert f"site contributions: scoring (val): [site site-{node}]" in summary
+    rows = _csv(tmp_path / "contributions.csv")
+    assert [r["note"] for r in rows] == ["the models were not scored (see the failures)"] * 3
+    assert _csv(tmp_path / "cross_site.csv") == [] and not (tmp_path / "cross_site.png").exists()
+    # a step that breaks is named, and the run's own files are still written
+    from fl_imaging.flower import site_evaluations
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("matrix exploded")
+
+    monkeypatch.setattr(site_evaluations, "cross_site_evaluation", broken)
+    again = tmp_path / "again"
+    run_federation(EvaluatingGrid(_target(cfg)), replace(cfg, run_dir=str(again)), [])
+    summary = (again / "summary.txt").read_text()
+    assert "cross-site evaluation failed: RuntimeError: matrix exploded" in summary
+    assert (again / "model.pt").is_file() and (again / "contributions.csv").is_file()
 
 
 def test_cross_site_line_means_of_the_diagonal_and_the_rest() -> None:

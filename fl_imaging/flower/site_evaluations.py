@@ -24,6 +24,7 @@ from fl_imaging.evaluation_files import (
 from fl_imaging.flower.contributions import site_contributions
 from fl_imaging.flower.cross_site import cross_site_evaluation
 from fl_imaging.flower.federation import FederationPlan
+from fl_imaging.flower.polling import StopRequested
 from strategies.last_updates import LastUpdates
 from strategies.wrapper import wrapper_chain
 
@@ -64,22 +65,44 @@ def evaluate_across_sites(grid: Grid, plan: FederationPlan) -> list[str]:
     """After the test round: with ``engine.cross_site``, the cross-site matrix (cross_site.csv,
     cross_site.png); with ``engine.contributions``, each site's contribution
     (contributions.csv); both into ``plan.run_dir``. Returns the lines for summary.txt (empty
-    when neither is on). Raises :class:`~fl_imaging.flower.polling.StopRequested` when the run
-    is asked to stop meanwhile."""
+    when neither is on). A step that fails is logged with its traceback and named in a line,
+    and the run goes on to write its files. Raises
+    :class:`~fl_imaging.flower.polling.StopRequested` when the run is asked to stop meanwhile."""
     cfg = plan.cfg
     keeper = next((n for n in wrapper_chain(plan.strategy) if isinstance(n, LastUpdates)), None)
     lines: list[str] = []
-    if cfg.engine.cross_site:
-        rows, notes = cross_site_evaluation(grid, plan, keeper)
-        lines.append(cross_site_line(rows, plan.main_metric))
-        lines += notes
-        csv_path, png = plan.run_dir / "cross_site.csv", plan.run_dir / "cross_site.png"
-        lines.append(_write("cross_site.csv", write_cross_site, rows, csv_path))
-        lines.append(_write("cross_site.png", plot_cross_site, rows, plan.main_metric, png))
-    if cfg.engine.contributions:
-        contributions, notes = site_contributions(grid, plan, keeper)
-        lines.append(contributions_line(contributions))
-        lines += notes
-        path = plan.run_dir / "contributions.csv"
-        lines.append(_write("contributions.csv", write_contributions, contributions, path))
+    steps = (
+        ("cross-site evaluation", cfg.engine.cross_site, _cross_site),
+        ("site contributions", cfg.engine.contributions, _contributions),
+    )
+    for name, wanted, step in steps:
+        if not wanted:
+            continue
+        try:
+            lines += step(grid, plan, keeper)
+        except StopRequested:
+            raise
+        except Exception as err:  # the trained model and the run's files must still be written
+            log.exception("%s failed", name)
+            lines.append(f"{name} failed: {type(err).__name__}: {err} (cli.log has the details)")
     return [line for line in lines if line]
+
+
+def _cross_site(grid: Grid, plan: FederationPlan, keeper: LastUpdates | None) -> list[str]:
+    """The cross-site matrix, its files and summary lines."""
+    rows, notes = cross_site_evaluation(grid, plan, keeper)
+    csv_path, png = plan.run_dir / "cross_site.csv", plan.run_dir / "cross_site.png"
+    lines = [cross_site_line(rows, plan.main_metric), *notes]
+    lines.append(_write("cross_site.csv", write_cross_site, rows, csv_path))
+    if rows:
+        lines.append(_write("cross_site.png", plot_cross_site, rows, plan.main_metric, png))
+    return lines
+
+
+def _contributions(grid: Grid, plan: FederationPlan, keeper: LastUpdates | None) -> list[str]:
+    """The sites' contributions, their file and summary lines."""
+    contributions, notes = site_contributions(grid, plan, keeper)
+    path = plan.run_dir / "contributions.csv"
+    lines = [contributions_line(contributions), *notes]
+    lines.append(_write("contributions.csv", write_contributions, contributions, path))
+    return lines
