@@ -140,6 +140,45 @@ def config_problems(run: RunConfig) -> list[str]:
     if engine.clients_per_round is not None and engine.clients_per_round < 1:
         problems.append(f"engine.clients_per_round={engine.clients_per_round}: must be 1 or more")
     problems.extend(_strategy_problems(run.strategy))
+    problems.extend(_site_evaluation_problems(run))
+    return problems
+
+
+def _site_evaluation_problems(run: RunConfig) -> list[str]:
+    """Cross-site evaluation and contributions need single site models, which secure
+    aggregation hides from the coordinator and which DP's accounting does not cover."""
+    problems: list[str] = []
+    engine, strategy = run.engine, run.strategy
+    wanted = [
+        (key, why)
+        for key, on, why in (
+            (
+                "engine.cross_site",
+                engine.cross_site,
+                "sends each site's own model (fine-tuned, or its last update) to the "
+                "coordinator and to every other site",
+            ),
+            (
+                "engine.contributions",
+                engine.contributions,
+                "computes leave-one-out aggregates from each site's update of the last round",
+            ),
+        )
+        if on
+    ]
+    for key, why in wanted:
+        if strategy.secagg.enabled:
+            problems.append(
+                f"{key}=true {why}, which strategy.secagg.enabled=true exists to hide from the "
+                f"coordinator: turn one of them off (the test round, engine.test=true, scores "
+                "the global model at every site with secure aggregation on)"
+            )
+        if strategy.dp.mode != DPMode.none:
+            problems.append(
+                f"{key}=true {why}, outside the privacy accounting of strategy.dp.mode="
+                f"{strategy.dp.mode.value} (the epsilon covers the global model only): turn one "
+                "of them off"
+            )
     return problems
 
 

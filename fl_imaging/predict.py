@@ -10,6 +10,7 @@ Segmentation: one mask per image, ``<case id>.nii.gz`` (uint8 class indices), in
 grid and orientation: the model sees the image through the task's transforms and MONAI's
 ``Invertd`` maps the logits back before the arg-max. Classification: ``predictions.csv`` with
 one row per image: case id, predicted class (index and name) and each class's probability.
+With ``explain``, a saliency map beside each prediction (:mod:`fl_imaging.explain`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fl_imaging.data.image_checks import check_image
 from fl_imaging.data.image_folder import find_images
 from fl_imaging.data.nifti_io import save_nifti
 from fl_imaging.data.sites import SiteDataError
+from fl_imaging.explain import Explainer
 from fl_imaging.results import WeightsFileError, load_weights
 from tasks import build_task
 from tasks.segmentation import SegmentationTask
@@ -109,14 +111,15 @@ def check_inputs(run: LoadedRun, source: Path) -> list[tuple[str, Path]]:
     return images
 
 
-def predict_folder(run: LoadedRun, source: Path, output: Path) -> list[Path]:
+def predict_folder(run: LoadedRun, source: Path, output: Path, explain: bool = False) -> list[Path]:
     """Check every image under ``source`` (:func:`check_inputs`), then predict each into
     ``output``.
 
     Returns the files written: one mask per image (segmentation) or ``predictions.csv``
-    (classification). Raises :class:`PredictionError` listing every input that cannot be
-    predicted on (nothing is written then), :class:`SiteDataError` when ``source`` holds no
-    image or an image cannot be decoded after all.
+    (classification), and with ``explain`` each image's saliency map (NIfTI and PNG,
+    :class:`~fl_imaging.explain.Explainer`). Raises :class:`PredictionError` listing every
+    input that cannot be predicted on (nothing is written then), :class:`SiteDataError` when
+    ``source`` holds no image or an image cannot be decoded after all.
     """
     images = check_inputs(run, source)
     output.mkdir(parents=True, exist_ok=True)
@@ -125,6 +128,7 @@ def predict_folder(run: LoadedRun, source: Path, output: Path) -> list[Path]:
     written: list[Path] = []
     rows: list[dict[str, str | float | int]] = []
     names = list(run.cfg.task.class_names) or [str(k) for k in range(run.cfg.task.num_classes)]
+    explainer = Explainer(task, run.cfg.task, run.model) if explain else None
     for index, (case_id, path) in enumerate(images, start=1):
         try:
             sample = transform({"image": str(path)})
@@ -140,13 +144,15 @@ def predict_folder(run: LoadedRun, source: Path, output: Path) -> list[Path]:
         with torch.no_grad():
             if run.cfg.task.name == TaskName.segmentation:
                 assert isinstance(task, SegmentationTask)
-                written.append(
-                    _segment(task, run.model, sample, transform, output / f"{case_id}.nii.gz")
+                mask, predicted = _segment(
+                    task, run.model, sample, transform, output / f"{case_id}.nii.gz"
                 )
+                written.append(mask)
             else:
                 logits = run.model(sample["image"].as_tensor()[None].float())
                 prob = torch.softmax(logits, dim=1)[0].numpy()
                 best = int(prob.argmax())
+                predicted = torch.tensor(best)
                 row: dict[str, str | float | int] = {
                     "case_id": case_id,
                     "image": str(path),
@@ -155,6 +161,8 @@ def predict_folder(run: LoadedRun, source: Path, output: Path) -> list[Path]:
                 }
                 row.update({f"prob_{names[k]}": round(float(p), 6) for k, p in enumerate(prob)})
                 rows.append(row)
+        if explainer is not None:  # the maps stay here, beside the predictions
+            written += explainer.write(sample, transform, predicted, case_id, path, output)
         log.info("predicted %d/%d: %s", index, len(images), case_id)
     if rows:
         table = output / "predictions.csv"
@@ -168,13 +176,14 @@ def predict_folder(run: LoadedRun, source: Path, output: Path) -> list[Path]:
 
 def _segment(
     task: SegmentationTask, model: torch.nn.Module, sample: dict, transform, target: Path
-) -> Path:
-    """Sliding-window logits, mapped back to the input grid by ``Invertd``, then arg-max."""
+) -> tuple[Path, torch.Tensor]:
+    """Sliding-window logits, mapped back to the input grid by ``Invertd``, then arg-max;
+    returns the mask written and the arg-max in the transforms' grid (``(*spatial)``)."""
     image = sample["image"]
     logits = task.predict_logits(model, image[None].float())[0]
-    sample["pred"] = logits
     inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)(
-        sample
+        {**sample, "pred": logits}
     )["pred"]
     mask = torch.argmax(torch.as_tensor(inverted), dim=0).numpy().astype(np.uint8)
-    return save_nifti(mask, np.asarray(inverted.affine), target)
+    predicted = torch.argmax(torch.as_tensor(logits), dim=0)
+    return save_nifti(mask, np.asarray(inverted.affine), target), predicted

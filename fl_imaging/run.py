@@ -59,6 +59,7 @@ def run(cfg: RunConfig) -> Path:
     # Imported here, so that a config error stops before torch and MONAI are imported.
     from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
     from fl_imaging.flower.federation import plan_federation
+    from fl_imaging.flower.site_evaluations import check_test_cases
     from fl_imaging.model_checks import check_model
 
     check_model(cfg)
@@ -80,6 +81,7 @@ def run(cfg: RunConfig) -> Path:
         )
         log.info("sites of this run (cases per split):\n%s", table)
         site_names = [s.name for s in sites]
+        check_test_cases(cfg, sites)  # engine.cross_site needs test cases
     if (cfg.engine.num_sites or len(site_names)) < 1:
         raise ConfigError(
             "engine=deployment with data=folders: say how many sites to expect with "

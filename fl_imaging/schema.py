@@ -302,6 +302,13 @@ class EngineConfig:
     #: copy of it on its own training cases for that many epochs (``finetuned_<metric>``).
     test: bool = False
     finetune_epochs: int = 0
+    #: Cross-site evaluation after the test round (which it implies): the global model and each
+    #: site's own model (the final model fine-tuned ``finetune_epochs`` at the site, or with 0 its
+    #: last training reply) scored on every site's test cases (cross_site.csv, cross_site.png).
+    cross_site: bool = False
+    #: Each site's contribution: leave-one-out over the last round's updates, every aggregate
+    #: scored on every site's validation cases (contributions.csv).
+    contributions: bool = False
 
 
 @dataclass

@@ -13,7 +13,8 @@ A reply travels through the chain from the outside in; the aggregate comes back 
    or rejects norm outliers; or, with ``strategy.secagg.enabled``,
    :class:`~strategies.secure_aggregation.SecureAggregation`, which unmasks the sum of the
    round's updates (the sites check their own update before masking it; what needs single
-   updates is refused);
+   updates is refused); with ``engine.contributions`` or ``engine.cross_site``,
+   :class:`~strategies.last_updates.LastUpdates` inside it keeps the updates that passed;
 5. Flower's DP wrapper (``strategy.dp.mode``, :mod:`strategies.privacy`);
 6. :class:`~strategies.norm_bounding.NormBounding` (``strategy.norm_bound``);
 7. the aggregator itself (``strategy=NAME``, :mod:`strategies.registry`).
@@ -36,6 +37,7 @@ from fl_imaging.results import MetricRow
 from fl_imaging.secure_sum import SecAggSettings
 from strategies.availability import SiteAvailability
 from strategies.decoding import DecodingStrategy
+from strategies.last_updates import LastUpdates
 from strategies.norm_bounding import NormBounding
 from strategies.privacy import check_accountable, wrap_with_dp
 from strategies.recording import RecordingStrategy
@@ -76,6 +78,7 @@ def build_strategy(
     on_checks: Callable[[int, list[UpdateCheck]], None] | None = None,
     sites: ReplySites | None = None,
     federation: Federation | None = None,
+    keep_updates: bool = False,
 ) -> Strategy:
     """Assemble the chain of the module docstring for ``cfg`` and return its outermost layer.
 
@@ -87,7 +90,10 @@ def build_strategy(
     :class:`~strategies.validation.ValidatingStrategy` (layers 4-7; with compression, the
     :class:`~strategies.decoding.DecodingStrategy` around it); with it, the
     :class:`~strategies.recording.RecordingStrategy` (layers 1-7), whose update checks it
-    records. Raises :class:`~strategies.registry.StrategyError` for an unknown name or parameter,
+    records. With ``keep_updates`` (cross-site evaluation, contributions), a
+    :class:`~strategies.last_updates.LastUpdates` between the update checks and the DP wrapper
+    keeps the last round's accepted updates (decoded, with compression). Raises
+    :class:`~strategies.registry.StrategyError` for an unknown name or parameter,
     a federation too small for the strategy, or a DP setting that cannot be accounted.
     """
     per_round = num_sites if clients_per_round is None else clients_per_round
@@ -117,6 +123,8 @@ def build_strategy(
                 sites=sites,
             )
         else:
+            if keep_updates:  # engine.contributions, engine.cross_site: single updates kept
+                strategy = LastUpdates(strategy, sites=sites)
             strategy = validating = ValidatingStrategy(
                 strategy, cfg.validation, sites=sites, on_checks=on_checks
             )

@@ -21,7 +21,8 @@ from fl_imaging.compression import Codec
 from fl_imaging.config import CompressionMode, DPMode, RunConfig
 from fl_imaging.flower.compression_site import compress_reply
 from fl_imaging.flower.local_norms import restore_local_norms, save_local_norms
-from fl_imaging.flower.secagg_site import SECAGG_STAGES, mask_reply
+from fl_imaging.flower.secagg_site import mask_reply
+from fl_imaging.flower.site_queries import SITE_QUERIES
 from fl_imaging.logs import show_progress
 from fl_imaging.protocol import (
     EVAL_SPLIT,
@@ -145,8 +146,8 @@ def build_client_app(
 
     client.train()(for_site(train))
     client.evaluate()(for_site(evaluate))
-    for action, stage in SECAGG_STAGES.items():  # secure aggregation's other stages
-        client.query(action)(for_site(lambda m, c, _cfg, _site, stage=stage: stage(m, c)))
+    for action, handler in SITE_QUERIES.items():  # secure aggregation's stages, scoring
+        client.query(action)(for_site(handler))
     return client
 
 

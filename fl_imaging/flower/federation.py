@@ -169,6 +169,7 @@ def plan_federation(cfg: RunConfig, site_names: list[str]) -> FederationPlan:
         clients_per_round=cfg.engine.clients_per_round,
         min_sites=cfg.engine.min_sites,
         federation=federation,
+        keep_updates=cfg.engine.contributions or cfg.engine.cross_site,
     )
     assert isinstance(strategy, RecordingStrategy)
     if checkpoint is not None:

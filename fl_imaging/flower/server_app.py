@@ -19,6 +19,7 @@ from fl_imaging.config import RunConfig
 from fl_imaging.flower.federation import FederationPlan, plan_federation
 from fl_imaging.flower.final_scoring import score_test_cases
 from fl_imaging.flower.polling import QuickPollGrid, StopRequested
+from fl_imaging.flower.site_evaluations import evaluate_across_sites
 from fl_imaging.logs import show_progress
 from fl_imaging.protocol import EVALUATE_GLOBAL, LOCAL_EPOCHS, resolve_config
 from fl_imaging.results import RunFolderError, write_run_files
@@ -33,8 +34,9 @@ def run_federation(
     grid: Grid, cfg: RunConfig, site_names: list[str], plan: FederationPlan | None = None
 ) -> RecordingStrategy:
     """Run the rounds of ``plan`` (default: :func:`plan_federation` of ``cfg`` and
-    ``site_names``) over ``grid``, then the test round (``engine.test``), and write metrics.csv,
-    curves.png, model.pt, config.yaml and summary.txt into ``cfg.run_dir`` (the checkpoint after
+    ``site_names``) over ``grid``, then the test round (``engine.test``) and the evaluations of
+    :mod:`.site_evaluations`, and write metrics.csv, curves.png, model.pt, config.yaml and
+    summary.txt into ``cfg.run_dir`` (the checkpoint after
     every round). A DP run whose next round would exceed ``strategy.dp.max_epsilon`` stops there
     with its results written; so does a run that waited ``engine.wait_timeout`` seconds for
     ``engine.min_sites`` connected sites. Returns the recording strategy (``rows``: every metric).
@@ -55,7 +57,8 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
     """The rounds, the test round and the run's files; why the run stopped early goes to
     ``plan.stopped`` (and summary.txt)."""
     cfg, recorder = plan.cfg, plan.strategy
-    test = cfg.engine.test
+    test = cfg.engine.test or cfg.engine.cross_site  # cross-site evaluation ends the test round
+    finish = True  # the sites can still be asked (cross-site evaluation, contributions)
     write_error: RunFolderError | None = None
     try:
         recorder.start(
@@ -75,7 +78,7 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
         )
         log.warning("%s", plan.stopped)
     except NotEnoughSites as err:
-        plan.stopped, test = str(err), False
+        plan.stopped, test, finish = str(err), False, False
         log.error("%s", plan.stopped)
         if cfg.engine.test:
             log.warning("no test round: too few sites are connected")
@@ -83,7 +86,7 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
         write_error = RunFolderError(
             f"stopped after round {plan.rounds_done()} of {cfg.engine.rounds}: {err}"
         )
-        plan.stopped, test = str(write_error), False
+        plan.stopped, test, finish = str(write_error), False, False
         log.error("%s", plan.stopped)
         if cfg.engine.test:
             log.warning("no test round: the run folder cannot be written")
@@ -94,9 +97,15 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
             score_test_cases(grid, plan)
         except StopRequested:
             plan.note_interrupted()
+    ending: list[str] = []
+    if finish and not plan.interrupted:  # engine.cross_site, engine.contributions
+        try:
+            ending = evaluate_across_sites(grid, plan)
+        except StopRequested:
+            plan.note_interrupted()
     assert recorder.global_arrays is not None
     plan.model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
-    notes = "\n".join(n for n in (plan.stopped, plan.absence_note()) if n)
+    notes = "\n".join(n for n in (plan.stopped, plan.absence_note(), *ending) if n)
     write_run_files(
         plan.run_dir,
         cfg,
