@@ -42,6 +42,8 @@ from fl_imaging.schema import (
     StrategyConfig,
     TaskConfig,
     TaskName,
+    TrackingBackend,
+    TrackingConfig,
     UpdateValidationConfig,
 )
 
@@ -70,6 +72,8 @@ __all__ = [
     "StrategyConfig",
     "TaskConfig",
     "TaskName",
+    "TrackingBackend",
+    "TrackingConfig",
     "UpdateValidationConfig",
     "config_dir",
     "config_from_yaml",

@@ -139,6 +139,13 @@ def config_problems(run: RunConfig) -> list[str]:
     if engine.clients_per_round is not None and engine.clients_per_round < 1:
         problems.append(f"engine.clients_per_round={engine.clients_per_round}: must be 1 or more")
     problems.extend(_strategy_problems(run.strategy))
+    tracking = run.tracking
+    if not tracking.experiment.strip():
+        problems.append("tracking.experiment is empty: name the MLflow experiment, e.g. fl-imaging")
+    if any(not str(key).strip() for key in tracking.tags):
+        problems.append(
+            "tracking.tags: every tag needs a name, e.g. +tracking.tags.site_group=north"
+        )
     return problems
 
 
