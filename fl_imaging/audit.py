@@ -348,8 +348,8 @@ def verify_run(
     path = run_dir / AUDIT_FILE
     if not path.is_file():
         raise AuditFileMissing(
-            f"{path}: no audit log in this folder (runs write one since fl-imaging 0.1.0 with "
-            "the audit log; a benchmark's baseline cells have none)"
+            f"{path}: no audit log in this folder (a run folder holds one; a benchmark's "
+            "baseline cells, which federate nothing, and runs made before the audit log have none)"
         )
     result = Verification(ok=False)
     _read_chain(path, result)

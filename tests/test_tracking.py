@@ -6,11 +6,15 @@ bad tracking setting stops before it; sweeps and benchmark cells are tagged."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -311,3 +315,79 @@ def test_a_multirun_sweep_is_one_tagged_mlflow_run_per_job(tmp_path: Path) -> No
         }
         _assert_same_series(_expected(folder), got)
         assert verify_run(folder).ok and (folder / "report.html").is_file()
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid``'s child processes, their children, ... (by ``ps``)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    children = [int(p) for p in out.stdout.split()]
+    return [p for child in children for p in (child, *_descendants(child))]
+
+
+def _kill_tree(pid: int) -> None:
+    for process in [*_descendants(pid), pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("task_identity")
+def test_an_mlflow_server_that_dies_mid_run_does_not_stop_it(tmp_path: Path) -> None:
+    """A real `mlflow server`: round 1 is tracked there; killed during round 2, the run ends in
+    seconds with every result, and its summary says tracking stopped in round 2."""
+    from fake_runs import TestedSites, evaluate_metrics, shift, train_metrics
+    from mlflow import MlflowClient
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+
+    def respond(node: int, rnd: int, sent):  # type: ignore[no-untyped-def]
+        if rnd == 2 and node == 1:
+            _kill_tree(server.pid)
+        return shift(node, rnd, sent)
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                check_tracking(check_overrides(["tracking=mlflow", f"tracking.uri={uri}"]))
+                break
+            except ConfigError:
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        run_dir = tmp_path / "run"
+        grid = TestedSites(3, respond, train_metrics, evaluate_metrics)
+        start = time.monotonic()
+        fake_run(run_dir, "tracking=mlflow", f"tracking.uri={uri}", rounds=3, grid=grid)
+        assert time.monotonic() - start < 60
+    finally:
+        _kill_tree(server.pid)
+        server.wait(timeout=30)
+    summary = (run_dir / "summary.txt").read_text()
+    assert "tracking: MLflow failed in round 2: MlflowException" in summary
+    assert read_metrics(run_dir / "metrics.csv")[-1].round == 3 and verify_run(run_dir).ok
+    run_id = json.loads((run_dir / TRACKING_FILE).read_text())["run_id"]
+    stored = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'server.db'}").get_run(run_id)
+    assert stored.data.params["engine.rounds"] == "3"
+    history = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'server.db'}").get_metric_history(
+        run_id, "dice/site-2"
+    )
+    assert [m.step for m in history] == [1]  # round 1 reached the server, nothing after
