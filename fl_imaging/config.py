@@ -43,6 +43,8 @@ from fl_imaging.schema import (
     StrategyConfig,
     TaskConfig,
     TaskName,
+    TrackingBackend,
+    TrackingConfig,
     UpdateValidationConfig,
 )
 
@@ -72,6 +74,8 @@ __all__ = [
     "StrategyConfig",
     "TaskConfig",
     "TaskName",
+    "TrackingBackend",
+    "TrackingConfig",
     "UpdateValidationConfig",
     "config_dir",
     "config_from_yaml",

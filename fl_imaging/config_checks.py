@@ -141,6 +141,13 @@ def config_problems(run: RunConfig) -> list[str]:
         problems.append(f"engine.clients_per_round={engine.clients_per_round}: must be 1 or more")
     problems.extend(_strategy_problems(run.strategy))
     problems.extend(_site_evaluation_problems(run))
+    tracking = run.tracking
+    if not tracking.experiment.strip():
+        problems.append("tracking.experiment is empty: name the MLflow experiment, e.g. fl-imaging")
+    if any(not str(key).strip() for key in tracking.tags):
+        problems.append(
+            "tracking.tags: every tag needs a name, e.g. +tracking.tags.site_group=north"
+        )
     return problems
 
 

@@ -4,7 +4,8 @@
 scripts all come here; this module imports no command. The steps, in order:
 
 1. compose the config from overrides and validate it (:func:`fl_imaging.compose.check_overrides`;
-   ``fl-imaging`` lets Hydra compose and checks the same way first);
+   ``fl-imaging`` lets Hydra compose and checks the same way first), and check that its tracking
+   can work (:func:`fl_imaging.tracking.check_tracking`: package, folder, server);
 2. check what depends on the model alone (:func:`fl_imaging.model_checks.check_model`), before
    any site's data is read;
 3. prepare the sites (:func:`fl_imaging.data.prepare.prepare_sites`: demo data, public datasets
@@ -28,6 +29,7 @@ from fl_imaging.data.sites import SiteDataError
 from fl_imaging.engines.deployment import DeploymentError
 from fl_imaging.engines.simulation import SimulationError
 from fl_imaging.results import RunFolderError, SitesFailed
+from fl_imaging.tracking import check_tracking, resolve_tracking
 from strategies import StrategyError
 
 __all__ = ["USER_ERRORS", "check_overrides", "run"]
@@ -62,6 +64,8 @@ def run(cfg: RunConfig) -> Path:
     from fl_imaging.flower.site_evaluations import check_test_cases
     from fl_imaging.model_checks import check_model
 
+    cfg = resolve_tracking(cfg)  # tracking.uri: a folder made absolute (default mlruns/)
+    check_tracking(cfg)
     check_model(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     cfg = replace(cfg, run_dir=str(run_dir))
@@ -99,5 +103,9 @@ def run(cfg: RunConfig) -> Path:
 
         run_simulation_engine(cfg, site_names, plan)
         plan.raise_if_sites_failed()
-    log.info("results in %s: metrics.csv, curves.png, model.pt, config.yaml, summary.txt", run_dir)
+    log.info(
+        "results in %s: metrics.csv, curves.png, model.pt, config.yaml, summary.txt, "
+        "audit.jsonl, report.html",
+        run_dir,
+    )
     return run_dir

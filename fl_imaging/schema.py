@@ -36,6 +36,8 @@ __all__ = [
     "StrategyConfig",
     "TaskConfig",
     "TaskName",
+    "TrackingBackend",
+    "TrackingConfig",
     "UpdateValidationConfig",
 ]
 
@@ -331,6 +333,33 @@ class BenchConfig:
     finetune_epochs: int = 1
 
 
+class TrackingBackend(enum.StrEnum):
+    """Where a run's config, metrics and files are tracked (``fl_imaging/tracking.py``)."""
+
+    none = "none"  # the run folder only (report.html, metrics.csv, audit.jsonl)
+    mlflow = "mlflow"  # an MLflow run (local store or server)
+    tensorboard = "tensorboard"  # TensorBoard event files
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking (``conf/tracking/``, ``fl_imaging/tracking.py``).
+
+    ``uri``: for mlflow, null (a local store in ``mlruns/`` of the working folder), a folder
+    (a local store there) or an MLflow tracking URI (``http://host:5000``, ``sqlite:///f.db``,
+    ...); for tensorboard, the folder that gets one sub-folder of event files per run (null: the
+    run folder's ``tensorboard/``). ``experiment``: the MLflow experiment; ``run_name``: the
+    run's name (null: the run folder's name); ``tags``: added to the run (``--multirun`` and
+    ``fl-imaging-bench`` add theirs).
+    """
+
+    backend: TrackingBackend = TrackingBackend.none
+    uri: str | None = None
+    experiment: str = "fl-imaging"
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -339,6 +368,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     run_dir: str = "runs/latest"
     #: A previous run's folder to resume from (its checkpoint.json), or None.

@@ -72,6 +72,8 @@ class RecordingStrategy(StrategyWrapper):
         self._round_start = time.perf_counter()
         #: Bytes of the model arrays in this round's messages to the sites (train, evaluate).
         self._sent: dict[str, int] = {}
+        #: The nodes asked to train, per round (the audit log names them).
+        self.asked: dict[int, list[int]] = {}
 
     def record_checks(self, server_round: int, checks: list[UpdateCheck]) -> None:
         """Record each site's update check (``on_checks`` of the validating strategy):
@@ -173,7 +175,10 @@ class RecordingStrategy(StrategyWrapper):
     ) -> Iterable[Message]:
         self._round_start = time.perf_counter()
         self._sent["train"] = array_bytes(arrays)
-        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+        rnd = server_round + self.offset
+        messages = list(self.inner.configure_train(rnd, arrays, config, grid))
+        self.asked[rnd] = [int(m.metadata.dst_node_id) for m in messages]
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

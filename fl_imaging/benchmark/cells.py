@@ -1,9 +1,11 @@
 """Run one benchmark cell into its own folder, and know whether it already ran.
 
 A cell's folder holds what any run holds (metrics.csv with the test rows, config.yaml, the
-model) and ``cell.json``: its overrides, status (``done`` or ``failed`` with the error) and wall
-time. A cell whose ``cell.json`` says ``done`` for the same overrides is not run again, so an
-interrupted benchmark goes on where it stopped; a cell whose overrides changed runs again.
+model, report.html; a federated cell also audit.jsonl) and ``cell.json``: its overrides, status
+(``done`` or ``failed`` with the error) and wall time. A cell whose ``cell.json`` says ``done``
+for the same overrides is not run again, so an interrupted benchmark goes on where it stopped; a
+cell whose overrides changed runs again. With ``tracking=...`` each cell is one tracked run,
+tagged with the benchmark, setup, method, kind and seed.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch
 from fl_imaging.benchmark.plan import Cell
 from fl_imaging.config import RunConfig, config_to_yaml
 from fl_imaging.engines.interrupts import RunInterrupted
+from fl_imaging.report_page import write_report
 from fl_imaging.results import write_metrics
+from fl_imaging.tracking import add_tracking_tags, open_tracker
 
-__all__ = ["CELL_FILE", "cell_status", "run_cell"]
+__all__ = ["CELL_FILE", "cell_status", "cell_tracking", "run_cell"]
 
 log = logging.getLogger("fl_imaging.bench")
 
@@ -67,6 +71,28 @@ def _run_baseline(cfg: RunConfig, kind: str, folder: Path) -> None:
             torch.save(site_model.state_dict(), folder / "models" / f"{name}.pt")
     write_metrics(rows, folder / "metrics.csv")
     (folder / "config.yaml").write_text(config_to_yaml(cfg))
+    # Tracked and reported like a run; no audit log: nothing went between sites and a server.
+    tracker = open_tracker(cfg, folder)
+    if tracker is not None:
+        tracker.log_rows(rows)
+    write_report(folder)
+    if tracker is not None:
+        tracker.finish("FINISHED")
+
+
+def cell_tracking(cfg: RunConfig, cell: Cell) -> RunConfig:
+    """``cfg`` with the cell's tracking tags (``benchmark``, ``setup``, ``method``, ``kind``,
+    ``seed``) and run name ``BENCHMARK/SETUP/METHOD/seedN``: one tracked run per cell, found
+    by its tags (a benchmark that goes on later reuses its cells, so no parent run)."""
+    name = cfg.bench.name or "bench"
+    tags = {
+        "benchmark": name,
+        "setup": cell.setup,
+        "method": cell.method,
+        "kind": cell.kind,
+        "seed": str(cell.seed),
+    }
+    return add_tracking_tags(cfg, tags, run_name=f"{name}/{cell.key}")
 
 
 def run_cell(cell: Cell, cfg: RunConfig, folder: Path) -> tuple[str, float, str]:
@@ -80,7 +106,7 @@ def run_cell(cell: Cell, cfg: RunConfig, folder: Path) -> tuple[str, float, str]
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    cfg = replace(cfg, run_dir=str(folder.resolve()))
+    cfg = cell_tracking(replace(cfg, run_dir=str(folder.resolve())), cell)
     start = time.perf_counter()
     error = ""
     try:

@@ -37,6 +37,7 @@ from fl_imaging.config import ConfigError, DataName, RunConfig
 from fl_imaging.model_checks import check_fedbn
 from fl_imaging.results import AGGREGATE_SITE, read_metrics
 from fl_imaging.run import USER_ERRORS, check_overrides
+from fl_imaging.tracking import check_tracking, resolve_tracking
 
 __all__ = ["PRESETS", "run_benchmark"]
 
@@ -188,6 +189,7 @@ def run_benchmark(overrides: list[str], only: str = "", list_only: bool = False)
             )
         log.info("benchmark %s: checking the config of %d cells", name, len(planned))
         cells = [(cell, _checked(cell)) for cell in planned]
+        check_tracking(resolve_tracking(base))  # once, before any cell: package, folder, server
     except USER_ERRORS as err:
         log.error("%s", err)
         return 2

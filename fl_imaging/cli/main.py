@@ -18,9 +18,10 @@ import hydra
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from fl_imaging.config import config_dir, validate_config
+from fl_imaging.config import RunConfig, TrackingBackend, config_dir, validate_config
 from fl_imaging.engines.interrupts import RunInterrupted, exit_stopped_run
 from fl_imaging.run import USER_ERRORS, check_overrides, run
+from fl_imaging.tracking import add_tracking_tags
 
 __all__ = ["main", "resume_command"]
 
@@ -65,10 +66,29 @@ def resume_command(argv: list[str], run_dir: Path) -> str:
     return shlex.join(["fl-imaging", *kept, f"resume={run_dir}"])
 
 
+def _with_sweep_tags(cfg: RunConfig) -> RunConfig:
+    """A ``--multirun`` job's config with its tracked run tagged by the sweep (``sweep``: its
+    folder, ``sweep_job``: the job number, ``sweep_overrides``: the job's overrides) and named
+    ``SWEEP/JOB``; other runs', and untracked ones', as they are."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or cfg.tracking.backend == TrackingBackend.none:
+        return cfg
+    sweep = Path(hydra_cfg.sweep.dir).resolve()
+    tags = {
+        "sweep": str(sweep),
+        "sweep_job": str(hydra_cfg.job.num),
+        "sweep_overrides": " ".join(hydra_cfg.overrides.task),
+    }
+    return add_tracking_tags(cfg, tags, run_name=f"{sweep.name}/{hydra_cfg.job.num}")
+
+
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _hydra_main(composed: DictConfig) -> None:
     try:
-        run(validate_config(composed))
+        run(_with_sweep_tags(validate_config(composed)))
     except USER_ERRORS as err:
         log.error("%s", err)
         sys.exit(2)

@@ -61,6 +61,8 @@ __all__ = [
 
 #: Config keys that may differ between a run and the run resuming it.
 RESUMABLE_CHANGES = ("engine.rounds", "run_dir", "resume", "engine.verbose", "engine.round_timeout")
+#: Sections a resumed run may set differently: where it is tracked changes nothing it computes.
+RESUMABLE_SECTIONS = ("tracking.",)
 
 #: Attributes a checkpoint does not keep, by the class that has them, and why.
 LEFT_OUT: dict[type, dict[str, str]] = {
@@ -262,7 +264,9 @@ def check_resumable(checkpoint: Checkpoint, cfg: RunConfig) -> None:
     changed = sorted(
         k
         for k in set(before) | set(now)
-        if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)
+        if k not in RESUMABLE_CHANGES
+        and not k.startswith(RESUMABLE_SECTIONS)
+        and before.get(k) != now.get(k)
     )
     if changed:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])

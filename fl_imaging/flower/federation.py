@@ -25,6 +25,7 @@ from fl_imaging.flower.checkpoint import (
     restore_strategy_state,
     save_checkpoint,
 )
+from fl_imaging.flower.run_records import RunRecords
 from fl_imaging.results import AGGREGATE_SITE, MetricRow, SitesFailed, progress_line
 from strategies import Federation, RecordingStrategy, build_strategy
 from tasks import build_task
@@ -56,6 +57,8 @@ class FederationPlan:
     done: threading.Event = field(default_factory=threading.Event)
     stopped: str = ""
     interrupted: bool = False
+    #: The audit log and tracking of the run (opened by the ServerApp, fed after every round).
+    records: RunRecords = field(default_factory=RunRecords)
 
     @property
     def run_dir(self) -> Path:
@@ -117,11 +120,13 @@ class FederationPlan:
         log.warning("%s", self.stopped)
 
     def after_round(self, rnd: int, rows: list[MetricRow]) -> None:
-        """Print round ``rnd``'s progress line and save the checkpoint after it. Raises
-        :class:`~fl_imaging.results.RunFolderError` when the checkpoint cannot be written (the
-        previous one is kept)."""
+        """Print round ``rnd``'s progress line, append its audit record (and send its metrics to
+        the tracker), and save the checkpoint after it. Raises
+        :class:`~fl_imaging.results.RunFolderError` when the audit log or the checkpoint cannot
+        be written (the previous checkpoint is kept)."""
         rounds = self.cfg.engine.rounds
         log.info(progress_line(rnd, rounds, rows, self.main_metric, self.site_names))
+        self.records.after_round(self, rnd)
         assert self.strategy.global_arrays is not None
         save_checkpoint(
             self.run_dir,

@@ -35,11 +35,12 @@ def run_federation(
 ) -> RecordingStrategy:
     """Run the rounds of ``plan`` (default: :func:`plan_federation` of ``cfg`` and
     ``site_names``) over ``grid``, then the test round (``engine.test``) and the evaluations of
-    :mod:`.site_evaluations`, and write metrics.csv, curves.png, model.pt, config.yaml and
-    summary.txt into ``cfg.run_dir`` (the checkpoint after
-    every round). A DP run whose next round would exceed ``strategy.dp.max_epsilon`` stops there
-    with its results written; so does a run that waited ``engine.wait_timeout`` seconds for
-    ``engine.min_sites`` connected sites. Returns the recording strategy (``rows``: every metric).
+    :mod:`.site_evaluations`, and write metrics.csv, curves.png, model.pt, config.yaml,
+    summary.txt, audit.jsonl and report.html into ``cfg.run_dir`` (the checkpoint after every
+    round; tracked with ``tracking=...``). A DP run whose next round would exceed
+    ``strategy.dp.max_epsilon`` stops there with its results written; so does a run that waited
+    ``engine.wait_timeout`` seconds for ``engine.min_sites`` connected sites. Returns the
+    recording strategy (``rows``: every metric).
 
     A checkpoint that cannot be written (disk full) stops the run too: its results are written
     if they can, then the :class:`~fl_imaging.results.RunFolderError` is raised, so that the
@@ -47,7 +48,8 @@ def run_federation(
     """
     plan = plan or plan_federation(cfg, site_names)
     try:
-        _run_rounds(grid, plan)
+        with plan.records.session(plan):  # audit.jsonl and tracking: run_records.py
+            _run_rounds(grid, plan)
     finally:
         plan.done.set()
     return plan.strategy
@@ -105,7 +107,9 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
             plan.note_interrupted()
     assert recorder.global_arrays is not None
     plan.model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
-    notes = "\n".join(n for n in (plan.stopped, plan.absence_note(), *ending) if n)
+    notes = "\n".join(
+        n for n in (plan.stopped, plan.absence_note(), *ending, plan.records.note()) if n
+    )
     write_run_files(
         plan.run_dir,
         cfg,
@@ -116,6 +120,7 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
         plan.main_metric,
         notes,
     )
+    plan.records.finish(plan)  # run_end record, report.html, tracked files
     if write_error is not None:
         raise write_error
 
