@@ -60,6 +60,7 @@ def run(cfg: RunConfig) -> Path:
     from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
     from fl_imaging.flower.federation import plan_federation
     from fl_imaging.model_checks import check_model
+    from fl_imaging.patient_privacy import check_sites_privacy
 
     check_model(cfg)
     run_dir = Path(cfg.run_dir).resolve()
@@ -75,6 +76,7 @@ def run(cfg: RunConfig) -> Path:
         )
     else:
         cfg, sites, reports = prepare_sites(cfg)
+        check_sites_privacy(cfg, [(s.name, len(s.train)) for s in sites])  # DP-SGD accounting
         table = write_partition_summary(
             partition_summary(sites, reports), run_dir / "partition.csv"
         )

@@ -1,9 +1,8 @@
 """Flower ClientApp: one hospital site trains and evaluates the global model on its own data.
 
-Each site reads only its own folder: the one given by its SuperNode's ``--node-config
-data-dir=...`` (deployment) or, in simulation, the entry of ``data.sites`` at its partition id.
-Its trainer (:mod:`fl_imaging.site_training`) is kept between rounds; weights travel as NumPy
-arrays inside an ``ArrayRecord``; ``num-examples`` counts cases.
+Each site reads only its own folder (its SuperNode's ``--node-config data-dir=...``, or in
+simulation the entry of ``data.sites`` at its partition id); its trainer is kept between rounds;
+weights travel as NumPy arrays in an ``ArrayRecord``; ``num-examples`` counts training cases.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from fl_imaging.attacks import SimulatedAttack, site_attack
 from fl_imaging.config import DPMode, RunConfig
 from fl_imaging.flower.local_norms import restore_local_norms, save_local_norms
+from fl_imaging.flower.patient_ledger import patient_metrics, site_privacy
 from fl_imaging.logs import show_progress
 from fl_imaging.protocol import (
     EVAL_SPLIT,
@@ -72,10 +72,9 @@ def build_client_app(
 ) -> ClientApp:
     """Return a ClientApp bound to ``config`` (simulation), or reading it from run_config (None),
     taking its site trainers from ``trainers`` (default: the process's, :func:`process_trainers`,
-    looked up at each message: Ray hands every message a copy of the app).
-
-    Client-side DP (``strategy.dp.mode=client_*``) runs training through Flower's
-    ``fixedclipping_mod`` / ``adaptiveclipping_mod``, which clip the update before it leaves.
+    looked up at each message: Ray hands every message a copy of the app). Client-side DP
+    (``strategy.dp.mode=client_*``): Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod``
+    clip the update before it leaves; DP-SGD: :mod:`fl_imaging.flower.patient_ledger`.
     """
     client = ClientApp()
 
@@ -103,7 +102,8 @@ def build_client_app(
         evaluated = settings.get(EVALUATE_GLOBAL, False) and rnd > 1
         previous = _evaluation(trainer, ConfigRecord()) if evaluated else None
         mu = float(settings.get(PROXIMAL_MU, 0.0))
-        result = trainer.fit(
+        privacy = site_privacy(context, cfg, trainer, settings)  # patient-level DP (DP-SGD)
+        result = (trainer.fit if privacy is None else privacy.fit)(
             int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs)),
             seed=training_seed(cfg.seed, rnd, site.index),
             extra_loss=proximal_term(global_state, mu) if mu > 0 else None,
@@ -111,7 +111,7 @@ def build_client_app(
         )
         if cfg.strategy.fedbn:
             save_local_norms(trainer.model, context)
-        state = trainer.state()
+        state = trainer.state() if result.num_samples else global_state  # 0: did not train
         if attack is not None:
             state = attack.poison(global_state, state, rnd, site.name)
         metrics = {
@@ -119,6 +119,7 @@ def build_client_app(
             NUM_EXAMPLES: result.num_samples,
             MALICIOUS: int(attack is not None),
         }
+        metrics = patient_metrics(privacy, metrics)
         return site_reply(msg, site.name, metrics, ArrayRecord(state), previous)
 
     @client.train()

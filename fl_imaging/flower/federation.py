@@ -25,13 +25,19 @@ from fl_imaging.flower.checkpoint import (
     restore_strategy_state,
     save_checkpoint,
 )
+from fl_imaging.privacy_report import spent_sites
 from fl_imaging.results import MetricRow, SitesFailed, progress_line
 from strategies import Federation, RecordingStrategy, build_strategy
 from tasks import build_task
 
-__all__ = ["FederationPlan", "plan_federation"]
+__all__ = ["FederationPlan", "PatientBudgetsSpent", "plan_federation"]
 
 log = logging.getLogger("fl_imaging.server")
+
+
+class PatientBudgetsSpent(RuntimeError):
+    """Every site's DP-SGD budget is spent before the last round: no site would train again.
+    The message says after which round the run stops and why."""
 
 
 @dataclass
@@ -69,7 +75,8 @@ class FederationPlan:
     def absent_sites(self) -> dict[str, str]:
         """The sites that failed (or never answered) in every round they were asked to train
         in, by name, with the first reason; empty when every site trained at least once."""
-        trained = {r.site for r in self.strategy.rows if r.metric == "train_loss"}
+        # DP-SGD sites keep their training loss: their training replies give num_train only
+        trained = {r.site for r in self.strategy.rows if r.metric in ("train_loss", "num_train")}
         absent: dict[str, str] = {}
         for _, site, reason in self.strategy.failures:
             if site not in trained and not reason.startswith("test round"):
@@ -119,7 +126,8 @@ class FederationPlan:
     def after_round(self, rnd: int, rows: list[MetricRow]) -> None:
         """Print round ``rnd``'s progress line and save the checkpoint after it. Raises
         :class:`~fl_imaging.results.RunFolderError` when the checkpoint cannot be written (the
-        previous one is kept)."""
+        previous one is kept), :class:`PatientBudgetsSpent` when every site reported its DP-SGD
+        budget spent before the last round."""
         rounds = self.cfg.engine.rounds
         log.info(progress_line(rnd, rounds, rows, self.main_metric, self.site_names))
         assert self.strategy.global_arrays is not None
@@ -132,6 +140,13 @@ class FederationPlan:
             failures=self.strategy.failures,
             cfg=self.cfg,
         )
+        spent = spent_sites(rows)
+        if rnd < rounds and spent and set(spent) >= set(self.site_names):
+            budget = self.cfg.task.dp_sgd.target_epsilon
+            raise PatientBudgetsSpent(
+                f"stopped after round {rnd} of {rounds}: every site's patient-level privacy "
+                f"budget is spent (task.dp_sgd.target_epsilon={budget})"
+            )
 
 
 def plan_federation(cfg: RunConfig, site_names: list[str]) -> FederationPlan:
