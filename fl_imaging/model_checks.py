@@ -60,15 +60,15 @@ def check_model(cfg: RunConfig) -> None:
 def check_dp_sgd_model(cfg: RunConfig) -> None:
     """With ``task.dp_sgd``: log which layers the network's conversion for DP-SGD changed (batch
     norm to GroupNorm, in-place activations) and try one per-case backward pass through Opacus
-    on two random inputs of ``task.roi_size``. Raises :class:`ConfigError` naming a layer Opacus
-    cannot train."""
+    on one random input of ``task.roi_size`` (a Poisson batch may hold a single case). Raises
+    :class:`ConfigError` naming a layer Opacus cannot train."""
     from tasks.private_model import check_per_sample_gradients, private_network
 
     task = build_task(cfg.task)
     model, conversion = private_network(task.network())
     if conversion.message():
         log.info("%s", conversion.message())
-    sample = torch.randn(2, cfg.task.in_channels, *cfg.task.roi_size)
+    sample = torch.randn(1, cfg.task.in_channels, *cfg.task.roi_size)
     check_per_sample_gradients(model, sample)
 
 

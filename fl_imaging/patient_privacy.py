@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -158,13 +159,15 @@ def new_ledger(cfg: RunConfig, num_train: int) -> PrivacyLedger:
     assert dp.target_epsilon is not None  # the config check asks for one of the two
     steps = _planned_steps(cfg, num_train)
     try:
-        sigma = get_noise_multiplier(
-            target_epsilon=dp.target_epsilon,
-            target_delta=dp.delta,
-            sample_rate=q,
-            steps=steps,
-            accountant=dp.accountant.value,
-        )
+        with warnings.catch_warnings():  # its search tries noise levels far from the answer
+            warnings.filterwarnings("ignore", message="Optimal order is the")
+            sigma = get_noise_multiplier(
+                target_epsilon=dp.target_epsilon,
+                target_delta=dp.delta,
+                sample_rate=q,
+                steps=steps,
+                accountant=dp.accountant.value,
+            )
     except ValueError:
         raise ConfigError(
             f"task.dp_sgd.target_epsilon={dp.target_epsilon:g} at delta {dp.delta:g} is out of "

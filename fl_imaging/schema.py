@@ -313,6 +313,8 @@ class BenchConfig:
     baselines: list[str] = field(default_factory=lambda: ["pooled", "local"])
     metrics: list[str] = field(default_factory=list)
     finetune_epochs: int = 1
+    #: The method the summary's ratio column divides by (``vs <reference>``).
+    reference: str = "pooled"
 
 
 @dataclass

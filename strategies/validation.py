@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
 from fl_imaging.config import NORM_OUTLIER_ACTIONS, UpdateValidationConfig
-from fl_imaging.protocol import NUM_EXAMPLES, UNIT_WEIGHT, ReplySites, error_reason
+from fl_imaging.protocol import NUM_EXAMPLES, ReplySites, error_reason
 from strategies.arrays import (
     Arrays,
     cast_like,
@@ -29,7 +29,7 @@ from strategies.arrays import (
     to_record,
     update_norm,
 )
-from strategies.wrapper import SentArraysWrapper, wrapper_chain
+from strategies.wrapper import SentArraysWrapper
 
 __all__ = ["ACCEPTED", "FLAGGED", "IDLE", "REJECTED", "UpdateCheck", "ValidatingStrategy"]
 
@@ -81,9 +81,9 @@ class ValidatingStrategy(SentArraysWrapper):
     whose L2 norm exceeds ``cfg.norm_factor`` times the median norm of those replies is an
     outlier, flagged or rejected per ``cfg.norm_outliers`` (no outliers when that median is 0).
     A reply with ``num-examples`` 0 trained on no case (a site whose DP-SGD budget is spent) and
-    is ``idle``: left out, so that no aggregator averages it in or counts it as a site's vote,
-    except below a client-level DP wrapper (sites weighted equally by ``unit-weight``), whose
-    noise and accountant assume every sampled site's update: there its zero update stays in.
+    is ``idle``: left out, so that no aggregator averages it in or counts it as a site's vote
+    (a run with client-level DP stops before any site sits out: its noise and accountant assume
+    every site, see :class:`~fl_imaging.flower.federation.FederationPlan`).
     Flagged and accepted replies go to ``inner``; when none is left, ``(None, None)`` is returned
     and Flower's ``Strategy.start`` keeps the previous global model for the next round. The
     aggregate's arrays are cast back to the sent dtypes (Flower's mean turns int64 counters such
@@ -181,15 +181,7 @@ class ValidatingStrategy(SentArraysWrapper):
             if e.status == ACCEPTED and _trained_nothing(e.msg):
                 e.status, e.reason = IDLE, f"site {e.site} trained on no case (num-examples 0)"
         self._mark_outliers(entries)
-        equal_weights = any(
-            getattr(node, "weighted_by_key", None) == UNIT_WEIGHT
-            for node in wrapper_chain(self.inner)
-        )
-        kept = [
-            e
-            for e in entries
-            if e.status in (ACCEPTED, FLAGGED) or equal_weights and e.status == IDLE
-        ]
+        kept = [e for e in entries if e.status in (ACCEPTED, FLAGGED)]
         arrays: ArrayRecord | None = None
         metrics: MetricRecord | None = None
         if kept:

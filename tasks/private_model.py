@@ -91,20 +91,25 @@ def private_network(model: nn.Module) -> tuple[nn.Module, ModelConversion]:
 
 def check_per_sample_gradients(model: nn.Module, sample: torch.Tensor) -> None:
     """Run one backward pass of ``model`` through Opacus' ``GradSampleModule`` on ``sample``
-    (a batch ``(B, C_in, *spatial)`` float32, ``B >= 2``) and check that every trainable
+    (a batch ``(B, C_in, *spatial)`` float32; ``B = 1`` also tries a Poisson batch of one case)
+    and check that every trainable
     parameter got a per-case gradient of shape ``(B, *param.shape)``. ``model`` is a copy the
     caller may discard (hooks are removed afterwards). Raises :class:`ConfigError` naming the
     parameters without one (or the layer's error)."""
-    wrapped = GradSampleModule(model)
+    wrapped = None
     try:
+        wrapped = GradSampleModule(model)
         wrapped(sample).float().sum().backward()
-    except (RuntimeError, NotImplementedError) as err:
+    except (RuntimeError, NotImplementedError, ValueError) as err:
         raise ConfigError(
-            f"task.dp_sgd.enabled=true, but per-case gradients fail on this network: "
-            f"{str(err).splitlines()[0]}. Choose another task.model.name or task.model.norm"
+            f"task.dp_sgd.enabled=true, but training one case at a time fails on this network "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}). Choose another task.model.name "
+            "or task.model.norm, or a larger task.roi_size (a normalisation layer that sees one "
+            "value per group cannot normalise a single case)"
         ) from None
     finally:
-        wrapped.remove_hooks()
+        if wrapped is not None:
+            wrapped.remove_hooks()
     batch = sample.shape[0]
     missing = [
         name

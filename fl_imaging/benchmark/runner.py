@@ -157,7 +157,8 @@ def _report(
             log.error("cell %s: not scored on all test cases at once: %s", cell.key, err)
     write_results_csv(results, metrics, out / "results.csv")
     summary = summarise(results, metrics, whole)
-    _, md_path = write_summary(summary, metrics, out, _header(name, argv))
+    reference = cells[0][1].bench.reference if cells else "pooled"
+    _, md_path = write_summary(summary, metrics, out, _header(name, argv), reference)
     for setup, by_method in curves.items():
         title = f"{name}: {setup}"
         plot_convergence(by_method, metrics[0], title, out / f"convergence_{setup}.png")

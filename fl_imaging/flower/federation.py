@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fl_imaging.config import RunConfig
+from fl_imaging.config import ConfigError, DPMode, RunConfig
 from fl_imaging.flower.checkpoint import (
     Checkpoint,
     check_resumable,
@@ -30,14 +30,33 @@ from fl_imaging.results import MetricRow, SitesFailed, progress_line
 from strategies import Federation, RecordingStrategy, build_strategy
 from tasks import build_task
 
-__all__ = ["FederationPlan", "PatientBudgetsSpent", "plan_federation"]
+__all__ = ["FederationPlan", "PatientBudgetsSpent", "budgets_spent", "plan_federation"]
 
 log = logging.getLogger("fl_imaging.server")
 
 
 class PatientBudgetsSpent(RuntimeError):
-    """Every site's DP-SGD budget is spent before the last round: no site would train again.
-    The message says after which round the run stops and why."""
+    """Every site's DP-SGD budget is spent before the last round (no site would train again),
+    or one site's is in a run with client-level DP. The message says after which round the run
+    stops and why."""
+
+
+def budgets_spent(cfg: RunConfig, rows: list[MetricRow], site_names: list[str]) -> str:
+    """Why a DP-SGD run cannot go on, from the sites' ``patient_budget_spent`` rows: every site's
+    budget is spent, or, with accounted client-level DP, one site's (DP-FedAvg's noise and
+    accountant assume every site's update in every round; a site sitting out would make its
+    epsilon wrong). Empty when the run can go on."""
+    spent = spent_sites(rows)
+    budget = f"task.dp_sgd.target_epsilon={cfg.task.dp_sgd.target_epsilon}"
+    if spent and set(spent) >= set(site_names):
+        return f"every site's patient-level privacy budget is spent ({budget})"
+    if spent and cfg.strategy.dp.mode != DPMode.none and cfg.strategy.dp.account:
+        return (
+            f"the patient-level privacy budget of {', '.join(spent)} is spent ({budget}), and "
+            f"client-level DP (strategy.dp.mode={cfg.strategy.dp.mode.value}) accounts every "
+            "site's update in every round: no round can run without it"
+        )
+    return ""
 
 
 @dataclass
@@ -140,13 +159,9 @@ class FederationPlan:
             failures=self.strategy.failures,
             cfg=self.cfg,
         )
-        spent = spent_sites(rows)
-        if rnd < rounds and spent and set(spent) >= set(self.site_names):
-            budget = self.cfg.task.dp_sgd.target_epsilon
-            raise PatientBudgetsSpent(
-                f"stopped after round {rnd} of {rounds}: every site's patient-level privacy "
-                f"budget is spent (task.dp_sgd.target_epsilon={budget})"
-            )
+        why = budgets_spent(self.cfg, rows, self.site_names)
+        if rnd < rounds and why:
+            raise PatientBudgetsSpent(f"stopped after round {rnd} of {rounds}: {why}")
 
 
 def plan_federation(cfg: RunConfig, site_names: list[str]) -> FederationPlan:
@@ -166,6 +181,8 @@ def plan_federation(cfg: RunConfig, site_names: list[str]) -> FederationPlan:
     arrays = ArrayRecord(model.state_dict())
     if checkpoint is not None:
         check_resumable(checkpoint, cfg)
+        if why := budgets_spent(cfg, checkpoint.rows, names):  # DP-SGD: nothing left to train
+            raise ConfigError(f"cannot resume {cfg.resume}: {why}")
         arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.arrays.items()})
         log.info(
             "resuming %s after round %d of %d", cfg.resume, checkpoint.round, cfg.engine.rounds
