@@ -30,6 +30,7 @@ import secrets
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from monai.data import DataLoader, list_data_collate
@@ -37,6 +38,9 @@ from monai.data import DataLoader, list_data_collate
 from fl_imaging.config import ConfigError, DPSGDConfig, RunConfig
 from fl_imaging.site_training import SiteTrainer
 from tasks.base import ExtraLoss, TrainResult, build_optimizer
+
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
 
 __all__ = [
     "PrivacyLedger",
@@ -74,7 +78,8 @@ class PrivacyLedger:
         return dp.target_epsilon is None or self.epsilon(dp, extra_steps) <= dp.target_epsilon
 
 
-def _accountant(dp: DPSGDConfig, history: list[tuple[float, float, int]]):  # noqa: ANN202
+def _accountant(dp: DPSGDConfig, history: list[tuple[float, float, int]]) -> IAccountant:
+    """Opacus' accountant ``dp.accountant`` holding ``history`` ((sigma, q, steps) entries)."""
     from opacus.accountants import create_accountant
 
     accountant = create_accountant(mechanism=dp.accountant.value)
@@ -247,6 +252,7 @@ def private_fit(
     params = [p for p in model.parameters() if p.requires_grad]
     total, count = 0.0, 0
     try:
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks
         for epoch in range(1, epochs + 1):
             total, count = 0.0, 0
             for batch in loader:

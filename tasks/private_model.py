@@ -19,6 +19,7 @@ match. :func:`check_per_sample_gradients` tries one backward pass through Opacus
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -99,7 +100,9 @@ def check_per_sample_gradients(model: nn.Module, sample: torch.Tensor) -> None:
     wrapped = None
     try:
         wrapped = GradSampleModule(model)
-        wrapped(sample).float().sum().backward()
+        with warnings.catch_warnings():  # Opacus' hooks on an input without gradient
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            wrapped(sample).float().sum().backward()
     except (RuntimeError, NotImplementedError, ValueError) as err:
         raise ConfigError(
             f"task.dp_sgd.enabled=true, but training one case at a time fails on this network "

@@ -359,3 +359,13 @@ def test_the_command_refuses_a_site_with_fewer_cases_than_the_batch(tmp_path: Pa
     assert "site site-1 has 4 training case(s), fewer than task.batch_size=5" in output
     assert "Traceback" not in output
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_a_benchmark_baseline_with_dp_sgd_in_its_config_is_refused() -> None:
+    from fl_imaging.benchmark.plan import Cell
+    from fl_imaging.benchmark.runner import _checked
+
+    overrides = ("experiment=quick", "task.dp_sgd.enabled=true", "task.dp_sgd.target_epsilon=8")
+    with pytest.raises(ConfigError, match="the pooled baseline trains without DP-SGD"):
+        _checked(Cell("iid", "pooled", "pooled", 0, overrides))
+    assert _checked(Cell("iid", "dp", "federated", 0, overrides)).task.dp_sgd.enabled

@@ -65,6 +65,12 @@ def _checked(cell: Cell) -> RunConfig:
     cfg = check_overrides(list(cell.overrides))
     if cfg.strategy.fedbn:
         check_fedbn(cfg)
+    if cfg.task.dp_sgd.enabled and cell.kind != "federated":  # baselines train without DP-SGD
+        raise ConfigError(
+            f"bench cell {cell.key}: the {cell.kind} baseline trains without DP-SGD, but its "
+            "config has task.dp_sgd.enabled=true; put task.dp_sgd.* in bench.strategies, not in "
+            "the benchmark's common overrides"
+        )
     return cfg
 
 
