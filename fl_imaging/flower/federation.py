@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fl_imaging.config import ConfigError, DPMode, RunConfig
 from fl_imaging.flower.checkpoint import (
@@ -25,6 +25,7 @@ from fl_imaging.flower.checkpoint import (
     restore_strategy_state,
     save_checkpoint,
 )
+from fl_imaging.flower.patient_ledger import carried_ledgers
 from fl_imaging.privacy_report import spent_sites
 from fl_imaging.results import MetricRow, SitesFailed, progress_line
 from strategies import Federation, RecordingStrategy, build_strategy
@@ -81,6 +82,16 @@ class FederationPlan:
     done: threading.Event = field(default_factory=threading.Event)
     stopped: str = ""
     interrupted: bool = False
+    #: The config of every round's training messages (Flower sends this one object each round).
+    train_config: ConfigRecord = field(default_factory=ConfigRecord)
+
+    def round_config(self, settings: dict[str, bool | int | float | str]) -> ConfigRecord:
+        """The training messages' config: ``settings`` and, with DP-SGD, each site's privacy
+        ledger as the coordinator's rows know it (kept up to date after every round), so that a
+        site that lost its ``context.state`` (a resumed run, a restarted SuperNode) goes on
+        counting (:mod:`fl_imaging.flower.patient_ledger`)."""
+        self.train_config = ConfigRecord({**settings, **carried_ledgers(self.strategy.rows)})
+        return self.train_config
 
     @property
     def run_dir(self) -> Path:
@@ -159,6 +170,8 @@ class FederationPlan:
             failures=self.strategy.failures,
             cfg=self.cfg,
         )
+        for key, ledger in carried_ledgers(rows).items():  # DP-SGD: the next round's carry-over
+            self.train_config[key] = ledger
         why = budgets_spent(self.cfg, rows, self.site_names)
         if rnd < rounds and why:
             raise PatientBudgetsSpent(f"stopped after round {rnd} of {rounds}: {why}")

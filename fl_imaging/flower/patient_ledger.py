@@ -7,12 +7,13 @@ round, so process memory would lose steps. Each training reply reports the ledge
 spent (``patient_*`` metrics, see :data:`REPLY_METRICS`), so the coordinator's rows, progress line,
 checkpoint and summary hold every site's privacy state.
 
-A resumed run starts with fresh contexts. The coordinator then sends each site the ledger its
-checkpoint's rows recorded (:func:`carried_ledgers`, one train-config entry per site), and the
-site adopts whichever of that and its own record has counted more steps, so it never counts fewer
-steps than it has recorded itself. The coordinator is trusted for this carry-over: a site starting
-in a fresh process has only its word for the steps of the earlier run (a ledger file kept by the
-site would remove that trust; not built).
+A resumed run starts with fresh contexts (so does a SuperNode that restarts). The coordinator
+therefore sends each site, with every round's training message, the ledger its rows recorded for
+it (:func:`carried_ledgers`, one train-config entry per site, from the checkpoint's rows in a
+resumed run), and the site adopts whichever of that and its own record has counted more steps, so
+it never counts fewer steps than it has recorded itself. The coordinator is trusted for this
+carry-over: a site starting in a fresh process has only its word for the steps taken before (a
+ledger file kept by the site would remove that trust; not built).
 
 A site whose next round would exceed ``task.dp_sgd.target_epsilon`` does not train: it answers
 with the global weights it received and ``num-examples`` 0, so that no aggregator counts it

@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fl_imaging.config import RunConfig
 from fl_imaging.flower.federation import FederationPlan, PatientBudgetsSpent, plan_federation
 from fl_imaging.flower.final_scoring import score_test_cases
-from fl_imaging.flower.patient_ledger import carried_ledgers
 from fl_imaging.flower.polling import QuickPollGrid, StopRequested
 from fl_imaging.logs import show_progress
 from fl_imaging.protocol import EVALUATE_GLOBAL, LOCAL_EPOCHS, resolve_config
@@ -64,9 +63,8 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
             initial_arrays=recorder.global_arrays,
             num_rounds=cfg.engine.rounds - recorder.offset,
             timeout=cfg.engine.round_timeout,
-            train_config=ConfigRecord(
+            train_config=plan.round_config(
                 {LOCAL_EPOCHS: cfg.task.local_epochs, EVALUATE_GLOBAL: cfg.engine.evaluate_in_train}
-                | carried_ledgers(plan.checkpoint.rows if plan.checkpoint else [])  # DP-SGD
             ),
         )
     except PatientBudgetsSpent as err:  # DP-SGD: no site would train again
