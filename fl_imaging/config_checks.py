@@ -141,6 +141,7 @@ def config_problems(run: RunConfig) -> list[str]:
         problems.append(f"engine.clients_per_round={engine.clients_per_round}: must be 1 or more")
     problems.extend(_strategy_problems(run.strategy))
     problems.extend(_site_evaluation_problems(run))
+    problems.extend(_dp_sgd_problems(run))
     tracking = run.tracking
     if not tracking.experiment.strip():
         problems.append("tracking.experiment is empty: name the MLflow experiment, e.g. fl-imaging")
@@ -186,6 +187,52 @@ def _site_evaluation_problems(run: RunConfig) -> list[str]:
                 f"{strategy.dp.mode.value} (the epsilon covers the global model only): turn one "
                 "of them off"
             )
+    return problems
+
+
+#: Aggregators whose guarantee needs a minimum number of updates per round (Krum: 2f+3,
+#: Bulyan: 4f+3): a site that stops training at its DP-SGD budget would lower that number.
+_COUNTING_AGGREGATORS = ("krum", "multikrum", "bulyan")
+
+
+def _dp_sgd_problems(run: RunConfig) -> list[str]:
+    """The rules of ``task.dp_sgd`` (patient-level DP), each message naming the key."""
+    dp = run.task.dp_sgd
+    if not dp.enabled:
+        return []
+    problems: list[str] = []
+    if dp.target_epsilon is None and dp.noise_multiplier is None:
+        problems.append(
+            "task.dp_sgd.enabled=true needs task.dp_sgd.target_epsilon (each site derives its "
+            "noise from it) or task.dp_sgd.noise_multiplier (fixed noise), e.g. "
+            "task.dp_sgd.target_epsilon=8"
+        )
+    if dp.target_epsilon is not None and not dp.target_epsilon > 0:
+        problems.append(f"task.dp_sgd.target_epsilon={dp.target_epsilon}: must be positive")
+    if dp.noise_multiplier is not None and not dp.noise_multiplier > 0:
+        problems.append(
+            f"task.dp_sgd.noise_multiplier={dp.noise_multiplier}: must be positive (0 adds no "
+            "noise: no epsilon exists)"
+        )
+    if not 0 < dp.delta < 1:
+        problems.append(f"task.dp_sgd.delta={dp.delta}: must be in (0, 1), e.g. 1e-5")
+    if not dp.max_grad_norm > 0:
+        problems.append(f"task.dp_sgd.max_grad_norm={dp.max_grad_norm}: must be positive")
+    if run.engine.finetune_epochs > 0:
+        problems.append(
+            f"engine.finetune_epochs={run.engine.finetune_epochs} with task.dp_sgd.enabled=true: "
+            "fine-tuning trains on the sites' patients without DP-SGD and its test scores leave "
+            "the site, outside every site's epsilon; set engine.finetune_epochs=0"
+        )
+    stops = dp.noise_multiplier is not None and dp.target_epsilon is not None
+    if stops and run.strategy.name in _COUNTING_AGGREGATORS:
+        problems.append(
+            f"strategy={run.strategy.name} with task.dp_sgd.noise_multiplier and "
+            "task.dp_sgd.target_epsilon: a site stops training when its budget is spent, which "
+            f"lowers the number of updates {run.strategy.name}'s guarantee counts on; give "
+            "target_epsilon alone (the noise is then derived so that no site stops) or use "
+            "fedmedian, fedtrimmedavg or geomedian"
+        )
     return problems
 
 

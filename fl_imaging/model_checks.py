@@ -1,22 +1,29 @@
 """Checks on the model a config builds, done before any site's data is read.
 
-Two settings only make sense for some models: FedBN needs normalisation layers with parameters to
-keep at the sites, and client-level DP clips and noises batch-norm running statistics with the
-weights. Both are known from the model alone, so ``fl-imaging`` and ``fl-imaging-bench`` check
-them first, building the model once.
+Some settings only make sense for some models: FedBN needs normalisation layers with parameters
+to keep at the sites, client-level DP clips and noises batch-norm running statistics with the
+weights, and DP-SGD needs a per-case gradient for every parameter. All are known from the model
+alone, so ``fl-imaging`` and ``fl-imaging-bench`` check them first, building the model once.
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from fl_imaging.config import ConfigError, DPMode, RunConfig
 from tasks import build_task
 
-__all__ = ["check_fedbn", "check_model", "norm_state_keys", "warn_dp_running_statistics"]
+__all__ = [
+    "check_dp_sgd_model",
+    "check_fedbn",
+    "check_model",
+    "norm_state_keys",
+    "warn_dp_running_statistics",
+]
 
 log = logging.getLogger("fl_imaging")
 
@@ -37,13 +44,32 @@ def norm_state_keys(model: nn.Module) -> list[str]:
 
 def check_model(cfg: RunConfig) -> None:
     """Build ``cfg``'s model once and run every check on it: :func:`check_fedbn` (with FedBN
-    on) and :func:`warn_dp_running_statistics`. Raises :class:`ConfigError` as they do."""
-    if not cfg.strategy.fedbn and cfg.strategy.dp.mode == DPMode.none:
+    on), :func:`warn_dp_running_statistics` and :func:`check_dp_sgd_model`. Raises
+    :class:`ConfigError` as they do."""
+    dp_sgd = cfg.task.dp_sgd.enabled
+    if not cfg.strategy.fedbn and cfg.strategy.dp.mode == DPMode.none and not dp_sgd:
         return
     model = build_task(cfg.task).build_model()
     if cfg.strategy.fedbn:
         check_fedbn(cfg, model)
     warn_dp_running_statistics(cfg, model)
+    if dp_sgd:
+        check_dp_sgd_model(cfg)
+
+
+def check_dp_sgd_model(cfg: RunConfig) -> None:
+    """With ``task.dp_sgd``: log which layers the network's conversion for DP-SGD changed (batch
+    norm to GroupNorm, in-place activations) and try one per-case backward pass through Opacus
+    on one random input of ``task.roi_size`` (a Poisson batch may hold a single case). Raises
+    :class:`ConfigError` naming a layer Opacus cannot train."""
+    from tasks.private_model import check_per_sample_gradients, private_network
+
+    task = build_task(cfg.task)
+    model, conversion = private_network(task.network())
+    if conversion.message():
+        log.info("%s", conversion.message())
+    sample = torch.randn(1, cfg.task.in_channels, *cfg.task.roi_size)
+    check_per_sample_gradients(model, sample)
 
 
 def check_fedbn(cfg: RunConfig, model: nn.Module | None = None) -> None:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from fl_imaging.atomic import reason_of, write_atomically
-from fl_imaging.config import DPMode, RunConfig, config_to_yaml
+from fl_imaging.config import RunConfig, config_to_yaml
+from fl_imaging.privacy_report import patient_progress, privacy_lines
 
 if TYPE_CHECKING:
     import torch
@@ -227,7 +228,8 @@ def progress_line(
 ) -> str:
     """The line printed after round ``rnd`` of ``rounds``: the aggregate training loss, each of
     ``sites``' latest validation ``main_metric`` (with one message per round, a round's model is
-    scored in the next round: the line says which round's), epsilon when accounted, seconds."""
+    scored in the next round: the line says which round's), the client-level epsilon when
+    accounted, each site's patient-level epsilon (DP-SGD), seconds."""
     values = {(r.site, r.metric): r.value for r in rows if r.round == rnd}
     scored = max((r.round for r in rows if r.metric == main_metric and r.round <= rnd), default=rnd)
     scores = {(r.site, r.metric): r.value for r in rows if r.round == scored}
@@ -236,29 +238,20 @@ def progress_line(
     )
     label = main_metric if scored == rnd else f"{main_metric} (round {scored} model)"
     epsilon = values.get((AGGREGATE_SITE, "epsilon"))
+    patients = patient_progress(rows, rnd, sites)  # patient-level DP: each site's epsilon
     return (
-        f"round {rnd}/{rounds}  train loss "
-        f"{values.get((AGGREGATE_SITE, 'train_loss'), float('nan')):.4f} | "
+        f"round {rnd}/{rounds}  train loss {_fmt(values.get((AGGREGATE_SITE, 'train_loss')))} | "
         f"{label} {per_site or '-'} | "
         + (f"epsilon {epsilon:.3f} | " if epsilon is not None else "")
+        + (f"{patients} | " if patients else "")
         + f"{values.get((AGGREGATE_SITE, 'round_seconds'), float('nan')):.1f} s"
     )
 
 
 def privacy_line(rows: list[MetricRow], cfg: RunConfig) -> str:
-    """One line on the privacy spent (DP runs), or an empty string."""
-    dp = cfg.strategy.dp
-    if dp.mode == DPMode.none:
-        return ""
-    spent = [r for r in rows if r.site == AGGREGATE_SITE and r.metric == "epsilon"]
-    if not spent:
-        return f"differential privacy: {dp.mode.value}, noise {dp.noise_multiplier}; not accounted"
-    last = max(spent, key=lambda r: r.round)
-    return (
-        f"differential privacy: {dp.mode.value}, noise multiplier {dp.noise_multiplier}, clipping "
-        f"norm {dp.clipping_norm}: epsilon {last.value:.4f} at delta {dp.target_delta:g} after "
-        f"round {last.round}"
-    )
+    """The lines on every privacy guarantee of the run (client-level epsilon, each site's
+    patient-level epsilon, or "no formal DP"): :func:`fl_imaging.privacy_report.privacy_lines`."""
+    return "\n".join(privacy_lines(rows, cfg))
 
 
 def secure_aggregation_line(rows: list[MetricRow], cfg: RunConfig) -> str:

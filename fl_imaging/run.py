@@ -63,6 +63,7 @@ def run(cfg: RunConfig) -> Path:
     from fl_imaging.flower.federation import plan_federation
     from fl_imaging.flower.site_evaluations import check_test_cases
     from fl_imaging.model_checks import check_model
+    from fl_imaging.patient_privacy import check_sites_privacy
 
     cfg = resolve_tracking(cfg)  # tracking.uri: a folder made absolute (default mlruns/)
     check_tracking(cfg)
@@ -80,6 +81,7 @@ def run(cfg: RunConfig) -> Path:
         )
     else:
         cfg, sites, reports = prepare_sites(cfg)
+        check_sites_privacy(cfg, [(s.name, len(s.train)) for s in sites])  # DP-SGD accounting
         table = write_partition_summary(
             partition_summary(sites, reports), run_dir / "partition.csv"
         )

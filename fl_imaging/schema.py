@@ -18,6 +18,8 @@ __all__ = [
     "CompressionMode",
     "DPConfig",
     "DPMode",
+    "DPSGDAccountant",
+    "DPSGDConfig",
     "DataConfig",
     "DataName",
     "EngineConfig",
@@ -139,6 +141,34 @@ class OptimizerConfig:
     momentum: float = 0.9
 
 
+class DPSGDAccountant(enum.StrEnum):
+    """Opacus' accountants of DP-SGD's sampled Gaussian mechanism (``task.dp_sgd.accountant``)."""
+
+    rdp = "rdp"  # Renyi DP (Mironov 2017; Abadi et al. 2016's moments accountant)
+    prv = "prv"  # privacy random variables (Gopi et al. 2021): tighter, slower
+
+
+@dataclass
+class DPSGDConfig:
+    """Patient-level (record-level) DP: DP-SGD at every site (``task.dp_sgd``, Opacus).
+
+    Each site clips every case's gradient to ``max_grad_norm`` (L2), adds Gaussian noise of
+    std ``noise_multiplier * max_grad_norm`` to the sum of a Poisson-sampled batch (rate
+    ``task.batch_size`` / training cases) and accounts its own (epsilon, ``delta``) with
+    ``accountant``. With ``target_epsilon`` alone, each site derives its noise multiplier so that
+    the whole run stays within it; with ``noise_multiplier`` set, that noise is used and a
+    ``target_epsilon`` (optional) is a budget: a site whose next round would exceed it stops
+    training.
+    """
+
+    enabled: bool = False
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: DPSGDAccountant = DPSGDAccountant.rdp
+
+
 @dataclass
 class TaskConfig:
     name: TaskName = TaskName.segmentation
@@ -154,6 +184,8 @@ class TaskConfig:
     spacing: list[float] | None = None
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
+    #: Patient-level differential privacy: DP-SGD at every site (see DPSGDConfig).
+    dp_sgd: DPSGDConfig = field(default_factory=DPSGDConfig)
 
 
 @dataclass
@@ -331,6 +363,8 @@ class BenchConfig:
     baselines: list[str] = field(default_factory=lambda: ["pooled", "local"])
     metrics: list[str] = field(default_factory=list)
     finetune_epochs: int = 1
+    #: The method the summary's ratio column divides by (``vs <reference>``).
+    reference: str = "pooled"
 
 
 class TrackingBackend(enum.StrEnum):

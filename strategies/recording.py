@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from fl_imaging.protocol import GLOBAL_EVAL, NUM_EXAMPLES, UNIT_WEIGHT, ReplySites, error_reason
 from fl_imaging.results import AGGREGATE_SITE, Failure, MetricRow
 from strategies.privacy import privacy_spent
-from strategies.validation import ACCEPTED, FLAGGED, UpdateCheck
+from strategies.validation import ACCEPTED, FLAGGED, IDLE, UpdateCheck
 from strategies.wrapper import StrategyWrapper
 
 __all__ = ["RecordingStrategy", "array_bytes"]
@@ -88,7 +88,7 @@ class RecordingStrategy(StrategyWrapper):
             }
             for name, value in values.items():
                 self.rows.append(MetricRow(server_round, check.site, name, value))
-            if check.status not in (ACCEPTED, FLAGGED):
+            if check.status not in (ACCEPTED, FLAGGED, IDLE):  # idle: trained on no case
                 self.failures.append((server_round, check.site, f"update rejected: {check.reason}"))
 
     def record_secure_sum(

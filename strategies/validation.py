@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
 from fl_imaging.config import NORM_OUTLIER_ACTIONS, UpdateValidationConfig
-from fl_imaging.protocol import ReplySites, error_reason
+from fl_imaging.protocol import NUM_EXAMPLES, ReplySites, error_reason
 from strategies.arrays import (
     Arrays,
     cast_like,
@@ -31,11 +31,14 @@ from strategies.arrays import (
 )
 from strategies.wrapper import SentArraysWrapper
 
-__all__ = ["ACCEPTED", "FLAGGED", "REJECTED", "UpdateCheck", "ValidatingStrategy"]
+__all__ = ["ACCEPTED", "FLAGGED", "IDLE", "REJECTED", "UpdateCheck", "ValidatingStrategy"]
 
 log = logging.getLogger("fl_imaging.server")
 
 ACCEPTED, FLAGGED, REJECTED = "accepted", "flagged", "rejected"
+#: A well-formed reply of a site that trained on no case this round (``num-examples`` 0: a site
+#: whose patient-level DP budget is spent): it holds no update, so no aggregator may count it.
+IDLE = "idle"
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,10 @@ class ValidatingStrategy(SentArraysWrapper):
     dtypes other than those sent, or holds NaN/Inf in a floating array. Of the others, an update
     whose L2 norm exceeds ``cfg.norm_factor`` times the median norm of those replies is an
     outlier, flagged or rejected per ``cfg.norm_outliers`` (no outliers when that median is 0).
+    A reply with ``num-examples`` 0 trained on no case (a site whose DP-SGD budget is spent) and
+    is ``idle``: left out, so that no aggregator averages it in or counts it as a site's vote
+    (a run with client-level DP stops before any site sits out: its noise and accountant assume
+    every site, see :class:`~fl_imaging.flower.federation.FederationPlan`).
     Flagged and accepted replies go to ``inner``; when none is left, ``(None, None)`` is returned
     and Flower's ``Strategy.start`` keeps the previous global model for the next round. The
     aggregate's arrays are cast back to the sent dtypes (Flower's mean turns int64 counters such
@@ -170,15 +177,19 @@ class ValidatingStrategy(SentArraysWrapper):
             raise RuntimeError("ValidatingStrategy.aggregate_train before configure_train")
         sent = self.sent
         entries = [self._inspect(msg, self.sites(msg), sent) for msg in replies]
+        for e in entries:
+            if e.status == ACCEPTED and _trained_nothing(e.msg):
+                e.status, e.reason = IDLE, f"site {e.site} trained on no case (num-examples 0)"
         self._mark_outliers(entries)
-        kept = [e for e in entries if e.status != REJECTED]
+        kept = [e for e in entries if e.status in (ACCEPTED, FLAGGED)]
         arrays: ArrayRecord | None = None
         metrics: MetricRecord | None = None
         if kept:
             arrays, metrics = self.inner.aggregate_train(server_round, [e.msg for e in kept])
         else:
             log.warning(
-                "round %d: every reply was rejected; the global model stays as it was",
+                "round %d: no update to aggregate (every reply rejected or idle); the global "
+                "model stays as it was",
                 server_round,
             )
         aggregate = to_numpy(arrays) if arrays is not None else None
@@ -217,3 +228,9 @@ class ValidatingStrategy(SentArraysWrapper):
             status=entry.status,
             reason=entry.reason,
         )
+
+
+def _trained_nothing(msg: Message) -> bool:
+    """Whether a reply says it trained on no case (``num-examples`` 0)."""
+    metrics = next(iter(msg.content.metric_records.values()), None)
+    return metrics is not None and metrics.get(NUM_EXAMPLES, 1) == 0

@@ -17,6 +17,7 @@ Shapes in the docstrings of the tasks, as MONAI writes them:
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from fl_imaging.config import OptimizerName, TaskConfig
 from fl_imaging.data.readers import IMAGE_READERS
 
 __all__ = ["IMAGE_READERS", "ORIENTATION_LABELS", "ImagingTask", "TrainResult", "build_optimizer"]
+
+log = logging.getLogger("fl_imaging")
 
 #: World axes of RAS+ (left->right, posterior->anterior, inferior->superior) for Orientationd.
 ORIENTATION_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -93,15 +96,34 @@ class ImagingTask(abc.ABC):
         self.cfg = cfg
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    @abc.abstractmethod
     def build_model(self) -> nn.Module:
-        """Return a freshly initialised MONAI network (on the CPU, in training mode).
+        """Return a freshly initialised MONAI network (on the CPU, in training mode): the task's
+        :meth:`network`, made fit for per-case gradients when ``cfg.dp_sgd.enabled`` (batch norm
+        as GroupNorm, no in-place activation: :func:`tasks.private_model.private_network`), so
+        that the coordinator and every site build the same layers.
 
         Returns:
             An ``nn.Module`` taking images ``(B, C_in, *spatial)`` float32 and returning float32
             logits (no softmax): ``(B, K, *spatial)`` for segmentation, ``(B, K)`` for
             classification.
+
+        Raises:
+            ConfigError: with DP-SGD, for a layer Opacus cannot train (named).
         """
+        model = self.network()
+        if not self.cfg.dp_sgd.enabled:
+            return model
+        from tasks.private_model import private_network  # Opacus only when DP-SGD is on
+
+        model, conversion = private_network(model)
+        if conversion.message():
+            log.debug("%s", conversion.message())
+        return model
+
+    @abc.abstractmethod
+    def network(self) -> nn.Module:
+        """Return the task's freshly initialised MONAI network as configured (CPU, training
+        mode), before any DP-SGD conversion; same output as :meth:`build_model`."""
 
     @abc.abstractmethod
     def load_transforms(self) -> Compose:

@@ -46,7 +46,7 @@ class ClassificationTask(ImagingTask):
 
     main_metric = "accuracy"
 
-    def build_model(self) -> nn.Module:
+    def network(self) -> nn.Module:
         """Return a freshly initialised MONAI ``ResNet`` or ``DenseNet`` (``cfg.model.name``).
 
         ResNet: basic blocks, one per stage, the 4 stage widths of ``cfg.model.channels``, a

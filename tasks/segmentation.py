@@ -49,7 +49,7 @@ class SegmentationTask(ImagingTask):
 
     main_metric = "dice"
 
-    def build_model(self) -> nn.Module:
+    def network(self) -> nn.Module:
         """Return a freshly initialised MONAI ``UNet`` or ``SegResNet`` (``cfg.model.name``).
 
         UNet: one level per ``cfg.model.channels`` entry, stride 2 between levels,

@@ -60,6 +60,8 @@ class SiteResult:
     mb_up: float = 0.0
     mb_down: float = 0.0
     epsilon: float = math.nan
+    #: The site's patient-level (DP-SGD) epsilon after its last round; NaN without DP-SGD.
+    patient_epsilon: float = math.nan
 
 
 def _better(metric: str, a: float, b: float) -> bool:
@@ -112,6 +114,9 @@ def site_results(
             wall_s=wall_s,
             epsilon=epsilon,
         )
+        patient = [r for r in site_rows if r.metric == "patient_epsilon"]
+        if patient:
+            result.patient_epsilon = max(patient, key=lambda r: r.round).value
         for row in site_rows:
             if row.metric == main and not math.isnan(row.value):
                 if result.best_round == 0 or _better(main, row.value, result.best_val):
@@ -144,6 +149,7 @@ def write_results_csv(results: Sequence[SiteResult], metrics: Sequence[str], pat
         "mb_up",
         "mb_down",
         "epsilon",
+        "patient_epsilon",
     ]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -167,6 +173,7 @@ def write_results_csv(results: Sequence[SiteResult], metrics: Sequence[str], pat
                     f"{r.mb_up:.3f}",
                     f"{r.mb_down:.3f}",
                     _num(r.epsilon),
+                    _num(r.patient_epsilon),
                 ]
             )
     return path
@@ -232,6 +239,8 @@ def summarise(
             per_seed["mb_per_site"].append(_mean([s.mb_up + s.mb_down for s in sites]))
             per_seed["mb_up_per_site"].append(_mean([s.mb_up for s in sites]))
             per_seed["epsilon"].append(sites[0].epsilon)
+            patient = [s.patient_epsilon for s in sites if not math.isnan(s.patient_epsilon)]
+            per_seed["patient_epsilon"].append(max(patient) if patient else math.nan)
         figures = {k: (_mean(v), _std(v)) for k, v in per_seed.items()}
         summary.append(SummaryRow(setup, method, kinds[(setup, method)], len(seeds), figures))
     return summary
@@ -245,17 +254,23 @@ def _pm(figure: tuple[float, float], digits: int = 3) -> str:
 
 
 def write_summary(
-    summary: Sequence[SummaryRow], metrics: Sequence[str], folder: Path, header: str
+    summary: Sequence[SummaryRow],
+    metrics: Sequence[str],
+    folder: Path,
+    header: str,
+    reference: str = "pooled",
 ) -> tuple[Path, Path]:
     """Write ``summary.csv`` and ``summary.md`` (``header`` on top: command, commit, machine)
-    into ``folder``: one table per setup, the pooled baseline's main figure as the reference
-    (``vs pooled``: the method's mean over sites divided by pooled's). Returns both paths."""
+    into ``folder``: one table per setup, the main figure of the method ``reference`` (default:
+    the pooled baseline) as the reference (``vs <reference>``: the method's mean over sites
+    divided by the reference's). Returns both paths."""
     main = metrics[0]
     wholes = [f"whole_{m}" for m in metrics]
     columns = [
         *metrics,
         *wholes,
         *("worst", "gap", "finetuned", "wall_s", "mb_per_site", "mb_up_per_site", "epsilon"),
+        "patient_epsilon",
     ]
     csv_path = folder / "summary.csv"
     with csv_path.open("w", newline="") as handle:
@@ -279,12 +294,13 @@ def write_summary(
         "mb_per_site": "MB per site",
         "mb_up_per_site": "MB up per site",
         "epsilon": "epsilon",
+        "patient_epsilon": "patient epsilon (max over sites)",
         **{f"whole_{m}": f"{m}, all test cases at once" for m in metrics},
     }
     for setup in dict.fromkeys(r.setup for r in summary):
         rows = [r for r in summary if r.setup == setup]
-        pooled = next((r for r in rows if r.kind == "pooled"), None)
-        reference = pooled.figures[main][0] if pooled else math.nan
+        base = next((r for r in rows if r.method == reference), None)
+        reference_figure = base.figures[main][0] if base else math.nan
         shown = [
             c
             for c in columns
@@ -292,17 +308,17 @@ def write_summary(
         ]
         lines += [f"### {setup}", ""]
         head = ["method", "seeds", *(f"{c} (mean over sites)" for c in metrics[:1])]
-        head += ["vs pooled", *(titles.get(c, c) for c in shown if c != main)]
+        head += [f"vs {reference}", *(titles.get(c, c) for c in shown if c != main)]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for row in rows:
-            ratio = row.figures[main][0] / reference if reference else math.nan
+            ratio = row.figures[main][0] / reference_figure if reference_figure else math.nan
             cells = [row.method, str(row.seeds), _pm(row.figures[main])]
             cells.append("-" if math.isnan(ratio) else f"{ratio:.3f}")
             for c in shown:
                 if c == main:
                     continue
-                two_digits = ("mb_per_site", "mb_up_per_site", "epsilon")
+                two_digits = ("mb_per_site", "mb_up_per_site", "epsilon", "patient_epsilon")
                 digits = 1 if c == "wall_s" else 2 if c in two_digits else 3
                 cells.append(_pm(row.figures[c], digits))
             lines.append("| " + " | ".join(cells) + " |")

@@ -66,6 +66,12 @@ def _checked(cell: Cell) -> RunConfig:
     cfg = check_overrides(list(cell.overrides))
     if cfg.strategy.fedbn:
         check_fedbn(cfg)
+    if cfg.task.dp_sgd.enabled and cell.kind != "federated":  # baselines train without DP-SGD
+        raise ConfigError(
+            f"bench cell {cell.key}: the {cell.kind} baseline trains without DP-SGD, but its "
+            "config has task.dp_sgd.enabled=true; put task.dp_sgd.* in bench.strategies, not in "
+            "the benchmark's common overrides"
+        )
     return cfg
 
 
@@ -158,7 +164,8 @@ def _report(
             log.error("cell %s: not scored on all test cases at once: %s", cell.key, err)
     write_results_csv(results, metrics, out / "results.csv")
     summary = summarise(results, metrics, whole)
-    _, md_path = write_summary(summary, metrics, out, _header(name, argv))
+    reference = cells[0][1].bench.reference if cells else "pooled"
+    _, md_path = write_summary(summary, metrics, out, _header(name, argv), reference)
     for setup, by_method in curves.items():
         title = f"{name}: {setup}"
         plot_convergence(by_method, metrics[0], title, out / f"convergence_{setup}.png")

@@ -21,6 +21,7 @@ from fl_imaging.compression import Codec
 from fl_imaging.config import CompressionMode, DPMode, RunConfig
 from fl_imaging.flower.compression_site import compress_reply
 from fl_imaging.flower.local_norms import restore_local_norms, save_local_norms
+from fl_imaging.flower.patient_ledger import patient_metrics, site_privacy
 from fl_imaging.flower.secagg_site import mask_reply
 from fl_imaging.flower.site_queries import SITE_QUERIES
 from fl_imaging.logs import show_progress
@@ -74,7 +75,7 @@ def build_client_app(
     taking its site trainers from ``trainers`` (default: the process's, :func:`process_trainers`,
     looked up at each message: Ray hands every message a copy of the app). Client-side DP
     clips the update (Flower's mods) before secure aggregation masks it or compression encodes
-    it."""
+    it; DP-SGD: :mod:`fl_imaging.flower.patient_ledger`."""
     client = ClientApp()
 
     def site_trainer(
@@ -101,7 +102,8 @@ def build_client_app(
         evaluated = settings.get(EVALUATE_GLOBAL, False) and rnd > 1
         previous = _evaluation(trainer, ConfigRecord()) if evaluated else None
         mu = float(settings.get(PROXIMAL_MU, 0.0))
-        result = trainer.fit(
+        privacy = site_privacy(context, cfg, trainer, settings)  # patient-level DP (DP-SGD)
+        result = (trainer.fit if privacy is None else privacy.fit)(
             int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs)),
             seed=training_seed(cfg.seed, rnd, site.index),
             extra_loss=proximal_term(global_state, mu) if mu > 0 else None,
@@ -109,11 +111,15 @@ def build_client_app(
         )
         if cfg.strategy.fedbn:
             save_local_norms(trainer.model, context)
-        state = trainer.state()
+        state = trainer.state() if result.num_samples else global_state  # 0: did not train
         if attack is not None:
             state = attack.poison(global_state, state, rnd, site.name)
-        metrics = {"train_loss": result.loss, NUM_EXAMPLES: result.num_samples}
-        metrics[MALICIOUS] = int(attack is not None)
+        metrics = {
+            "train_loss": result.loss,
+            NUM_EXAMPLES: result.num_samples,
+            MALICIOUS: int(attack is not None),
+        }
+        metrics = patient_metrics(privacy, metrics)
         return site_reply(msg, site.name, metrics, ArrayRecord(state), previous)
 
     def train(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fl_imaging.config import RunConfig
+from fl_imaging.config import ConfigError, DPMode, RunConfig
 from fl_imaging.flower.checkpoint import (
     Checkpoint,
     check_resumable,
@@ -25,14 +25,40 @@ from fl_imaging.flower.checkpoint import (
     restore_strategy_state,
     save_checkpoint,
 )
+from fl_imaging.flower.patient_ledger import carried_ledgers
 from fl_imaging.flower.run_records import RunRecords
+from fl_imaging.privacy_report import spent_sites
 from fl_imaging.results import AGGREGATE_SITE, MetricRow, SitesFailed, progress_line
 from strategies import Federation, RecordingStrategy, build_strategy
 from tasks import build_task
 
-__all__ = ["FederationPlan", "plan_federation"]
+__all__ = ["FederationPlan", "PatientBudgetsSpent", "budgets_spent", "plan_federation"]
 
 log = logging.getLogger("fl_imaging.server")
+
+
+class PatientBudgetsSpent(RuntimeError):
+    """Every site's DP-SGD budget is spent before the last round (no site would train again),
+    or one site's is in a run with client-level DP. The message says after which round the run
+    stops and why."""
+
+
+def budgets_spent(cfg: RunConfig, rows: list[MetricRow], site_names: list[str]) -> str:
+    """Why a DP-SGD run cannot go on, from the sites' ``patient_budget_spent`` rows: every site's
+    budget is spent, or, with accounted client-level DP, one site's (DP-FedAvg's noise and
+    accountant assume every site's update in every round; a site sitting out would make its
+    epsilon wrong). Empty when the run can go on."""
+    spent = spent_sites(rows)
+    budget = f"task.dp_sgd.target_epsilon={cfg.task.dp_sgd.target_epsilon}"
+    if spent and set(spent) >= set(site_names):
+        return f"every site's patient-level privacy budget is spent ({budget})"
+    if spent and cfg.strategy.dp.mode != DPMode.none and cfg.strategy.dp.account:
+        return (
+            f"the patient-level privacy budget of {', '.join(spent)} is spent ({budget}), and "
+            f"client-level DP (strategy.dp.mode={cfg.strategy.dp.mode.value}) accounts every "
+            "site's update in every round: no round can run without it"
+        )
+    return ""
 
 
 @dataclass
@@ -59,6 +85,16 @@ class FederationPlan:
     interrupted: bool = False
     #: The audit log and tracking of the run (opened by the ServerApp, fed after every round).
     records: RunRecords = field(default_factory=RunRecords)
+    #: The config of every round's training messages (Flower sends this one object each round).
+    train_config: ConfigRecord = field(default_factory=ConfigRecord)
+
+    def round_config(self, settings: dict[str, bool | int | float | str]) -> ConfigRecord:
+        """The training messages' config: ``settings`` and, with DP-SGD, each site's privacy
+        ledger as the coordinator's rows know it (kept up to date after every round), so that a
+        site that lost its ``context.state`` (a resumed run, a restarted SuperNode) goes on
+        counting (:mod:`fl_imaging.flower.patient_ledger`)."""
+        self.train_config = ConfigRecord({**settings, **carried_ledgers(self.strategy.rows)})
+        return self.train_config
 
     @property
     def run_dir(self) -> Path:
@@ -72,7 +108,8 @@ class FederationPlan:
     def absent_sites(self) -> dict[str, str]:
         """The sites that failed (or never answered) in every round they were asked to train
         in, by name, with the first reason; empty when every site trained at least once."""
-        trained = {r.site for r in self.strategy.rows if r.metric == "train_loss"}
+        # DP-SGD sites keep their training loss: their training replies give num_train only
+        trained = {r.site for r in self.strategy.rows if r.metric in ("train_loss", "num_train")}
         absent: dict[str, str] = {}
         for _, site, reason in self.strategy.failures:
             if site not in trained | {AGGREGATE_SITE} and not reason.startswith("test round"):
@@ -123,7 +160,8 @@ class FederationPlan:
         """Print round ``rnd``'s progress line, append its audit record (and send its metrics to
         the tracker), and save the checkpoint after it. Raises
         :class:`~fl_imaging.results.RunFolderError` when the audit log or the checkpoint cannot
-        be written (the previous checkpoint is kept)."""
+        be written (the previous checkpoint is kept), :class:`PatientBudgetsSpent` when every site
+        reported its DP-SGD budget spent before the last round."""
         rounds = self.cfg.engine.rounds
         log.info(progress_line(rnd, rounds, rows, self.main_metric, self.site_names))
         self.records.after_round(self, rnd)
@@ -137,6 +175,11 @@ class FederationPlan:
             failures=self.strategy.failures,
             cfg=self.cfg,
         )
+        for key, ledger in carried_ledgers(rows).items():  # DP-SGD: the next round's carry-over
+            self.train_config[key] = ledger
+        why = budgets_spent(self.cfg, rows, self.site_names)
+        if rnd < rounds and why:
+            raise PatientBudgetsSpent(f"stopped after round {rnd} of {rounds}: {why}")
 
 
 def plan_federation(cfg: RunConfig, site_names: list[str]) -> FederationPlan:
@@ -156,6 +199,8 @@ def plan_federation(cfg: RunConfig, site_names: list[str]) -> FederationPlan:
     arrays = ArrayRecord(model.state_dict())
     if checkpoint is not None:
         check_resumable(checkpoint, cfg)
+        if why := budgets_spent(cfg, checkpoint.rows, names):  # DP-SGD: nothing left to train
+            raise ConfigError(f"cannot resume {cfg.resume}: {why}")
         arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.arrays.items()})
         log.info(
             "resuming %s after round %d of %d", cfg.resume, checkpoint.round, cfg.engine.rounds

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fl_imaging.config import RunConfig
-from fl_imaging.flower.federation import FederationPlan, plan_federation
+from fl_imaging.flower.federation import FederationPlan, PatientBudgetsSpent, plan_federation
 from fl_imaging.flower.final_scoring import score_test_cases
 from fl_imaging.flower.polling import QuickPollGrid, StopRequested
 from fl_imaging.flower.site_evaluations import evaluate_across_sites
@@ -68,10 +68,13 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
             initial_arrays=recorder.global_arrays,
             num_rounds=cfg.engine.rounds - recorder.offset,
             timeout=cfg.engine.round_timeout,
-            train_config=ConfigRecord(
+            train_config=plan.round_config(
                 {LOCAL_EPOCHS: cfg.task.local_epochs, EVALUATE_GLOBAL: cfg.engine.evaluate_in_train}
             ),
         )
+    except PatientBudgetsSpent as err:  # DP-SGD: no site would train again
+        plan.stopped = str(err)
+        log.warning("%s", plan.stopped)
     except PrivacyBudgetExhausted as err:
         plan.stopped = (
             f"stopped after round {plan.rounds_done()} of {cfg.engine.rounds}: the privacy "
