@@ -3,8 +3,7 @@
 Each site reads only its own folder: the one given by its SuperNode's ``--node-config
 data-dir=...`` (deployment) or, in simulation, the entry of ``data.sites`` at its partition id.
 Its trainer (:mod:`fl_imaging.site_training`) is kept between rounds; weights travel as NumPy
-arrays (``ArrayRecord``), masked with secure aggregation (:mod:`.secagg_site`), or as a
-compressed update with ``strategy.compression`` (:mod:`.compression_site`).
+arrays (``ArrayRecord``), clipped, masked or compressed on the way out (:mod:`.outgoing_update`).
 """
 
 from __future__ import annotations
@@ -14,15 +13,12 @@ from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from fl_imaging.attacks import SimulatedAttack, site_attack
-from fl_imaging.compression import Codec
-from fl_imaging.config import CompressionMode, DPMode, RunConfig
-from fl_imaging.flower.compression_site import compress_reply
+from fl_imaging.config import RunConfig
 from fl_imaging.flower.local_norms import restore_local_norms, save_local_norms
+from fl_imaging.flower.outgoing_update import outgoing_update
 from fl_imaging.flower.patient_ledger import patient_metrics, site_privacy
-from fl_imaging.flower.secagg_site import mask_reply
 from fl_imaging.flower.site_queries import SITE_QUERIES
 from fl_imaging.logs import show_progress
 from fl_imaging.protocol import (
@@ -38,7 +34,6 @@ from fl_imaging.protocol import (
     site_errors,
     site_reply,
 )
-from fl_imaging.secure_sum import SECAGG
 from fl_imaging.site_training import (
     SiteRef,
     SiteTrainer,
@@ -52,12 +47,6 @@ from fl_imaging.site_training import (
 __all__ = ["app", "build_client_app"]
 
 log = logging.getLogger("fl_imaging.client")
-
-#: Flower's client-side DP mods, applied to training replies of the matching DP mode.
-CLIENT_DP_MODS = {
-    DPMode.client_fixed: fixedclipping_mod,
-    DPMode.client_adaptive: adaptiveclipping_mod,
-}
 
 
 def _evaluation(trainer: SiteTrainer, settings: ConfigRecord, seed: int = 0) -> dict[str, float]:
@@ -73,9 +62,9 @@ def build_client_app(
 ) -> ClientApp:
     """Return a ClientApp bound to ``config`` (simulation), or reading it from run_config (None),
     taking its site trainers from ``trainers`` (default: the process's, :func:`process_trainers`,
-    looked up at each message: Ray hands every message a copy of the app). Client-side DP
-    clips the update (Flower's mods) before secure aggregation masks it or compression encodes
-    it; DP-SGD: :mod:`fl_imaging.flower.patient_ledger`."""
+    looked up at each message: Ray hands every message a copy of the app). What happens to a
+    reply before it leaves (client-side DP, masking, compression): :mod:`.outgoing_update`;
+    DP-SGD: :mod:`fl_imaging.flower.patient_ledger`."""
     client = ClientApp()
 
     def site_trainer(
@@ -123,16 +112,7 @@ def build_client_app(
         return site_reply(msg, site.name, metrics, ArrayRecord(state), previous)
 
     def train(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
-        mod = CLIENT_DP_MODS.get(cfg.strategy.dp.mode)
-        if mod is None:
-            reply = train_site(msg, context, cfg, site)
-        else:  # Flower's client-side DP clipping, before any masking
-            reply = mod(msg, context, lambda m, c: train_site(m, c, cfg, site))
-        if SECAGG in msg.content.config_records:
-            reply = mask_reply(msg, reply, context)
-        elif cfg.strategy.compression != CompressionMode.none:  # after any DP clipping
-            reply = compress_reply(msg, reply, context, Codec.of(cfg.strategy))
-        return reply
+        return outgoing_update(msg, context, cfg, lambda m, c: train_site(m, c, cfg, site))
 
     def evaluate(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
         global_state = msg.content["arrays"].to_torch_state_dict()

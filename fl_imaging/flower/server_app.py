@@ -2,8 +2,9 @@
 for ``engine.rounds`` rounds, let every site score the final model, write the run's files.
 
 Where things happen: the strategy chain is assembled in :mod:`strategies.chain`, the plan in
-:mod:`fl_imaging.flower.federation`, the test round in :mod:`fl_imaging.flower.final_scoring`,
-the result files in :mod:`fl_imaging.results`.
+:mod:`fl_imaging.flower.federation`, the rounds in :mod:`fl_imaging.flower.training_rounds`, the
+test round in :mod:`fl_imaging.flower.final_scoring`, the evaluations after it in
+:mod:`fl_imaging.flower.site_evaluations`, the result files in :mod:`fl_imaging.results`.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fl_imaging.config import RunConfig
-from fl_imaging.flower.federation import FederationPlan, PatientBudgetsSpent, plan_federation
+from fl_imaging.flower.federation import FederationPlan, plan_federation
 from fl_imaging.flower.final_scoring import score_test_cases
 from fl_imaging.flower.polling import QuickPollGrid, StopRequested
 from fl_imaging.flower.site_evaluations import evaluate_across_sites
+from fl_imaging.flower.training_rounds import train_rounds
 from fl_imaging.logs import show_progress
-from fl_imaging.protocol import EVALUATE_GLOBAL, LOCAL_EPOCHS, resolve_config
-from fl_imaging.results import RunFolderError, write_run_files
-from strategies import NotEnoughSites, RecordingStrategy
+from fl_imaging.protocol import resolve_config
+from fl_imaging.results import write_run_files
+from strategies import RecordingStrategy
 
 __all__ = ["app", "build_server_app", "run_federation"]
 
@@ -59,44 +60,9 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
     """The rounds, the test round and the run's files; why the run stopped early goes to
     ``plan.stopped`` (and summary.txt)."""
     cfg, recorder = plan.cfg, plan.strategy
-    test = cfg.engine.test or cfg.engine.cross_site  # cross-site evaluation ends the test round
-    finish = True  # the sites can still be asked (cross-site evaluation, contributions)
-    write_error: RunFolderError | None = None
-    try:
-        recorder.start(
-            grid=grid,
-            initial_arrays=recorder.global_arrays,
-            num_rounds=cfg.engine.rounds - recorder.offset,
-            timeout=cfg.engine.round_timeout,
-            train_config=plan.round_config(
-                {LOCAL_EPOCHS: cfg.task.local_epochs, EVALUATE_GLOBAL: cfg.engine.evaluate_in_train}
-            ),
-        )
-    except PatientBudgetsSpent as err:  # DP-SGD: no site would train again
-        plan.stopped = str(err)
-        log.warning("%s", plan.stopped)
-    except PrivacyBudgetExhausted as err:
-        plan.stopped = (
-            f"stopped after round {plan.rounds_done()} of {cfg.engine.rounds}: the privacy "
-            f"budget strategy.dp.max_epsilon={cfg.strategy.dp.max_epsilon} would be exceeded by "
-            f"the next round ({err})"
-        )
-        log.warning("%s", plan.stopped)
-    except NotEnoughSites as err:
-        plan.stopped, test, finish = str(err), False, False
-        log.error("%s", plan.stopped)
-        if cfg.engine.test:
-            log.warning("no test round: too few sites are connected")
-    except RunFolderError as err:  # the checkpoint after a round could not be written
-        write_error = RunFolderError(
-            f"stopped after round {plan.rounds_done()} of {cfg.engine.rounds}: {err}"
-        )
-        plan.stopped, test, finish = str(write_error), False, False
-        log.error("%s", plan.stopped)
-        if cfg.engine.test:
-            log.warning("no test round: the run folder cannot be written")
-    except StopRequested:
-        plan.note_interrupted()
+    reachable, write_error = train_rounds(grid, plan)
+    test = reachable and (cfg.engine.test or cfg.engine.cross_site)  # cross-site ends it
+    finish = reachable  # the sites can still be asked (cross-site evaluation, contributions)
     if test and not plan.interrupted:
         try:
             score_test_cases(grid, plan)

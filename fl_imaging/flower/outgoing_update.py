@@ -1,0 +1,44 @@
+"""What happens to a site's training reply before it leaves the site, in one place.
+
+In order: Flower's client-side DP clipping (``strategy.dp.mode=client_*``: its
+``fixedclipping_mod`` / ``adaptiveclipping_mod`` clip the update against the global model),
+then either secure aggregation's masking (:mod:`.secagg_site`, when the coordinator asked for it)
+or update compression (:mod:`.compression_site`, ``strategy.compression``). Masking and
+compression never meet (refused in :mod:`fl_imaging.config_checks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context, Message
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+
+from fl_imaging.compression import Codec
+from fl_imaging.config import CompressionMode, DPMode, RunConfig
+from fl_imaging.flower.compression_site import compress_reply
+from fl_imaging.flower.secagg_site import mask_reply
+from fl_imaging.secure_sum import SECAGG
+
+__all__ = ["CLIENT_DP_MODS", "outgoing_update"]
+
+#: Flower's client-side DP mods, applied to training replies of the matching DP mode.
+CLIENT_DP_MODS = {
+    DPMode.client_fixed: fixedclipping_mod,
+    DPMode.client_adaptive: adaptiveclipping_mod,
+}
+
+
+def outgoing_update(
+    msg: Message, context: Context, cfg: RunConfig, train: Callable[[Message, Context], Message]
+) -> Message:
+    """Run ``train`` on the coordinator's training message ``msg`` and return its reply as it
+    leaves the site: clipped by Flower's client-side DP mod of ``cfg.strategy.dp.mode`` (if
+    any), then masked (secure aggregation) or encoded (``cfg.strategy.compression``)."""
+    mod = CLIENT_DP_MODS.get(cfg.strategy.dp.mode)
+    reply = train(msg, context) if mod is None else mod(msg, context, train)
+    if SECAGG in msg.content.config_records:
+        return mask_reply(msg, reply, context)
+    if cfg.strategy.compression != CompressionMode.none:  # after any DP clipping
+        return compress_reply(msg, reply, context, Codec.of(cfg.strategy))
+    return reply
