@@ -18,9 +18,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from fl_imaging.config import DPMode, RunConfig
+from fl_imaging.config import CompressionMode, DPMode, RunConfig
 
-__all__ = ["patient_privacy_lines", "patient_progress", "privacy_lines", "spent_sites"]
+__all__ = [
+    "disclosure_lines",
+    "patient_privacy_lines",
+    "patient_progress",
+    "privacy_lines",
+    "secure_aggregation_line",
+    "spent_sites",
+]
 
 AGGREGATE = "all"
 #: What client-level DP protects, and against whom (both of Flower's fixed-clipping modes add the
@@ -137,4 +144,62 @@ def privacy_lines(rows: Sequence[_Row], cfg: RunConfig) -> list[str]:
     return lines or [
         "privacy: no formal DP (only model weights leave the sites; task.dp_sgd.enabled=true "
         "gives patient-level DP, strategy=dpfedavg client-level DP)"
+    ]
+
+
+def secure_aggregation_line(rows: Sequence[_Row], cfg: RunConfig) -> str:
+    """What the coordinator saw of the sites' updates: only sums (secure aggregation: of how
+    many sites, in which rounds, and which rounds it could not unmask) or every update in the
+    clear."""
+    if not cfg.strategy.secagg.enabled:
+        return "coordinator: saw every site's model update in the clear (no secure aggregation)"
+    summed = {r.round: int(r.value) for r in rows if r.metric == "secagg_sites"}
+    rounds = sorted({r.round for r in rows if r.metric == "train_loss"} | set(summed))
+    unmasked = [rnd for rnd in rounds if summed.get(rnd, 0) > 0]
+    sizes = "/".join(str(n) for n in sorted({summed[rnd] for rnd in unmasked})) or "0"
+    line = f"secure aggregation: the server saw only the sum of {sizes} sites' updates in "
+    if unmasked and len(unmasked) == len(rounds):
+        return line + "every round"
+    missing = ", ".join(str(rnd) for rnd in rounds if rnd not in unmasked) or "-"
+    shown = ", ".join(map(str, unmasked)) or "no round"
+    return line + f"round(s) {shown}; round(s) {missing} gave no aggregate (failures above)"
+
+
+def disclosure_lines(rows: Sequence[_Row], cfg: RunConfig) -> list[str]:
+    """What each party of the run could learn, for summary.txt (and report.html): the
+    coordinator (the sites' updates in the clear or only their sum, the metrics and what the
+    evaluations after the rounds sent it), each site (the global models it received, other
+    sites' models with cross-site evaluation), whoever receives the final model (bounded by the
+    differential privacy of the run, if any), then every privacy guarantee
+    (:func:`privacy_lines`). Returns one string per line."""
+    engine, strategy = cfg.engine, cfg.strategy
+    saw = ["each site's metrics of every round (losses, validation scores, numbers of cases)"]
+    if strategy.compression != CompressionMode.none:
+        saw.append(f"updates compressed ({strategy.compression.value}), decoded before use")
+    if engine.cross_site:
+        saw.append("each site's own model and its scores at every site (engine.cross_site)")
+    if engine.contributions:
+        saw.append("the last round's single updates, left out one at a time (engine.contributions)")
+    site = (
+        "each site: saw the global model of every round it was asked into (from two in a row, "
+        "the aggregate of the other sites' updates)"
+    )
+    if engine.cross_site:
+        site += "; every other site's own model, to score it (engine.cross_site)"
+    private = strategy.dp.mode != DPMode.none or cfg.task.dp_sgd.enabled
+    final = (
+        "final model: whoever receives model.pt can try to learn about the training cases from "
+        "its weights; "
+        + (
+            "bounded by the differential privacy below"
+            if private
+            else "no formal bound (no differential privacy)"
+        )
+    )
+    return [
+        secure_aggregation_line(rows, cfg),
+        "coordinator: also saw " + "; ".join(saw),
+        site,
+        final,
+        *privacy_lines(rows, cfg),
     ]

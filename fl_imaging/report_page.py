@@ -30,7 +30,17 @@ __all__ = ["REPORT_FILE", "render_report", "write_report"]
 
 REPORT_FILE = "report.html"
 #: summary.txt lines that say what a party could learn (who saw what, privacy spent).
-LEARN_PREFIXES = ("coordinator", "secure aggregation", "differential privacy", "patient", "privacy")
+LEARN_PREFIXES = (
+    "coordinator",
+    "each site",
+    "final model",
+    "secure aggregation",
+    "differential privacy",
+    "patient",
+    "privacy",
+    "site ",
+    "budget",
+)
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }

@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from fl_imaging.atomic import reason_of, write_atomically
 from fl_imaging.config import RunConfig, config_to_yaml
-from fl_imaging.privacy_report import patient_progress, privacy_lines
+from fl_imaging.privacy_report import (
+    disclosure_lines,
+    patient_progress,
+    privacy_lines,
+    secure_aggregation_line,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -254,24 +259,6 @@ def privacy_line(rows: list[MetricRow], cfg: RunConfig) -> str:
     return "\n".join(privacy_lines(rows, cfg))
 
 
-def secure_aggregation_line(rows: list[MetricRow], cfg: RunConfig) -> str:
-    """What the coordinator saw of the sites' updates: only sums (secure aggregation: of how
-    many sites, in which rounds, and which rounds it could not unmask) or every update in the
-    clear."""
-    if not cfg.strategy.secagg.enabled:
-        return "coordinator: saw every site's model update in the clear (no secure aggregation)"
-    summed = {r.round: int(r.value) for r in rows if r.metric == "secagg_sites"}
-    rounds = sorted({r.round for r in rows if r.metric == "train_loss"} | set(summed))
-    unmasked = [rnd for rnd in rounds if summed.get(rnd, 0) > 0]
-    sizes = "/".join(str(n) for n in sorted({summed[rnd] for rnd in unmasked})) or "0"
-    line = f"secure aggregation: the server saw only the sum of {sizes} sites' updates in "
-    if unmasked and len(unmasked) == len(rounds):
-        return line + "every round"
-    missing = ", ".join(str(rnd) for rnd in rounds if rnd not in unmasked) or "-"
-    shown = ", ".join(map(str, unmasked)) or "no round"
-    return line + f"round(s) {shown}; round(s) {missing} gave no aggregate (failures above)"
-
-
 def write_run_files(
     run_dir: Path,
     cfg: RunConfig,
@@ -283,13 +270,14 @@ def write_run_files(
     stopped: str = "",
 ) -> None:
     """Write metrics.csv, curves.png, model.pt, config.yaml and summary.txt into ``run_dir``
-    from the run's ``rows`` and ``failures``; ``stopped`` says why a run ended early (it goes
-    into the summary, after the per-round table and the privacy line). Each file is written
+    from the run's ``rows`` and ``failures``; the summary has the per-round table, the failures,
+    what each party could learn (:func:`~fl_imaging.privacy_report.disclosure_lines`) and
+    ``stopped``: why a run ended early. Each file is written
     atomically. Raises :class:`RunFolderError` naming the file and the reason (``No space left
     on device``) when one cannot be written; the files written before it stay."""
     table = format_round_table(rows, main_metric, site_names)
     failed = "".join(f"\nround {rnd}: site {site} failed: {why}" for rnd, site, why in failures)
-    lines = (secure_aggregation_line(rows, cfg), privacy_line(rows, cfg), stopped)
+    lines = (*disclosure_lines(rows, cfg), stopped)  # who could learn what, then why it stopped
     notes = "".join(f"\n{line}" for line in lines if line)
     summary = table + "\n" + failed + notes + "\n"
     writers: dict[str, Callable[[Path], object]] = {

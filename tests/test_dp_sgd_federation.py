@@ -24,6 +24,7 @@ from fl_imaging.flower import client_app
 from fl_imaging.flower.federation import PatientBudgetsSpent, plan_federation
 from fl_imaging.flower.local_norms import LOCAL_NORMS
 from fl_imaging.patient_privacy import PrivacyLedger
+from fl_imaging.privacy_report import disclosure_lines
 from fl_imaging.protocol import ReplySites, site_reply
 from fl_imaging.results import MetricRow, privacy_line, progress_line, read_metrics
 from fl_imaging.site_training import SiteTrainers
@@ -193,6 +194,38 @@ def test_the_summary_states_every_guarantee_of_the_run() -> None:
         "epsilon 7.0000 at delta 1e-05 after round 2 (client-level: protects a whole site" in text
     )
     assert "patient-level DP" in text
+
+
+def test_the_summary_says_what_each_party_could_learn() -> None:
+    plain = disclosure_lines([], check_overrides(["experiment=quick"]))
+    assert plain[0].startswith("coordinator: saw every site's model update in the clear")
+    assert plain[1].startswith("coordinator: also saw each site's metrics")
+    assert plain[2].startswith("each site: saw the global model of every round")
+    assert "final model:" in plain[3] and "no formal bound" in plain[3]
+    assert "no formal DP" in plain[4] and "cross_site" not in "".join(plain)
+    shared = check_overrides(
+        ["experiment=quick", "engine.cross_site=true", "engine.contributions=true"]
+    )
+    text = "\n".join(disclosure_lines([], shared))
+    assert "each site's own model and its scores at every site (engine.cross_site)" in text
+    assert "every other site's own model, to score it (engine.cross_site)" in text
+    assert "single updates, left out one at a time (engine.contributions)" in text
+    private = check_overrides(
+        [
+            "experiment=quick",
+            "strategy.secagg.enabled=true",
+            "task.dp_sgd.enabled=true",
+            "task.dp_sgd.target_epsilon=8",
+        ]
+    )
+    rows = [*patient_rows(), MetricRow(1, "all", "secagg_sites", 2.0)]
+    rows.append(MetricRow(2, "all", "secagg_sites", 2.0))
+    lines = disclosure_lines(rows, private)
+    assert lines[0] == (
+        "secure aggregation: the server saw only the sum of 2 sites' updates in every round"
+    )
+    assert "bounded by the differential privacy below" in lines[3]
+    assert any(line.startswith("patient-level DP") for line in lines[4:])
 
 
 def test_the_progress_line_shows_each_sites_patient_epsilon() -> None:
