@@ -4,7 +4,8 @@ Runs ``fl-imaging experiment=quick`` (4 training cases of 24³ per site by defau
 and 1,000 demo sites and prints, per size: wall time, the time spent checking the sites before
 the engine starts, round 1 (Ray's start, imports, first decodes) and the later rounds, seconds
 per site per later round, how many times the sites' volumes were decoded (``ready in`` lines of
-the ClientApps: 1.0 = once per site for the whole run) and the peak memory of the whole process
+the ClientApps, less the cases read back from the run's shared decoded folder: 1.0 = once per
+site for the whole run) and the peak memory of the whole process
 tree (the run and every process it started: Ray's and its workers), as proportional set size,
 so that pages shared between processes are counted once.
 
@@ -23,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -31,7 +31,10 @@ from _bench import fl_imaging_command
 
 from fl_imaging.results import AGGREGATE_SITE, read_metrics
 
-READY = re.compile(r"\[site (\S+)\] \d+ training, .* ready in")
+READY = re.compile(
+    r"\[site (\S+)\] (\d+) training, (\d+) validation and (\d+) test cases from .* ready in "
+    r"[\d.]+ s(?:, (\d+) decoded by another worker)?"
+)
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
@@ -123,14 +126,19 @@ def run_size(sites: int, rounds: int, work: Path, overrides: list[str]) -> dict[
         r.round: r.value for r in rows if r.metric == "round_seconds" and r.site == AGGREGATE_SITE
     }
     later = [v for rnd, v in per_round.items() if rnd > 1]
-    loads = Counter(READY.findall(output))
+    # A load decodes its cases, except those another worker already decoded (data.cache's
+    # shared folder): counted in cases, as a fraction of the site's cases.
+    decoded = 0.0
+    for _, train, val, test, reused in READY.findall(output):
+        cases = int(train) + int(val) + int(test)
+        decoded += (cases - int(reused or 0)) / cases
     return {
         "wall": wall,
         "checks": _seconds_between(output, "checking site 1/", "simulation engine"),
         "round1": per_round.get(1, float("nan")),
         "later": sum(later) / len(later) if later else float("nan"),
         "per_site": (sum(later) / len(later) / sites) if later else float("nan"),
-        "decodes": sum(loads.values()) / sites,
+        "decodes": decoded / sites,
         "peak_gb": memory.peak / 1e9,
     }
 
