@@ -107,15 +107,16 @@ def resolve_device(spec: str, where: str = "this machine") -> torch.device:
     return torch.device("cuda", index)
 
 
-def site_device(cfg: TaskConfig, site: str) -> torch.device:
-    """:func:`resolve_device` of ``cfg.device`` for ``site`` (named in a refusal), with one
-    warning when ``cfg.amp`` is on but the device is a CPU (mixed precision is then ignored)."""
-    device = resolve_device(cfg.device, f"site {site}")
+def site_device(cfg: TaskConfig, where: str) -> torch.device:
+    """:func:`resolve_device` of ``cfg.device`` for ``where`` (``site hospital-1``, ``pooled
+    baseline``: named in a refusal), with one warning when ``cfg.amp`` is on but the device is
+    a CPU (mixed precision is then ignored)."""
+    device = resolve_device(cfg.device, where)
     if cfg.amp and device.type != "cuda":
         log.warning(
-            "[site %s] task.amp=true is ignored on %s: mixed precision runs on CUDA only; this "
-            "site trains in float32",
-            site,
+            "[%s] task.amp=true is ignored on %s: mixed precision runs on CUDA only; training "
+            "and scoring run in float32",
+            where,
             device,
         )
     return device

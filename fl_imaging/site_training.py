@@ -272,7 +272,7 @@ def build_site_trainer(
         site.name,
         data.train,
         data.val,
-        build_task(cfg.task, site_device(cfg.task, site.name)),
+        build_task(cfg.task, site_device(cfg.task, f"site {site.name}")),
         batch_size=cfg.task.batch_size,
         cache=cfg.data.cache,
         label_transforms=label_transforms,
