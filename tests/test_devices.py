@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fl_imaging.compose import check_overrides
-from fl_imaging.config import ConfigError, validate_config
+from fl_imaging.config import ConfigError, RunConfig, validate_config
+from fl_imaging.data.demo import make_demo_data
 from fl_imaging.devices import (
     DEVICE_METRIC,
     MIXED_PRECISION_METRIC,
@@ -25,7 +27,10 @@ from fl_imaging.devices import (
     site_device,
 )
 from fl_imaging.engines.simulation import ray_backend_config
+from fl_imaging.flower.client_app import build_client_app
+from fl_imaging.protocol import SiteError
 from fl_imaging.results import MetricRow, write_run_files
+from fl_imaging.site_training import SiteTrainers
 from tasks import build_task
 
 
@@ -231,3 +236,40 @@ def test_the_summary_names_the_device_each_site_trained_on(tmp_path: Path) -> No
     names = ["site-1", "site-2", "site-3"]
     write_run_files(tmp_path, cfg, _rows(), [], torch.nn.Linear(2, 1), names, "dice")
     assert line in (tmp_path / "summary.txt").read_text().splitlines()
+
+
+def _site_config(tmp_path: Path, *overrides: str) -> RunConfig:
+    (site,) = make_demo_data(
+        tmp_path / "demo", num_sites=1, cases_per_site=3, shape=(16, 16, 16), dicom_sites=()
+    )
+    cfg = check_overrides(
+        [
+            "experiment=quick",
+            "task.roi_size=[16,16,16]",
+            "task.model.channels=[4,8]",
+            "task.local_epochs=1",
+            *overrides,
+        ]
+    )
+    cfg.data.sites = [str(site)]
+    return cfg
+
+
+def _train(cfg: RunConfig) -> Message:
+    app = build_client_app(cfg, SiteTrainers())
+    context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
+    start = build_task(cfg.task).build_model().state_dict()
+    content = RecordDict(
+        {"arrays": ArrayRecord(start), "config": ConfigRecord({"server-round": 1})}
+    )
+    return app(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=1), context)
+
+
+@pytest.mark.usefixtures("no_gpu", "task_identity")
+def test_a_site_reports_its_device_and_refuses_a_gpu_its_machine_lacks(tmp_path: Path) -> None:
+    reply = _train(_site_config(tmp_path, "task.amp=true"))
+    metrics = reply.content["metrics"]
+    assert (metrics[DEVICE_METRIC], metrics[MIXED_PRECISION_METRIC]) == (-1.0, 0.0)
+    with pytest.raises(SiteError) as err:
+        _train(_site_config(tmp_path / "gpu", "task.device=cuda:0"))
+    assert str(err.value).startswith("[site site-1] ConfigError: [site site-1] task.device=cuda:0")
