@@ -8,6 +8,7 @@ Both use the same task, model, batch size and number of passes over each case as
 run (``engine.rounds`` x ``task.local_epochs`` epochs), evaluate on each site's validation cases
 after every pass of ``task.local_epochs`` epochs, and score the final model(s) on each site's
 test cases. Rows have the form of a federated run's metrics.csv (``round`` = pass); no Flower.
+Both train on ``task.device`` as this machine resolves it (:func:`fl_imaging.devices.site_device`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from fl_imaging.config import RunConfig
 from fl_imaging.data.sites import SiteData
+from fl_imaging.devices import site_device
 from fl_imaging.results import AGGREGATE_SITE, MetricRow
 from fl_imaging.site_training import SiteTrainer, finetune_seed, training_seed
 from tasks import build_task
@@ -68,7 +70,7 @@ def train_pooled(
     (site ``all``: the pooled training loss and the pass's seconds) and the pooled model.
     """
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, site_device(cfg.task, "pooled baseline"))
     pooled = SiteTrainer(
         "pooled",
         [c for s in sites for c in s.train],
@@ -108,7 +110,7 @@ def train_local(
     ``train_loss``; site ``all``: each pass's seconds) and each site's model by name.
     """
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, site_device(cfg.task, "local baseline"))
     initial = {k: v.clone() for k, v in task.build_model().state_dict().items()}
     trainers = [_site_trainer(cfg, task, site) for site in sites]
     for trainer in trainers:

@@ -7,6 +7,7 @@ raises them together.
 
 from __future__ import annotations
 
+from fl_imaging.devices import device_spec_problem
 from fl_imaging.schema import (
     MODEL_NORMS,
     NORM_OUTLIER_ACTIONS,
@@ -83,6 +84,13 @@ def config_problems(run: RunConfig) -> list[str]:
     ):
         if value < 1:
             problems.append(f"{name}={value}: must be 1 or more")
+    if (problem := device_spec_problem(task.device)) is not None:
+        problems.append(problem)
+    if not engine.gpus_per_client >= 0:
+        problems.append(
+            f"engine.gpus_per_client={engine.gpus_per_client}: must be 0 (no GPU reserved) or "
+            "more; fractions share one GPU between sites, e.g. 0.5"
+        )
     if task.optimizer.lr <= 0:
         problems.append(f"task.optimizer.lr={task.optimizer.lr}: must be positive")
     if not 0.0 < data.val_fraction < 1.0:
@@ -218,6 +226,12 @@ def _dp_sgd_problems(run: RunConfig) -> list[str]:
         problems.append(f"task.dp_sgd.delta={dp.delta}: must be in (0, 1), e.g. 1e-5")
     if not dp.max_grad_norm > 0:
         problems.append(f"task.dp_sgd.max_grad_norm={dp.max_grad_norm}: must be positive")
+    if run.task.amp:
+        problems.append(
+            "task.amp=true with task.dp_sgd.enabled=true: Opacus clips and noises per-case "
+            "gradients that gradient scaling would have multiplied, and neither its clipping "
+            "nor its accounting is validated under float16 autocast; set task.amp=false"
+        )
     if run.engine.finetune_epochs > 0:
         problems.append(
             f"engine.finetune_epochs={run.engine.finetune_epochs} with task.dp_sgd.enabled=true: "

@@ -182,9 +182,10 @@ def new_ledger(cfg: RunConfig, num_train: int) -> PrivacyLedger:
     return PrivacyLedger(float(sigma), q)
 
 
-def _secret_generator() -> torch.Generator:
-    """A torch generator seeded by the operating system (see the module docstring)."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def _secret_generator(device: torch.device | None = None) -> torch.Generator:
+    """A torch generator on ``device`` (default: the CPU) seeded by the operating system (see
+    the module docstring)."""
+    return torch.Generator(device=device or "cpu").manual_seed(secrets.randbits(63))
 
 
 def private_fit(
@@ -222,8 +223,9 @@ def private_fit(
             f"but its privacy accounting began at sample rate {ledger.sample_rate:.4g}: its "
             "accountant would no longer describe its training; start a new run"
         )
-    sampling, noise = generators or (_secret_generator(), _secret_generator())
     task = trainer.task
+    # Opacus draws the noise on the parameters' device, with a generator that must live there
+    sampling, noise = generators or (_secret_generator(), _secret_generator(task.device))
     torch.manual_seed(seed)
     trainer.train_transform.set_random_state(seed=seed % (2**32))
     sampler = UniformWithReplacementSampler(

@@ -15,20 +15,22 @@ With ``explain``, a saliency map beside each prediction (:mod:`fl_imaging.explai
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.transforms import Invertd
 
-from fl_imaging.config import RunConfig, TaskName, config_from_yaml
+from fl_imaging.config import ConfigError, RunConfig, TaskName, config_from_yaml
 from fl_imaging.data.image_checks import check_image
 from fl_imaging.data.image_folder import find_images
 from fl_imaging.data.nifti_io import save_nifti
 from fl_imaging.data.sites import SiteDataError
+from fl_imaging.devices import site_device
 from fl_imaging.explain import Explainer
 from fl_imaging.results import WeightsFileError, load_weights
 from tasks import build_task
@@ -111,24 +113,35 @@ def check_inputs(run: LoadedRun, source: Path) -> list[tuple[str, Path]]:
     return images
 
 
-def predict_folder(run: LoadedRun, source: Path, output: Path, explain: bool = False) -> list[Path]:
+def predict_folder(
+    run: LoadedRun, source: Path, output: Path, explain: bool = False, device: str | None = None
+) -> list[Path]:
     """Check every image under ``source`` (:func:`check_inputs`), then predict each into
-    ``output``.
+    ``output``, on ``device`` (a ``task.device`` value; None: the run's ``task.device``) as this
+    machine resolves it, with mixed precision when the run's ``task.amp`` is on and the device
+    is a GPU. Saliency maps are computed on the CPU.
 
     Returns the files written: one mask per image (segmentation) or ``predictions.csv``
     (classification), and with ``explain`` each image's saliency map (NIfTI and PNG,
     :class:`~fl_imaging.explain.Explainer`). Raises :class:`PredictionError` listing every
-    input that cannot be predicted on (nothing is written then), :class:`SiteDataError` when
-    ``source`` holds no image or an image cannot be decoded after all.
+    input that cannot be predicted on (nothing is written then) or naming a device this machine
+    lacks, :class:`SiteDataError` when ``source`` holds no image or an image cannot be decoded
+    after all.
     """
     images = check_inputs(run, source)
+    try:
+        target = site_device(replace(run.cfg.task, device=device or run.cfg.task.device), "predict")
+    except ConfigError as err:
+        raise PredictionError(f"{err} (fl-imaging-predict --device cpu predicts here)") from None
     output.mkdir(parents=True, exist_ok=True)
-    task = build_task(run.cfg.task, torch.device("cpu"))
+    task = build_task(run.cfg.task, target)
+    cpu_task = build_task(run.cfg.task, torch.device("cpu"))
     transform = task.inference_transforms()
     written: list[Path] = []
     rows: list[dict[str, str | float | int]] = []
     names = list(run.cfg.task.class_names) or [str(k) for k in range(run.cfg.task.num_classes)]
-    explainer = Explainer(task, run.cfg.task, run.model) if explain else None
+    explainer = Explainer(cpu_task, run.cfg.task, run.model) if explain else None  # a CPU copy
+    model = run.model if target.type == "cpu" else copy.deepcopy(run.model).to(target)
     for index, (case_id, path) in enumerate(images, start=1):
         try:
             sample = transform({"image": str(path)})
@@ -145,12 +158,13 @@ def predict_folder(run: LoadedRun, source: Path, output: Path, explain: bool = F
             if run.cfg.task.name == TaskName.segmentation:
                 assert isinstance(task, SegmentationTask)
                 mask, predicted = _segment(
-                    task, run.model, sample, transform, output / f"{case_id}.nii.gz"
+                    task, model, sample, transform, output / f"{case_id}.nii.gz"
                 )
                 written.append(mask)
             else:
-                logits = run.model(sample["image"].as_tensor()[None].float())
-                prob = torch.softmax(logits, dim=1)[0].numpy()
+                with task.autocast():
+                    logits = model(sample["image"].as_tensor()[None].float().to(target))
+                prob = torch.softmax(logits.float().cpu(), dim=1)[0].numpy()
                 best = int(prob.argmax())
                 predicted = torch.tensor(best)
                 row: dict[str, str | float | int] = {
@@ -180,7 +194,7 @@ def _segment(
     """Sliding-window logits, mapped back to the input grid by ``Invertd``, then arg-max;
     returns the mask written and the arg-max in the transforms' grid (``(*spatial)``)."""
     image = sample["image"]
-    logits = task.predict_logits(model, image[None].float())[0]
+    logits = task.predict_logits(model, image[None].float().to(task.device))[0].cpu()
     inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)(
         {**sample, "pred": logits}
     )["pred"]

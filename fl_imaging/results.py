@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from fl_imaging.atomic import reason_of, write_atomically
 from fl_imaging.config import RunConfig, config_to_yaml
+from fl_imaging.devices import devices_line
 from fl_imaging.privacy_report import (
     disclosure_lines,
     patient_progress,
@@ -103,11 +104,13 @@ _TORCH_LOAD_ERRORS = (
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
-    """``torch.save`` ``state_dict`` to ``path`` atomically (a reader never sees half a file;
-    on failure an earlier file stays as it was); returns ``path``. Raises ``OSError``."""
+    """``torch.save`` ``state_dict`` (moved to the CPU, from whatever device trained it) to
+    ``path`` atomically (a reader never sees half a file; on failure an earlier file stays as
+    it was); returns ``path``. Raises ``OSError``."""
     import torch
 
-    return write_atomically(path, lambda handle: torch.save(state_dict, handle))
+    weights = {k: v.detach().cpu() for k, v in state_dict.items()}
+    return write_atomically(path, lambda handle: torch.save(weights, handle))
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -271,13 +274,15 @@ def write_run_files(
 ) -> None:
     """Write metrics.csv, curves.png, model.pt, config.yaml and summary.txt into ``run_dir``
     from the run's ``rows`` and ``failures``; the summary has the per-round table, the failures,
-    what each party could learn (:func:`~fl_imaging.privacy_report.disclosure_lines`) and
+    the device each site trained on (:func:`~fl_imaging.devices.devices_line`), what each party
+    could learn (:func:`~fl_imaging.privacy_report.disclosure_lines`) and
     ``stopped``: why a run ended early. Each file is written
     atomically. Raises :class:`RunFolderError` naming the file and the reason (``No space left
     on device``) when one cannot be written; the files written before it stay."""
     table = format_round_table(rows, main_metric, site_names)
     failed = "".join(f"\nround {rnd}: site {site} failed: {why}" for rnd, site, why in failures)
-    lines = (*disclosure_lines(rows, cfg), stopped)  # who could learn what, then why it stopped
+    # where the sites trained, who could learn what, then why it stopped
+    lines = (devices_line(rows), *disclosure_lines(rows, cfg), stopped)
     notes = "".join(f"\n{line}" for line in lines if line)
     summary = table + "\n" + failed + notes + "\n"
     writers: dict[str, Callable[[Path], object]] = {

@@ -6,8 +6,9 @@ scripts all come here; this module imports no command. The steps, in order:
 1. compose the config from overrides and validate it (:func:`fl_imaging.compose.check_overrides`;
    ``fl-imaging`` lets Hydra compose and checks the same way first), and check that its tracking
    can work (:func:`fl_imaging.tracking.check_tracking`: package, folder, server);
-2. check what depends on the model alone (:func:`fl_imaging.model_checks.check_model`), before
-   any site's data is read;
+2. check what depends on the model alone (:func:`fl_imaging.model_checks.check_model`) and, in
+   a simulation, the GPUs it asks for (:func:`fl_imaging.devices.check_simulation_devices`),
+   before any site's data is read;
 3. prepare the sites (:func:`fl_imaging.data.prepare.prepare_sites`: demo data, public datasets
    split into sites, or the hospitals' own folders, each checked), except in a deployment, where
    every site reads its own folder;
@@ -60,6 +61,7 @@ def run(cfg: RunConfig) -> Path:
     """
     # Imported here, so that a config error stops before torch and MONAI are imported.
     from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
+    from fl_imaging.devices import check_simulation_devices
     from fl_imaging.flower.federation import plan_federation
     from fl_imaging.flower.site_evaluations import check_test_cases
     from fl_imaging.model_checks import check_model
@@ -71,6 +73,8 @@ def run(cfg: RunConfig) -> Path:
     run_dir = Path(cfg.run_dir).resolve()
     cfg = replace(cfg, run_dir=str(run_dir))
     deployment = cfg.engine.name == EngineName.deployment
+    if not deployment:  # every site runs here: a GPU it lacks stops the run now
+        check_simulation_devices(cfg)
     if deployment and cfg.data.name == DataName.folders:
         site_names = [Path(p).name for p in cfg.data.sites]
         log.info(

@@ -186,6 +186,13 @@ class TaskConfig:
     sw_overlap: float = 0.25
     #: Patient-level differential privacy: DP-SGD at every site (see DPSGDConfig).
     dp_sgd: DPSGDConfig = field(default_factory=DPSGDConfig)
+    #: Where each site trains and scores: ``auto`` (a CUDA GPU when torch sees one, else the
+    #: CPU), ``cpu``, ``cuda`` or ``cuda:N``; resolved on the site's machine
+    #: (:func:`fl_imaging.devices.resolve_device`).
+    device: str = "auto"
+    #: Mixed precision (float16 autocast, gradient scaling) in training, evaluation and
+    #: prediction; CUDA only: ignored, with a warning, on a CPU.
+    amp: bool = False
 
 
 @dataclass
@@ -311,6 +318,9 @@ class EngineConfig:
     rounds: int = 3
     clients_per_round: int | None = None
     cpus_per_client: int = 1
+    #: GPUs Ray reserves for each ClientApp in simulation (fractions share one GPU between
+    #: that many site actors); deployment ignores it (each SuperNode's machine decides).
+    gpus_per_client: float = 0.0
     num_cpus: int | None = None
     torch_threads: int | None = None
     #: Simulation on an existing Ray cluster: ``auto`` or ``HOST:PORT`` of its head (None: a

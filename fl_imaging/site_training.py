@@ -21,6 +21,7 @@ from monai.transforms import Compose
 from fl_imaging.config import RunConfig
 from fl_imaging.data.prepare import checked_cases, excluded_of
 from fl_imaging.data.sites import Case, SiteDataError, find_cases, load_site
+from fl_imaging.devices import site_device
 from tasks import build_task
 from tasks.base import ExtraLoss, ImagingTask, TrainResult
 
@@ -217,7 +218,9 @@ def proximal_term(global_state: dict[str, torch.Tensor], mu: float) -> ExtraLoss
         total = torch.zeros(())
         for name, param in model.named_parameters():
             if param.requires_grad:
-                total = total + ((param - anchors[name].to(param.device)) ** 2).sum()
+                if anchors[name].device != param.device:  # moved once, not at every batch
+                    anchors[name] = anchors[name].to(param.device)
+                total = total + ((param - anchors[name]) ** 2).sum()
         return 0.5 * mu * total
 
     return term
@@ -251,8 +254,10 @@ def build_site_trainer(
     cfg: RunConfig, site: SiteRef, label_transforms: Sequence[Callable] = ()
 ) -> SiteTrainer:
     """Read ``site``'s folder (split as ``cfg.data`` says, seeded by ``cfg.seed`` + its index) and
-    return its trainer for ``cfg.task``, with ``label_transforms`` on its training labels; sets
-    torch's threads to ``engine.torch_threads`` (default: ``engine.cpus_per_client``)."""
+    return its trainer for ``cfg.task``, with ``label_transforms`` on its training labels, on
+    the device ``task.device`` names on this machine (:func:`~fl_imaging.devices.site_device`:
+    a GPU this machine lacks is refused, naming the site); sets torch's threads to
+    ``engine.torch_threads`` (default: ``engine.cpus_per_client``)."""
     start = time.perf_counter()
     torch.set_num_threads(cfg.engine.torch_threads or cfg.engine.cpus_per_client)
     data = load_site(
@@ -267,7 +272,7 @@ def build_site_trainer(
         site.name,
         data.train,
         data.val,
-        build_task(cfg.task),
+        build_task(cfg.task, site_device(cfg.task, f"site {site.name}")),
         batch_size=cfg.task.batch_size,
         cache=cfg.data.cache,
         label_transforms=label_transforms,

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fl_imaging.devices import SITE_ONLY_METRICS
 from fl_imaging.protocol import GLOBAL_EVAL, NUM_EXAMPLES, UNIT_WEIGHT, ReplySites, error_reason
 from fl_imaging.results import AGGREGATE_SITE, Failure, MetricRow
 from strategies.privacy import privacy_spent
@@ -167,7 +168,7 @@ class RecordingStrategy(StrategyWrapper):
 
     def _record_aggregate(self, server_round: int, metrics: MetricRecord | None) -> None:
         for key, value in (metrics or {}).items():
-            if isinstance(value, int | float) and key != UNIT_WEIGHT:
+            if isinstance(value, int | float) and key not in (UNIT_WEIGHT, *SITE_ONLY_METRICS):
                 self.rows.append(MetricRow(server_round, AGGREGATE_SITE, key, float(value)))
 
     def configure_train(

@@ -82,8 +82,14 @@ class ImagingTask(abc.ABC):
     Args:
         cfg: the validated ``task`` config (spatial dims, channels, classes, model, optimizer,
             ``roi_size``, ...).
-        device: where :meth:`train` and :meth:`evaluate` run the model; None: ``cuda`` if
-            available, else ``cpu``.
+        device: where :meth:`train` and :meth:`evaluate` run the model (resolved from
+            ``cfg.device`` by :func:`fl_imaging.devices.resolve_device` on the machine that
+            trains); None: the CPU (the coordinator only builds the model).
+
+    With ``cfg.amp`` on a CUDA device, training, evaluation and inference run under float16
+    autocast and training scales the loss (``torch.amp.GradScaler``), as MONAI's trainers do;
+    :attr:`amp` says whether it is on. On a CPU ``cfg.amp`` is ignored (float32), so that a
+    config runs unchanged on a machine without a GPU.
     """
 
     #: Name of the metric that summarises a site's validation result (higher is better), a key
@@ -94,7 +100,15 @@ class ImagingTask(abc.ABC):
 
     def __init__(self, cfg: TaskConfig, device: torch.device | None = None) -> None:
         self.cfg = cfg
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or torch.device("cpu")
+        #: Whether mixed precision is on: ``cfg.amp`` on a CUDA device.
+        self.amp = bool(cfg.amp) and self.device.type == "cuda"
+
+    def autocast(self) -> torch.autocast:
+        """The context in which the model's forward passes run: float16 autocast on
+        :attr:`device` when :attr:`amp` is on, else a context that changes nothing. Outputs
+        computed inside may be float16: cast them with ``.float()`` before losses and metrics."""
+        return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp)
 
     def build_model(self) -> nn.Module:
         """Return a freshly initialised MONAI network (on the CPU, in training mode): the task's
@@ -227,7 +241,8 @@ class ImagingTask(abc.ABC):
                 :meth:`loss_function` takes (see the subclasses).
             epochs: number of passes over ``loader``; 0 trains nothing.
             extra_loss: when given, ``extra_loss(model)`` (a scalar tensor, e.g. FedProx's
-                proximal term) is added to every batch's loss before the backward pass.
+                proximal term) is added to every batch's loss before the backward pass
+                (computed in float32, outside autocast, when :attr:`amp` is on).
             log: when given, receives one line per epoch with its mean loss and sample count.
 
         Returns:
@@ -236,6 +251,7 @@ class ImagingTask(abc.ABC):
         """
         model.to(self.device).train()
         optimizer = build_optimizer(model, self.cfg)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)  # off: no-op
         loss_fn = self.loss_function()
         total, count = 0.0, 0
         for epoch in range(1, epochs + 1):
@@ -244,11 +260,13 @@ class ImagingTask(abc.ABC):
                 images = batch["image"].to(self.device)
                 targets = batch["label"].to(self.device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(images), targets)
+                with self.autocast():
+                    loss = loss_fn(model(images), targets).float()
                 if extra_loss is not None:
                     loss = loss + extra_loss(model)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
                 total += float(loss.detach()) * images.shape[0]
                 count += images.shape[0]
             if log is not None:

@@ -41,7 +41,8 @@ class ClassificationTask(ImagingTask):
 
     Args:
         cfg: the validated ``task`` config (``name: classification``).
-        device: where training and evaluation run; None: ``cuda`` if available, else ``cpu``.
+        device: where training and evaluation run (see :class:`~tasks.base.ImagingTask`);
+            None: the CPU.
     """
 
     main_metric = "accuracy"
@@ -200,7 +201,8 @@ class ClassificationTask(ImagingTask):
         for batch in loader:
             images = batch["image"].to(self.device)
             target = batch["label"].to(self.device).long().reshape(-1)
-            logits = model(images)
+            with self.autocast():
+                logits = model(images).float()
             loss_total += float(loss_fn(logits, target)) * images.shape[0]
             count += images.shape[0]
             probs.append(torch.softmax(logits, dim=1).cpu())

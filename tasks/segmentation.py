@@ -44,7 +44,8 @@ class SegmentationTask(ImagingTask):
 
     Args:
         cfg: the validated ``task`` config (``name: segmentation``).
-        device: where training and evaluation run; None: ``cuda`` if available, else ``cpu``.
+        device: where training and evaluation run (see :class:`~tasks.base.ImagingTask`);
+            None: the CPU.
     """
 
     main_metric = "dice"
@@ -210,18 +211,21 @@ class SegmentationTask(ImagingTask):
 
         Returns:
             Logits ``(B, K, *spatial)`` float32 (no softmax), same spatial size and device as
-            ``images``.
+            ``images``; with :attr:`amp`, each window runs under float16 autocast and the
+            windows are blended in float32.
 
         Raises:
             ValueError: when ``images`` has not ``2 + cfg.spatial_dims`` dimensions.
         """
-        return sliding_window_inference(
-            images,
-            roi_size=tuple(self.cfg.roi_size),
-            sw_batch_size=self.cfg.sw_batch_size,
-            predictor=model,
-            overlap=self.cfg.sw_overlap,
-        )
+        with self.autocast():
+            logits = sliding_window_inference(
+                images,
+                roi_size=tuple(self.cfg.roi_size),
+                sw_batch_size=self.cfg.sw_batch_size,
+                predictor=model,
+                overlap=self.cfg.sw_overlap,
+            )
+        return logits.float()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:

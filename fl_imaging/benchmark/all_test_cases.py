@@ -69,6 +69,7 @@ def _test_cases(cfg: RunConfig) -> list[Case]:
 
 
 def _score(cfg: RunConfig, folder: Path, kind: str) -> dict[str, float]:
+    from fl_imaging.devices import site_device
     from tasks import build_task
 
     cases = _test_cases(cfg)
@@ -83,7 +84,7 @@ def _score(cfg: RunConfig, folder: Path, kind: str) -> dict[str, float]:
             f"cell {folder} is marked done but lacks {', '.join(missing)}: rerun it (delete "
             "its cell.json)"
         )
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, site_device(cfg.task, "benchmark scoring"))
     scorer = SiteTrainer("all sites", [], [], task, batch_size=1, test_cases=cases)
     per_model = []
     for path in files:

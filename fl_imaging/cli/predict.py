@@ -1,13 +1,14 @@
 """The ``fl-imaging-predict`` command: apply a trained global model to a site's images.
 
-    fl-imaging-predict RUN_DIR INPUT [--output DIR] [--explain]
+    fl-imaging-predict RUN_DIR INPUT [--output DIR] [--explain] [--device DEVICE]
 
 RUN_DIR is the folder of a finished ``fl-imaging`` run (config.yaml, model.pt). INPUT is a site
 folder, a folder of images (NIfTI, 2D images, DICOM series folders) or one image. Segmentation
 masks are written as NIfTI in each input's geometry; classification as predictions.csv.
 --explain adds a saliency map beside each prediction, in the input's geometry (NIfTI and a PNG
 overlay): Grad-CAM of the predicted class, or the occlusion sensitivity of the predicted
-structure; it is computed here and stays here.
+structure; it is computed here and stays here. --device (auto, cpu, cuda, cuda:N) overrides
+the run's task.device; the run's task.amp applies on a GPU.
 Exits 0 on success, 1 when an input cannot be read or the run folder is incomplete.
 """
 
@@ -43,11 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also write a saliency map per image: CASE_gradcam / CASE_occlusion .nii.gz + .png",
     )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="auto | cpu | cuda | cuda:N (default: the run's task.device)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output = args.output or args.run_dir / "predictions" / args.input.resolve().name
     try:
-        written = predict_folder(load_run(args.run_dir), args.input, output, explain=args.explain)
+        run = load_run(args.run_dir)
+        written = predict_folder(run, args.input, output, explain=args.explain, device=args.device)
     except (PredictionError, SiteDataError) as err:
         print(f"fl-imaging-predict: error: {err}", file=sys.stderr)
         return 1

@@ -13,14 +13,14 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fl_imaging.config import RunConfig
+from fl_imaging.config import EngineConfig, RunConfig
 from fl_imaging.engines.interrupts import RunInterrupted, stop_on_signal
 from fl_imaging.engines.ray_reaper import finish_reaper, start_reaper
 
 if TYPE_CHECKING:
     from fl_imaging.flower.federation import FederationPlan
 
-__all__ = ["SimulationError", "ray_cluster_cpus", "run_simulation_engine"]
+__all__ = ["SimulationError", "ray_backend_config", "ray_cluster_cpus", "run_simulation_engine"]
 
 log = logging.getLogger("fl_imaging.engine")
 
@@ -49,9 +49,10 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: Federatio
 
     Uses Flower's in-process ``run_simulation`` (Ray backend) rather than ``flwr run``: the same
     engine, without a background SuperLink process or an app bundle, so a run costs one Ray start.
-    Ray gets ``engine.num_cpus`` CPUs (default: all) and reserves ``engine.cpus_per_client`` per
-    ClientApp; its files go to a private temporary folder removed afterwards (also when this
-    process is killed: :mod:`fl_imaging.engines.ray_reaper`). Ctrl-C or SIGTERM stops the run
+    Ray gets ``engine.num_cpus`` CPUs (default: all) and reserves ``engine.cpus_per_client`` CPUs
+    and ``engine.gpus_per_client`` GPUs per ClientApp (:func:`ray_backend_config`); its files go
+    to a private temporary folder removed afterwards (also when this process is killed:
+    :mod:`fl_imaging.engines.ray_reaper`). Ctrl-C or SIGTERM stops the run
     within seconds, with the finished rounds' results written (:mod:`~.interrupts`), and raises
     :class:`~fl_imaging.engines.interrupts.RunInterrupted`.
     """
@@ -78,11 +79,10 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: Federatio
         num_cpus = engine.num_cpus or os.cpu_count() or 1
         init_args.update(num_cpus=num_cpus, include_dashboard=False, _temp_dir=ray_tmp)
         where = "this machine"
-    backend_config = {
-        "client_resources": {"num_cpus": engine.cpus_per_client, "num_gpus": 0.0},
-        "init_args": init_args,
-    }
+    backend_config = ray_backend_config(cfg.engine, init_args)
     parallel = max(1, num_cpus // engine.cpus_per_client)
+    if engine.gpus_per_client > 0 and not engine.ray_address:  # a cluster's GPUs: unknown here
+        parallel = min(parallel, max(1, int(_local_gpus() / engine.gpus_per_client)))
     log.info(
         "simulation engine on %s: %d sites, %d round(s), up to %d site(s) in parallel",
         where,
@@ -124,6 +124,27 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: Federatio
         stop_ray()
     if plan.stop.is_set():
         raise RunInterrupted(plan.run_dir, plan.stopped or "interrupted before the first round")
+
+
+def ray_backend_config(engine: EngineConfig, init_args: dict[str, object]) -> dict[str, object]:
+    """Flower's ``backend_config`` for Ray: every ClientApp (site actor) reserves
+    ``engine.cpus_per_client`` CPUs and ``engine.gpus_per_client`` GPUs (a fraction: that many
+    actors share one GPU, e.g. 0.5 for two; Ray then shows each actor only its GPU, as
+    ``cuda:0``); ``init_args`` go to ``ray.init``."""
+    return {
+        "client_resources": {
+            "num_cpus": engine.cpus_per_client,
+            "num_gpus": float(engine.gpus_per_client),
+        },
+        "init_args": init_args,
+    }
+
+
+def _local_gpus() -> int:
+    """The CUDA GPUs torch sees on this machine (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 class SimulationError(RuntimeError):

@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from fl_imaging.attacks import SimulatedAttack, site_attack
 from fl_imaging.config import RunConfig
+from fl_imaging.devices import device_metrics
 from fl_imaging.flower.local_norms import restore_local_norms, save_local_norms
 from fl_imaging.flower.outgoing_update import outgoing_update
 from fl_imaging.flower.patient_ledger import patient_metrics, site_privacy
@@ -107,6 +108,7 @@ def build_client_app(
             "train_loss": result.loss,
             NUM_EXAMPLES: result.num_samples,
             MALICIOUS: int(attack is not None),
+            **device_metrics(trainer.task.device, trainer.task.amp),  # for the summary
         }
         metrics = patient_metrics(privacy, metrics)
         return site_reply(msg, site.name, metrics, ArrayRecord(state), previous)
