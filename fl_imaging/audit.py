@@ -58,7 +58,13 @@ AUDIT_FILE = "audit.jsonl"
 #: ``prev`` of the first record of a fresh run.
 GENESIS = "0" * 64
 #: The result files whose SHA-256 the ``run_end`` record holds (when they exist).
-HASHED_FILES = ("model.pt", "metrics.csv", "config.yaml")
+HASHED_FILES = (
+    "model.pt",
+    "metrics.csv",
+    "config.yaml",
+    "cross_site.csv",
+    "contributions.csv",
+)
 
 
 class AuditFileMissing(FileNotFoundError):

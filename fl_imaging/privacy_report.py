@@ -186,6 +186,11 @@ def disclosure_lines(rows: Sequence[_Row], cfg: RunConfig) -> list[str]:
     )
     if engine.cross_site:
         site += "; every other site's own model, to score it (engine.cross_site)"
+    if engine.contributions:
+        site += (
+            "; the aggregate without each site, to score it, hence each site's last update up to "
+            "its weight (engine.contributions)"
+        )
     private = strategy.dp.mode != DPMode.none or cfg.task.dp_sgd.enabled
     final = (
         "final model: whoever receives model.pt can try to learn about the training cases from "

@@ -40,6 +40,8 @@ LEARN_PREFIXES = (
     "privacy",
     "site ",
     "budget",
+    "cross-site",
+    "site contributions",
 )
 
 _STYLE = """

@@ -171,7 +171,8 @@ def _reachable(uri: str) -> None:
         reason = getattr(err, "reason", err)
         raise ConfigError(
             f"tracking.uri={uri}: no MLflow server answers there ({reason}). Start it (mlflow "
-            "server --host 0.0.0.0 --port 5000), fix the address, or run with tracking=none"
+            "server --host 127.0.0.1 --port 5000, or a private address with --allowed-hosts), "
+            "fix the address, or run with tracking=none"
         ) from None
 
 
@@ -271,7 +272,8 @@ class RunTracker:
         files = run_files(self.run_dir)
         self._safely("sending the run's files", lambda: self.backend.log_files(files))
         self._safely("closing the run", lambda: self.backend.finish(status, tags or {}))
-        self.info["status"] = status
+        # What the tracking side holds: a run whose tracking failed was never closed there.
+        self.info["status"] = f"{status} (tracking failed: not sent)" if self.failed else status
         self._write_info()
 
     def note(self) -> str:

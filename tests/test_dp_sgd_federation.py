@@ -210,6 +210,7 @@ def test_the_summary_says_what_each_party_could_learn() -> None:
     assert "each site's own model and its scores at every site (engine.cross_site)" in text
     assert "every other site's own model, to score it (engine.cross_site)" in text
     assert "single updates, left out one at a time (engine.contributions)" in text
+    assert "hence each site's last update up to its weight (engine.contributions)" in text
     private = check_overrides(
         [
             "experiment=quick",

@@ -7,6 +7,7 @@ scoring exactly what its test round reported, the refusals, and a real simulatio
 from __future__ import annotations
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian
 
+from fl_imaging.audit import AUDIT_FILE, verify_run
 from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, RunConfig
 from fl_imaging.data.demo import make_demo_data
@@ -296,6 +298,14 @@ def test_cross_site_matrix_scores_every_model_at_every_site(tmp_path: Path, epoc
     travelled = "fine-tuned model went to the coordinator" if epochs else "last local model"
     assert travelled in summary
     assert (tmp_path / "cross_site.png").stat().st_size > 1000
+    # the audit log says what went where and holds the matrix's hash: a changed figure is named
+    records = [json.loads(line) for line in (tmp_path / AUDIT_FILE).read_text().splitlines()]
+    evaluations = [r for r in records if r["event"] == "site_evaluations"]
+    assert len(evaluations) == 1 and "cross-site evaluation" in evaluations[0]["summary"][0]
+    assert "cross_site.csv" in records[-1]["files"] and verify_run(tmp_path).ok
+    matrix_file = tmp_path / "cross_site.csv"
+    matrix_file.write_text(matrix_file.read_text().replace("global", "globa1", 1))
+    assert "cross_site.csv: sha256" in (verify_run(tmp_path).problem or "")
 
 
 def test_sites_that_fail_to_score_are_named_and_the_run_ends_with_its_files(

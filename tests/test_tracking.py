@@ -173,6 +173,7 @@ def test_a_tracking_failure_mid_run_is_said_and_the_run_goes_on(
     assert read_metrics(run_dir / "metrics.csv")[-1].round == 3  # every round ran
     info = json.loads((run_dir / TRACKING_FILE).read_text())
     assert info["failed"].startswith("in round 2")
+    assert info["status"] == "FINISHED (tracking failed: not sent)"  # not what the server holds
     assert verify_run(run_dir).ok
 
 

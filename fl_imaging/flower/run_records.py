@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,9 +247,11 @@ class RunRecords:
             return "stopped", plan.stopped
         return "completed", ""
 
-    def finish(self, plan: FederationPlan) -> None:
+    def finish(self, plan: FederationPlan, evaluations: Sequence[str] = ()) -> None:
         """After the run's files are written: the test round's and ``run_end`` records (the
-        SHA-256 of model.pt, metrics.csv, config.yaml), report.html, and the tracked run's last
+        SHA-256 of model.pt, metrics.csv, config.yaml and the evaluations' CSV files), with
+        ``evaluations`` (the summary lines of cross-site evaluation and contributions) recorded
+        before it; report.html, and the tracked run's last
         rows and files. Raises :class:`RunFolderError` when the log or report cannot be
         written."""
         recorder = plan.strategy
@@ -261,6 +263,8 @@ class RunRecords:
                 sites=test,
                 failures=[{"site": s, "reason": w} for s, w in test_failures],
             )
+        if evaluations:  # cross-site evaluation, contributions: what went where (summary lines)
+            self._append("site_evaluations", summary=list(evaluations))
         status, reason = self._outcome(plan)
         model = {k: v.detach().cpu().numpy() for k, v in plan.model.state_dict().items()}
         self._append(

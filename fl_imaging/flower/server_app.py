@@ -89,7 +89,7 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
         plan.main_metric,
         notes,
     )
-    plan.records.finish(plan)  # run_end record, report.html, tracked files
+    plan.records.finish(plan, ending)  # run_end record, report.html, tracked files
     if write_error is not None:
         raise write_error
 
