@@ -44,7 +44,7 @@ __all__ = [
 log = logging.getLogger("fl_imaging.tracking")
 
 TRACKING_FILE = "tracking.json"
-#: Suffixes of the run folder's files sent as artifacts (not checkpoints, not cli.log).
+#: Suffixes of the run folder's files sent as artifacts (not checkpoints, not main.log).
 ARTIFACT_SUFFIXES = (".yaml", ".csv", ".txt", ".png", ".pt", ".html", ".jsonl", ".json")
 #: Seconds a tracking server gets to answer the check before a run.
 CHECK_TIMEOUT = 5.0

@@ -84,7 +84,7 @@ def evaluate_across_sites(grid: Grid, plan: FederationPlan) -> list[str]:
             raise
         except Exception as err:  # the trained model and the run's files must still be written
             log.exception("%s failed", name)
-            lines.append(f"{name} failed: {type(err).__name__}: {err} (cli.log has the details)")
+            lines.append(f"{name} failed: {type(err).__name__}: {err} (main.log has the details)")
     return [line for line in lines if line]
 
 
