@@ -125,10 +125,10 @@ def pack(weight: float, update: np.ndarray, settings: SecAggSettings) -> np.ndar
     Raises ValueError naming the limit when the weight or a value lies outside it (clipping
     would change the update without a word)."""
     factor = weight / settings.max_weight
-    if not 0 < factor <= 1:
+    if not 0 <= factor <= 1:  # 0: a site that did not train (DP-SGD budget spent) adds nothing
         raise ValueError(
-            f"weight {weight:g} (training cases) is above strategy.secagg.max_weight="
-            f"{settings.max_weight:g}: raise it"
+            f"weight {weight:g} (training cases) is outside 0..strategy.secagg.max_weight="
+            f"{settings.max_weight:g}: raise max_weight"
         )
     vector = np.concatenate([[factor], factor * np.asarray(update, dtype=np.float64)])
     largest = float(np.abs(vector).max())

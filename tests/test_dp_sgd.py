@@ -5,7 +5,7 @@ empty Poisson batches, the budget stop and the zero-weight replies it sends, the
 over a resume, every refusal, and the models converted for per-case gradients. Sites are driven
 through the real ClientApp with hand-made messages, on tiny demo volumes; one stub trainer holds
 in-memory cases for the exact one-step checks. Real runs through the engine:
-``test_dp_sgd_runs.py``.
+``test_dp_sgd_federation.py``.
 """
 
 from __future__ import annotations

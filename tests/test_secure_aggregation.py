@@ -129,6 +129,17 @@ def test_the_unmasked_sum_equals_plain_fedavg_within_the_quantisation(sites: int
     assert metrics is not None and metrics["train_loss"] == pytest.approx((sites + 1) / 2)
 
 
+def test_a_site_with_weight_zero_adds_nothing_to_the_secure_sum() -> None:
+    # DP-SGD: a site whose budget is spent replies with the global model and weight 0
+    weights = {1: 10, 2: 0, 3: 30}
+    plain, _ = one_round(build_strategy(fedavg(False), num_sites=3), SecureSites(3, step, weights))
+    secure, _ = one_round(build_strategy(fedavg(True), num_sites=3), SecureSites(3, step, weights))
+    assert plain is not None and secure is not None
+    tolerance = 3 * STEP / (40 / SETTINGS.max_weight)
+    for key, value in numpy_of(plain).items():
+        np.testing.assert_allclose(numpy_of(secure)[key], value, atol=tolerance, rtol=0)
+
+
 def test_what_the_coordinator_holds_of_a_site_is_not_its_update() -> None:
     grid = SecureSites(3, step, {1: 10, 2: 20, 3: 30})
     strategy = build_strategy(fedavg(True), num_sites=3)
