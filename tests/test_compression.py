@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -386,6 +387,7 @@ class FakeTrainer:
     """Stands in for a site's SiteTrainer: "training" adds ``shift`` to every float weight."""
 
     name = "site-1"
+    task = SimpleNamespace(device=torch.device("cpu"), amp=False)  # where it "trained"
 
     def __init__(self, shift: float) -> None:
         self.shift = shift

@@ -12,6 +12,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -256,6 +257,7 @@ class FakeTrainer:
     """Stands in for a site's SiteTrainer: "training" adds ``shift`` to every float weight."""
 
     name = "site-1"
+    task = SimpleNamespace(device=torch.device("cpu"), amp=False)  # where it "trained"
 
     def __init__(self, shift: float) -> None:
         self.shift = shift
