@@ -185,6 +185,7 @@ def test_plain_text_and_unverified_clients_are_refused(
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # waits for Flower's heartbeat (2 x 30 s) and the site's rejoining
 def test_a_site_killed_in_round_2_is_recorded_and_used_again_when_back(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
@@ -239,12 +240,11 @@ def test_a_site_killed_in_round_2_is_recorded_and_used_again_when_back(
 
 
 @pytest.mark.slow
-def test_secure_aggregation_across_real_processes_and_a_site_lost_in_round_2(
+def test_secure_aggregation_across_real_processes(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
     """TLS, SuperNode authentication and secure aggregation: 2 rounds with all 3 sites summed,
-    then a run in which site-3 dies in round 2: the others' shares unmask that round and the run
-    goes on with 2 sites (new keys), results written."""
+    results written."""
     run = subprocess.run(
         _fl_imaging(federation, tmp_path / "secure", "strategy.secagg.enabled=true"),
         capture_output=True,
@@ -261,6 +261,14 @@ def test_secure_aggregation_across_real_processes_and_a_site_lost_in_round_2(
     }
     assert not [r for r in rows if r.metric == "num_train"]  # the weights travel masked
 
+
+@pytest.mark.slow
+@pytest.mark.extended  # waits for Flower's heartbeat (2 x 30 s) to declare the site lost
+def test_secure_aggregation_with_a_site_lost_in_round_2(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    """Secure aggregation in a run in which site-3 dies in round 2: the others' shares unmask
+    that round and the run goes on with 2 sites (new keys), results written."""
     victim = "site-3"
     clientapp = federation.site_processes[victim][-1]
     seen = len(clientapp.log_text())

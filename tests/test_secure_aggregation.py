@@ -285,8 +285,10 @@ def test_the_threshold_is_a_fraction_or_a_count() -> None:
 def test_a_value_outside_the_clipping_range_is_refused_not_clipped() -> None:
     with pytest.raises(ValueError, match="outside strategy.secagg.clipping_range=8"):
         pack(1000, np.array([9.0]), SETTINGS)
-    with pytest.raises(ValueError, match="above strategy.secagg.max_weight=1000"):
+    with pytest.raises(ValueError, match="outside 0..strategy.secagg.max_weight=1000"):
         pack(2000, np.array([0.1]), SETTINGS)
+    with pytest.raises(ValueError, match="weight -1 "):
+        pack(-1, np.array([0.1]), SETTINGS)
     assert MessageType.TRAIN == "train"
 
 

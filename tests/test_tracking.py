@@ -271,6 +271,7 @@ def test_metric_keys_keep_metric_and_site_apart() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the tags themselves: test_sweep_jobs_and_benchmark_cells_are_tagged
 def test_a_multirun_sweep_is_one_tagged_mlflow_run_per_job(tmp_path: Path) -> None:
     """Through Flower's simulation engine: `fl-imaging --multirun` with tracking=mlflow gives one
     MLflow run per job, tagged with the sweep, each with every metric of its metrics.csv; each
