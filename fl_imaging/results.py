@@ -26,7 +26,6 @@ from fl_imaging.devices import devices_line
 from fl_imaging.privacy_report import (
     disclosure_lines,
     patient_progress,
-    privacy_lines,
     secure_aggregation_line,
 )
 
@@ -43,7 +42,6 @@ __all__ = [
     "format_round_table",
     "load_weights",
     "plot_curves",
-    "privacy_line",
     "progress_line",
     "read_metrics",
     "secure_aggregation_line",
@@ -254,12 +252,6 @@ def progress_line(
         + (f"{patients} | " if patients else "")
         + f"{values.get((AGGREGATE_SITE, 'round_seconds'), float('nan')):.1f} s"
     )
-
-
-def privacy_line(rows: list[MetricRow], cfg: RunConfig) -> str:
-    """The lines on every privacy guarantee of the run (client-level epsilon, each site's
-    patient-level epsilon, or "no formal DP"): :func:`fl_imaging.privacy_report.privacy_lines`."""
-    return "\n".join(privacy_lines(rows, cfg))
 
 
 def write_run_files(

@@ -5,8 +5,10 @@ ClientApp sends (:func:`fl_imaging.protocol.site_reply`: a site record, ``unit-w
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType
 from flwr.serverapp import Grid
 
@@ -89,3 +91,34 @@ class FakeGrid(Grid):
             else:
                 replies.append(site_reply(msg, f"site-{node}", self.evaluate_metrics(node)))
         return replies
+
+
+class FakeTrainer:
+    """Stands in for a site's SiteTrainer: "training" adds ``shift`` to every float weight, or
+    with ``jitter`` ``shift`` times a uniform factor in [0.5, 1.5) drawn per entry from the
+    weights themselves (so each round's update differs)."""
+
+    name = "site-1"
+    task = SimpleNamespace(device=torch.device("cpu"), amp=False)  # where it "trained"
+
+    def __init__(self, shift: float, *, jitter: bool = False) -> None:
+        self.shift = shift
+        self.jitter = jitter
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.weights = {k: v.clone() for k, v in state.items()}
+
+    def fit(self, epochs: int, **kwargs: object) -> object:
+        if self.jitter:
+            rng = np.random.default_rng(int(self.weights["w"].sum().item() * 1000) % 2**31)
+            self.weights = {
+                k: v + self.shift * torch.from_numpy(rng.uniform(0.5, 1.5, size=v.shape)).float()
+                for k, v in self.weights.items()
+            }
+        else:
+            self.weights = {k: v + self.shift for k, v in self.weights.items()}
+        return type("Result", (), {"loss": 0.5, "num_samples": 4})()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.weights

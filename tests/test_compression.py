@@ -11,12 +11,11 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from flower_fakes import Arrays, FakeGrid, numpy_of, record
+from flower_fakes import Arrays, FakeGrid, FakeTrainer, numpy_of, record
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
@@ -383,31 +382,6 @@ def test_the_decoded_update_never_exceeds_the_bound(codec: Codec) -> None:
         assert unbounded_over > 0  # without the bound, rounding does push some updates over
 
 
-class FakeTrainer:
-    """Stands in for a site's SiteTrainer: "training" adds ``shift`` to every float weight."""
-
-    name = "site-1"
-    task = SimpleNamespace(device=torch.device("cpu"), amp=False)  # where it "trained"
-
-    def __init__(self, shift: float) -> None:
-        self.shift = shift
-        self.weights: dict[str, torch.Tensor] = {}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.weights = {k: v.clone() for k, v in state.items()}
-
-    def fit(self, epochs: int, **kwargs: object) -> object:
-        rng = np.random.default_rng(int(self.weights["w"].sum().item() * 1000) % 2**31)
-        self.weights = {
-            k: v + self.shift * torch.from_numpy(rng.uniform(0.5, 1.5, size=v.shape)).float()
-            for k, v in self.weights.items()
-        }
-        return type("Result", (), {"loss": 0.5, "num_samples": 4})()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return self.weights
-
-
 @pytest.mark.parametrize("mode", ["fp16", "int8", "topk"])
 def test_client_side_clipping_bounds_the_decoded_update_every_round(mode: str) -> None:
     """A site with client-side DP clipping (Flower's mod) and error feedback: what the
@@ -425,7 +399,9 @@ def test_client_side_clipping_bounds_the_decoded_update_every_round(mode: str) -
     strategy = build_strategy(cfg.strategy, num_sites=1)
     assert isinstance(strategy, DecodingStrategy)
     assert isinstance(strategy.inner.inner, DifferentialPrivacyClientSideFixedClipping)  # type: ignore[attr-defined]
-    trainer = FakeTrainer(0.1)  # an update of norm about 4.5, clipped to 0.5 by the mod
+    trainer = FakeTrainer(
+        0.1, jitter=True
+    )  # an update of norm about 4.5, clipped to 0.5 by the mod
     app = client_app.build_client_app(cfg, SiteTrainers(build=lambda c, s, t: trainer))
     context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
     global_arrays = {"w": np.zeros((40, 50), np.float32), "b": np.ones(10, np.float32)}

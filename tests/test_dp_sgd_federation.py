@@ -24,9 +24,9 @@ from fl_imaging.flower import client_app
 from fl_imaging.flower.federation import PatientBudgetsSpent, plan_federation
 from fl_imaging.flower.local_norms import LOCAL_NORMS
 from fl_imaging.patient_privacy import PrivacyLedger
-from fl_imaging.privacy_report import disclosure_lines
+from fl_imaging.privacy_report import disclosure_lines, privacy_lines
 from fl_imaging.protocol import ReplySites, site_reply
-from fl_imaging.results import MetricRow, privacy_line, progress_line, read_metrics
+from fl_imaging.results import MetricRow, progress_line, read_metrics
 from fl_imaging.site_training import SiteTrainers
 from strategies import build_strategy
 from strategies.recording import RecordingStrategy
@@ -169,11 +169,11 @@ def patient_rows() -> list[MetricRow]:
 
 def test_the_summary_states_every_guarantee_of_the_run() -> None:
     plain = check_overrides(["experiment=quick"])
-    assert "no formal DP" in privacy_line([], plain)
+    assert "no formal DP" in "\n".join(privacy_lines([], plain))
     patient = check_overrides(
         ["experiment=quick", "task.dp_sgd.enabled=true", "task.dp_sgd.target_epsilon=8"]
     )
-    text = privacy_line(patient_rows(), patient)
+    text = "\n".join(privacy_lines(patient_rows(), patient))
     assert "patient-level DP (DP-SGD at every site, Opacus, RDP accountant" in text
     assert "site site-1: epsilon 4 at delta 1e-05 after 2 round(s) (10 steps, noise 1.2, " in text
     assert "sample rate 0.19)" in text
@@ -189,7 +189,7 @@ def test_the_summary_states_every_guarantee_of_the_run() -> None:
         ]
     )
     rows = [*patient_rows(), MetricRow(2, "all", "epsilon", 7.0)]
-    text = privacy_line(rows, both)
+    text = "\n".join(privacy_lines(rows, both))
     assert (
         "epsilon 7.0000 at delta 1e-05 after round 2 (client-level: protects a whole site" in text
     )

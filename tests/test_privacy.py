@@ -12,12 +12,11 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from flower_fakes import Arrays, FakeGrid, numpy_of, record
+from flower_fakes import Arrays, FakeGrid, FakeTrainer, numpy_of, record
 from flwr.app import (
     ConfigRecord,
     Context,
@@ -251,27 +250,6 @@ def test_the_command_exits_2_on_a_refused_dp_setting_before_training(tmp_path: P
 
 
 # --- client-side DP -----------------------------------------------------------------------------
-
-
-class FakeTrainer:
-    """Stands in for a site's SiteTrainer: "training" adds ``shift`` to every float weight."""
-
-    name = "site-1"
-    task = SimpleNamespace(device=torch.device("cpu"), amp=False)  # where it "trained"
-
-    def __init__(self, shift: float) -> None:
-        self.shift = shift
-        self.weights: dict[str, torch.Tensor] = {}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.weights = {k: v.clone() for k, v in state.items()}
-
-    def fit(self, epochs: int, **kwargs: object) -> object:
-        self.weights = {k: v + self.shift for k, v in self.weights.items()}
-        return type("Result", (), {"loss": 0.5, "num_samples": 4})()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return self.weights
 
 
 @pytest.mark.parametrize(("shift", "clipped"), [(0.1, True), (0.001, False)])
