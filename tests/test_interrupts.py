@@ -212,3 +212,8 @@ def test_ctrl_c_while_many_sites_wait_in_round_1_exits_without_hanging(
     assert proc.returncode == 130, text[-3000:]
     assert time.monotonic() - sent < 60, text[-3000:]
     assert "interrupted (Ctrl-C)" in (tmp_path / "many" / "summary.txt").read_text()
+    # the sites in training were stopped before Ray was shut down (Ray's core worker ended the
+    # process with exit code 1 when Flower's threads touched it afterwards), and said so
+    assert re.search(r"stopped \d+ site\(s\) in the middle of their round", text), text[-3000:]
+    assert "to go on:" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from fl_imaging.config import EngineConfig, RunConfig
 from fl_imaging.engines.interrupts import RunInterrupted, stop_on_signal
 from fl_imaging.engines.ray_reaper import finish_reaper, start_reaper
+from fl_imaging.engines.ray_stop import busy_actors_stopped_first
 
 if TYPE_CHECKING:
     from fl_imaging.flower.federation import FederationPlan
@@ -94,7 +95,10 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: Federatio
     stop_ray = partial(_stop_ray, ray_tmp, reaper)
     try:
         # On a cluster, the first signal lets the messages in flight finish (see stop_on_signal)
-        with stop_on_signal(plan.stop, force=stop_ray, interrupt_main=not engine.ray_address):
+        with (
+            stop_on_signal(plan.stop, force=stop_ray, interrupt_main=not engine.ray_address),
+            busy_actors_stopped_first(plan.stop),
+        ):
             try:
                 run_simulation(
                     server_app=build_server_app(cfg, site_names, plan),
