@@ -23,6 +23,8 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+from fl_imaging.process_exit import end_process
+
 __all__ = ["INTERRUPTED_EXIT_CODE", "RunInterrupted", "exit_stopped_run", "stop_on_signal"]
 
 log = logging.getLogger("fl_imaging.engine")
@@ -89,8 +91,5 @@ def exit_stopped_run(code: int = INTERRUPTED_EXIT_CODE) -> NoReturn:
         for t in threading.enumerate()
         if t is not threading.main_thread()
     ):
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        end_process(code)
     sys.exit(code)

@@ -30,12 +30,20 @@ __all__ = ["descendants", "finish_reaper", "main", "start_reaper", "stop_process
 
 _PROC = Path("/proc")
 
+#: Seconds between SIGTERM and SIGKILL for what a finished run left (Ray's exiting workers).
+ASKED_GRACE_S = 1.0
+#: Seconds between SIGTERM and SIGKILL for the processes of a run that was killed.
+ORPHAN_GRACE_S = 5.0
+
 
 def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of ``pid``, or None when it is gone."""
+    """(parent pid, start time in clock ticks) of ``pid``, or None when it is gone (a zombie,
+    which has exited and waits to be reaped, counts as gone)."""
     try:
         fields = (_PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
         return None
     return int(fields[1]), int(fields[19])
 
@@ -89,18 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     me = os.getpid()
     start = _stat(parent)
     known: dict[int, int] = {}
-    finish = False
-
-    def asked(_signum: int, _frame: object) -> None:
-        nonlocal finish
-        finish = True
-
-    signal.signal(signal.SIGUSR1, asked)
-    while not finish and start is not None and _alive(parent, start[1]):
+    asked = False
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # taken by sigtimedwait below
+    while start is not None and _alive(parent, start[1]):
         known.update({p: s for p, s in descendants(parent).items() if p != me})
         known = {p: s for p, s in known.items() if _alive(p, s)}
-        time.sleep(1.0)
-    stop_processes(known, grace=5.0)
+        if signal.sigtimedwait({signal.SIGUSR1}, 1.0) is not None:  # wakes at once when asked
+            asked = True
+            break
+    # asked: Ray was shut down and what is left are its workers on their way out; a killed run
+    # leaves Ray's servers running, which get the time to stop cleanly
+    stop_processes(known, grace=ASKED_GRACE_S if asked else ORPHAN_GRACE_S)
     shutil.rmtree(folder, ignore_errors=True)
     return 0
 
