@@ -19,6 +19,7 @@ from fl_imaging.config import RunConfig
 from fl_imaging.devices import device_metrics
 from fl_imaging.flower.local_norms import restore_local_norms, save_local_norms
 from fl_imaging.flower.outgoing_update import outgoing_update
+from fl_imaging.flower.packed_arrays import packed_arrays_mod
 from fl_imaging.flower.patient_ledger import patient_metrics, site_privacy
 from fl_imaging.flower.site_queries import SITE_QUERIES
 from fl_imaging.logs import show_progress
@@ -66,7 +67,7 @@ def build_client_app(
     looked up at each message: Ray hands every message a copy of the app). What happens to a
     reply before it leaves (client-side DP, masking, compression): :mod:`.outgoing_update`;
     DP-SGD: :mod:`fl_imaging.flower.patient_ledger`."""
-    client = ClientApp()
+    client = ClientApp(mods=[packed_arrays_mod])  # arrays travel packed (.packed_arrays)
 
     def site_trainer(
         context: Context, cfg: RunConfig, site: SiteRef, global_state: dict

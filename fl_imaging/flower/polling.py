@@ -16,6 +16,9 @@ It also names the sender of the error replies the SuperLink writes itself: for a
 stopped sending heartbeats, Flower 1.41 answers "Node Unavailable" with the SuperLink (node 1) as
 sender, so every such reply would look as if the same node had failed. The wrapper sets the
 sender back to the node the message was sent to (the metadata field Flower fills the same way).
+
+And it packs each message's arrays into one before they travel, and unpacks the replies
+(:mod:`.packed_arrays`): a few objects per message instead of about two per layer.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from fl_imaging.flower.packed_arrays import pack_content, unpack_content
 
 __all__ = ["QuickPollGrid", "StopRequested"]
 
@@ -71,12 +76,12 @@ class QuickPollGrid(Grid):
         return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Push messages (delegated)."""
-        return self.grid.push_messages(messages)
+        """Push messages, their arrays packed (:mod:`.packed_arrays`; delegated)."""
+        return self.grid.push_messages([_packed(m) for m in messages])
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Pull replies (delegated)."""
-        return self.grid.pull_messages(message_ids)
+        """Pull replies, their arrays unpacked (delegated)."""
+        return [_unpacked(m) for m in self.grid.pull_messages(message_ids)]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -89,14 +94,14 @@ class QuickPollGrid(Grid):
         messages = list(messages)
         destination = {
             msg_id: msg.metadata.dst_node_id
-            for msg_id, msg in zip(self.grid.push_messages(messages), messages, strict=False)
+            for msg_id, msg in zip(self.push_messages(messages), messages, strict=False)
             if msg_id
         }
         pending = set(destination)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
-            received = list(self.grid.pull_messages(pending))
+            received = list(self.pull_messages(pending))
             for reply in received:
                 node = destination.get(reply.metadata.reply_to_message_id)
                 if reply.has_error() and node is not None:
@@ -111,3 +116,28 @@ class QuickPollGrid(Grid):
         if self.stop.is_set():
             raise StopRequested("the run was asked to stop while a round was in flight")
         return replies
+
+
+def _packed(message: Message) -> Message:
+    """``message`` with its arrays packed: a new message with the same destination, type, group
+    and time to live (the caller's stays as it is), or ``message`` when there is nothing to pack."""
+    if not message.has_content():
+        return message
+    content = pack_content(message.content)
+    if content is message.content:
+        return message
+    meta = message.metadata
+    return Message(
+        content=content,
+        dst_node_id=meta.dst_node_id,
+        message_type=meta.message_type,
+        ttl=meta.ttl,
+        group_id=meta.group_id,
+    )
+
+
+def _unpacked(reply: Message) -> Message:
+    """``reply`` with its packed arrays restored (in place)."""
+    if reply.has_content():
+        reply.content = unpack_content(reply.content)
+    return reply
