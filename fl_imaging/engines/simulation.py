@@ -21,7 +21,13 @@ from fl_imaging.engines.ray_stop import busy_actors_stopped_first
 if TYPE_CHECKING:
     from fl_imaging.flower.federation import FederationPlan
 
-__all__ = ["SimulationError", "ray_backend_config", "ray_cluster_cpus", "run_simulation_engine"]
+__all__ = [
+    "SimulationError",
+    "in_flight_limit",
+    "ray_backend_config",
+    "ray_cluster_cpus",
+    "run_simulation_engine",
+]
 
 log = logging.getLogger("fl_imaging.engine")
 
@@ -101,7 +107,9 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: Federatio
         ):
             try:
                 run_simulation(
-                    server_app=build_server_app(cfg, site_names, plan),
+                    server_app=build_server_app(
+                        cfg, site_names, plan, max_in_flight=in_flight_limit(parallel)
+                    ),
                     client_app=build_client_app(_with_decoded_cache(cfg, ray_tmp)),
                     num_supernodes=len(site_names),
                     backend_config=backend_config,  # type: ignore[arg-type]
@@ -128,6 +136,14 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: Federatio
         stop_ray()
     if plan.stop.is_set():
         raise RunInterrupted(plan.run_dir, plan.stopped or "interrupted before the first round")
+
+
+def in_flight_limit(parallel: int) -> int:
+    """How many of a round's messages the simulation's coordinator keeps unanswered at a time,
+    for ``parallel`` sites training at once: enough that no worker waits (four per worker, at
+    least 8), few enough that Flower's in-memory state, which looks through every undelivered
+    message for each site every 0.1 s, stays quick with 1,000 sites."""
+    return max(8, 4 * parallel)
 
 
 def ray_backend_config(engine: EngineConfig, init_args: dict[str, object]) -> dict[str, object]:

@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-__all__ = ["LAYOUT_SUFFIX", "pack_content", "packed_arrays_mod", "unpack_content"]
+__all__ = ["LAYOUT_SUFFIX", "is_packed", "pack_content", "packed_arrays_mod", "unpack_content"]
 
 #: Suffix of the ConfigRecord that says how the ArrayRecord of the same key was packed.
 LAYOUT_SUFFIX = ".layout"

@@ -17,6 +17,11 @@ stopped sending heartbeats, Flower 1.41 answers "Node Unavailable" with the Supe
 sender, so every such reply would look as if the same node had failed. The wrapper sets the
 sender back to the node the message was sent to (the metadata field Flower fills the same way).
 
+In a simulation of many sites it sends a round's messages in waves (``max_in_flight``):
+Flower's in-memory state looks through every undelivered message for each site every 0.1 s, so
+a round of n messages sent at once costs time in n squared (0.25 s per site per round at 1,000
+sites against 0.11 at 100).
+
 And it packs each message's arrays into one before they travel, and unpacks the replies
 (:mod:`.packed_arrays`): a few objects per message instead of about two per layer.
 """
@@ -41,15 +46,23 @@ class StopRequested(RuntimeError):
 
 
 class QuickPollGrid(Grid):
-    """Wraps ``grid``; ``send_and_receive`` asks for replies every ``interval`` seconds and
-    raises :class:`StopRequested` once ``stop`` is set."""
+    """Wraps ``grid``; ``send_and_receive`` asks for replies every ``interval`` seconds, keeps
+    at most ``max_in_flight`` messages unanswered (None: sends them all at once) and raises
+    :class:`StopRequested` once ``stop`` is set."""
 
     def __init__(
-        self, grid: Grid, interval: float = 0.2, stop: threading.Event | None = None
+        self,
+        grid: Grid,
+        interval: float = 0.2,
+        stop: threading.Event | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.grid = grid
         self.interval = interval
         self.stop = stop or threading.Event()
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError(f"max_in_flight={max_in_flight}: must be at least 1 (or None)")
+        self.max_in_flight = max_in_flight
 
     def set_run(self, run: Run) -> None:
         """Set the run (delegated)."""
@@ -86,21 +99,29 @@ class QuickPollGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push ``messages``, then collect replies until every message has one or ``timeout``
-        seconds passed (None: no limit); returns the replies received. Raises
-        :class:`StopRequested` when ``stop`` is set before or while waiting."""
+        """Push ``messages`` (at most ``max_in_flight`` unanswered at a time), then collect
+        replies until every message has one or ``timeout`` seconds passed (None: no limit);
+        returns the replies received. Raises :class:`StopRequested` when ``stop`` is set before
+        or while waiting."""
         if self.stop.is_set():
             raise StopRequested("the run was asked to stop")
-        messages = list(messages)
-        destination = {
-            msg_id: msg.metadata.dst_node_id
-            for msg_id, msg in zip(self.push_messages(messages), messages, strict=False)
-            if msg_id
-        }
-        pending = set(destination)
+        waiting = list(messages)
+        destination: dict[str, int] = {}
+        pending: set[str] = set()
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        while pending:
+        while not self.stop.is_set():
+            room = len(waiting) if self.max_in_flight is None else self.max_in_flight - len(pending)
+            if waiting and room > 0:
+                batch, waiting = waiting[:room], waiting[room:]
+                for msg_id, msg in zip(self.push_messages(batch), batch, strict=False):
+                    if msg_id:
+                        destination[msg_id] = msg.metadata.dst_node_id
+                        pending.add(msg_id)
+            if not pending:
+                if waiting:
+                    continue
+                break
             received = list(self.pull_messages(pending))
             for reply in received:
                 node = destination.get(reply.metadata.reply_to_message_id)
@@ -108,8 +129,12 @@ class QuickPollGrid(Grid):
                     reply.metadata.__dict__["_src_node_id"] = node
             replies += received
             pending -= {m.metadata.reply_to_message_id for m in received}
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
+            if not pending and not waiting:
                 break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if received and waiting:
+                continue  # room for the next messages now
             self.stop.wait(self.interval)
             if self.stop.is_set():
                 break

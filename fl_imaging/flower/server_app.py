@@ -98,9 +98,12 @@ def build_server_app(
     config: RunConfig | None = None,
     site_names: list[str] | None = None,
     plan: FederationPlan | None = None,
+    max_in_flight: int | None = None,
 ) -> ServerApp:
     """Return a ServerApp bound to ``config``, the federation's site names and, when already
-    made, its ``plan`` (simulation), or reading the config from run_config (deployment, None)."""
+    made, its ``plan`` (simulation), or reading the config from run_config (deployment, None).
+    ``max_in_flight``: at most that many messages unanswered at a time (None: a round's messages
+    all at once; see :class:`~fl_imaging.flower.polling.QuickPollGrid`)."""
     server = ServerApp()
 
     @server.main()
@@ -112,7 +115,8 @@ def build_server_app(
         # Flower's deployment Grid looks for replies every 3 s; ours every 0.2 s, and stops
         # waiting when the plan is asked to stop (Ctrl-C in simulation).
         run_plan = plan or plan_federation(cfg, names)
-        run_federation(QuickPollGrid(grid, stop=run_plan.stop), cfg, names, run_plan)
+        polling = QuickPollGrid(grid, stop=run_plan.stop, max_in_flight=max_in_flight)
+        run_federation(polling, cfg, names, run_plan)
         if config is None:  # deployment: a site that never trained fails the run's status
             run_plan.raise_if_sites_failed()
 
