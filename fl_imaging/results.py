@@ -54,6 +54,9 @@ log = logging.getLogger("fl_imaging.server")
 
 #: Site name of the rows that hold the aggregate over the sites of a round.
 AGGREGATE_SITE = "all"
+#: With more sites than this, the progress line and the console give a summary over the sites
+#: instead of one figure per site (summary.txt and metrics.csv keep every site).
+LISTED_SITES = 12
 FIELDS = ("round", "site", "metric", "value")
 
 
@@ -239,8 +242,8 @@ def progress_line(
     values = {(r.site, r.metric): r.value for r in rows if r.round == rnd}
     scored = max((r.round for r in rows if r.metric == main_metric and r.round <= rnd), default=rnd)
     scores = {(r.site, r.metric): r.value for r in rows if r.round == scored}
-    per_site = "  ".join(
-        f"{s} {scores[(s, main_metric)]:.3f}" for s in sites if (s, main_metric) in scores
+    per_site = _per_site_scores(
+        [(s, scores[(s, main_metric)]) for s in sites if (s, main_metric) in scores]
     )
     label = main_metric if scored == rnd else f"{main_metric} (round {scored} model)"
     epsilon = values.get((AGGREGATE_SITE, "epsilon"))
@@ -251,6 +254,21 @@ def progress_line(
         + (f"epsilon {epsilon:.3f} | " if epsilon is not None else "")
         + (f"{patients} | " if patients else "")
         + f"{values.get((AGGREGATE_SITE, 'round_seconds'), float('nan')):.1f} s"
+    )
+
+
+def _per_site_scores(scores: list[tuple[str, float]]) -> str:
+    """Each site's score, or past :data:`LISTED_SITES` sites their mean, lowest and highest."""
+    if len(scores) <= LISTED_SITES:
+        return "  ".join(f"{site} {value:.3f}" for site, value in scores)
+    finite = [(value, site) for site, value in scores if math.isfinite(value)]
+    if not finite:
+        return f"- over {len(scores)} sites"
+    low, high = min(finite), max(finite)
+    mean = sum(value for value, _ in finite) / len(finite)
+    return (
+        f"mean {mean:.3f} over {len(finite)} sites (lowest {low[1]} {low[0]:.3f}, "
+        f"highest {high[1]} {high[0]:.3f})"
     )
 
 
@@ -292,6 +310,8 @@ def write_run_files(
                 f"could not write the run's results into {run_dir} ({name}: {reason_of(err)}): "
                 "free space there or give a folder you can write to (hydra.run.dir=...)"
             ) from None
+    if len(site_names) > LISTED_SITES:  # a column per site: for the file, not the console
+        table = f"{len(site_names)} sites: the table, a column per site, is in summary.txt"
     log.info(
         "per-round results (validation %s per site):\n%s%s%s", main_metric, table, failed, notes
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,8 @@ __all__ = [
 log = logging.getLogger("fl_imaging.data")
 #: Problems listed in a training error; `fl-imaging-data inspect` lists them all.
 MAX_SHOWN = 30
+#: About how many "checking site k/N" lines many sites get (the first, every k-th, the last).
+LISTED_CHECKS = 20
 
 
 def site_folders(cfg: RunConfig) -> list[Path]:
@@ -91,8 +94,10 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteR
     sites: list[SiteData] = []
     reports: list[SiteReport] = []
     excluded: list[str] = []
+    every = max(1, math.ceil(len(folders) / LISTED_CHECKS))  # many sites: about 20 lines
     for i, folder in enumerate(folders):
-        log.info("checking site %d/%d: %s", i + 1, len(folders), folder)
+        if (i + 1) % every == 0 or i == 0 or i + 1 == len(folders):
+            log.info("checking site %d/%d: %s", i + 1, len(folders), folder)
         cases, report = checked_cases(folder, cfg, seed=cfg.seed + i)
         left_out = {c.case_id for c in report.found} - {c.case_id for c in cases}
         left_out |= excluded_of(data.excluded_cases, folder.name)
