@@ -94,6 +94,19 @@ def test_several_records_are_packed_each_with_its_own_layout() -> None:
     assert list(restored.keys()) == ["global", "local"]
 
 
+def test_a_cache_packs_a_shared_record_once_and_another_record_apart() -> None:
+    shared, other = _mixed(), _mixed()
+    cache: dict = {}
+    first = pack_content(RecordDict({"arrays": shared}), cache)
+    again = pack_content(RecordDict({"arrays": shared, "more": other}), cache)
+    assert again["arrays"] is first["arrays"]
+    assert again["arrays" + LAYOUT_SUFFIX] is first["arrays" + LAYOUT_SUFFIX]
+    assert again["more"] is not first["arrays"]
+    restored = unpack_content(again)
+    for key in ("arrays", "more"):
+        assert list(restored[key].keys()) == list(_mixed().keys())
+
+
 def test_a_damaged_packed_record_is_refused_not_misread() -> None:
     packed = pack_content(RecordDict({"arrays": _mixed()}))
     data = packed["arrays"]["packed"].numpy()

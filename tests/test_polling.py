@@ -31,6 +31,7 @@ class SitesGrid(FakeGrid):
         self.in_flight: dict[str, Message] = {}
         self.most_in_flight = 0
         self.arrived_packed: list[bool] = []
+        self.pushed: list[Message] = []
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -38,6 +39,7 @@ class SitesGrid(FakeGrid):
             msg_id = f"m{msg.metadata.dst_node_id}"
             msg.metadata.__dict__["_message_id"] = msg_id
             self.arrived_packed.append(is_packed(msg.content))
+            self.pushed.append(msg)
             self.in_flight[msg_id] = msg
             ids.append(msg_id)
         self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
@@ -86,6 +88,15 @@ def test_arrays_leave_packed_and_come_back_as_they_were() -> None:
             reply.content["arrays"].to_numpy_ndarrays()[0], np.arange(6).reshape(2, 3)
         )
     assert is_packed(pack_content(messages[0].content))
+
+
+def test_a_model_shared_by_a_rounds_messages_is_packed_once_across_the_waves() -> None:
+    content = RecordDict({"arrays": _model(), "config": ConfigRecord({"server-round": 1})})
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2, 3)]
+    sites = SitesGrid(3)
+    QuickPollGrid(sites, interval=0.01, max_in_flight=1).send_and_receive(messages, timeout=30)
+    assert len(sites.pushed) == 3 and all(sites.arrived_packed)
+    assert len({id(m.content["arrays"]) for m in sites.pushed}) == 1
 
 
 def test_waves_stop_when_the_run_is_asked_to_stop() -> None:

@@ -23,7 +23,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-__all__ = ["LAYOUT_SUFFIX", "is_packed", "pack_content", "packed_arrays_mod", "unpack_content"]
+__all__ = [
+    "LAYOUT_SUFFIX",
+    "PackCache",
+    "is_packed",
+    "pack_content",
+    "packed_arrays_mod",
+    "unpack_content",
+]
 
 #: Suffix of the ConfigRecord that says how the ArrayRecord of the same key was packed.
 LAYOUT_SUFFIX = ".layout"
@@ -31,25 +38,40 @@ _PACKED = "packed"
 _NUMPY = "numpy.ndarray"
 
 
-def pack_content(content: RecordDict) -> RecordDict:
+#: Records already packed, by ``id`` of the original (kept alive beside its packed form, so that
+#: the id cannot be reused): a round's messages share one model, packed once.
+PackCache = dict[int, tuple[ArrayRecord, ArrayRecord, ConfigRecord]]
+
+
+def pack_content(content: RecordDict, cache: PackCache | None = None) -> RecordDict:
     """``content`` with each ArrayRecord of two or more NumPy arrays packed into one ``uint8``
     array (key ``packed``) plus a ConfigRecord ``<key>.layout`` (JSON: ``[name, dtype, shape]``
-    per array, in order). Returns ``content`` itself when nothing is packed; never changes it."""
+    per array, in order). A record found in ``cache`` is not packed again (the packed records are
+    shared, as Flower shares one model between a round's messages). Returns ``content`` itself
+    when nothing is packed; never changes it."""
     packed: dict[str, object] = {}
     changed = False
     for key, record in content.items():
         if _packable(content, key, record):
-            arrays = [(name, array.numpy()) for name, array in record.items()]
-            layout = [[name, a.dtype.str, list(a.shape)] for name, a in arrays]
-            data = b"".join(np.ascontiguousarray(a).tobytes() for _, a in arrays)
-            packed[key] = ArrayRecord(
-                {_PACKED: Array.from_numpy_ndarray(np.frombuffer(data, dtype=np.uint8))}
-            )
-            packed[key + LAYOUT_SUFFIX] = ConfigRecord({"layout": json.dumps(layout)})
+            entry = None if cache is None else cache.get(id(record))
+            if entry is None or entry[0] is not record:
+                entry = (record, *_packed_record(record))  # type: ignore[arg-type]
+                if cache is not None:
+                    cache[id(record)] = entry
+            packed[key], packed[key + LAYOUT_SUFFIX] = entry[1], entry[2]
             changed = True
         else:
             packed[key] = record
     return RecordDict(packed) if changed else content  # type: ignore[arg-type]
+
+
+def _packed_record(record: ArrayRecord) -> tuple[ArrayRecord, ConfigRecord]:
+    """``record``'s arrays as one ``uint8`` array, and the layout that cuts it back apart."""
+    arrays = [(name, array.numpy()) for name, array in record.items()]
+    layout = [[name, a.dtype.str, list(a.shape)] for name, a in arrays]
+    data = b"".join(np.ascontiguousarray(a).tobytes() for _, a in arrays)
+    one = ArrayRecord({_PACKED: Array.from_numpy_ndarray(np.frombuffer(data, dtype=np.uint8))})
+    return one, ConfigRecord({"layout": json.dumps(layout)})
 
 
 def unpack_content(content: RecordDict) -> RecordDict:

@@ -36,7 +36,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fl_imaging.flower.packed_arrays import pack_content, unpack_content
+from fl_imaging.flower.packed_arrays import PackCache, pack_content, unpack_content
 
 __all__ = ["QuickPollGrid", "StopRequested"]
 
@@ -90,7 +90,11 @@ class QuickPollGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Push messages, their arrays packed (:mod:`.packed_arrays`; delegated)."""
-        return self.grid.push_messages([_packed(m) for m in messages])
+        return self._push(messages, {})
+
+    def _push(self, messages: Iterable[Message], cache: PackCache) -> Iterable[str]:
+        """Push ``messages`` packed, a model already in ``cache`` not packed again."""
+        return self.grid.push_messages([_packed(m, cache) for m in messages])
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Pull replies, their arrays unpacked (delegated)."""
@@ -106,6 +110,7 @@ class QuickPollGrid(Grid):
         if self.stop.is_set():
             raise StopRequested("the run was asked to stop")
         waiting = list(messages)
+        cache: PackCache = {}  # the round's model packed once, whatever the waves
         destination: dict[str, int] = {}
         pending: set[str] = set()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -114,7 +119,7 @@ class QuickPollGrid(Grid):
             room = len(waiting) if self.max_in_flight is None else self.max_in_flight - len(pending)
             if waiting and room > 0:
                 batch, waiting = waiting[:room], waiting[room:]
-                for msg_id, msg in zip(self.push_messages(batch), batch, strict=False):
+                for msg_id, msg in zip(self._push(batch, cache), batch, strict=False):
                     if msg_id:
                         destination[msg_id] = msg.metadata.dst_node_id
                         pending.add(msg_id)
@@ -143,12 +148,13 @@ class QuickPollGrid(Grid):
         return replies
 
 
-def _packed(message: Message) -> Message:
-    """``message`` with its arrays packed: a new message with the same destination, type, group
-    and time to live (the caller's stays as it is), or ``message`` when there is nothing to pack."""
+def _packed(message: Message, cache: PackCache) -> Message:
+    """``message`` with its arrays packed (records in ``cache`` reused): a new message with the
+    same destination, type, group and time to live (the caller's stays as it is), or ``message``
+    when there is nothing to pack."""
     if not message.has_content():
         return message
-    content = pack_content(message.content)
+    content = pack_content(message.content, cache)
     if content is message.content:
         return message
     meta = message.metadata
