@@ -399,9 +399,8 @@ def test_client_side_clipping_bounds_the_decoded_update_every_round(mode: str) -
     strategy = build_strategy(cfg.strategy, num_sites=1)
     assert isinstance(strategy, DecodingStrategy)
     assert isinstance(strategy.inner.inner, DifferentialPrivacyClientSideFixedClipping)  # type: ignore[attr-defined]
-    trainer = FakeTrainer(
-        0.1, jitter=True
-    )  # an update of norm about 4.5, clipped to 0.5 by the mod
+    # an update of norm about 4.5, clipped to 0.5 by the mod
+    trainer = FakeTrainer(0.1, jitter=True)
     app = client_app.build_client_app(cfg, SiteTrainers(build=lambda c, s, t: trainer))
     context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
     global_arrays = {"w": np.zeros((40, 50), np.float32), "b": np.ones(10, np.float32)}
