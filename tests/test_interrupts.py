@@ -5,6 +5,7 @@ killed run's Ray processes are stopped by the watcher; the Grid stops waiting on
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import select
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from flower_fakes import FakeGrid, record
@@ -59,6 +61,31 @@ def test_the_grid_stops_waiting_once_the_run_is_asked_to_stop() -> None:
     assert time.monotonic() - start < 2.0  # not the 30 s timeout
     with pytest.raises(StopRequested):  # a new round does not start either
         grid.send_and_receive(_train_messages(2), timeout=30)
+
+
+def test_a_stopping_run_kills_the_busy_actors_before_ray_is_shut_down(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    from fl_imaging.engines.ray_stop import busy_actors_stopped_first
+
+    order: list[str] = []
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart: order.append(f"kill {actor}"))
+    monkeypatch.setattr(RayBackend, "terminate", lambda backend: order.append("shutdown"))
+    backend = RayBackend.__new__(RayBackend)  # only its pool is used
+    backend.pool = SimpleNamespace(_future_to_actor={"f1": "a1", "f2": "a2"})
+    stop = threading.Event()
+    with busy_actors_stopped_first(stop):
+        RayBackend.terminate(backend)  # a run that ends: Flower's own order
+        stop.set()
+        with caplog.at_level(logging.INFO, logger="fl_imaging.engine"):
+            RayBackend.terminate(backend)  # a stopping run: the busy actors first
+    assert order == ["shutdown", "kill a1", "kill a2", "shutdown"]
+    assert "stopped 2 site(s) in the middle of their round" in caplog.text
+    RayBackend.terminate(backend)  # outside: Flower's method is back
+    assert order[-1] == "shutdown" and len(order) == 5
 
 
 def test_the_resume_command_keeps_the_overrides_but_hydra_and_resume() -> None:
@@ -212,8 +239,7 @@ def test_ctrl_c_while_many_sites_wait_in_round_1_exits_without_hanging(
     assert proc.returncode == 130, text[-3000:]
     assert time.monotonic() - sent < 60, text[-3000:]
     assert "interrupted (Ctrl-C)" in (tmp_path / "many" / "summary.txt").read_text()
-    # the sites in training were stopped before Ray was shut down (Ray's core worker ended the
-    # process with exit code 1 when Flower's threads touched it afterwards), and said so
-    assert re.search(r"stopped \d+ site\(s\) in the middle of their round", text), text[-3000:]
+    # Ray was shut down after Flower's threads let go of it (Ray's core worker ended the process
+    # with exit code 1 when they touched it afterwards): the command got to say how to go on
     assert "to go on:" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
