@@ -15,6 +15,10 @@ scripts all come here; this module imports no command. The steps, in order:
 4. plan the server side (:func:`fl_imaging.flower.federation.plan_federation`: the strategy chain
    and the checkpoint to resume from, checked here, once);
 5. run the engine (simulation or deployment), which writes the results into the run folder.
+
+A simulation on this machine starts Ray in the background before step 2
+(:func:`fl_imaging.engines.local_ray.start_local_ray`): its start overlaps the imports and the
+checks, and is stopped whatever happens after.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, DataName, EngineName, RunConfig
@@ -32,6 +37,9 @@ from fl_imaging.engines.simulation import SimulationError
 from fl_imaging.results import RunFolderError, SitesFailed
 from fl_imaging.tracking import check_tracking, resolve_tracking
 from strategies import StrategyError
+
+if TYPE_CHECKING:
+    from fl_imaging.engines.local_ray import LocalRay
 
 __all__ = ["USER_ERRORS", "check_overrides", "run"]
 
@@ -59,6 +67,23 @@ def run(cfg: RunConfig) -> Path:
     table, and ``engine.num_sites`` says how many to expect. Raises one of :data:`USER_ERRORS`
     for what the user must change.
     """
+    cfg = resolve_tracking(cfg)  # tracking.uri: a folder made absolute (default mlruns/)
+    check_tracking(cfg)
+    local_ray = None
+    if cfg.engine.name == EngineName.simulation and not cfg.engine.ray_address:
+        from fl_imaging.engines.local_ray import start_local_ray
+
+        local_ray = start_local_ray(cfg.engine)
+    try:
+        return _checked_and_run(cfg, local_ray)
+    finally:
+        if local_ray is not None:
+            local_ray.stop()
+
+
+def _checked_and_run(cfg: RunConfig, local_ray: LocalRay | None) -> Path:
+    """Steps 2-5 for a config whose tracking was checked; ``local_ray``: Ray being started for
+    a simulation on this machine (handed to the engine). Returns the run folder."""
     # Imported here, so that a config error stops before torch and MONAI are imported.
     from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
     from fl_imaging.devices import check_simulation_devices
@@ -67,8 +92,6 @@ def run(cfg: RunConfig) -> Path:
     from fl_imaging.model_checks import check_model
     from fl_imaging.patient_privacy import check_sites_privacy
 
-    cfg = resolve_tracking(cfg)  # tracking.uri: a folder made absolute (default mlruns/)
-    check_tracking(cfg)
     check_model(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     cfg = replace(cfg, run_dir=str(run_dir))
@@ -107,7 +130,7 @@ def run(cfg: RunConfig) -> Path:
     else:
         from fl_imaging.engines.simulation import run_simulation_engine
 
-        run_simulation_engine(cfg, site_names, plan)
+        run_simulation_engine(cfg, site_names, plan, local_ray)
         plan.raise_if_sites_failed()
     log.info(
         "results in %s: metrics.csv, curves.png, model.pt, config.yaml, summary.txt, "

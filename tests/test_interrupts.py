@@ -243,3 +243,26 @@ def test_ctrl_c_while_many_sites_wait_in_round_1_exits_without_hanging(
     # with exit code 1 when they touched it afterwards): the command got to say how to go on
     assert "to go on:" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc (Linux)")
+def test_ctrl_c_while_the_sites_are_checked_stops_ray_started_beside_them(
+    tmp_path: Path, ray_parent: Path
+) -> None:
+    # Ray starts in the background while the sites are checked (fl_imaging.engines.local_ray)
+    proc = _start(tmp_path, ray_parent, "checks", "data.num_sites=30", "data.cases_per_site=3")
+    output: list[str] = []
+    try:
+        _until(proc, "checking site", output, 300)
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(output) + rest
+    assert proc.returncode == 130, text[-3000:]
+    assert "before the first round: no round ran, nothing to resume" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert not [c for c in _processes_in_group(proc.pid) if RAY_PROCESS.search(c)]
+    assert not list(ray_parent.glob("flimg-ray-*"))

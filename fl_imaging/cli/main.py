@@ -101,6 +101,9 @@ def _hydra_main(composed: DictConfig) -> None:
             resume_command(sys.argv[1:], stop.run_dir),
         )
         exit_stopped_run()
+    except KeyboardInterrupt:  # Ctrl-C before the engine took over the signals (the checks)
+        log.warning("stopped (Ctrl-C) before the first round: no round ran, nothing to resume")
+        exit_stopped_run()
 
 
 def main() -> None:

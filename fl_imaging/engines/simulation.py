@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import socket
-import subprocess
-import tempfile
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fl_imaging.config import EngineConfig, RunConfig
 from fl_imaging.engines.interrupts import RunInterrupted, stop_on_signal
-from fl_imaging.engines.ray_reaper import finish_reaper, start_reaper
+from fl_imaging.engines.local_ray import LocalRay, prepare_ray_environment, start_local_ray
 from fl_imaging.engines.ray_stop import busy_actors_stopped_first
 
 if TYPE_CHECKING:
@@ -32,24 +27,9 @@ __all__ = [
 log = logging.getLogger("fl_imaging.engine")
 
 
-class _DropRunSimulationDeprecation(logging.Filter):
-    """Flower warns that ``run_simulation`` is deprecated in favour of ``flwr run``; we use it on
-    purpose (see :func:`run_simulation_engine`), so the warning is dropped, and only that one."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "`run_simulation` function is deprecated" not in record.getMessage()
-
-
-def _quiet_flower(verbose: bool) -> None:
-    level = logging.INFO if verbose else logging.WARNING
-    flwr_logger = logging.getLogger("flwr")
-    flwr_logger.setLevel(level)
-    if not any(isinstance(f, _DropRunSimulationDeprecation) for f in flwr_logger.filters):
-        flwr_logger.addFilter(_DropRunSimulationDeprecation())
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
-def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: FederationPlan) -> None:
+def run_simulation_engine(
+    cfg: RunConfig, site_names: list[str], plan: FederationPlan, local_ray: LocalRay | None = None
+) -> None:
     """Run ``cfg`` on Flower's simulation engine, one virtual SuperNode per entry of
     ``cfg.data.sites``; the ServerApp runs the server side ``plan`` and writes the run's files
     into ``cfg.run_dir``.
@@ -59,33 +39,42 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: Federatio
     Ray gets ``engine.num_cpus`` CPUs (default: all) and reserves ``engine.cpus_per_client`` CPUs
     and ``engine.gpus_per_client`` GPUs per ClientApp (:func:`ray_backend_config`); its files go
     to a private temporary folder removed afterwards (also when this process is killed:
-    :mod:`fl_imaging.engines.ray_reaper`). Ctrl-C or SIGTERM stops the run
-    within seconds, with the finished rounds' results written (:mod:`~.interrupts`), and raises
-    :class:`~fl_imaging.engines.interrupts.RunInterrupted`.
+    :mod:`fl_imaging.engines.ray_reaper`). ``local_ray``: Ray already being started on this
+    machine for this run (:func:`~fl_imaging.engines.local_ray.start_local_ray`, while the sites
+    were checked), stopped here; without it, and without ``engine.ray_address``, Ray starts here.
+    Ctrl-C or SIGTERM stops the run within seconds, with the finished rounds' results written
+    (:mod:`~.interrupts`), and raises :class:`~fl_imaging.engines.interrupts.RunInterrupted`.
     """
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning
-    _quiet_flower(cfg.engine.verbose)  # before the import: alembic logs as it is imported
+    engine = cfg.engine
+    prepare_ray_environment(engine.verbose)
     from flwr.simulation import run_simulation
 
     from fl_imaging.flower.client_app import build_client_app
     from fl_imaging.flower.server_app import build_server_app
 
-    engine = cfg.engine
-    ray_tmp = tempfile.mkdtemp(prefix="flimg-ray-")
-    init_args: dict[str, object] = {
-        "logging_level": logging.INFO if engine.verbose else logging.ERROR,
-    }
     if engine.ray_address:  # an existing cluster: its own CPUs, folders and processes
-        init_args["address"] = engine.ray_address
+        init_args: dict[str, object] = {
+            "logging_level": logging.INFO if engine.verbose else logging.ERROR,
+            "address": engine.ray_address,
+        }
         num_cpus = int(ray_cluster_cpus(engine.ray_address))
         where = f"the Ray cluster at {engine.ray_address} ({num_cpus} CPUs)"
+        stop_ray = _stop_cluster_connection
+        client_cfg = cfg
     else:
-        num_cpus = engine.num_cpus or os.cpu_count() or 1
-        init_args.update(num_cpus=num_cpus, include_dashboard=False, _temp_dir=ray_tmp)
+        local_ray = local_ray or start_local_ray(engine)
+        stop_ray = local_ray.stop
+        try:
+            local_ray.wait()
+        except Exception as err:
+            stop_ray()
+            raise SimulationError(
+                f"Ray could not start on this machine: {_root_cause(err)}. Rerun with "
+                "engine.verbose=true to see Ray's own log."
+            ) from err
+        init_args, num_cpus = local_ray.init_args, local_ray.num_cpus
         where = "this machine"
+        client_cfg = _with_decoded_cache(cfg, local_ray.temp_dir)
     backend_config = ray_backend_config(cfg.engine, init_args)
     parallel = max(1, num_cpus // engine.cpus_per_client)
     if engine.gpus_per_client > 0 and not engine.ray_address:  # a cluster's GPUs: unknown here
@@ -97,8 +86,6 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: Federatio
         engine.rounds,
         min(parallel, len(site_names)),
     )
-    reaper = None if engine.ray_address else start_reaper(Path(ray_tmp))
-    stop_ray = partial(_stop_ray, ray_tmp, reaper)
     try:
         # On a cluster, the first signal lets the messages in flight finish (see stop_on_signal)
         with (
@@ -110,7 +97,7 @@ def run_simulation_engine(cfg: RunConfig, site_names: list[str], plan: Federatio
                     server_app=build_server_app(
                         cfg, site_names, plan, max_in_flight=in_flight_limit(parallel)
                     ),
-                    client_app=build_client_app(_with_decoded_cache(cfg, ray_tmp)),
+                    client_app=build_client_app(client_cfg),
                     num_supernodes=len(site_names),
                     backend_config=backend_config,  # type: ignore[arg-type]
                     verbose_logging=engine.verbose,
@@ -180,10 +167,10 @@ def _root_cause(err: BaseException) -> str:
 
 
 def _with_decoded_cache(cfg: RunConfig, ray_tmp: str) -> RunConfig:
-    """``cfg`` for the ClientApps: on this machine with ``data.cache``, the sites' decoded cases
+    """``cfg`` for the ClientApps on this machine: with ``data.cache``, the sites' decoded cases
     go to a folder inside Ray's temporary folder (removed with it), so that each case is
     decoded once per run, not once per Ray worker that serves its site."""
-    if cfg.engine.ray_address or not cfg.data.cache:  # not shared by other machines; no cache
+    if not cfg.data.cache:
         return cfg
     cache = Path(ray_tmp) / "decoded"
     return replace(cfg, data=replace(cfg.data, decoded_cache=str(cache)))
@@ -222,14 +209,9 @@ def ray_cluster_cpus(address: str) -> float:
 STOP_WRITE_TIMEOUT = 60
 
 
-def _stop_ray(ray_tmp: str, reaper: subprocess.Popen[bytes] | None) -> None:
-    """Shut Ray down if it still runs in this process, have the ``reaper`` stop the processes
-    Ray leaves behind (its actors exit on their own time after ``ray.shutdown``) and remove its
-    temporary folder."""
+def _stop_cluster_connection() -> None:
+    """Leave the Ray cluster if this process is still connected (the cluster keeps running)."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    if reaper is not None:
-        finish_reaper(reaper)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
