@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from fl_imaging.config import EngineConfig, RunConfig
 from fl_imaging.engines.interrupts import RunInterrupted, stop_on_signal
 from fl_imaging.engines.local_ray import LocalRay, prepare_ray_environment, start_local_ray
+from fl_imaging.engines.message_handout import sites_asked_only_when_addressed
 from fl_imaging.engines.ray_stop import busy_actors_stopped_first
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ def run_simulation_engine(
         with (
             stop_on_signal(plan.stop, force=stop_ray, interrupt_main=not engine.ray_address),
             busy_actors_stopped_first(plan.stop),
+            sites_asked_only_when_addressed(),
         ):
             try:
                 run_simulation(
