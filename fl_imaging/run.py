@@ -16,9 +16,9 @@ scripts all come here; this module imports no command. The steps, in order:
    and the checkpoint to resume from, checked here, once);
 5. run the engine (simulation or deployment), which writes the results into the run folder.
 
-A simulation on this machine starts Ray in the background before step 2
-(:func:`fl_imaging.engines.local_ray.start_local_ray`): its start overlaps the imports and the
-checks, and is stopped whatever happens after.
+A simulation on this machine starts Ray in the background between steps 2 and 3
+(:func:`fl_imaging.engines.local_ray.start_local_ray`): its start overlaps the site checks, and
+it is stopped whatever happens after.
 """
 
 from __future__ import annotations
@@ -67,37 +67,38 @@ def run(cfg: RunConfig) -> Path:
     table, and ``engine.num_sites`` says how many to expect. Raises one of :data:`USER_ERRORS`
     for what the user must change.
     """
+    # Imported here, so that a config error stops before torch and MONAI are imported.
+    from fl_imaging.devices import check_simulation_devices
+    from fl_imaging.model_checks import check_model
+
     cfg = resolve_tracking(cfg)  # tracking.uri: a folder made absolute (default mlruns/)
     check_tracking(cfg)
+    check_model(cfg)
+    cfg = replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
     local_ray = None
-    if cfg.engine.name == EngineName.simulation and not cfg.engine.ray_address:
-        from fl_imaging.engines.local_ray import start_local_ray
+    if cfg.engine.name == EngineName.simulation:
+        check_simulation_devices(cfg)  # every site runs here: a GPU it lacks stops the run now
+        if not cfg.engine.ray_address:
+            from fl_imaging.engines.local_ray import start_local_ray
 
-        local_ray = start_local_ray(cfg.engine)
+            local_ray = start_local_ray(cfg.engine)  # beside the site checks
     try:
-        return _checked_and_run(cfg, local_ray)
+        return _sites_checked_and_run(cfg, local_ray)
     finally:
         if local_ray is not None:
             local_ray.stop()
 
 
-def _checked_and_run(cfg: RunConfig, local_ray: LocalRay | None) -> Path:
-    """Steps 2-5 for a config whose tracking was checked; ``local_ray``: Ray being started for
-    a simulation on this machine (handed to the engine). Returns the run folder."""
-    # Imported here, so that a config error stops before torch and MONAI are imported.
+def _sites_checked_and_run(cfg: RunConfig, local_ray: LocalRay | None) -> Path:
+    """Steps 3-5 for a config whose tracking and model were checked; ``local_ray``: Ray being
+    started for a simulation on this machine (handed to the engine). Returns the run folder."""
     from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
-    from fl_imaging.devices import check_simulation_devices
     from fl_imaging.flower.federation import plan_federation
     from fl_imaging.flower.site_evaluations import check_test_cases
-    from fl_imaging.model_checks import check_model
     from fl_imaging.patient_privacy import check_sites_privacy
 
-    check_model(cfg)
-    run_dir = Path(cfg.run_dir).resolve()
-    cfg = replace(cfg, run_dir=str(run_dir))
+    run_dir = Path(cfg.run_dir)
     deployment = cfg.engine.name == EngineName.deployment
-    if not deployment:  # every site runs here: a GPU it lacks stops the run now
-        check_simulation_devices(cfg)
     if deployment and cfg.data.name == DataName.folders:
         site_names = [Path(p).name for p in cfg.data.sites]
         log.info(
