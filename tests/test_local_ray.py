@@ -5,6 +5,7 @@ fails stops the run with Ray's reason."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,16 +20,19 @@ from fl_imaging.engines.simulation import SimulationError, run_simulation_engine
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc")
 
 
+RAY_PROCESS = re.compile(r"ray::|raylet|gcs_server|/ray/")
+
+
 def _ray_processes() -> list[int]:
-    """This process's descendants that are Ray's (GCS server, raylet, workers), not the
-    watcher of fl_imaging.engines.ray_reaper."""
+    """This process's descendants that are Ray's (GCS server, raylet, Ray's agents, workers);
+    the watcher of fl_imaging.engines.ray_reaper and other tests' processes are not."""
     found = []
     for pid in descendants(os.getpid()):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "ray_reaper" not in cmdline:
+        if RAY_PROCESS.search(cmdline):
             found.append(pid)
     return found
 
