@@ -155,24 +155,35 @@ def _until(proc: subprocess.Popen[str], text: str, output: list[str], seconds: f
     raise AssertionError(f"no {text!r} in the run's output:\n{''.join(output[-40:])}")
 
 
+def _ctrl_c_at(
+    proc: subprocess.Popen[str], line: str, pause_s: float = 0.0, timeout: float = 90
+) -> tuple[str, float]:
+    """Once a line of the run's output holds ``line`` (within 300 s) and ``pause_s`` more
+    seconds, send SIGINT to the run's whole group, as Ctrl-C in a terminal does; returns all the
+    output and the seconds from the signal to the exit. The group is killed if the run is still
+    there after ``timeout`` seconds (the test then fails)."""
+    output: list[str] = []
+    try:
+        _until(proc, line, output, 300)
+        time.sleep(pause_s)
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        rest, _ = proc.communicate(timeout=timeout)
+        return "".join(output) + rest, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc (Linux)")
 def test_ctrl_c_in_round_2_keeps_the_files_stops_ray_and_resume_finishes(
     tmp_path: Path, ray_parent: Path
 ) -> None:
     proc = _start(tmp_path, ray_parent, "first")
-    output: list[str] = []
-    try:
-        _until(proc, "round 1/4", output, 300)
-        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole group
-        sent = time.monotonic()
-        rest, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = "".join(output) + rest
+    text, stopped_in = _ctrl_c_at(proc, "round 1/4", timeout=60)
     assert proc.returncode == 130, text[-3000:]
-    assert time.monotonic() - sent < 30, text[-3000:]
+    assert stopped_in < 30, text[-3000:]
     assert "Traceback" not in text
     run = tmp_path / "first"
     for name in ("metrics.csv", "summary.txt", "config.yaml", "model.pt", "checkpoint.json"):
@@ -225,19 +236,9 @@ def test_ctrl_c_while_many_sites_wait_in_round_1_exits_without_hanging(
     # 24 sites on 2 actors: Flower's worker threads still wait on Ray when the run stops, and
     # Python's exit used to wait for them for ever.
     proc = _start(tmp_path, ray_parent, "many", "data.num_sites=24", "data.cases_per_site=3")
-    output: list[str] = []
-    try:
-        _until(proc, "ready in", output, 300)
-        time.sleep(3)
-        os.killpg(proc.pid, signal.SIGINT)
-        sent = time.monotonic()
-        rest, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = "".join(output) + rest
+    text, stopped_in = _ctrl_c_at(proc, "ready in", pause_s=3)
     assert proc.returncode == 130, text[-3000:]
-    assert time.monotonic() - sent < 60, text[-3000:]
+    assert stopped_in < 60, text[-3000:]
     assert "interrupted (Ctrl-C)" in (tmp_path / "many" / "summary.txt").read_text()
     # Ray was shut down after Flower's threads let go of it (Ray's core worker ended the process
     # with exit code 1 when they touched it afterwards): the command got to say how to go on
@@ -252,15 +253,7 @@ def test_ctrl_c_while_the_sites_are_checked_stops_ray_started_beside_them(
 ) -> None:
     # Ray starts in the background while the sites are checked (fl_imaging.engines.local_ray)
     proc = _start(tmp_path, ray_parent, "checks", "data.num_sites=30", "data.cases_per_site=3")
-    output: list[str] = []
-    try:
-        _until(proc, "checking site", output, 300)
-        os.killpg(proc.pid, signal.SIGINT)
-        rest, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = "".join(output) + rest
+    text, _ = _ctrl_c_at(proc, "checking site")
     assert proc.returncode == 130, text[-3000:]
     assert "before the first round: no round ran, nothing to resume" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]

@@ -87,10 +87,9 @@ class LocalRay:
         self._release = threading.Event()
         self._error: BaseException | None = None
         self._stopped = False
-        self._thread = threading.Thread(
+        threading.Thread(
             target=self._start, args=(RayBackend,), name="fl-imaging-ray-start", daemon=True
-        )
-        self._thread.start()
+        ).start()
 
     def _start(self, backend: type) -> None:
         try:
