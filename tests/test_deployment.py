@@ -31,6 +31,8 @@ from fl_imaging.deploy.certs import (
     verify_server_certificate,
 )
 from fl_imaging.deploy.processes import (
+    ManagedProcess,
+    ProcessError,
     descendants,
     flower_env,
     start_process,
@@ -41,6 +43,7 @@ from fl_imaging.deploy.roles import (
     SiteCheckError,
     check_site_folder,
     superlink_command,
+    wait_until_serving,
 )
 from fl_imaging.engines.deployment import write_app_dir
 from fl_imaging.protocol import CONFIG_KEY, SITE_NAME, SITE_RECORD
@@ -258,6 +261,56 @@ def test_stop_process_stops_children_in_their_own_session(tmp_path: Path) -> Non
         stop_process(proc, grace=5)
     assert not proc.alive()
     assert not any(_running(pid) for pid in children)
+
+
+def _logging_process(tmp_path: Path, name: str, script: str) -> ManagedProcess:
+    """A Python process running ``script`` with its output in ``tmp_path/name.log``."""
+    return start_process(
+        name, [sys.executable, "-c", script], tmp_path / f"{name}.log", flower_env(tmp_path)
+    )
+
+
+def test_a_site_is_ready_only_once_its_clientapp_runner_serves(tmp_path: Path) -> None:
+    # The SuperNode is accepted at once; its ClientApp runner (importing torch and MONAI in
+    # real life) answers 1.5 s later, with warm_clientapp's own log line.
+    node = _logging_process(
+        tmp_path, "node", "import time; print('SuperNode ID: 42', flush=True); time.sleep(60)"
+    )
+    runner_script = (
+        "import logging, time\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "time.sleep(1.5)\n"
+        "from fl_imaging.deploy import warm_clientapp as w\n"
+        "w.log.info(\"the SuperNode accepts this runner's requests (%s)\", 'unsigned')\n"
+        "time.sleep(60)\n"
+    )
+    runner = _logging_process(tmp_path, "runner", runner_script)
+    try:
+        start = time.monotonic()
+        wait_until_serving([node, runner], timeout=30)
+        waited = time.monotonic() - start
+    finally:
+        stop_process(node, grace=5)
+        stop_process(runner, grace=5)
+    assert waited >= 1.4
+    assert "the SuperNode accepts this runner's requests" in runner.log_text()
+
+
+def test_a_refused_clientapp_runner_stops_the_site_start_with_its_log(tmp_path: Path) -> None:
+    node = _logging_process(
+        tmp_path, "node", "import time; print('SuperNode ID: 42', flush=True); time.sleep(60)"
+    )
+    runner = _logging_process(
+        tmp_path,
+        "runner",
+        "import sys; print('error: the SuperNode refused this runner', flush=True); sys.exit(2)",
+    )
+    try:
+        with pytest.raises(ProcessError, match="exited with code 2(.|\n)*refused this runner"):
+            wait_until_serving([node, runner], timeout=30)
+    finally:
+        stop_process(node, grace=5)
+        stop_process(runner, grace=5)
 
 
 def test_a_broken_site_folder_is_refused_before_the_supernode_starts(tmp_path: Path) -> None:

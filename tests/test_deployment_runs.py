@@ -23,6 +23,7 @@ from fl_imaging.deploy.certs import (
 )
 from fl_imaging.deploy.local import LocalFederation, start_local
 from fl_imaging.deploy.processes import (
+    CLIENTAPP_READY,
     ManagedProcess,
     ProcessError,
     flower_env,
@@ -88,6 +89,7 @@ def test_three_sites_two_rounds_each_site_reads_only_its_folder(
 ) -> None:
     for started in federation.site_processes.values():  # these rounds run with the secret on
         assert "--superexec-auth-secret-file" in started[0].command
+        assert CLIENTAPP_READY.search(started[1].log_text())  # start_local waited for it
     addresses = [f"127.0.0.1:{spec.runtime_port}" for spec in federation.specs.values()]
     intruder = _Intruder(addresses)
     intruder.start()

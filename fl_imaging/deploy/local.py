@@ -25,13 +25,11 @@ from fl_imaging.deploy.certs import (
     make_site_key,
 )
 from fl_imaging.deploy.processes import (
-    SUPERNODE_READY,
     ManagedProcess,
     ProcessError,
     free_port,
     stop_all,
     stop_process,
-    wait_for_log,
 )
 from fl_imaging.deploy.roles import (
     SuperNodeSpec,
@@ -39,6 +37,7 @@ from fl_imaging.deploy.roles import (
     register_site_keys,
     start_superlink,
     start_supernode,
+    wait_until_serving,
 )
 
 __all__ = ["LocalFederation", "start_local"]
@@ -189,13 +188,14 @@ def start_local(
                 isolation=isolation,
                 site_index=index,
             )
-        # Start every SuperNode, then wait for them together (each takes seconds to start).
+        # Start every SuperNode, then wait for them together (each takes seconds to start):
+        # ready means each site can take a message (its ClientApp runner's imports done).
         pending: dict[str, list[ManagedProcess]] = {}
         for name, spec in federation.specs.items():
             pending[name] = start_supernode(spec, timeout=timeout, wait=False)
             federation.site_processes[name] = pending[name]
         for started in pending.values():
-            wait_for_log(started[0], SUPERNODE_READY, timeout)
+            wait_until_serving(started, timeout)
     except BaseException:
         federation.stop()
         raise

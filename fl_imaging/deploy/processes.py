@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "CLIENTAPP_READY",
     "ManagedProcess",
     "ProcessError",
     "SUPERNODE_READY",
@@ -45,6 +46,9 @@ log = logging.getLogger("fl_imaging.deploy")
 
 #: Flower's log line once a SuperNode was accepted by the SuperLink.
 SUPERNODE_READY = re.compile(r"SuperNode ID: \d+")
+#: fl-imaging's ClientApp runner's log line once its imports are done and the SuperNode answered
+#: its first request (:mod:`fl_imaging.deploy.warm_clientapp`): it can take a message now.
+CLIENTAPP_READY = re.compile(r"the SuperNode accepts this runner's requests")
 #: Exit code of ``flower-supernode`` when the SuperLink refused it (unknown key, ...).
 SUPERNODE_CONNECTION_ERROR = 305
 

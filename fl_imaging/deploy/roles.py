@@ -29,6 +29,7 @@ from pathlib import Path
 from fl_imaging.deploy.certs import ServerCertificate
 from fl_imaging.deploy.flower_home import CONNECTION, cli_home, toml_string
 from fl_imaging.deploy.processes import (
+    CLIENTAPP_READY,
     SUPERNODE_READY,
     ManagedProcess,
     ProcessError,
@@ -52,6 +53,7 @@ __all__ = [
     "start_supernode",
     "supernode_command",
     "superlink_command",
+    "wait_until_serving",
     "write_superexec_secret",
 ]
 
@@ -310,16 +312,28 @@ def supernode_command(spec: SuperNodeSpec) -> list[str]:
     return command
 
 
+def wait_until_serving(started: list[ManagedProcess], timeout: float = 60.0) -> None:
+    """Wait until the site started by :func:`start_supernode` (``started``) can take a message:
+    the SuperLink accepted its SuperNode (Flower logs ``SuperNode ID: N``) and, with
+    ``isolation='process'``, its ClientApp runner has imported the ClientApp and the SuperNode
+    answered it (the runner imports torch and MONAI first: seconds, which a run submitted
+    earlier would wait for in its first round). Raises :class:`ProcessError` (with the log's
+    end) when either exits or ``timeout`` seconds pass."""
+    wait_for_log(started[0], SUPERNODE_READY, timeout)
+    for runner in started[1:]:
+        wait_for_log(runner, CLIENTAPP_READY, timeout)
+
+
 def start_supernode(
     spec: SuperNodeSpec, *, timeout: float = 60.0, wait: bool = True
 ) -> list[ManagedProcess]:
-    """Start the SuperNode of ``spec`` (log ``supernode.log`` in its state folder) and, with
-    ``wait``, wait until the SuperLink accepted it (Flower logs ``SuperNode ID: N``). With
+    """Start the SuperNode of ``spec`` (log ``supernode.log`` in its state folder). With
     ``isolation='process'`` also starts fl-imaging's long-lived ClientApp runner against the
-    SuperNode's Runtime API, with the SuperNode's secret (see :func:`supernode_command`). Returns
-    the processes started, SuperNode first. Raises :class:`ProcessError` (with the log's end)
-    when the SuperLink refuses it. With ``isolation='subprocess'`` logs
-    :func:`open_runtime_api_warning`."""
+    SuperNode's Runtime API, with the SuperNode's secret (see :func:`supernode_command`). With
+    ``wait``, returns once the site can take a message (:func:`wait_until_serving`). Returns the
+    processes started, SuperNode first. Raises :class:`ProcessError` (with the log's end) when
+    the SuperLink refuses the SuperNode or the SuperNode its runner. With
+    ``isolation='subprocess'`` logs :func:`open_runtime_api_warning`."""
     if spec.isolation not in ISOLATION_MODES:
         raise ProcessError(
             f"isolation={spec.isolation!r}: allowed values are {', '.join(ISOLATION_MODES)}"
@@ -360,6 +374,8 @@ def start_supernode(
                     cwd=spec.state_dir,
                 )
             )
+            if wait:
+                wait_for_log(started[1], CLIENTAPP_READY, timeout)
     except ProcessError:
         from fl_imaging.deploy.processes import stop_all
 
