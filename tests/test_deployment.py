@@ -32,7 +32,6 @@ from fl_imaging.deploy.certs import (
 )
 from fl_imaging.deploy.processes import (
     ManagedProcess,
-    ProcessError,
     descendants,
     flower_env,
     start_process,
@@ -40,6 +39,7 @@ from fl_imaging.deploy.processes import (
 )
 from fl_imaging.deploy.roles import (
     IN_MEMORY_DATABASE,
+    RunnerError,
     SiteCheckError,
     check_site_folder,
     superlink_command,
@@ -306,7 +306,7 @@ def test_a_refused_clientapp_runner_stops_the_site_start_with_its_log(tmp_path: 
         "import sys; print('error: the SuperNode refused this runner', flush=True); sys.exit(2)",
     )
     try:
-        with pytest.raises(ProcessError, match="exited with code 2(.|\n)*refused this runner"):
+        with pytest.raises(RunnerError, match="runner cannot take tasks(.|\n)*refused this runner"):
             wait_until_serving([node, runner], timeout=30)
     finally:
         stop_process(node, grace=5)

@@ -54,6 +54,7 @@ from fl_imaging.deploy.certs import (
 from fl_imaging.deploy.processes import ManagedProcess, ProcessError, stop_all
 from fl_imaging.deploy.roles import (
     ISOLATION_MODES,
+    RunnerError,
     SiteCheckError,
     SuperNodeSpec,
     check_site_folder,
@@ -177,6 +178,8 @@ def _cmd_supernode(args: argparse.Namespace) -> int:
         try:
             started = start_supernode(spec)
             break
+        except RunnerError:  # the SuperLink accepted the node: its message says what failed
+            raise
         except ProcessError as err:
             if "Failed to activate SuperNode" not in str(err) or time.monotonic() > deadline:
                 raise ProcessError(

@@ -43,6 +43,7 @@ from fl_imaging.deploy.processes import (
 __all__ = [
     "IN_MEMORY_DATABASE",
     "ISOLATION_MODES",
+    "RunnerError",
     "SUPEREXEC_SECRET_FILE",
     "SiteCheckError",
     "SuperNodeSpec",
@@ -312,6 +313,10 @@ def supernode_command(spec: SuperNodeSpec) -> list[str]:
     return command
 
 
+class RunnerError(ProcessError):
+    """A site's ClientApp runner exited or did not become ready (its SuperNode was accepted)."""
+
+
 def wait_until_serving(started: list[ManagedProcess], timeout: float = 60.0) -> None:
     """Wait until the site started by :func:`start_supernode` (``started``) can take a message:
     the SuperLink accepted its SuperNode (Flower logs ``SuperNode ID: N``) and, with
@@ -321,7 +326,16 @@ def wait_until_serving(started: list[ManagedProcess], timeout: float = 60.0) -> 
     end) when either exits or ``timeout`` seconds pass."""
     wait_for_log(started[0], SUPERNODE_READY, timeout)
     for runner in started[1:]:
+        _wait_for_runner(runner, timeout)
+
+
+def _wait_for_runner(runner: ManagedProcess, timeout: float) -> None:
+    try:
         wait_for_log(runner, CLIENTAPP_READY, timeout)
+    except ProcessError as err:
+        raise RunnerError(
+            f"the SuperNode started, but its ClientApp runner cannot take tasks: {err}"
+        ) from None
 
 
 def start_supernode(
@@ -375,7 +389,7 @@ def start_supernode(
                 )
             )
             if wait:
-                wait_for_log(started[1], CLIENTAPP_READY, timeout)
+                _wait_for_runner(started[1], timeout)
     except ProcessError:
         from fl_imaging.deploy.processes import stop_all
 
