@@ -16,7 +16,8 @@ Simulation: ``fl-imaging data=folders ...`` on Flower's simulation engine (Ray),
 Deployment: a local federation on loopback (``fl_imaging.deploy.local``: SuperLink with TLS and
 SuperNode authentication, one SuperNode per site), then ``fl-imaging engine=deployment ...``
 submitted with ``flwr run``; its clock runs from submission to the end of the run (starting the
-SuperLink and SuperNodes is timed apart: "setup"). Both are whole ``fl-imaging`` processes.
+SuperLink and SuperNodes, until every site's ClientApp process can take a message, is timed
+apart: "setup"). Both are whole ``fl-imaging`` processes.
 
 Per run it prints the wall times, the overhead per round ``(deploy - sim) / rounds``, each
 round's ``round_seconds`` (metrics.csv) on both sides, the overhead per round after round 1
