@@ -323,7 +323,8 @@ def wait_until_serving(started: list[ManagedProcess], timeout: float = 60.0) -> 
     ``isolation='process'``, its ClientApp runner has imported the ClientApp and the SuperNode
     answered it (the runner imports torch and MONAI first: seconds, which a run submitted
     earlier would wait for in its first round). Raises :class:`ProcessError` (with the log's
-    end) when either exits or ``timeout`` seconds pass."""
+    end) when the SuperNode exits or ``timeout`` seconds pass, :class:`RunnerError` when the
+    runner does."""
     wait_for_log(started[0], SUPERNODE_READY, timeout)
     for runner in started[1:]:
         _wait_for_runner(runner, timeout)
