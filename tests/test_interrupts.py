@@ -4,6 +4,7 @@ killed run's Ray processes are stopped by the watcher; the Grid stops waiting on
 
 from __future__ import annotations
 
+import codecs
 import glob
 import logging
 import os
@@ -141,18 +142,24 @@ def ray_parent() -> Iterator[Path]:
 
 
 def _until(proc: subprocess.Popen[str], text: str, output: list[str], seconds: float) -> None:
-    """Read the run's output until a line holds ``text``; fail after ``seconds``."""
+    """Read the run's output until it holds ``text``; fail after ``seconds``. Reads the pipe's
+    file descriptor itself: ``select`` and then ``readline`` on the text stream would leave the
+    lines read ahead in Python's buffer unseen until more output came, so a test could see its
+    line only once the run had ended (and send its Ctrl-C to a finished run)."""
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 1.0)[0]:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if text in line:
-                return
-    raise AssertionError(f"no {text!r} in the run's output:\n{''.join(output[-40:])}")
+        if not select.select([fd], [], [], 1.0)[0]:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        output.append(decoder.decode(chunk))
+        if text in "".join(output[-2:]):  # the text may span two reads
+            return
+    raise AssertionError(f"no {text!r} in the run's output:\n{''.join(output)[-4000:]}")
 
 
 def _ctrl_c_at(
