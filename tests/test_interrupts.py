@@ -25,8 +25,10 @@ from types import SimpleNamespace
 import pytest
 from flower_fakes import FakeGrid, record
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from terminal_signals import sigint_as_in_a_terminal
 
 from fl_imaging.cli.main import resume_command
+from fl_imaging.engines.interrupts import stop_on_signal
 from fl_imaging.flower.polling import QuickPollGrid, StopRequested
 from fl_imaging.results import read_metrics
 
@@ -129,6 +131,7 @@ def _start(tmp_path: Path, ray_parent: Path, run: str, *overrides: str) -> subpr
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group: the SIGINT a terminal would send
+        preexec_fn=sigint_as_in_a_terminal,
     )
 
 
@@ -266,3 +269,23 @@ def test_ctrl_c_while_the_sites_are_checked_stops_ray_started_beside_them(
     assert "Traceback" not in text, text[-3000:]
     assert not [c for c in _processes_in_group(proc.pid) if RAY_PROCESS.search(c)]
     assert not list(ray_parent.glob("flimg-ray-*"))
+
+
+def test_a_sigint_ignored_from_the_start_stays_ignored_while_a_run_is_on() -> None:
+    # a background job of a non-interactive shell starts with SIGINT ignored: the terminal's
+    # Ctrl-C is for the job in the foreground; SIGTERM still stops the run
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = threading.Event()
+        with stop_on_signal(stop, force=lambda: None, interrupt_main=False):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert callable(signal.getsignal(signal.SIGTERM))
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            assert not stop.is_set()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            assert stop.is_set()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from terminal_signals import sigint_as_in_a_terminal
 
 from fl_imaging.engines.simulation import SimulationError, ray_cluster_cpus
 from fl_imaging.results import read_metrics
@@ -188,6 +189,7 @@ def test_ctrl_c_on_a_cluster_keeps_the_files_and_leaves_the_cluster_running(
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group: the SIGINT a terminal would send
+        preexec_fn=sigint_as_in_a_terminal,
     )
     output: list[str] = []
     try:

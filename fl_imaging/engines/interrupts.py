@@ -50,6 +50,7 @@ def stop_on_signal(
     ``interrupt_main``, raises ``KeyboardInterrupt`` in the main thread; a second calls ``force``
     (stop what was started) and ends the process with exit code 130. The previous handlers are
     restored on leaving. Must be entered in the main thread (Python's rule for signal handlers).
+    A SIGINT ignored when entering (the process was started so) stays ignored.
 
     Without ``interrupt_main`` the ServerApp stops at its next look at its Grid and the run ends
     once the sites' messages in flight are answered: on an existing Ray cluster, Flower's
@@ -71,7 +72,13 @@ def stop_on_signal(
         if interrupt_main:
             raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A process started with SIGINT ignored (a background job of a non-interactive shell, as
+    # `nohup`) keeps ignoring it, as Python's own default handler does: the terminal's Ctrl-C
+    # is meant for the job in the foreground.
+    signals = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signals.insert(0, signal.SIGINT)
+    previous = {sig: signal.signal(sig, handle) for sig in signals}
     try:
         yield
     finally:
