@@ -156,6 +156,33 @@ class AuditLog:
         self.seq = 0
 
     @classmethod
+    def reopen(cls, path: Path) -> AuditLog:
+        """The log at ``path`` to append to, going on from its last record (a new chain when
+        the file does not exist). Raises ``ValueError`` naming the file when its last line is
+        not a whole record (cut off or edited), ``OSError`` when it cannot be read."""
+        log = cls(path)
+        if not path.exists():
+            return log
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 65536))
+            tail = handle.read()
+        if not tail:
+            return log
+        lines = tail.split(b"\n")
+        if lines[-1]:
+            raise ValueError(f"{path}: its last line is cut off (a crash while writing it)")
+        try:
+            last = json.loads(lines[-2])
+            if record_hash(last) != last["hash"]:
+                raise ValueError("its content does not match its hash")
+            log.seq, log.last_hash = int(last["seq"]) + 1, str(last["hash"])
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"{path}: its last record does not read back ({err})") from None
+        return log
+
+    @classmethod
     def create(cls, path: Path, prev: str = GENESIS) -> AuditLog:
         """Start an empty log at ``path`` (replacing one of an earlier run in the same folder)
         whose first record will point to ``prev``. Raises ``OSError``."""

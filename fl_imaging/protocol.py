@@ -7,10 +7,12 @@ tests all read these names from here, so that both ends of a message agree on th
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl_imaging.config import RunConfig, config_from_yaml
@@ -31,7 +33,12 @@ __all__ = [
     "UNIT_WEIGHT",
     "ReplySites",
     "SiteError",
+    "SiteRefusal",
+    "SiteRefused",
+    "content_sha256",
     "error_reason",
+    "raise_if_refused",
+    "refusal_of",
     "resolve_config",
     "site_errors",
     "site_reply",
@@ -99,12 +106,54 @@ def site_reply(
     return Message(content=content, reply_to=msg)
 
 
+def content_sha256(content: RecordDict) -> str:
+    """SHA-256 (hex) of a message's content, the same at both ends of the wire: per record in
+    sorted order its name and kind, then arrays (name, dtype, shape, bytes), metrics and config
+    values (key and ``repr``; bytes as hex) in sorted key order. What a site records of each
+    reply it sent and the coordinator of each reply it received, so that the two can be
+    compared (``fl-imaging-audit site``)."""
+    digest = hashlib.sha256()
+    for name in sorted(content):
+        record = content[name]
+        digest.update(f"\0{name}\0{type(record).__name__}\0".encode())
+        if isinstance(record, ArrayRecord):
+            for key, array in record.items():
+                values = np.ascontiguousarray(array.numpy())
+                digest.update(f"{key}\0{values.dtype.str}\0{list(values.shape)}\0".encode())
+                digest.update(values.tobytes())
+        else:
+            for key in sorted(record):
+                value = record[key]
+                shown = (
+                    [v.hex() if isinstance(v, bytes) else repr(v) for v in value]
+                    if isinstance(value, list)
+                    else value.hex()
+                    if isinstance(value, bytes)
+                    else repr(value)
+                )
+                digest.update(f"{key}\0{shown}\0".encode())
+    return digest.hexdigest()
+
+
 class SiteError(RuntimeError):
     """A site's ClientApp failed; the message starts with ``[site NAME]``, the only way to name
     the site in the error reply Flower builds from it (an error reply carries no content)."""
 
 
+class SiteRefusal(ValueError):
+    """Raised at a site that refuses what the coordinator asks (its own policy, or a secure
+    aggregation request that would give away what the site protects). Its error reply reads
+    ``[site NAME] refused: <message>``; the coordinator stops the run with it
+    (:func:`raise_if_refused`)."""
+
+
+class SiteRefused(RuntimeError):
+    """At the coordinator: a site refused a request (see :class:`SiteRefusal`); the run stops,
+    and the message names the round, the site and the site's reason."""
+
+
 _SITE_IN_ERROR = re.compile(r"\[site ([^\]]+)\]")
+_REFUSED = re.compile(r"\[site ([^\]]+)\] refused: (.*)", re.DOTALL)
 #: Flower's reason for an exception raised in a ClientApp: ``<class 'T'>:<'message'>``.
 _FLOWER_REASON = re.compile(r"^<class '[^']*'>:<'(.*)'>$", re.DOTALL)
 
@@ -116,6 +165,8 @@ def site_errors(site: str) -> Iterator[None]:
     and why even if the site never answered otherwise."""
     try:
         yield
+    except SiteRefusal as err:
+        raise SiteError(f"[site {site}] refused: {err}") from err
     except Exception as err:
         raise SiteError(f"[site {site}] {type(err).__name__}: {err}") from err
 
@@ -125,6 +176,22 @@ def error_reason(msg: Message) -> str:
     reason = msg.error.reason
     match = _FLOWER_REASON.match(reason)
     return match.group(1) if match else reason
+
+
+def refusal_of(msg: Message) -> str | None:
+    """The reason of a site's refusal (:class:`SiteRefusal`) when ``msg`` is one, else None."""
+    if not msg.has_error():
+        return None
+    match = _REFUSED.search(error_reason(msg))
+    return match.group(2) if match else None
+
+
+def raise_if_refused(msg: Message, site: str, rnd: int) -> None:
+    """Raise :class:`SiteRefused` naming round ``rnd``, ``site`` and its reason when ``msg`` is
+    a site's refusal; do nothing otherwise."""
+    reason = refusal_of(msg)
+    if reason is not None:
+        raise SiteRefused(f"round {rnd}: site {site} refused: {reason}")
 
 
 class ReplySites:

@@ -35,6 +35,7 @@ __all__ = [
     "PartitionName",
     "RunConfig",
     "SecAggConfig",
+    "SiteConfig",
     "StrategyConfig",
     "TaskConfig",
     "TaskName",
@@ -277,7 +278,10 @@ class SecAggConfig:
     only the sum of each round's site updates. ``threshold``: the sites (a fraction of the
     round's, or a count) whose shares rebuild a secret; the packed update is clipped to
     ``clipping_range``, quantised to ``quantization_range`` levels, summed modulo ``modulus``
-    (a power of two up to 2**32); a site's weight (training cases) is at most ``max_weight``."""
+    (a power of two up to 2**32); ``weighting``: the sites weigh in the sum by their training
+    cases (``cases``, at most ``max_weight``) or equally (``equal``: what client-level DP needs,
+    and what keeps a site's number of cases from the coordinator); ``auto``: equally with
+    ``strategy.dp``, else by cases."""
 
     enabled: bool = False
     threshold: float = 0.66
@@ -285,6 +289,7 @@ class SecAggConfig:
     quantization_range: int = 2**24
     modulus: int = 2**32
     max_weight: float = 1000.0
+    weighting: str = "auto"
 
 
 @dataclass
@@ -405,6 +410,21 @@ class TrackingConfig:
 
 
 @dataclass
+class SiteConfig:
+    """What each simulated site holds of its own (``site.*``, ``fl_imaging/site/``): its state
+    folder (its privacy ledger across runs, its own record of every request, its identity key),
+    one per site under ``state_dir`` (named after the site and its data folder; None: the
+    folder ``site-state`` beside the run folder), and the policy it enforces:
+    ``policies[site name]``, else ``policy`` (a site policy YAML file; None: no policy). In a
+    deployment each SuperNode holds its own (``fl-imaging-deploy supernode --state --policy``)
+    and these keys are not used."""
+
+    state_dir: str | None = None
+    policy: str | None = None
+    policies: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -413,6 +433,7 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
     seed: int = 0
     run_dir: str = "runs/latest"
     #: A previous run's folder to resume from (its checkpoint.json), or None.

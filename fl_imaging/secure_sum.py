@@ -1,20 +1,23 @@
 """Secure aggregation's arithmetic and message keys, shared by the coordinator and the sites.
 
-The protocol is SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020) over Flower's Message API; the
-coordinator's side is :class:`strategies.secure_aggregation.SecureAggregation`, the sites' side
-:mod:`fl_imaging.flower.secagg_site`. A site sends ``q = quantize([f, f * update])`` (``f`` its
-weight over ``max_weight``) plus its self-mask and one pairwise mask per other site, modulo
-``modulus``; the pairwise masks cancel in the sum, the self-masks are removed with the seeds the
-other sites reveal, so the coordinator learns only the sum over the sites of the round.
+The protocol is SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020) over Flower's Message API, with
+new keys every round; the coordinator's side is
+:class:`strategies.secure_aggregation.SecureAggregation`, the sites' side
+:mod:`fl_imaging.flower.secagg_site` (which also says which attack each of its checks closes). A
+site sends ``q = quantize([f, f * update])`` (``f`` its weight: 1 with equal weights, else its
+training cases over ``max_weight``) plus its self-mask and one pairwise mask per other site,
+modulo ``modulus``; the pairwise masks cancel in the sum, the self-masks are removed with the
+seeds the other sites reveal, so the coordinator learns only the sum over the round's sites.
 
 Flower's (``flwr.common.secure_aggregation``, ``flwr.supercore.primitives.asymmetric``): Shamir
 secret sharing, ECDH key agreement with HKDF, authenticated encryption of the shares (Fernet),
-stochastic quantisation, key pairs and their serialisation. From the ``cryptography`` package
-(which Flower's own encryption uses): HKDF to derive each round's pairwise seed from the pair's
-key, and the ChaCha20 keystream as the mask generator. Ours: the layout of the stages, the
-packing of weight and update, and the dequantisation of a sum. Flower's ``pseudo_rand_gen``
-is not used: it folds its seed to 32 bits (NumPy's ``RandomState``), few enough for a coordinator
-to search one pairwise seed exhaustively when two sites take part.
+the layout of a share's plaintext, stochastic quantisation, key pairs and their serialisation.
+From the ``cryptography`` package (which Flower's own encryption uses): HKDF to derive a pair's
+mask seed from its key, the ChaCha20 keystream as the mask generator, and a private key rebuilt
+from its scalar. Ours: the layout of the stages, the packing of weight and update, and the
+dequantisation of a sum. Flower's ``pseudo_rand_gen`` is not used: it folds its seed to 32 bits
+(NumPy's ``RandomState``), few enough for a coordinator to search one pairwise seed
+exhaustively when two sites take part.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flwr.common.secure_aggregation.quantization import quantize
@@ -30,31 +34,35 @@ from flwr.common.secure_aggregation.quantization import quantize
 __all__ = [
     "KEYS_ACTION",
     "MASKED",
-    "SHARES",
     "SHARES_ACTION",
     "SECAGG",
     "UNMASK_ACTION",
     "SecAggSettings",
     "config_bytes",
     "dequantize_sum",
+    "key_from_scalar",
     "keystream_mask",
     "pack",
     "pair_seed",
     "pairwise_sign",
+    "private_scalar",
     "threshold_of",
+    "weight_factor",
 ]
 
 #: Query actions of the stages (message types ``query.<action>``).
 KEYS_ACTION = "secagg_keys"
 SHARES_ACTION = "secagg_shares"
 UNMASK_ACTION = "secagg_unmask"
-#: ConfigRecord in a training message that asks the site to mask its reply (the round's
-#: participants, their public keys, the settings).
+#: ConfigRecord of every stage's message and reply; in a training message it asks the site to
+#: mask its reply (the round, the sites that shared their keys, this site's shares from them,
+#: the settings).
 SECAGG = "secagg"
 #: The masked vector in a site's training reply (an ArrayRecord of one uint32 array).
 MASKED = "secagg-masked"
-#: The site's encrypted shares of its round's self-mask seed, by destination node id.
-SHARES = "secagg-shares"
+#: How the sites' updates are weighted in the secure sum: by training cases, or equally (what
+#: client-level DP needs, and what hides a site's number of cases from the coordinator).
+WEIGHTINGS = ("auto", "cases", "equal")
 
 
 @dataclass(frozen=True)
@@ -87,9 +95,11 @@ def config_bytes(values: object) -> int:
 
 def threshold_of(fraction_or_count: float, sites: int) -> int:
     """Shares needed to rebuild a secret among ``sites``: a count (> 1) or a fraction of the
-    sites (<= 1), at least 2 and at most ``sites``."""
+    sites (<= 1), at least 2, more than half of ``sites`` (the sites refuse less: with half or
+    fewer, two disjoint groups could each rebuild one of a site's two secrets) and at most
+    ``sites``."""
     wanted = fraction_or_count if fraction_or_count > 1 else np.ceil(fraction_or_count * sites)
-    return int(min(sites, max(2, wanted)))
+    return int(min(sites, max(2, sites // 2 + 1, wanted)))
 
 
 def pairwise_sign(me: int, other: int) -> int:
@@ -100,8 +110,8 @@ def pairwise_sign(me: int, other: int) -> int:
 
 def pair_seed(shared_key: bytes, server_round: int) -> bytes:
     """The 32-byte seed of a pair's mask in ``server_round``: HKDF-SHA256 of the pair's ECDH key
-    (Flower's ``generate_shared_key``) with the round in its info, so every round's masks are
-    new without a new key exchange."""
+    (Flower's ``generate_shared_key``, from keys made for that round) with the round in its
+    info."""
     return HKDF(
         algorithm=hashes.SHA256(),
         length=32,
@@ -118,18 +128,31 @@ def keystream_mask(seed: bytes, size: int, modulus: int) -> np.ndarray:
     return (words.astype(np.int64)) % modulus
 
 
-def pack(weight: float, update: np.ndarray, settings: SecAggSettings) -> np.ndarray:
-    """The quantised vector a site masks: ``[f, f * update]`` with ``f = weight / max_weight``,
-    clipped to the clipping range and quantised (Flower's stochastic rounding) to integers in
-    [0, Q]. ``update`` is flat (float, shape ``(D,)``); returns int64 of shape ``(D + 1,)``.
-    Raises ValueError naming the limit when the weight or a value lies outside it (clipping
-    would change the update without a word)."""
-    factor = weight / settings.max_weight
-    if not 0 <= factor <= 1:  # 0: a site that did not train (DP-SGD budget spent) adds nothing
+def weight_factor(cases: float, weighting: str, settings: SecAggSettings) -> float:
+    """A site's factor ``f`` in the secure sum: 0 when it trained on no case (a DP-SGD site whose
+    budget is spent adds nothing), else 1 with ``weighting="equal"`` or ``cases / max_weight``
+    with ``"cases"``. Raises ValueError naming the limit when the cases exceed ``max_weight``."""
+    if cases <= 0:
+        return 0.0
+    if weighting == "equal":
+        return 1.0
+    factor = cases / settings.max_weight
+    if factor > 1:
         raise ValueError(
-            f"weight {weight:g} (training cases) is outside 0..strategy.secagg.max_weight="
+            f"weight {cases:g} (training cases) is outside 0..strategy.secagg.max_weight="
             f"{settings.max_weight:g}: raise max_weight"
         )
+    return factor
+
+
+def pack(factor: float, update: np.ndarray, settings: SecAggSettings) -> np.ndarray:
+    """The quantised vector a site masks: ``[f, f * update]`` (``f`` from
+    :func:`weight_factor`), clipped to the clipping range and quantised (Flower's stochastic
+    rounding) to integers in [0, Q]. ``update`` is flat (float, shape ``(D,)``); returns int64
+    of shape ``(D + 1,)``. Raises ValueError naming the limit when ``f`` is outside [0, 1] or a
+    value outside the clipping range (clipping would change the update without a word)."""
+    if not 0 <= factor <= 1:
+        raise ValueError(f"weight factor {factor:g} is outside 0..1")
     vector = np.concatenate([[factor], factor * np.asarray(update, dtype=np.float64)])
     largest = float(np.abs(vector).max())
     if not np.isfinite(largest) or largest > settings.clipping_range:
@@ -148,3 +171,16 @@ def dequantize_sum(total: np.ndarray, sites: int, settings: SecAggSettings) -> n
     sum of the ``v`` is ``total * 2c / Q - sites * c``. Returns float64, shape ``(D + 1,)``."""
     step = 2 * settings.clipping_range / settings.quantization_range
     return total.astype(np.float64) * step - sites * settings.clipping_range
+
+
+def private_scalar(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The private value of an EC key as big-endian bytes (48 for P-384): what a site splits into
+    Shamir shares (its PEM form is six times longer)."""
+    size = (key.curve.key_size + 7) // 8
+    return key.private_numbers().private_value.to_bytes(size, "big")
+
+
+def key_from_scalar(scalar: bytes) -> ec.EllipticCurvePrivateKey:
+    """The P-384 private key of :func:`private_scalar`'s bytes (``cryptography`` derives the
+    public point)."""
+    return ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP384R1())

@@ -42,7 +42,11 @@ from strategies.norm_bounding import NormBounding
 from strategies.privacy import check_accountable, wrap_with_dp
 from strategies.recording import RecordingStrategy
 from strategies.registry import StrategyError, build_aggregator, sites_needed
-from strategies.secure_aggregation import SecureAggregation, check_secure_aggregation
+from strategies.secure_aggregation import (
+    SecureAggregation,
+    check_secure_aggregation,
+    secure_weighting,
+)
 from strategies.validation import UpdateCheck, ValidatingStrategy
 
 __all__ = ["Federation", "build_strategy"]
@@ -120,6 +124,7 @@ def build_strategy(
                 ),
                 threshold=cfg.secagg.threshold,
                 round_timeout=federation.round_timeout if federation else 3600.0,
+                weighting=secure_weighting(cfg),
                 sites=sites,
             )
         else:

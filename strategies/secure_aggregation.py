@@ -6,26 +6,28 @@ Ours: Flower 1.41 runs SecAgg+ only on its legacy path (``SecAggPlusWorkflow`` w
 in ``configure_train``, around any strategy whose aggregation is the weighted mean of the sites'
 models (FedAvg and its server optimisers, and Flower's client-side DP wrapper around FedAvg,
 which adds its noise to the unmasked mean). The cryptography is Flower's and ``cryptography``'s
-(:mod:`fl_imaging.secure_sum`); the sites' side is :mod:`fl_imaging.flower.secagg_site`.
+(:mod:`fl_imaging.secure_sum`); the sites' side, with every check a site makes against a
+coordinator that deviates, is :mod:`fl_imaging.flower.secagg_site`.
 
-The stages and their messages:
+Every round has its own keys; its stages and messages:
 
-- **setup**, once per key epoch (the first round, and again when the round's sites change or a
-  dropout's mask key was revealed): ``query.secagg_keys`` (each site makes two key pairs, sends
-  the public keys), then ``query.secagg_shares`` (each site sends its mask key in Shamir shares,
-  each encrypted for one site; the coordinator keeps them, unreadable to it);
-- **every round**: the training message carries the round's sites and their public keys; a
-  site replies with its quantised ``[weight, weight * update]`` plus its self-mask and pairwise
-  masks, and its shares of this round's self-mask seed (fresh every round: it is revealed at
-  the end of the round);
-- **unmask**, every round: ``query.secagg_unmask`` to the sites that replied; each reveals its
-  shares of the survivors' self-mask seeds and of the dropouts' mask keys. With at least the
-  threshold of shares for each, the coordinator removes the masks and hands the mean to the
-  wrapped strategy as one reply; with fewer, the round gives no aggregate (the model is kept).
+- **keys**: ``query.secagg_keys`` to the round's sites whose signed keys for this round did not
+  come with the previous round's unmask reply (the first round, a site that was not in the
+  previous round or did not answer its unmask);
+- **shares**: ``query.secagg_shares`` with the round's roster (every site's signed public
+  keys) and threshold; each site answers with its self-mask seed and its mask key in Shamir
+  shares, one per other site, each encrypted for it (the coordinator keeps them, unreadable);
+- **train**: the training message of each site that shared carries the shares made for it
+  and the list of sites it masks with; a site replies with its quantised ``[weight,
+  weight * update]`` plus its self-mask and pairwise masks;
+- **unmask**: ``query.secagg_unmask`` to the sites that replied (the survivors), naming the
+  dropouts; each reveals its shares of the survivors' seeds and of the dropouts' mask keys (and
+  sends its signed keys for the next round). With at least the threshold of shares for each,
+  the coordinator removes the masks and hands the mean to the wrapped strategy as one reply;
+  with fewer, the round gives no aggregate (the model is kept).
 
-Pairwise masks are new every round without a new key exchange (each round's seed is derived
-from the pair's key and the round). A dropout's mask key is revealed to unmask the others, so
-it gets new keys (a new epoch) before it takes part again.
+A dropout's mask key, revealed to unmask the others, belongs to that round alone: it opens
+nothing of the rounds before (which had their own keys) or after.
 """
 
 from __future__ import annotations
@@ -41,20 +43,27 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from fl_imaging.config import StrategyConfig
-from fl_imaging.protocol import NUM_EXAMPLES, UNIT_WEIGHT, ReplySites
+from fl_imaging.protocol import (
+    NUM_EXAMPLES,
+    UNIT_WEIGHT,
+    ReplySites,
+    error_reason,
+    raise_if_refused,
+)
 from fl_imaging.secure_sum import (
     KEYS_ACTION,
     MASKED,
     SECAGG,
-    SHARES,
     SHARES_ACTION,
     UNMASK_ACTION,
+    WEIGHTINGS,
     SecAggSettings,
     config_bytes,
     dequantize_sum,
+    key_from_scalar,
     keystream_mask,
     pair_seed,
     pairwise_sign,
@@ -63,7 +72,13 @@ from fl_imaging.secure_sum import (
 from strategies.arrays import Arrays, floating_keys, to_numpy, to_record
 from strategies.wrapper import StrategyWrapper
 
-__all__ = ["SUMMABLE", "SecureAggregation", "SecureRound", "check_secure_aggregation"]
+__all__ = [
+    "SUMMABLE",
+    "SecureAggregation",
+    "SecureRound",
+    "check_secure_aggregation",
+    "secure_weighting",
+]
 
 log = logging.getLogger("fl_imaging.server")
 
@@ -102,12 +117,39 @@ def check_secure_aggregation(cfg: StrategyConfig, per_round: int) -> None:
             "strategy.validation.norm_outliers=reject compares each site's update with the "
             f"others', which secure aggregation hides from the coordinator; {bound}"
         )
+    wanted = secagg.threshold if secagg.threshold > 1 else secagg.threshold * per_round
+    if 2 * wanted <= per_round:
+        raise ValueError(
+            f"strategy.secagg.threshold={secagg.threshold:g}: {wanted:g} of {per_round} sites "
+            "is not more than half of them, and the sites refuse that (two groups of sites "
+            "could each rebuild one of a site's two secrets); use more than 0.5"
+        )
+    if secagg.weighting not in WEIGHTINGS:
+        raise ValueError(
+            f"strategy.secagg.weighting={secagg.weighting}: use one of {', '.join(WEIGHTINGS)}"
+        )
+    if cfg.dp.mode != "none" and secagg.weighting == "cases":
+        raise ValueError(
+            f"strategy.dp.mode={cfg.dp.mode.value} with strategy.secagg.weighting="
+            f"{secagg.weighting}: client-level DP's noise assumes equal site weights (a site of "
+            "90 cases among sites of 5 would weigh 0.9, not 1/3, and its epsilon be understated "
+            "2.7x); set strategy.secagg.weighting=equal (or auto)"
+        )
     if per_round * secagg.quantization_range >= secagg.modulus:
         raise ValueError(
             f"{per_round} sites per round x strategy.secagg.quantization_range="
             f"{secagg.quantization_range} reach the modulus {secagg.modulus}: the sum would wrap "
             "around; lower the quantization range or raise the modulus"
         )
+
+
+def secure_weighting(cfg: StrategyConfig) -> str:
+    """How the sites weigh in the secure sum: ``strategy.secagg.weighting``, with ``auto``
+    resolved (equal under client-level DP, else by training cases)."""
+    weighting = cfg.secagg.weighting
+    if weighting == "auto":
+        return "equal" if cfg.dp.mode != "none" else "cases"
+    return weighting
 
 
 #: Called after every round: (round, sites summed, sites that dropped out, why it failed or "",
@@ -117,21 +159,24 @@ OnRound = Callable[[int, list[str], list[str], str, dict[str, int]], None]
 
 @dataclass
 class SecureRound:
-    """One round as the coordinator holds it: its sites (node ids), the self-mask threshold,
-    the training messages sent (to reply to), and each site's masked vector and shares."""
+    """One round as the coordinator holds it: its number, the sites that shared their keys
+    (``u1``, node ids), the threshold, each of their mask public keys and the training messages
+    sent (to reply to)."""
 
     number: int
-    participants: list[int]
+    u1: list[int]
     threshold: int
+    mask_keys: dict[int, bytes] = field(default_factory=dict)
     sent: dict[int, Message] = field(default_factory=dict)
 
 
 class SecureAggregation(StrategyWrapper):
     """Wraps ``inner`` (a FedAvg-family strategy) so that the coordinator sees only the sum of
-    the round's masked updates (see the module). ``threshold`` and ``num_shares`` come from
-    ``strategy.secagg`` (a fraction of the round's sites or a count), ``settings`` are the
-    arithmetic's; ``round_timeout`` bounds each stage (seconds); ``sites`` names nodes;
-    ``on_round`` hears which sites were summed and which dropped out."""
+    the round's masked updates (see the module). ``threshold`` comes from ``strategy.secagg``
+    (a fraction of the round's sites or a count), ``settings`` are the arithmetic's,
+    ``weighting`` how the sites weigh in the sum (``cases`` or ``equal``); ``round_timeout``
+    bounds each stage (seconds); ``sites`` names nodes; ``on_round`` hears which sites were
+    summed and which dropped out."""
 
     #: Keys and shares belong to the running federation: a resumed run makes new ones.
     checkpointed = False
@@ -143,6 +188,7 @@ class SecureAggregation(StrategyWrapper):
         *,
         threshold: float,
         round_timeout: float,
+        weighting: str = "cases",
         sites: ReplySites | None = None,
         on_round: OnRound | None = None,
     ) -> None:
@@ -150,16 +196,13 @@ class SecureAggregation(StrategyWrapper):
         self.settings = settings
         self.threshold = threshold
         self.round_timeout = round_timeout
+        self.weighting = weighting
         self.sites = sites or ReplySites()
         self.on_round = on_round
         self.grid: Grid | None = None
         self.sent_arrays: Arrays = {}
-        #: The key epoch: node -> (encryption key, mask key) public keys; mask-key shares by
-        #: destination then source; the mask-key threshold; nodes whose mask key was revealed.
-        self.public: dict[int, tuple[bytes, bytes]] = {}
-        self.key_shares: dict[int, dict[int, bytes]] = {}
-        self.key_threshold = 0
-        self.revealed: set[int] = set()
+        #: Signed keys for a coming round that came with the last unmask replies, by node.
+        self.next_keys: dict[int, dict] = {}
         self.round: SecureRound | None = None
         #: This round's bytes of keys, shares and unmasking, both ways, by node.
         self.traffic: dict[int, int] = {}
@@ -167,9 +210,10 @@ class SecureAggregation(StrategyWrapper):
     def summary(self) -> None:
         """Log the settings, then the inner strategy's summary."""
         log.info(
-            "Secure aggregation (SecAgg+): threshold %s of the round's sites, clipping range "
-            "%g, quantisation range %d, modulus %d",
+            "Secure aggregation (SecAgg+, new keys every round): threshold %s of the round's "
+            "sites, weights %s, clipping range %g, quantisation range %d, modulus %d",
             self.threshold,
+            self.weighting,
             self.settings.clipping_range,
             self.settings.quantization_range,
             self.settings.modulus,
@@ -180,7 +224,9 @@ class SecureAggregation(StrategyWrapper):
 
     def _ask(self, action: str, rnd: int, contents: dict[int, dict]) -> dict[int, ConfigRecord]:
         """Send ``query.<action>`` with each node's ConfigRecord ``contents[node]``; return the
-        ``secagg`` records of the good replies by node (failures logged with the site's name)."""
+        ``secagg`` records of the good replies by node. A site's refusal by its policy stops
+        the run (:class:`~fl_imaging.protocol.SiteRefused`); other failures are logged with
+        the site's name."""
         assert self.grid is not None
         messages = [
             Message(
@@ -207,12 +253,14 @@ class SecureAggregation(StrategyWrapper):
         for reply in replies:
             node = int(reply.metadata.src_node_id)
             if reply.has_error():
+                site = self.sites(reply)
+                raise_if_refused(reply, site, rnd)
                 log.warning(
                     "round %d: site %s failed in secure aggregation's %s: %s",
                     rnd,
-                    self.sites(reply),
+                    site,
                     action,
-                    reply.error.reason,
+                    error_reason(reply),
                 )
             elif SECAGG in reply.content.config_records:
                 answers[node] = reply.content.config_records[SECAGG]
@@ -222,62 +270,91 @@ class SecureAggregation(StrategyWrapper):
     def _count(self, node: int, values: object) -> None:
         self.traffic[node] = self.traffic.get(node, 0) + config_bytes(values)
 
-    def _setup(self, rnd: int, nodes: list[int]) -> None:
-        """A new key epoch among ``nodes``: their public keys, then their mask-key shares."""
-        keys = self._ask(KEYS_ACTION, rnd, {n: {"server-round": rnd} for n in nodes})
-        self.public = {n: (bytes(a["c-public"]), bytes(a["s-public"])) for n, a in keys.items()}
-        keyed = sorted(self.public)
-        self.key_threshold = threshold_of(self.threshold, len(keyed))
-        request = {
-            "nodes": keyed,
-            "c-public": [self.public[n][0] for n in keyed],
-            "s-public": [self.public[n][1] for n in keyed],
-            "threshold": self.key_threshold,
+    def _keys(self, rnd: int, nodes: list[int]) -> dict[int, dict]:
+        """Each node's signed keys for round ``rnd``: those that came with the last unmask
+        replies, the others asked for now."""
+        keys = {
+            n: self.next_keys[n] for n in nodes if self.next_keys.get(n, {}).get("round") == rnd
         }
-        answers = self._ask(SHARES_ACTION, rnd, {n: dict(request) for n in keyed})
-        self.key_shares = {n: {} for n in answers}
-        for src, answer in answers.items():
-            for dst, ciphertext in zip(answer["dsts"], answer["cts"], strict=True):
-                if int(dst) in self.key_shares:
-                    self.key_shares[int(dst)][src] = bytes(ciphertext)
-        self.public = {n: k for n, k in self.public.items() if n in answers}
-        self.revealed = set()
-        log.info("round %d: secure aggregation keys set among %d site(s)", rnd, len(answers))
+        missing = [n for n in nodes if n not in keys]
+        if missing:
+            answers = self._ask(KEYS_ACTION, rnd, {n: {"round": rnd} for n in missing})
+            keys.update({n: dict(a) for n, a in answers.items()})
+        self.next_keys = {}
+        return keys
+
+    def _shares(self, rnd: int, keys: dict[int, dict]) -> tuple[int, dict[int, ConfigRecord]]:
+        """The round's threshold and each keyed site's encrypted shares (by node)."""
+        keyed = sorted(keys)
+        threshold = threshold_of(self.threshold, len(keyed))
+        request = {
+            "round": rnd,
+            "nodes": keyed,
+            "sites": [str(keys[n]["site"]) for n in keyed],
+            "c-publics": [bytes(keys[n]["c-public"]) for n in keyed],
+            "s-publics": [bytes(keys[n]["s-public"]) for n in keyed],
+            "signatures": [bytes(keys[n]["signature"]) for n in keyed],
+            "threshold": threshold,
+        }
+        return threshold, self._ask(SHARES_ACTION, rnd, {n: dict(request) for n in keyed})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The inner strategy's training messages, each with the round's sites, their public
-        keys and the settings; a new key epoch first when needed."""
+        """The inner strategy's training messages, after the round's keys and shares stages,
+        each with the shares made for its site, the sites it masks with and the settings."""
         self.grid = grid
         self.sent_arrays = to_numpy(arrays)
         self.traffic = {}
+        self.round = None
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         nodes = sorted(int(m.metadata.dst_node_id) for m in messages)
-        if set(nodes) != set(self.public) or set(nodes) & self.revealed:
-            self._setup(server_round, nodes)
-        participants = [n for n in nodes if n in self.public]
-        threshold = threshold_of(self.threshold, len(participants))
-        self.round = SecureRound(server_round, participants, threshold)
-        if len(participants) < 2:
-            self._failed(server_round, "fewer than 2 sites have keys: no round")
+        keys = self._keys(server_round, nodes)
+        if len(keys) < 2:
+            self._failed(server_round, f"{len(keys)} site(s) sent keys, fewer than 2: no round")
             return []
+        threshold, shares = self._shares(server_round, keys)
+        # a site's shares must reach every other site that shared
+        u1 = sorted(shares)
+        for src in list(u1):
+            if not set(u1) - {src} <= {int(d) for d in shares[src]["dsts"]}:
+                u1.remove(src)
+        if len(u1) < threshold:
+            self._failed(
+                server_round,
+                f"only {len(u1)} of {len(keys)} sites shared their keys, fewer than the "
+                f"threshold of {threshold} needed to remove the masks",
+            )
+            return []
+        current = SecureRound(
+            server_round, u1, threshold, {n: bytes(keys[n]["s-public"]) for n in u1}
+        )
+        self.round = current
         record = {
             "round": server_round,
-            "participants": participants,
-            "threshold": threshold,
+            "u1": u1,
             "clipping-range": self.settings.clipping_range,
             "quantization-range": self.settings.quantization_range,
             "modulus": self.settings.modulus,
             "max-weight": self.settings.max_weight,
+            "weighting": self.weighting,
         }
         kept = []
         for msg in messages:
-            if int(msg.metadata.dst_node_id) in self.public:
-                msg.content[SECAGG] = ConfigRecord(dict(record))
-                self._count(int(msg.metadata.dst_node_id), record)
-                self.round.sent[int(msg.metadata.dst_node_id)] = msg
-                kept.append(msg)
+            dst = int(msg.metadata.dst_node_id)
+            if dst not in u1:
+                continue
+            srcs = [s for s in u1 if s != dst]
+            values = {
+                **record,
+                "srcs": srcs,
+                "cts": [_ciphertext_for(shares[s], dst) for s in srcs],
+            }
+            # the inner strategy's messages may share one RecordDict: each gets its own
+            msg.content = RecordDict({**dict(msg.content.items()), SECAGG: ConfigRecord(values)})
+            self._count(dst, values)
+            current.sent[dst] = msg
+            kept.append(msg)
         return kept
 
     def _failed(self, rnd: int, reason: str) -> None:
@@ -295,9 +372,8 @@ class SecureAggregation(StrategyWrapper):
         their weighted mean (one reply); ``(None, None)`` when the round cannot be unmasked."""
         current = self.round
         if current is None or current.number != server_round:
-            raise RuntimeError("SecureAggregation.aggregate_train before configure_train")
-        keys = self._keys()
-        size = 1 + sum(self.sent_arrays[k].size for k in keys)
+            return None, None  # the round failed before training (reason already recorded)
+        size = 1 + sum(self.sent_arrays[k].size for k in self._float_keys())
         masked: dict[int, Message] = {}
         for msg in replies:
             node = int(msg.metadata.src_node_id)
@@ -305,14 +381,13 @@ class SecureAggregation(StrategyWrapper):
             if not msg.has_error() and MASKED in msg.content.array_records:
                 if msg.content[MASKED][MASKED].numpy().size == size and node in current.sent:
                     masked[node] = msg
-                    self._count(node, msg.content.config_records.get(SHARES, {}))
         survivors = sorted(masked)
-        dropped = [n for n in current.participants if n not in masked]
+        dropped = [n for n in current.u1 if n not in masked]
         if len(survivors) < current.threshold:
             self._failed(
                 server_round,
-                f"{len(survivors)} of {len(current.participants)} sites answered, fewer than "
-                f"the threshold of {current.threshold} needed to remove the masks",
+                f"{len(survivors)} of {len(current.u1)} sites answered, fewer than the "
+                f"threshold of {current.threshold} needed to remove the masks",
             )
             return None, None
         total = self._unmask(current, masked, dropped)
@@ -327,7 +402,7 @@ class SecureAggregation(StrategyWrapper):
             server_round, [self._as_reply(current.sent[n], mean, masked) for n in survivors]
         )
 
-    def _keys(self) -> list[str]:
+    def _float_keys(self) -> list[str]:
         return floating_keys(self.sent_arrays)
 
     def _unmask(
@@ -335,36 +410,26 @@ class SecureAggregation(StrategyWrapper):
     ) -> np.ndarray | None:
         """The sum of the survivors' quantised vectors (int64, mod M): their masked vectors less
         their self-masks (rebuilt from the revealed seeds) and less their pairwise masks with
-        the dropouts (from the dropouts' revealed mask keys)."""
+        the dropouts (from the dropouts' revealed mask keys of this round)."""
         rnd, modulus = current.number, self.settings.modulus
         survivors = sorted(masked)
-        shares = {n: masked[n].content.config_records[SHARES] for n in survivors}
-        request = {}
-        for node in survivors:
-            b_srcs = [s for s in survivors if node in [int(d) for d in shares[s]["dsts"]]]
-            request[node] = {
-                "survivors": survivors,
-                "dropped": dropped,
-                "b-srcs": b_srcs,
-                "b-cts": [
-                    bytes(shares[s]["cts"][[int(d) for d in shares[s]["dsts"]].index(node)])
-                    for s in b_srcs
-                ],
-                "sk-srcs": [d for d in dropped if d in self.key_shares.get(node, {})],
-                "sk-cts": [
-                    self.key_shares[node][d] for d in dropped if d in self.key_shares.get(node, {})
-                ],
-            }
-        answers = self._ask(UNMASK_ACTION, rnd, request)
+        request = {"round": rnd, "survivors": survivors, "dropped": dropped, "next-round": rnd + 1}
+        answers = self._ask(UNMASK_ACTION, rnd, {n: dict(request) for n in survivors})
         seeds: dict[int, list[bytes]] = {n: [] for n in survivors}
         keys: dict[int, list[bytes]] = {n: [] for n in dropped}
-        for answer in answers.values():
-            for src, share in zip(answer["b-srcs"], answer["b-shares"], strict=True):
-                seeds[int(src)].append(bytes(share))
-            for src, share in zip(answer["sk-srcs"], answer["sk-shares"], strict=True):
-                keys[int(src)].append(bytes(share))
+        for node, answer in answers.items():
+            for src, share in zip(answer["seed-srcs"], answer["seed-shares"], strict=True):
+                if int(src) in seeds:
+                    seeds[int(src)].append(bytes(share))
+            for src, share in zip(answer["key-srcs"], answer["key-shares"], strict=True):
+                if int(src) in keys:
+                    keys[int(src)].append(bytes(share))
+            if "next-round" in answer:
+                self.next_keys[node] = {
+                    k[len("next-") :]: v for k, v in answer.items() if k.startswith("next-")
+                }
         short = [n for n, s in seeds.items() if len(s) < current.threshold]
-        short += [n for n, k in keys.items() if len(k) < self.key_threshold]
+        short += [n for n, k in keys.items() if len(k) < current.threshold]
         if short:
             self._failed(
                 rnd,
@@ -377,12 +442,13 @@ class SecureAggregation(StrategyWrapper):
         for node in survivors:
             total -= keystream_mask(combine_shares(seeds[node]), size, modulus)
         for gone in dropped:
-            private = bytes_to_private_key(combine_shares(keys[gone]))
+            private = key_from_scalar(combine_shares(keys[gone]))
             for node in survivors:
-                shared = generate_shared_key(private, bytes_to_public_key(self.public[node][1]))
-                mask = keystream_mask(pair_seed(shared, rnd), size, modulus)
+                public = bytes_to_public_key(current.mask_keys[node])
+                mask = keystream_mask(
+                    pair_seed(generate_shared_key(private, public), rnd), size, modulus
+                )
                 total -= pairwise_sign(node, gone) * mask
-            self.revealed.add(gone)
         return total % modulus
 
     def _mean(self, sums: np.ndarray) -> Arrays:
@@ -393,7 +459,7 @@ class SecureAggregation(StrategyWrapper):
             raise ValueError("secure aggregation: the sum of the sites' weights is not positive")
         model = dict(self.sent_arrays)
         offset = 0
-        for key in self._keys():
+        for key in self._float_keys():
             value = self.sent_arrays[key]
             step = updates[offset : offset + value.size].reshape(value.shape) / factor
             model[key] = (value + step).astype(value.dtype)
@@ -413,3 +479,9 @@ class SecureAggregation(StrategyWrapper):
         metrics.update({NUM_EXAMPLES: 1.0, UNIT_WEIGHT: 1.0})
         content = RecordDict({"arrays": to_record(model), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=sent)
+
+
+def _ciphertext_for(answer: ConfigRecord, dst: int) -> bytes:
+    """The share ``answer``'s site encrypted for node ``dst``."""
+    dsts = [int(d) for d in answer["dsts"]]
+    return bytes(answer["cts"][dsts.index(dst)])

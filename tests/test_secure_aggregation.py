@@ -9,13 +9,12 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flower_fakes import Arrays, FakeGrid, numpy_of, record
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import PrivacyConfig, RdpAccountant
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.privacy_accounting import (
@@ -23,12 +22,12 @@ from flwr.supercore.privacy_accounting import (
     NeighboringRelation,
     SamplingMethod,
 )
+from secagg_fakes import SecureSites
 
 from fl_imaging.config import DPConfig, DPMode, SecAggConfig, StrategyConfig
-from fl_imaging.flower.secagg_site import SECAGG_STAGES, mask_reply, reveal_shares
-from fl_imaging.protocol import site_reply
+from fl_imaging.flower.secagg_site import SecAggRefused, reveal_shares
 from fl_imaging.results import read_metrics
-from fl_imaging.secure_sum import MASKED, SECAGG, SecAggSettings, pack, threshold_of
+from fl_imaging.secure_sum import SECAGG, SecAggSettings, pack, threshold_of, weight_factor
 from strategies import StrategyError, build_strategy
 from strategies.privacy import privacy_spent
 from strategies.recording import RecordingStrategy
@@ -37,55 +36,6 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 SETTINGS = SecAggSettings()
 STEP = 2 * SETTINGS.clipping_range / SETTINGS.quantization_range  # one quantisation level
-
-
-class SecureSites(FakeGrid):
-    """Nodes 1..n that run the sites' real secure aggregation handlers on their own contexts.
-    Training adds ``respond(node, round, sent)`` to what was sent, with ``weights[node]``
-    cases; nodes in ``fail[stage]`` answer that stage (``train``, ``secagg_unmask`` ...) with an
-    error. ``held[round][node]`` keeps what the coordinator received of each site's model."""
-
-    def __init__(
-        self,
-        nodes: int,
-        respond: Callable[[int, int, Arrays], Arrays],
-        weights: dict[int, int],
-        fail: dict[str, set[int]] | None = None,
-    ) -> None:
-        super().__init__(nodes, respond)
-        self.weights = weights
-        self.fail = fail or {}
-        self.contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in self.nodes}
-        self.held: dict[int, dict[int, np.ndarray]] = {}
-        self.updates: dict[int, dict[int, Arrays]] = {}
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-            stage = kind.split(".")[-1] if kind.startswith("query.") else "train"
-            if node in self.fail.get(stage, set()):
-                replies.append(Message(Error(0, f"[site site-{node}] gone"), reply_to=msg))
-            elif stage != "train":
-                replies.append(SECAGG_STAGES[stage](msg, self.contexts[node]))
-            else:
-                replies.append(self._train(msg, node))
-        return replies
-
-    def _train(self, msg: Message, node: int) -> Message:
-        rnd = int(msg.content["config"]["server-round"])
-        sent = numpy_of(msg.content["arrays"])
-        local = {k: v + self.respond(node, rnd, sent)[k] for k, v in sent.items()}
-        self.updates.setdefault(rnd, {})[node] = {k: local[k] - sent[k] for k in sent}
-        metrics = {"num-examples": self.weights[node], "train_loss": float(node), "unit-weight": 1}
-        reply = site_reply(msg, f"site-{node}", metrics, record(local))
-        if SECAGG in msg.content.config_records:
-            reply = mask_reply(msg, reply, self.contexts[node])
-            held = reply.content[MASKED][MASKED].numpy()
-            self.held.setdefault(rnd, {})[node] = held
-        return reply
 
 
 GLOBAL = {"w": np.linspace(-1, 1, 2000, dtype=np.float32).reshape(40, 50), "b": np.ones(10, "f4")}
@@ -147,7 +97,9 @@ def test_what_the_coordinator_holds_of_a_site_is_not_its_update() -> None:
     one_round(strategy, grid, 2)
     for rnd in (1, 2):
         update = np.concatenate([grid.updates[rnd][1][k].ravel() for k in GLOBAL])
-        clear = pack(10, update, SETTINGS)[1:].astype(float)  # what masking hides
+        clear = pack(10 / SETTINGS.max_weight, update, SETTINGS)[1:].astype(
+            float
+        )  # what masking hides
         held = grid.held[rnd][1][1:].astype(float)
         assert abs(np.corrcoef(clear, held)[0, 1]) < 0.1  # 2010 values: chance is about 0.02
         assert abs(np.corrcoef(update, held)[0, 1]) < 0.1
@@ -171,11 +123,10 @@ def test_a_site_lost_after_sharing_its_keys_is_unmasked_from_the_others_shares()
     tolerance = 3 * STEP / ((10 + 25 + 15) / SETTINGS.max_weight)
     np.testing.assert_allclose(numpy_of(secure)["w"], numpy_of(plain)["w"], atol=tolerance)
     assert summed[2] == (["site-1", "site-2", "site-4"], ["site-3"], "")
-    # site 3's mask key is known now: it gets new keys before it takes part again
-    assert 3 in strategy.revealed
+    # site 3's round-2 mask key is known now; every site makes new keys for round 3
     grid.fail = {}
     assert one_round(strategy, grid, 3)[0] is not None
-    assert not strategy.revealed
+    assert summed[3] == (["site-1", "site-2", "site-3", "site-4"], [], "")
 
 
 def test_below_the_threshold_the_round_stops_with_the_reason_and_keeps_the_model() -> None:
@@ -198,25 +149,12 @@ def test_a_site_refuses_to_reveal_both_shares_of_one_site() -> None:
     strategy = build_strategy(fedavg(True), num_sites=3)
     one_round(strategy, grid)
     request = Message(
-        RecordDict(
-            {
-                SECAGG: ConfigRecord(
-                    {
-                        "survivors": [1, 2, 3],
-                        "dropped": [3],
-                        "b-srcs": [],
-                        "b-cts": [],
-                        "sk-srcs": [],
-                        "sk-cts": [],
-                    }
-                )
-            }
-        ),
+        RecordDict({SECAGG: ConfigRecord({"round": 1, "survivors": [1, 2, 3], "dropped": [3]})}),
         dst_node_id=1,
         message_type="query.secagg_unmask",
     )
-    with pytest.raises(ValueError, match=r"nodes \[3\] are named both survivor and dropout"):
-        reveal_shares(request, grid.contexts[1])
+    with pytest.raises(SecAggRefused, match=r"nodes \[3\] are named both survivor and dropout"):
+        reveal_shares(request, grid.contexts[1], grid.guards[1])
 
 
 @pytest.mark.parametrize(
@@ -277,18 +215,36 @@ def test_dp_on_the_secure_sum_gives_the_accountants_epsilon() -> None:
     assert math.isfinite(epsilon) and epsilon > 0
 
 
+def test_under_client_level_dp_the_secure_mean_weighs_every_site_equally() -> None:
+    cfg = fedavg(True)
+    cfg.dp = DPConfig(
+        mode=DPMode.client_fixed, noise_multiplier=0.0, clipping_norm=100.0, account=False
+    )
+    grid = SecureSites(3, step, {1: 5, 2: 5, 3: 90})  # the large site would weigh 0.9 by cases
+    secure, _ = one_round(build_strategy(cfg, num_sites=3), grid)
+    assert secure is not None
+    mean = {k: np.mean([grid.updates[1][n][k] for n in (1, 2, 3)], axis=0) for k in GLOBAL}
+    for key, value in GLOBAL.items():
+        np.testing.assert_allclose(numpy_of(secure)[key] - value, mean[key], atol=3 * STEP)
+    cfg.secagg.weighting = "cases"
+    with pytest.raises(StrategyError, match="client-level DP's noise assumes equal site weights"):
+        build_strategy(cfg, num_sites=3)
+
+
 def test_the_threshold_is_a_fraction_or_a_count() -> None:
     assert threshold_of(0.66, 3) == 2 and threshold_of(0.66, 5) == 4
-    assert threshold_of(3, 5) == 3 and threshold_of(9, 5) == 5 and threshold_of(0.1, 4) == 2
+    assert threshold_of(3, 5) == 3 and threshold_of(9, 5) == 5
+    assert threshold_of(0.1, 4) == 3  # never half or fewer: the sites refuse that
 
 
 def test_a_value_outside_the_clipping_range_is_refused_not_clipped() -> None:
     with pytest.raises(ValueError, match="outside strategy.secagg.clipping_range=8"):
-        pack(1000, np.array([9.0]), SETTINGS)
+        pack(1.0, np.array([9.0]), SETTINGS)
     with pytest.raises(ValueError, match="outside 0..strategy.secagg.max_weight=1000"):
-        pack(2000, np.array([0.1]), SETTINGS)
-    with pytest.raises(ValueError, match="weight -1 "):
+        weight_factor(2000, "cases", SETTINGS)
+    with pytest.raises(ValueError, match="weight factor -1 "):
         pack(-1, np.array([0.1]), SETTINGS)
+    assert weight_factor(90, "equal", SETTINGS) == 1.0 and weight_factor(0, "equal", SETTINGS) == 0
     assert MessageType.TRAIN == "train"
 
 

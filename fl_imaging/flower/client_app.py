@@ -21,7 +21,8 @@ from fl_imaging.flower.local_norms import restore_local_norms, save_local_norms
 from fl_imaging.flower.outgoing_update import outgoing_update
 from fl_imaging.flower.packed_arrays import packed_arrays_mod
 from fl_imaging.flower.patient_ledger import patient_metrics, site_privacy
-from fl_imaging.flower.site_queries import SITE_QUERIES
+from fl_imaging.flower.site_gate import gated_reply
+from fl_imaging.flower.site_queries import SITE_QUERIES, secagg_guard
 from fl_imaging.logs import show_progress
 from fl_imaging.protocol import (
     EVAL_SPLIT,
@@ -36,6 +37,7 @@ from fl_imaging.protocol import (
     site_errors,
     site_reply,
 )
+from fl_imaging.site.setup import SiteSetup
 from fl_imaging.site_training import (
     SiteRef,
     SiteTrainer,
@@ -64,7 +66,8 @@ def build_client_app(
 ) -> ClientApp:
     """Return a ClientApp bound to ``config`` (simulation), or reading it from run_config (None),
     taking its site trainers from ``trainers`` (default: the process's, :func:`process_trainers`,
-    looked up at each message: Ray hands every message a copy of the app). What happens to a
+    looked up at each message: Ray hands every message a copy of the app). Every message passes
+    the site's own policy and record (:mod:`.site_gate`). What happens to a
     reply before it leaves (client-side DP, masking, compression): :mod:`.outgoing_update`;
     DP-SGD: :mod:`fl_imaging.flower.patient_ledger`."""
     client = ClientApp(mods=[packed_arrays_mod])  # arrays travel packed (.packed_arrays)
@@ -115,7 +118,13 @@ def build_client_app(
         return site_reply(msg, site.name, metrics, ArrayRecord(state), previous)
 
     def train(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
-        return outgoing_update(msg, context, cfg, lambda m, c: train_site(m, c, cfg, site))
+        return outgoing_update(
+            msg,
+            context,
+            cfg,
+            lambda m, c: train_site(m, c, cfg, site),
+            lambda: secagg_guard(context, cfg, site),
+        )
 
     def evaluate(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
         global_state = msg.content["arrays"].to_torch_state_dict()
@@ -129,7 +138,8 @@ def build_client_app(
             cfg = resolve_config(config, context)
             site = SiteRef.of_node(context.node_config, cfg.data.sites)
             with site_errors(site.name):  # a failure names the site in the error reply
-                return handler(msg, context, cfg, site)
+                setup = SiteSetup.of(dict(context.node_config), cfg, site)
+                return gated_reply(setup, msg, cfg, lambda: handler(msg, context, cfg, site))
 
         return handle
 

@@ -1,0 +1,128 @@
+"""What a site holds of its own, found from where it runs: its state folder, its policy, its
+identity and roster, its privacy ledger and its record.
+
+- **Deployment**: the SuperNode's node config (written by ``fl-imaging-deploy supernode``):
+  ``state-dir`` (its ``--state`` folder), ``policy`` (``--policy``), ``identity-key`` (its
+  ``--key``, the key pair the SuperLink registered) and ``roster`` (``--roster``: the folder of
+  the consortium's ``NAME.pub`` files). Nothing of it comes from the coordinator.
+- **Simulation**: one folder per site under ``site.state_dir`` (``<name>-<8 hex digits of the
+  data folder's SHA-256>``, so that two runs on the same data share a ledger and two sites of
+  the same name on other data do not), the policy ``site.policies[name]`` or ``site.policy``, a
+  key pair made in the site's folder on first use, and the roster of every simulated site's
+  public key. The config is the coordinator's, but a simulation has one owner: it stands in for
+  the hospitals' own files so that tests and benchmarks can give each site a policy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fl_imaging.config import RunConfig
+from fl_imaging.site.identity import (
+    SiteIdentity,
+    ensure_identity,
+    identity_in,
+    load_identity,
+    roster_of,
+)
+from fl_imaging.site.ledger import LEDGER_FILE, SiteLedger
+from fl_imaging.site.policy import SitePolicy, load_policy
+from fl_imaging.site.record import RECORD_FILE, SiteRecord
+from fl_imaging.site_training import SiteRef
+
+__all__ = ["SiteSetup", "SiteSetupError", "site_state_folder", "site_state_root"]
+
+#: The node config keys a SuperNode's site setup is read from.
+NODE_KEYS = ("state-dir", "policy", "identity-key", "roster")
+
+
+class SiteSetupError(RuntimeError):
+    """A site cannot find what it needs of its own (identity, roster); names what to give."""
+
+
+def site_state_root(cfg: RunConfig) -> Path:
+    """The folder holding every simulated site's state folder: ``site.state_dir``, else
+    ``site-state`` beside the run folder."""
+    if cfg.site.state_dir:
+        return Path(cfg.site.state_dir)
+    return Path(cfg.run_dir).parent / "site-state"
+
+
+def site_state_folder(root: Path, name: str, data_folder: Path) -> Path:
+    """A simulated site's state folder under ``root``: ``<name>-<sha8 of its data folder>``."""
+    digest = hashlib.sha256(str(Path(data_folder).resolve()).encode()).hexdigest()[:8]
+    return Path(root) / f"{name}-{digest}"
+
+
+@dataclass(frozen=True)
+class SiteSetup:
+    """One site's own setup (see the module): its ``name``, state ``folder``, ``policy``, and
+    where its identity comes from: ``identity_key`` and ``roster`` (a folder of ``NAME.pub``) in
+    a deployment, or ``simulated_sites`` (name -> state folder of every simulated site)."""
+
+    name: str
+    folder: Path
+    policy: SitePolicy
+    identity_key: Path | None = None
+    roster: Path | None = None
+    simulated_sites: tuple[tuple[str, Path], ...] = ()
+
+    @classmethod
+    def of(cls, node_config: dict, cfg: RunConfig, site: SiteRef) -> SiteSetup:
+        """The setup of ``site`` from its node config (deployment) or ``cfg.site`` (simulation).
+        Raises :class:`~fl_imaging.site.policy.PolicyError` for a policy file that cannot be
+        used."""
+        if not site.simulated:
+            folder = Path(str(node_config.get("state-dir", site.folder / ".fl-imaging-site")))
+            policy = node_config.get("policy")
+            key, roster = node_config.get("identity-key"), node_config.get("roster")
+            return cls(
+                site.name,
+                folder,
+                load_policy(str(policy) if policy else None),
+                Path(str(key)) if key else None,
+                Path(str(roster)) if roster else None,
+            )
+        root = site_state_root(cfg)
+        sites = tuple(
+            (Path(p).name, site_state_folder(root, Path(p).name, Path(p))) for p in cfg.data.sites
+        )
+        policy = cfg.site.policies.get(site.name, cfg.site.policy)
+        return cls(
+            site.name,
+            site_state_folder(root, site.name, site.folder),
+            load_policy(policy),
+            simulated_sites=sites,
+        )
+
+    def ledger(self) -> SiteLedger:
+        """The site's privacy ledger (:mod:`fl_imaging.site.ledger`)."""
+        return SiteLedger(self.folder / LEDGER_FILE, self.name)
+
+    def record(self) -> SiteRecord:
+        """The site's record of requests and replies (:mod:`fl_imaging.site.record`)."""
+        return SiteRecord(self.folder / RECORD_FILE, self.name)
+
+    def identity(self) -> SiteIdentity:
+        """The site's signing key and roster. Simulation: every simulated site's key pair, made
+        on first use (under a lock: workers may race). Raises :class:`SiteSetupError` in a
+        deployment started without ``--key`` or ``--roster``, and
+        :class:`~fl_imaging.site.identity.IdentityError` for key files that cannot be used."""
+        if self.simulated_sites:
+            root = self.folder.parent
+            root.mkdir(parents=True, exist_ok=True)
+            with (root / ".identities.lock").open("a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                publics = {name: ensure_identity(f, name) for name, f in self.simulated_sites}
+            return identity_in(self.folder, self.name, roster_of(publics))
+        if self.identity_key is None or self.roster is None:
+            raise SiteSetupError(
+                f"[site {self.name}] secure aggregation needs this site's identity: start its "
+                "SuperNode with --key (its key pair) and --roster (the folder of the "
+                "consortium's NAME.pub files), so that it can sign its keys and check the "
+                "other sites'"
+            )
+        return load_identity(self.name, self.identity_key, self.roster)
