@@ -9,7 +9,9 @@ as BatchNorm's step counter are sent as trained):
 - ``collusion``: every malicious site sends the same crafted update, a direction drawn from the
   round number (so all of them agree without talking) with L2 norm ``norm``;
 - ``labelflip``: no update change; the site trains on permuted labels (class k -> K-1-k) through
-  MONAI's ``MapLabelValued``.
+  MONAI's ``MapLabelValued``;
+- ``dropout`` (a fault, not an attack): the site's training fails in ``attack.rounds``
+  (:meth:`SimulatedAttack.drops_out`), as a site whose link goes down mid-round.
 
 The ClientApp asks :func:`site_attack` whether its site is malicious; the
 :class:`SimulatedAttack` it gets wraps the site's training (label transforms) and its reply
@@ -67,7 +69,7 @@ def poison_state(
     depends on ``site`` (the site's index), so that noisy sites draw independent directions;
     ``collusion`` does not, so every colluder sends the same update.
     """
-    if cfg.name in (AttackName.none, AttackName.labelflip):
+    if cfg.name in (AttackName.none, AttackName.labelflip, AttackName.dropout):
         return local_state
     keys = [k for k, v in global_state.items() if torch.is_floating_point(v)]
     delta = {k: local_state[k].float() - global_state[k].float() for k in keys}
@@ -112,6 +114,10 @@ class SimulatedAttack:
         none."""
         return [flipped_labels(self.num_classes)] if self.cfg.name == AttackName.labelflip else []
 
+    def drops_out(self, server_round: int) -> bool:
+        """Whether the site fails its training in ``server_round`` (``attack=dropout``)."""
+        return self.cfg.name == AttackName.dropout and server_round in self.cfg.rounds
+
     def poison(
         self,
         global_state: dict[str, torch.Tensor],
@@ -120,7 +126,9 @@ class SimulatedAttack:
         site_name: str,
     ) -> dict[str, torch.Tensor]:
         """The weights site ``site_name`` sends in ``server_round`` instead of ``local_state``
-        (see :func:`poison_state`); logs that it does."""
+        (see :func:`poison_state`; ``dropout`` sends ``local_state``); logs that it does."""
+        if self.cfg.name == AttackName.dropout:
+            return local_state
         log.info(
             "[site %s] round %d: sends a %s update (simulated attack)",
             site_name,

@@ -152,8 +152,8 @@ class SiteRefused(RuntimeError):
     and the message names the round, the site and the site's reason."""
 
 
-_SITE_IN_ERROR = re.compile(r"\[site ([^\]]+)\]")
-_REFUSED = re.compile(r"\[site ([^\]]+)\] refused: (.*)", re.DOTALL)
+_SITE_IN_ERROR = re.compile(r"\[site ([^\]{}]+)\]")  # not the source line of a traceback
+_REFUSED = re.compile(r"\[site ([^\]{}]+)\] refused: ([^\n]*)")
 #: Flower's reason for an exception raised in a ClientApp: ``<class 'T'>:<'message'>``.
 _FLOWER_REASON = re.compile(r"^<class '[^']*'>:<'(.*)'>$", re.DOTALL)
 
@@ -182,8 +182,8 @@ def refusal_of(msg: Message) -> str | None:
     """The reason of a site's refusal (:class:`SiteRefusal`) when ``msg`` is one, else None."""
     if not msg.has_error():
         return None
-    match = _REFUSED.search(error_reason(msg))
-    return match.group(2) if match else None
+    found = _REFUSED.findall(error_reason(msg))  # the last: Ray's traceback repeats it
+    return found[-1][1] if found else None
 
 
 def raise_if_refused(msg: Message, site: str, rnd: int) -> None:

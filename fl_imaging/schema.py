@@ -115,6 +115,7 @@ class AttackName(enum.StrEnum):
     noise = "noise"  # sends Gaussian noise with the norm of scale x its honest update
     labelflip = "labelflip"  # trains on permuted labels
     collusion = "collusion"  # every malicious site sends the same crafted update
+    dropout = "dropout"  # not an attack: the site fails its training in attack.rounds
 
 
 class OptimizerName(enum.StrEnum):
@@ -270,6 +271,9 @@ class AttackConfig:
     sites: list[int] = field(default_factory=list)
     scale: float = 10.0
     norm: float = 10.0
+    #: dropout: the rounds in which the chosen sites fail their training (after secure
+    #: aggregation's keys and shares, before their masked update).
+    rounds: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -53,6 +53,10 @@ __all__ = ["app", "build_client_app"]
 log = logging.getLogger("fl_imaging.client")
 
 
+class SimulatedDropout(RuntimeError):
+    """A simulated site fails its training round (``attack=dropout``)."""
+
+
 def _evaluation(trainer: SiteTrainer, settings: ConfigRecord, seed: int = 0) -> dict[str, float]:
     """The site's scores (:meth:`SiteTrainer.scores`: validation, or ``split=test`` in
     ``settings``) and the number of cases scored (``num-examples``)."""
@@ -96,6 +100,8 @@ def build_client_app(
         evaluated = settings.get(EVALUATE_GLOBAL, False) and rnd > 1
         previous = _evaluation(trainer, ConfigRecord()) if evaluated else None
         mu = float(settings.get(PROXIMAL_MU, 0.0))
+        if attack is not None and attack.drops_out(rnd):
+            raise SimulatedDropout(f"simulated dropout in round {rnd} (attack=dropout)")
         privacy = site_privacy(context, cfg, trainer, settings)  # patient-level DP (DP-SGD)
         result = (trainer.fit if privacy is None else privacy.fit)(
             int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs)),
