@@ -159,7 +159,42 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_site_files(args: argparse.Namespace) -> None:
+    """Read the site's policy and its identity against the roster before anything starts: a
+    wrong key or file stops here, named (PolicyError, IdentityError)."""
+    from fl_imaging.site.identity import load_identity
+    from fl_imaging.site.policy import load_policy
+
+    if args.policy is not None:
+        load_policy(args.policy)
+    if args.roster is not None:
+        load_identity(args.site_name or args.data_dir.name, args.key, args.roster)
+
+
+def _cmd_check_policy(args: argparse.Namespace) -> int:
+    """Print the config hash of a run (``-- overrides``) and whether the policy accepts it."""
+    from fl_imaging.compose import check_overrides
+    from fl_imaging.site.policy import (
+        PolicyRefusal,
+        check_request,
+        load_policy,
+        training_config_hash,
+    )
+
+    policy = load_policy(args.policy)
+    cfg = check_overrides(list(args.overrides))
+    print(f"config hash (task and strategy, SHA-256): {training_config_hash(cfg)}")
+    try:
+        check_request(policy, cfg, training=True, masked=cfg.strategy.secagg.enabled)
+    except PolicyRefusal as err:
+        print(f"refused: {err}")
+        return 1
+    print(f"accepted by {args.policy} (rounds and privacy budget are checked as the run goes)")
+    return 0
+
+
 def _cmd_supernode(args: argparse.Namespace) -> int:
+    _check_site_files(args)
     if not args.skip_check:
         print(f"checking {args.data_dir} (fl-imaging-data inspect) ...", flush=True)
         check_site_folder(args.data_dir, args.task, args.num_classes, args.class_names)
@@ -172,6 +207,8 @@ def _cmd_supernode(args: argparse.Namespace) -> int:
         site_name=args.site_name,
         runtime_port=args.port,
         isolation=args.isolation,
+        roster=args.roster,
+        policy=args.policy,
     )
     deadline = time.monotonic() + args.rejoin_wait
     while True:
@@ -327,6 +364,15 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--site-name", default="", help="default: the data folder's name")
     node.add_argument("--state", type=Path, default=Path("supernode-state"))
     node.add_argument(
+        "--roster",
+        type=Path,
+        default=None,
+        help="folder of the consortium's NAME.pub files (needed for secure aggregation)",
+    )
+    node.add_argument(
+        "--policy", type=Path, default=None, help="this site's policy file (site.yaml)"
+    )
+    node.add_argument(
         "--port", type=int, default=9094, help="local port of the SuperNode's Runtime API"
     )
     node.add_argument(
@@ -348,6 +394,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--quiet", action="store_true", help="do not echo the SuperNode's log")
     node.set_defaults(run=_cmd_supernode)
+
+    check = sub.add_parser(
+        "check-policy", help="hospital: would this site's policy accept a run? (its config hash)"
+    )
+    check.add_argument("policy", type=Path, help="the site's policy file (site.yaml)")
+    check.add_argument("overrides", nargs="*", help="the run's overrides, as given to fl-imaging")
+    check.set_defaults(run=_cmd_check_policy)
 
     local = sub.add_parser("local", help="a SuperLink and N SuperNodes on this machine")
     local.add_argument("--sites", type=Path, nargs="*", help="site folders (default: demo)")

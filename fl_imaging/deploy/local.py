@@ -136,6 +136,7 @@ def start_local(
     num_classes: int = 2,
     database: Path | None = None,
     timeout: float = 120.0,
+    policies: dict[str, Path] | None = None,
 ) -> LocalFederation:
     """Start a coordinator and one SuperNode per folder of ``sites`` on 127.0.0.1.
 
@@ -148,7 +149,9 @@ def start_local(
     Flower's default, which leaves each Runtime API port open to local users). With ``check``,
     each folder must pass ``fl-imaging-data inspect`` (``task``, ``num_classes``) first. The
     SuperLink keeps its state in memory unless ``database`` names a SQLite file (relative paths:
-    in ``state_dir/superlink``). Everything started is stopped again when a step fails.
+    in ``state_dir/superlink``). ``policies``: a site policy file by site name. Every site's
+    roster is ``keys/`` (the consortium's public keys). Everything started is stopped again
+    when a step fails.
     """
     sites = [Path(s).resolve() for s in sites]
     names = [s.name for s in sites]
@@ -187,6 +190,8 @@ def start_local(
                 runtime_port=free_port(),
                 isolation=isolation,
                 site_index=index,
+                roster=state_dir / "keys",
+                policy=(policies or {}).get(name),
             )
         # Start every SuperNode, then wait for them together (each takes seconds to start):
         # ready means each site can take a message (its ClientApp runner's imports done).

@@ -215,7 +215,10 @@ def check_site_folder(
 class SuperNodeSpec:
     """One hospital's SuperNode: its data folder and name, the SuperLink and CA certificate,
     its private key, the local port of its Runtime API (one per SuperNode on a machine), its
-    state folder, and how its ClientApp runs (``isolation``, see :data:`ISOLATION_MODES`)."""
+    state folder, and how its ClientApp runs (``isolation``, see :data:`ISOLATION_MODES`);
+    ``roster``: the folder of the consortium's ``NAME.pub`` files (the other sites' keys it
+    checks in secure aggregation; its private key signs its own), ``policy``: the site's policy
+    file (:mod:`fl_imaging.site.policy`)."""
 
     data_dir: Path
     superlink: str
@@ -228,6 +231,8 @@ class SuperNodeSpec:
     site_index: int | None = None
     #: Connection attempts before the SuperNode gives up (None: Flower's default, no limit).
     max_retries: int | None = None
+    roster: Path | None = None
+    policy: Path | None = None
 
     @property
     def name(self) -> str:
@@ -273,7 +278,9 @@ def open_runtime_api_warning(spec: SuperNodeSpec) -> str | None:
 
 def supernode_command(spec: SuperNodeSpec) -> list[str]:
     """``flower-supernode`` for ``spec``. Its node config (``data-dir``, ``site-name``,
-    ``site-index``) goes through a TOML file in the state folder, so any folder name works. With
+    ``site-index``, and what the site holds of its own: ``state-dir``, ``identity-key``,
+    ``roster``, ``policy``, all absolute) goes through a TOML file in the state folder, so any
+    folder name works. With
     ``isolation='process'`` it also writes a new secret (:func:`write_superexec_secret`) and
     passes it with ``--superexec-auth-secret-file``: only the ClientApp runner started with the
     same file can then take the site's tasks."""
@@ -285,6 +292,11 @@ def supernode_command(spec: SuperNodeSpec) -> list[str]:
     ]
     if spec.site_index is not None:
         lines.append(f"site-index = {spec.site_index}")
+    lines.append(f"state-dir = {toml_string(str(spec.state_dir.resolve()))}")
+    own = {"identity-key": spec.private_key, "roster": spec.roster, "policy": spec.policy}
+    for key, path in own.items():
+        if path is not None:
+            lines.append(f"{key} = {toml_string(str(Path(path).resolve()))}")
     node_config.write_text("\n".join(lines) + "\n")
     command = [
         flower_command("flower-supernode"),

@@ -176,11 +176,8 @@ def training_config_hash(cfg: RunConfig) -> str:
     """SHA-256 (hex) of the run's ``task`` and ``strategy`` config (what the site's cases are
     used for: the model, its training, the aggregation and its privacy), as YAML; what
     ``accept.config_hashes`` lists."""
-    text = config_to_yaml(cfg)
-    from omegaconf import OmegaConf as _OC
-
-    loaded = _OC.create(text)
-    part = _OC.to_yaml({"task": loaded["task"], "strategy": loaded["strategy"]})
+    loaded = OmegaConf.create(config_to_yaml(cfg))
+    part = OmegaConf.to_yaml({"task": loaded["task"], "strategy": loaded["strategy"]})
     return hashlib.sha256(part.encode()).hexdigest()
 
 
