@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from opacus.accountants.accountant import IAccountant
 
 __all__ = [
+    "planned_steps",
     "PrivacyLedger",
     "check_sites_privacy",
     "new_ledger",
@@ -98,7 +99,7 @@ def steps_per_epoch(num_train: int, batch_size: int) -> int:
     return int(1 / sample_rate(num_train, batch_size))
 
 
-def _planned_steps(cfg: RunConfig, num_train: int) -> int:
+def planned_steps(cfg: RunConfig, num_train: int) -> int:
     """The site's steps over the whole run: rounds x local epochs x steps per epoch."""
     per_epoch = steps_per_epoch(num_train, cfg.task.batch_size)
     return cfg.engine.rounds * cfg.task.local_epochs * per_epoch
@@ -162,7 +163,7 @@ def new_ledger(cfg: RunConfig, num_train: int) -> PrivacyLedger:
     from opacus.accountants.utils import get_noise_multiplier
 
     assert dp.target_epsilon is not None  # the config check asks for one of the two
-    steps = _planned_steps(cfg, num_train)
+    steps = planned_steps(cfg, num_train)
     try:
         with warnings.catch_warnings():  # its search tries noise levels far from the answer
             warnings.filterwarnings("ignore", message="Optimal order is the")

@@ -30,6 +30,7 @@ __all__ = [
     "SERVER_ROUND",
     "SITE_NAME",
     "SITE_RECORD",
+    "RUN_KEY",
     "UNIT_WEIGHT",
     "ReplySites",
     "SiteError",
@@ -53,6 +54,9 @@ SITE_NAME = "name"
 NUM_EXAMPLES = "num-examples"
 #: Metric every site sends as 1: the weight of DP-FedAvg, which must weight sites equally.
 UNIT_WEIGHT = "unit-weight"
+#: Train-config key of the run's key: the same in a resumed run as in the run it continues
+#: (a site's privacy ledger keeps one entry per run key).
+RUN_KEY = "run-key"
 #: Metric a site sends as 1 when it is a simulated malicious site (attack=...), else 0.
 MALICIOUS = "malicious"
 SERVER_ROUND = "server-round"

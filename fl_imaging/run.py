@@ -70,11 +70,14 @@ def run(cfg: RunConfig) -> Path:
     # Imported here, so that a config error stops before torch and MONAI are imported.
     from fl_imaging.devices import check_simulation_devices
     from fl_imaging.model_checks import check_model
+    from fl_imaging.site.setup import absolute_site_paths, check_site_policies
 
     cfg = resolve_tracking(cfg)  # tracking.uri: a folder made absolute (default mlruns/)
     check_tracking(cfg)
     check_model(cfg)
     cfg = replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
+    cfg = replace(cfg, site=absolute_site_paths(cfg))  # Ray's workers run elsewhere
+    check_site_policies(cfg)  # a simulated site's policy file that cannot be used stops here
     local_ray = None
     if cfg.engine.name == EngineName.simulation:
         check_simulation_devices(cfg)  # every site runs here: a GPU it lacks stops the run now

@@ -20,7 +20,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_imaging.devices import SITE_ONLY_METRICS
-from fl_imaging.protocol import GLOBAL_EVAL, NUM_EXAMPLES, UNIT_WEIGHT, ReplySites, error_reason
+from fl_imaging.protocol import (
+    GLOBAL_EVAL,
+    NUM_EXAMPLES,
+    UNIT_WEIGHT,
+    ReplySites,
+    error_reason,
+    raise_if_refused,
+)
 from fl_imaging.results import AGGREGATE_SITE, Failure, MetricRow
 from strategies.privacy import privacy_spent
 from strategies.validation import ACCEPTED, FLAGGED, IDLE, UpdateCheck
@@ -123,6 +130,7 @@ class RecordingStrategy(StrategyWrapper):
             site = self.sites(msg)
             if msg.has_error():
                 self.failures.append((server_round, site, error_reason(msg)))
+                raise_if_refused(msg, site, server_round)  # a site's refusal stops the run
                 log.warning(
                     "round %d: site %s failed in %s: %s",
                     server_round,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
@@ -15,3 +16,17 @@ def task_identity() -> Iterator[None]:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(autouse=True)
+def site_state_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulated sites of in-process tests keep their state (ledger, record, identity) under
+    the test's tmp folder, not beside a run folder of ".": tests never write outside it."""
+    from fl_imaging.site import setup
+
+    real = setup.site_state_root
+    monkeypatch.setattr(
+        setup,
+        "site_state_root",
+        lambda cfg: real(cfg) if cfg.site.state_dir else tmp_path / "site-state",
+    )

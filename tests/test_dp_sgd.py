@@ -27,7 +27,7 @@ from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, RunConfig
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.flower import client_app
-from fl_imaging.flower.patient_ledger import CARRIED_LEDGER, LEDGER_STATE, carried_ledgers
+from fl_imaging.site.ledger import SiteLedger
 from fl_imaging.model_checks import check_dp_sgd_model
 from fl_imaging.patient_privacy import (
     PrivacyLedger,
@@ -110,7 +110,15 @@ def metrics_of(reply: Message) -> dict[str, float]:
     return dict(reply.content["metrics"])
 
 
-def test_reported_epsilon_equals_dp_accounting_for_the_steps_taken(demo_site: Path) -> None:
+def the_ledger(tmp_path: Path) -> SiteLedger:
+    """The one simulated site's privacy ledger in the test's site state folder."""
+    (path,) = (tmp_path / "site-state").glob("site-1-*/privacy-ledger.json")
+    return SiteLedger(path, "site-1")
+
+
+def test_reported_epsilon_equals_dp_accounting_for_the_steps_taken(
+    demo_site: Path, tmp_path: Path
+) -> None:
     site = Site(site_config(demo_site, "task.dp_sgd.noise_multiplier=1.0"))
     q, per_round = 2 / 6, 3  # 6 training cases, batch 2: int(1 / q) steps per epoch
     for rnd in (1, 2, 3):
@@ -126,8 +134,8 @@ def test_reported_epsilon_equals_dp_accounting_for_the_steps_taken(demo_site: Pa
             assert abs(other - m["patient_epsilon"]) > 5 * 2e-3 * expected
         assert m["patient_delta"] == 1e-5 and m["patient_budget_spent"] == 0
         assert "train_loss" not in m  # computed on the patients without noise: stays at the site
-    ledger = site.context.state.config_records[LEDGER_STATE]
-    assert ledger["steps"] == 9 and ledger["noise"] == 1.0
+    (entry,) = the_ledger(tmp_path).entries()  # kept by the site, in its own state folder
+    assert entry.steps == 9 and entry.noise == 1.0 and entry.sample_rate == pytest.approx(q)
 
 
 def test_target_epsilon_sets_the_noise_so_that_the_run_ends_at_the_target(
@@ -164,35 +172,51 @@ def test_a_site_over_its_budget_sends_the_global_model_with_weight_zero(demo_sit
     assert sorted(m) == sorted(first)  # same keys: Flower's aggregators demand them
 
 
-def test_a_resumed_site_adopts_the_coordinators_ledger_but_never_counts_fewer_steps(
-    demo_site: Path,
+def test_a_ledger_the_coordinator_carries_is_never_adopted(demo_site: Path) -> None:
+    site = Site(site_config(demo_site, "task.dp_sgd.noise_multiplier=1.0"))
+    carried = {"dp-sgd-ledger:site-1": [0.001, 2 / 6, 0.0]}  # the old carry-over, lower noise
+    m = metrics_of(site.train(1, **carried))
+    assert m["patient_noise"] == 1.0 and m["patient_steps"] == 3
+
+
+def test_the_ledger_survives_a_restart_and_counts_every_run_on_the_data(
+    demo_site: Path, tmp_path: Path
 ) -> None:
     cfg = site_config(demo_site, "task.dp_sgd.noise_multiplier=1.0")
-    carried = {CARRIED_LEDGER + "site-1": [1.0, 2 / 6, 30.0]}
-    site = Site(cfg)  # a fresh context, as in a resumed run
-    assert metrics_of(site.train(11, **carried))["patient_steps"] == 33
-    site.context.state[LEDGER_STATE] = ConfigRecord({"noise": 1.0, "rate": 2 / 6, "steps": 40})
-    m = metrics_of(site.train(12, **carried))  # its own record counts more: it wins
-    assert m["patient_steps"] == 43
-    assert m["patient_epsilon"] == PrivacyLedger(1.0, 2 / 6, 43).epsilon(cfg.task.dp_sgd)
+    q = 2 / 6
+    for rnd in (1, 2):
+        metrics_of(Site(cfg).train(rnd, **{"run-key": "run-a"}))  # a new process each round
+    resumed = metrics_of(Site(cfg).train(3, **{"run-key": "run-a"}))  # same run, resumed
+    assert resumed["patient_steps"] == 9
+    other = metrics_of(Site(cfg).train(1, **{"run-key": "run-b"}))  # a new run, same data
+    assert other["patient_steps"] == 3
+    assert other["patient_epsilon"] == pytest.approx(dp_accounting_epsilon(q, 1.0, 3), rel=2e-3)
+    # the patients' budget: both runs composed (12 steps at the same noise and rate)
+    expected = dp_accounting_epsilon(q, 1.0, 12)
+    assert other["patient_lifetime_epsilon"] == pytest.approx(expected, rel=2e-3)
+    assert {e.run: e.steps for e in the_ledger(tmp_path).entries()} == {"run-a": 9, "run-b": 3}
 
 
-def test_the_coordinator_carries_each_sites_last_ledger_from_the_checkpoint_rows() -> None:
-    rows = [
-        MetricRow(rnd, site, metric, value)
-        for rnd, steps in ((1, 3.0), (2, 6.0))
-        for site in ("a", "b", "all")
-        for metric, value in (
-            ("patient_noise", 1.5),
-            ("patient_sample_rate", 0.25),
-            ("patient_steps", steps),
-        )
-    ]
-    assert carried_ledgers(rows) == {
-        CARRIED_LEDGER + "a": [1.5, 0.25, 6.0],
-        CARRIED_LEDGER + "b": [1.5, 0.25, 6.0],
-    }
-    assert carried_ledgers([MetricRow(1, "a", "dice", 0.5)]) == {}
+def test_a_policy_budget_raises_lowered_noise_and_stops_the_site_across_runs(
+    demo_site: Path, tmp_path: Path
+) -> None:
+    policy = tmp_path / "site.yaml"
+    policy.write_text("dp_sgd:\n  required: true\n  max_epsilon: 10.0\n  delta: 1.0e-5\n")
+    cfg = site_config(demo_site, "task.dp_sgd.noise_multiplier=0.3", "engine.rounds=1")
+    cfg.site.policy = str(policy)
+    first = metrics_of(Site(cfg).train(1, **{"run-key": "a"}))
+    assert first["patient_noise"] > 0.3  # the policy's floor, not the coordinator's 0.3
+    assert 5.0 < first["patient_lifetime_epsilon"] <= 10.0
+    second = metrics_of(Site(cfg).train(1, **{"run-key": "b"}))  # a new run on the same data
+    assert second["patient_noise"] > first["patient_noise"]  # less budget left: more noise
+    assert first["patient_lifetime_epsilon"] < second["patient_lifetime_epsilon"] <= 10.0
+    # a round more than the run planned (the coordinator said 1): over the site's budget
+    m = metrics_of(Site(cfg).train(2, **{"run-key": "b"}))
+    assert m["num-examples"] == 0 and m["patient_budget_spent"] == 1
+    assert m["patient_lifetime_epsilon"] == pytest.approx(second["patient_lifetime_epsilon"])
+    cfg.task.dp_sgd.enabled = False  # a run without DP-SGD: refused by dp_sgd.required
+    with pytest.raises(SiteError, match="refused: policy dp_sgd.required"):
+        Site(cfg).train(1)
 
 
 def test_a_deployed_site_refuses_in_its_first_reply_naming_itself(demo_site: Path) -> None:

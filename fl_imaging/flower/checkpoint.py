@@ -62,7 +62,7 @@ __all__ = [
 #: Config keys that may differ between a run and the run resuming it.
 RESUMABLE_CHANGES = ("engine.rounds", "run_dir", "resume", "engine.verbose", "engine.round_timeout")
 #: Sections a resumed run may set differently: where it is tracked changes nothing it computes.
-RESUMABLE_SECTIONS = ("tracking.",)
+RESUMABLE_SECTIONS = ("tracking.", "site.")
 
 #: Attributes a checkpoint does not keep, by the class that has them, and why.
 LEFT_OUT: dict[type, dict[str, str]] = {
@@ -100,6 +100,8 @@ class Checkpoint:
     rows: list[MetricRow]
     failures: list[Failure] = field(default_factory=list)
     config: str = ""
+    #: The run's key (:data:`fl_imaging.protocol.RUN_KEY`): a resumed run goes on with it.
+    run_key: str = ""
 
 
 def _aggregation_chain(strategy: Strategy) -> list[Any]:
@@ -176,6 +178,7 @@ def save_checkpoint(
     rows: list[MetricRow],
     failures: list[Failure],
     cfg: RunConfig,
+    run_key: str = "",
 ) -> Path:
     """Write the checkpoint after ``server_round`` into ``run_dir`` (see
     :mod:`fl_imaging.flower.checkpoint_files`: a reader never sees half of one); returns the
@@ -192,6 +195,7 @@ def save_checkpoint(
         "strategy": encode(strategy_state(strategy), npz, "strategy"),
         "rows": [[r.round, r.site, r.metric, r.value] for r in rows],
         "failures": [list(f) for f in failures],
+        "run_key": run_key,
     }
     try:
         return write_checkpoint_files(run_dir, f"{server_round:04d}", content, npz)
@@ -234,6 +238,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             rows=[MetricRow(int(r), str(s), str(m), float(v)) for r, s, m, v in content["rows"]],
             failures=[(int(r), str(s), str(why)) for r, s, why in content["failures"]],
             config=str(content["config"]),
+            run_key=str(content.get("run_key", "")),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(

@@ -102,7 +102,8 @@ def build_client_app(
         mu = float(settings.get(PROXIMAL_MU, 0.0))
         if attack is not None and attack.drops_out(rnd):
             raise SimulatedDropout(f"simulated dropout in round {rnd} (attack=dropout)")
-        privacy = site_privacy(context, cfg, trainer, settings)  # patient-level DP (DP-SGD)
+        setup = SiteSetup.of(dict(context.node_config), cfg, site)
+        privacy = site_privacy(setup, cfg, trainer, settings, int(msg.metadata.run_id))  # DP-SGD
         result = (trainer.fit if privacy is None else privacy.fit)(
             int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs)),
             seed=training_seed(cfg.seed, rnd, site.index),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +26,9 @@ from fl_imaging.flower.checkpoint import (
     restore_strategy_state,
     save_checkpoint,
 )
-from fl_imaging.flower.patient_ledger import carried_ledgers
 from fl_imaging.flower.run_records import RunRecords
 from fl_imaging.privacy_report import spent_sites
+from fl_imaging.protocol import RUN_KEY
 from fl_imaging.results import AGGREGATE_SITE, MetricRow, SitesFailed, progress_line
 from strategies import Federation, RecordingStrategy, build_strategy
 from tasks import build_task
@@ -83,17 +84,20 @@ class FederationPlan:
     done: threading.Event = field(default_factory=threading.Event)
     stopped: str = ""
     interrupted: bool = False
+    #: A site's refusal that stopped the run (its own policy or secure aggregation check).
+    refused: str = ""
+    #: The run's key (a resumed run keeps the checkpoint's), sent with every training message.
+    run_key: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: The audit log and tracking of the run (opened by the ServerApp, fed after every round).
     records: RunRecords = field(default_factory=RunRecords)
     #: The config of every round's training messages (Flower sends this one object each round).
     train_config: ConfigRecord = field(default_factory=ConfigRecord)
 
     def round_config(self, settings: dict[str, bool | int | float | str]) -> ConfigRecord:
-        """The training messages' config: ``settings`` and, with DP-SGD, each site's privacy
-        ledger as the coordinator's rows know it (kept up to date after every round), so that a
-        site that lost its ``context.state`` (a resumed run, a restarted SuperNode) goes on
-        counting (:mod:`fl_imaging.flower.patient_ledger`)."""
-        self.train_config = ConfigRecord({**settings, **carried_ledgers(self.strategy.rows)})
+        """The training messages' config: ``settings`` and the run's key (a resumed run keeps
+        its run's: a DP-SGD site's ledger goes on counting in the same entry,
+        :mod:`fl_imaging.flower.patient_ledger`)."""
+        self.train_config = ConfigRecord({**settings, RUN_KEY: self.run_key})
         return self.train_config
 
     @property
@@ -139,6 +143,8 @@ class FederationPlan:
     def raise_if_sites_failed(self) -> None:
         """Raise :class:`SitesFailed` when a site took part in no round and the run needed every
         site (``engine.min_sites`` unset); an interrupted run is not judged."""
+        if self.refused:
+            raise SitesFailed(f"{self.refused}\nresults so far are in {self.run_dir}")
         absent = self.absent_sites()
         if absent and self.cfg.engine.min_sites is None and not self.interrupted:
             raise SitesFailed(
@@ -174,9 +180,8 @@ class FederationPlan:
             rows=self.strategy.rows,
             failures=self.strategy.failures,
             cfg=self.cfg,
+            run_key=self.run_key,
         )
-        for key, ledger in carried_ledgers(rows).items():  # DP-SGD: the next round's carry-over
-            self.train_config[key] = ledger
         why = budgets_spent(self.cfg, rows, self.site_names)
         if rnd < rounds and why:
             raise PatientBudgetsSpent(f"stopped after round {rnd} of {rounds}: {why}")
@@ -227,5 +232,7 @@ def plan_federation(cfg: RunConfig, site_names: list[str]) -> FederationPlan:
         strategy.rows = list(checkpoint.rows)
         strategy.failures = list(checkpoint.failures)
     plan = FederationPlan(cfg, model, strategy, names, task.main_metric, checkpoint)
+    if checkpoint is not None and checkpoint.run_key:
+        plan.run_key = checkpoint.run_key
     strategy.on_round_end = plan.after_round
     return plan

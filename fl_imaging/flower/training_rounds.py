@@ -2,7 +2,8 @@
 
 Every way the rounds can end early is turned into ``plan.stopped`` (a sentence for the log and
 summary.txt): a privacy budget (client-level ``strategy.dp.max_epsilon``, or every site's DP-SGD
-budget), too few connected sites, a run folder that cannot be written, Ctrl-C.
+budget), too few connected sites, a site's refusal (its own policy), a run folder that cannot be
+written, Ctrl-C.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fl_imaging.flower.federation import FederationPlan, PatientBudgetsSpent
 from fl_imaging.flower.polling import StopRequested
-from fl_imaging.protocol import EVALUATE_GLOBAL, LOCAL_EPOCHS
+from fl_imaging.protocol import EVALUATE_GLOBAL, LOCAL_EPOCHS, SiteRefused
 from fl_imaging.results import RunFolderError
 from strategies import NotEnoughSites
 
@@ -51,6 +52,10 @@ def train_rounds(grid: Grid, plan: FederationPlan) -> tuple[bool, RunFolderError
             f"the next round ({err})"
         )
         log.warning("%s", plan.stopped)
+    except SiteRefused as err:  # a site's policy or its secure aggregation checks
+        plan.stopped = f"stopped: {err}"
+        plan.refused = plan.stopped
+        log.error("%s", plan.stopped)
     except NotEnoughSites as err:
         plan.stopped, reachable = str(err), False
         log.error("%s", plan.stopped)

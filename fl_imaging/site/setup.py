@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fl_imaging.config import RunConfig
+from fl_imaging.config import RunConfig, SiteConfig
 from fl_imaging.site.identity import (
     SiteIdentity,
     ensure_identity,
@@ -33,7 +33,14 @@ from fl_imaging.site.policy import SitePolicy, load_policy
 from fl_imaging.site.record import RECORD_FILE, SiteRecord
 from fl_imaging.site_training import SiteRef
 
-__all__ = ["SiteSetup", "SiteSetupError", "site_state_folder", "site_state_root"]
+__all__ = [
+    "SiteSetup",
+    "SiteSetupError",
+    "absolute_site_paths",
+    "check_site_policies",
+    "site_state_folder",
+    "site_state_root",
+]
 
 #: The node config keys a SuperNode's site setup is read from.
 NODE_KEYS = ("state-dir", "policy", "identity-key", "roster")
@@ -49,6 +56,35 @@ def site_state_root(cfg: RunConfig) -> Path:
     if cfg.site.state_dir:
         return Path(cfg.site.state_dir)
     return Path(cfg.run_dir).parent / "site-state"
+
+
+def absolute_site_paths(cfg: RunConfig) -> SiteConfig:
+    """``cfg.site`` with its state folder (:func:`site_state_root`) and policy files made
+    absolute, from the folder the run is started in."""
+    site = cfg.site
+
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve())
+
+    return replace(
+        site,
+        state_dir=absolute(str(site_state_root(cfg))),
+        policy=absolute(site.policy) if site.policy else None,
+        policies={name: absolute(path) for name, path in site.policies.items()},
+    )
+
+
+def check_site_policies(cfg: RunConfig) -> None:
+    """Read every simulated site's policy file (``site.policy``, ``site.policies``) before the
+    run. Raises :class:`~fl_imaging.config.ConfigError` naming the file and the key."""
+    from fl_imaging.config import ConfigError
+    from fl_imaging.site.policy import PolicyError
+
+    for path in {cfg.site.policy, *cfg.site.policies.values()} - {None}:
+        try:
+            load_policy(path)
+        except PolicyError as err:
+            raise ConfigError(str(err)) from None
 
 
 def site_state_folder(root: Path, name: str, data_folder: Path) -> Path:
