@@ -51,6 +51,7 @@ __all__ = [
     "json_safe",
     "last_record",
     "record_hash",
+    "verify_chain",
     "verify_run",
 ]
 
@@ -282,6 +283,20 @@ def _read_chain(path: Path, result: Verification) -> None:
             f"line {len(complete) + 1}: truncated record, the file ends in the middle of it "
             f"({len(tail)} bytes without an end of line): the run was stopped while writing it"
         )
+
+
+def verify_chain(path: Path) -> Verification:
+    """Recompute the chain of any log :class:`AuditLog` wrote (a run's ``audit.jsonl``, a
+    site's record): every record's hash, its link and its number. Returns the
+    :class:`Verification` (``ok`` when the whole chain holds). Raises :class:`AuditFileMissing`
+    when ``path`` is not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AuditFileMissing(f"{path}: no such file")
+    result = Verification(ok=False)
+    _read_chain(path, result)
+    result.ok = not result.problem
+    return result
 
 
 def _first_prev(record: Mapping[str, Any]) -> str:

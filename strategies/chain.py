@@ -165,4 +165,5 @@ def build_strategy(
         validating.on_checks = recorder.record_checks
     if secure is not None:
         secure.on_round = recorder.record_secure_sum
+        secure.on_reply = recorder.record_reply
     return recorder

@@ -25,6 +25,7 @@ from fl_imaging.protocol import (
     NUM_EXAMPLES,
     UNIT_WEIGHT,
     ReplySites,
+    content_sha256,
     error_reason,
     raise_if_refused,
 )
@@ -69,6 +70,9 @@ class RecordingStrategy(StrategyWrapper):
         self.on_round_end = on_round_end
         self.rows: list[MetricRow] = []
         self.failures: list[Failure] = []
+        #: Per round, the SHA-256 of every reply received (site, message type, digest), as
+        #: each site's own record holds it (``fl-imaging-audit site``).
+        self.reply_digests: dict[int, list[dict]] = {}
         #: The global weights after the last round that produced an aggregate.
         self.global_arrays = global_arrays
         self.offset = offset
@@ -124,10 +128,27 @@ class RecordingStrategy(StrategyWrapper):
         if failure:
             self.failures.append((server_round, AGGREGATE_SITE, f"secure aggregation: {failure}"))
 
+    def record_reply(self, server_round: int, kind: str, msg: Message) -> None:
+        """Keep the digest of ``msg``, a good reply of ``kind`` in ``server_round``, with its
+        node (named when the round is recorded: a site's name is learnt from its replies)."""
+        entry = {"node": int(msg.metadata.src_node_id), "type": kind}
+        entry["sha256"] = content_sha256(msg.content)
+        self.reply_digests.setdefault(server_round, []).append(entry)
+
+    def replies_of(self, server_round: int) -> list[dict[str, str]]:
+        """Round ``server_round``'s reply digests: site, message type, SHA-256, sorted."""
+        named = [
+            {"site": self.sites.of_node(int(e["node"])), "type": e["type"], "sha256": e["sha256"]}
+            for e in self.reply_digests.get(server_round, [])
+        ]
+        return sorted(named, key=lambda r: (r["site"], r["type"]))
+
     def _record(self, server_round: int, replies: list[Message], phase: str) -> None:
         evaluated: list[tuple[str, dict]] = []
         for msg in replies:
             site = self.sites(msg)
+            if not msg.has_error():
+                self.record_reply(server_round, phase, msg)
             if msg.has_error():
                 self.failures.append((server_round, site, error_reason(msg)))
                 raise_if_refused(msg, site, server_round)  # a site's refusal stops the run

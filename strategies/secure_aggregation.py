@@ -199,6 +199,8 @@ class SecureAggregation(StrategyWrapper):
         self.weighting = weighting
         self.sites = sites or ReplySites()
         self.on_round = on_round
+        #: Hears every stage's good reply: (round, message type, reply).
+        self.on_reply: Callable[[int, str, Message], None] | None = None
         self.grid: Grid | None = None
         self.sent_arrays: Arrays = {}
         #: Signed keys for a coming round that came with the last unmask replies, by node.
@@ -264,6 +266,8 @@ class SecureAggregation(StrategyWrapper):
                 )
             elif SECAGG in reply.content.config_records:
                 answers[node] = reply.content.config_records[SECAGG]
+                if self.on_reply is not None:
+                    self.on_reply(rnd, f"query.{action}", reply)
                 self._count(node, answers[node])
         return answers
 

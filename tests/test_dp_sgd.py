@@ -27,7 +27,6 @@ from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, RunConfig
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.flower import client_app
-from fl_imaging.site.ledger import SiteLedger
 from fl_imaging.model_checks import check_dp_sgd_model
 from fl_imaging.patient_privacy import (
     PrivacyLedger,
@@ -36,7 +35,7 @@ from fl_imaging.patient_privacy import (
     site_privacy_problems,
 )
 from fl_imaging.protocol import SiteError
-from fl_imaging.results import MetricRow
+from fl_imaging.site.ledger import SiteLedger
 from fl_imaging.site_training import SiteTrainers, proximal_term
 from tasks import build_task
 from tasks.private_model import check_per_sample_gradients, private_network

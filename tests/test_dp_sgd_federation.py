@@ -405,23 +405,25 @@ def test_a_benchmark_baseline_with_dp_sgd_in_its_config_is_refused() -> None:
     assert _checked(Cell("iid", "dp", "federated", 0, overrides)).task.dp_sgd.enabled
 
 
-def test_every_rounds_training_config_carries_the_sites_ledgers(tmp_path: Path) -> None:
-    """A site that lost its context (a restarted SuperNode) still gets the steps it took."""
+def test_the_training_config_carries_the_run_key_and_a_resumed_run_keeps_it(
+    tmp_path: Path,
+) -> None:
+    """No ledger travels with the training messages (each site keeps its own); the run's key
+    does, and a resumed run sends the key of the run it continues, so each site's ledger goes
+    on counting in the same entry."""
     cfg = check_overrides(
         ["experiment=quick", "task.dp_sgd.enabled=true", "task.dp_sgd.noise_multiplier=1"]
     )
     plan = plan_federation(replace(cfg, run_dir=str(tmp_path)), ["site-1", "site-2"])
     config = plan.round_config({"local-epochs": 3})
-    assert dict(config) == {"local-epochs": 3}
-    rows = [
-        MetricRow(1, site, metric, value)
-        for site in ("site-1", "site-2")
-        for metric, value in (
-            ("patient_noise", 1.0),
-            ("patient_sample_rate", 0.5),
-            ("patient_steps", 6.0),
-        )
-    ]
+    assert dict(config) == {"local-epochs": 3, "run-key": plan.run_key}
+    rows = [MetricRow(1, site, "patient_steps", 6.0) for site in ("site-1", "site-2")]
     plan.strategy.rows = rows
     plan.after_round(1, rows)
-    assert config["dp-sgd-ledger:site-2"] == [1.0, 0.5, 6.0]  # the same object Flower sends
+    assert sorted(config) == ["local-epochs", "run-key"]
+    resumed = plan_federation(
+        replace(cfg, run_dir=str(tmp_path / "next"), resume=str(tmp_path)), ["site-1", "site-2"]
+    )
+    assert resumed.run_key == plan.run_key
+    fresh = plan_federation(replace(cfg, run_dir=str(tmp_path / "new")), ["site-1", "site-2"])
+    assert fresh.run_key != plan.run_key

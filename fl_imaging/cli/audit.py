@@ -2,10 +2,12 @@
 
     fl-imaging-audit verify RUN_DIR                     # the chain and the result files
     fl-imaging-audit verify RUN_DIR --expect-last HASH  # ... and its last record, kept elsewhere
+    fl-imaging-audit site RUN_DIR --record FILE         # ... against one site's own record
 
 Exit 0: the chain holds and ``model.pt``, ``metrics.csv`` and ``config.yaml`` are the files the
 run recorded; 1: the first record (seq and line) or file that does not match, and why; 2: no
-such folder or no audit log in it. The checks are :func:`fl_imaging.audit.verify_run`.
+such folder or no audit log in it. The checks are :func:`fl_imaging.audit.verify_run` and, for
+``site``, :func:`fl_imaging.site.record_check.check_site_record`.
 """
 
 from __future__ import annotations
@@ -42,13 +44,46 @@ def _parser() -> argparse.ArgumentParser:
         help="the last record's hash as kept elsewhere (MLflow's audit_last_hash tag, a "
         "message to the ethics board): records removed at the end or a rebuilt chain are found",
     )
+    site = commands.add_parser(
+        "site",
+        help="check the coordinator's audit log against a site's own record",
+        description=(
+            "Check that every reply of the site in the run's audit log is one the site sent "
+            "(its own site-record.jsonl, in its state folder), that no reply it sent is left "
+            "out, and that its recorded epsilons are the run's. Exit 0 when they agree, 1 "
+            "naming each difference, 2 when a file is missing."
+        ),
+    )
+    site.add_argument("run_dir", type=Path, help="the run folder (holds audit.jsonl)")
+    site.add_argument("--record", type=Path, required=True, help="the site's site-record.jsonl")
     return parser
+
+
+def _check_site(args: argparse.Namespace) -> int:
+    from fl_imaging.site.record_check import check_site_record
+
+    result = check_site_record(args.run_dir, args.record)
+    for note in result.notes:
+        print(f"  {note}")
+    if result.problems:
+        print(f"{args.run_dir / AUDIT_FILE} against {args.record}: FAILED")
+        for problem in result.problems:
+            print(f"  {problem}")
+        return 1
+    print(f"{args.run_dir / AUDIT_FILE} against {args.record}: they agree")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``fl-imaging-audit`` with ``argv`` (default: the command line); returns the exit
     code (0 verified, 1 a mismatch, 2 no such folder or log)."""
     args = _parser().parse_args(argv)
+    if args.command == "site":
+        try:
+            return _check_site(args)
+        except AuditFileMissing as err:
+            print(f"fl-imaging-audit: error: {err}", file=sys.stderr)
+            return 2
     try:
         result = verify_run(args.run_dir, expect_last=args.expect_last)
     except AuditFileMissing as err:

@@ -88,6 +88,8 @@ class FederationPlan:
     refused: str = ""
     #: The run's key (a resumed run keeps the checkpoint's), sent with every training message.
     run_key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: Flower's run id (set by the ServerApp; 0 before): what each site's record names the run.
+    flower_run: int = 0
     #: The audit log and tracking of the run (opened by the ServerApp, fed after every round).
     records: RunRecords = field(default_factory=RunRecords)
     #: The config of every round's training messages (Flower sends this one object each round).

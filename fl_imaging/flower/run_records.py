@@ -106,6 +106,7 @@ def round_fields(
             if r == rnd and not why.startswith("test round")
         ],
         "aggregated": rnd not in recorder.skipped,
+        "replies": recorder.replies_of(rnd),
     }
     if plan.cfg.strategy.secagg.enabled:
         fields["coordinator_saw"] = "only the sum of the summed sites' updates (secure aggregation)"
@@ -204,6 +205,8 @@ class RunRecords:
         self._append(
             "run_start",
             run_dir=str(plan.run_dir),
+            run_key=plan.run_key,
+            flower_run=plan.flower_run,
             config_sha256=config_sha,
             code=code,
             engine=cfg.engine.name.value,

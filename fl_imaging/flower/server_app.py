@@ -115,6 +115,7 @@ def build_server_app(
         # Flower's deployment Grid looks for replies every 3 s; ours every 0.2 s, and stops
         # waiting when the plan is asked to stop (Ctrl-C in simulation).
         run_plan = plan or plan_federation(cfg, names)
+        run_plan.flower_run = int(context.run_id)  # what each site's own record names
         polling = QuickPollGrid(grid, stop=run_plan.stop, max_in_flight=max_in_flight)
         run_federation(polling, cfg, names, run_plan)
         if config is None:  # deployment: a site that never trained fails the run's status
