@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -148,7 +149,7 @@ def load_policy(path: Path | str | None) -> SitePolicy:
         raise PolicyError(
             f"site policy {path}: invalid value {err.value!r} for '{err.full_key or err.key}'"
         ) from None
-    except (OmegaConfBaseException, OSError, ValueError) as err:
+    except (OmegaConfBaseException, OSError, ValueError, yaml.YAMLError) as err:
         raise PolicyError(f"site policy {path}: cannot be read as YAML: {err}") from None
     assert isinstance(policy, SitePolicy)
     policy.source = str(path)
