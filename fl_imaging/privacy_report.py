@@ -139,7 +139,14 @@ def privacy_lines(rows: Sequence[_Row], cfg: RunConfig) -> list[str]:
     """Every privacy guarantee of the run, for summary.txt: the client-level line (DP-FedAvg:
     a whole site's participation), the patient-level lines (DP-SGD), or "no formal DP"."""
     client = client_privacy_line(rows, cfg)
-    lines = [f"{client} (client-level: {CLIENT_LEVEL})"] if client else []
+    protects = CLIENT_LEVEL
+    if cfg.strategy.secagg.enabled:
+        protects = protects.replace(
+            "the coordinator sees each update before its noise",
+            f"weights {_secure_weights(cfg)}; the coordinator holds the un-noised sum of the "
+            "updates, not single updates",
+        )
+    lines = [f"{client} (client-level: {protects})"] if client else []
     lines += patient_privacy_lines(rows, cfg)
     return lines or [
         "privacy: no formal DP (only model weights leave the sites; task.dp_sgd.enabled=true "
@@ -165,24 +172,94 @@ def secure_aggregation_line(rows: Sequence[_Row], cfg: RunConfig) -> str:
     return line + f"round(s) {shown}; round(s) {missing} gave no aggregate (failures above)"
 
 
-def disclosure_lines(rows: Sequence[_Row], cfg: RunConfig) -> list[str]:
-    """What each party of the run could learn, for summary.txt (and report.html): the
-    coordinator (the sites' updates in the clear or only their sum, the metrics and what the
-    evaluations after the rounds sent it), each site (the global models it received, other
-    sites' models with cross-site evaluation), whoever receives the final model (bounded by the
-    differential privacy of the run, if any), then every privacy guarantee
-    (:func:`privacy_lines`). Returns one string per line."""
+def _secure_weights(cfg: RunConfig) -> str:
+    weighting = cfg.strategy.secagg.weighting
+    if weighting == "auto":
+        weighting = "equal" if cfg.strategy.dp.mode != DPMode.none else "cases"
+    return weighting
+
+
+def _coordinator_saw(rows: Sequence[_Row], cfg: RunConfig) -> str:
     engine, strategy = cfg.engine, cfg.strategy
-    saw = ["each site's metrics of every round (losses, validation scores, numbers of cases)"]
+    client_dp = strategy.dp.mode != DPMode.none
+    if strategy.secagg.enabled:
+        saw = secure_aggregation_line(rows, cfg).replace("secure aggregation: the server saw ", "")
+        if client_dp:
+            saw += " (it holds that sum un-noised: the DP noise is added after unmasking)"
+    else:
+        saw = "every site's model update in the clear" + (
+            " (before its DP noise)" if client_dp else ""
+        )
     if strategy.compression != CompressionMode.none:
-        saw.append(f"updates compressed ({strategy.compression.value}), decoded before use")
+        saw += f"; compressed ({strategy.compression.value}), decoded before use"
     if engine.cross_site:
-        saw.append("each site's own model and its scores at every site (engine.cross_site)")
+        saw += "; each site's own model and its scores at every site (engine.cross_site)"
     if engine.contributions:
-        saw.append("the last round's single updates, left out one at a time (engine.contributions)")
+        saw += "; the last round's single updates, left out one at a time (engine.contributions)"
+    return saw
+
+
+def _deviating(cfg: RunConfig) -> str:
+    strategy = cfg.strategy
+    if strategy.secagg.enabled:
+        line = (
+            "still no single site's update: each round's keys are new and signed (every site "
+            "checks them against its own roster), each stage is answered once per round, no "
+            "site reveals both secrets of another, the threshold is above half of the round's "
+            "sites and a site masks only among its policy's min_sites; it can still send a "
+            "crafted global model, drop sites down to the threshold, or read one site's update "
+            "with enough colluding sites (c of them, when 2 x threshold <= sites + c - 1)"
+        )
+    else:
+        line = (
+            "every site's update, for a global model of its choosing (a crafted model can make "
+            "an update reveal training cases); a site's policy can require secure aggregation"
+        )
+    if strategy.dp.mode != DPMode.none:
+        line += "; client-level DP is the coordinator's to add: it can leave the noise out"
+    if cfg.task.dp_sgd.enabled:
+        line += (
+            "; patient-level DP holds: each site takes its noise from its own policy and its "
+            "own ledger, never from the coordinator"
+        )
+    return line
+
+
+def _metadata(cfg: RunConfig) -> str:
+    strategy = cfg.strategy
+    equal = strategy.secagg.enabled and _secure_weights(cfg) == "equal"
+    if equal:
+        cases = "no training case counts (the secure sum weighs sites equally)"
+    elif strategy.secagg.enabled:
+        cases = (
+            "training case counts inside the masked vector; their sum per round is seen, so a "
+            "site that drops out gives its count away (weights by cases)"
+        )
+    else:
+        cases = "each site's training case count (num-examples)"
+    parts = [
+        "losses and validation scores per site and round",
+        cases,
+        "validation (and test) case counts with every evaluation",
+        "bytes sent and the device used",
+    ]
+    if cfg.task.dp_sgd.enabled:
+        parts.append("DP-SGD's noise, steps and sample rate (batch / training cases)")
+    return "; ".join(parts) + (
+        " (a site's policy keeps what it does not release: release.losses, "
+        "release.case_counts, release.privacy_details)"
+    )
+
+
+def disclosure_lines(rows: Sequence[_Row], cfg: RunConfig) -> list[str]:
+    """What each party of the run could learn, per threat, for summary.txt (and report.html):
+    the coordinator honest but curious and deviating from the protocol, another site,
+    whoever receives the final model, and the metadata that leaves each site; then every
+    privacy guarantee (:func:`privacy_lines`). Returns one string per line."""
+    engine = cfg.engine
     site = (
-        "each site: saw the global model of every round it was asked into (from two in a row, "
-        "the aggregate of the other sites' updates)"
+        "the global model of every round it took part in (from two in a row, the aggregate of "
+        "the other sites' updates; with two sites, the other's update)"
     )
     if engine.cross_site:
         site += "; every other site's own model, to score it (engine.cross_site)"
@@ -191,20 +268,16 @@ def disclosure_lines(rows: Sequence[_Row], cfg: RunConfig) -> list[str]:
             "; the aggregate without each site, to score it, hence each site's last update up to "
             "its weight (engine.contributions)"
         )
-    private = strategy.dp.mode != DPMode.none or cfg.task.dp_sgd.enabled
-    final = (
-        "final model: whoever receives model.pt can try to learn about the training cases from "
-        "its weights; "
-        + (
-            "bounded by the differential privacy below"
-            if private
-            else "no formal bound (no differential privacy)"
-        )
+    private = cfg.strategy.dp.mode != DPMode.none or cfg.task.dp_sgd.enabled
+    final = "its weights, from which training cases can be inferred: " + (
+        "bounded by the differential privacy below" if private else "no formal bound (no DP)"
     )
     return [
-        secure_aggregation_line(rows, cfg),
-        "coordinator: also saw " + "; ".join(saw),
-        site,
-        final,
+        "what each party could learn, by threat:",
+        f"  coordinator, honest but curious: {_coordinator_saw(rows, cfg)}",
+        f"  coordinator deviating from the protocol: {_deviating(cfg)}",
+        f"  another site: {site}",
+        f"  whoever receives the model: {final}",
+        f"  metadata leaving each site: {_metadata(cfg)}",
         *privacy_lines(rows, cfg),
     ]

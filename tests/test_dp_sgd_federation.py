@@ -198,11 +198,13 @@ def test_the_summary_states_every_guarantee_of_the_run() -> None:
 
 def test_the_summary_says_what_each_party_could_learn() -> None:
     plain = disclosure_lines([], check_overrides(["experiment=quick"]))
-    assert plain[0].startswith("coordinator: saw every site's model update in the clear")
-    assert plain[1].startswith("coordinator: also saw each site's metrics")
-    assert plain[2].startswith("each site: saw the global model of every round")
-    assert "final model:" in plain[3] and "no formal bound" in plain[3]
-    assert "no formal DP" in plain[4] and "cross_site" not in "".join(plain)
+    assert plain[0] == "what each party could learn, by threat:"
+    assert plain[1].endswith("honest but curious: every site's model update in the clear")
+    assert plain[2].startswith("  coordinator deviating from the protocol: every site's update")
+    assert plain[3].startswith("  another site: the global model of every round")
+    assert "whoever receives the model:" in plain[4] and "no formal bound" in plain[4]
+    assert "each site's training case count (num-examples)" in plain[5]
+    assert "no formal DP" in plain[6] and "cross_site" not in "".join(plain)
     shared = check_overrides(
         ["experiment=quick", "engine.cross_site=true", "engine.contributions=true"]
     )
@@ -222,11 +224,13 @@ def test_the_summary_says_what_each_party_could_learn() -> None:
     rows = [*patient_rows(), MetricRow(1, "all", "secagg_sites", 2.0)]
     rows.append(MetricRow(2, "all", "secagg_sites", 2.0))
     lines = disclosure_lines(rows, private)
-    assert lines[0] == (
-        "secure aggregation: the server saw only the sum of 2 sites' updates in every round"
+    assert lines[1] == (
+        "  coordinator, honest but curious: only the sum of 2 sites' updates in every round"
     )
-    assert "bounded by the differential privacy below" in lines[3]
-    assert any(line.startswith("patient-level DP") for line in lines[4:])
+    assert "still no single site's update" in lines[2] and "patient-level DP holds" in lines[2]
+    assert "bounded by the differential privacy below" in lines[4]
+    assert "DP-SGD's noise, steps and sample rate" in lines[5]
+    assert any(line.startswith("patient-level DP") for line in lines[6:])
 
 
 def test_the_progress_line_shows_each_sites_patient_epsilon() -> None:

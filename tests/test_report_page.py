@@ -165,7 +165,7 @@ def test_the_page_holds_the_run_s_figures(run: Path) -> None:
         [values[(rnd, AGGREGATE_SITE, "epsilon")] for rnd in (1, 2, 3)], 1e-3
     )
     text = page.all_text
-    assert "coordinator: saw every site's model update in the clear" in text
+    assert "honest but curious: every site's model update in the clear" in text
     assert "differential privacy: server_fixed, noise multiplier 0.5" in text
     assert "Round 2: site-1: accepted (norm" in text
     assert "noise_multiplier: 0.5" in text  # the config

@@ -279,3 +279,57 @@ def test_a_whole_run_with_secure_aggregation_ends_within_0_005_dice_of_the_plain
     assert abs(dice["secure"] - dice["plain"]) < 0.005, dice
     assert dice["secure"] > 0.5  # it trained
     assert "the server saw only the sum of 2 sites' updates in every round" in summary
+
+
+def client_level_epsilon(noise: float, rounds: int, delta: float = 1e-5) -> float:
+    """Epsilon of ``rounds`` Gaussian mechanisms of noise multiplier ``noise`` on the sum of
+    every site's clipped update (no sampling of sites), from Google's ``dp_accounting``."""
+    import dp_accounting
+
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(noise), rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+@pytest.mark.slow
+def test_dp_fedavg_on_the_secure_sum_runs_with_equal_weights_and_the_accountants_epsilon(
+    tmp_path: Path,
+) -> None:
+    """DP-FedAvg (clipping at the sites, Flower's fixedclipping_mod) on the secure sum of 3
+    sites of 4, 6 and 12 cases, in the simulation engine: it runs, every round is unmasked,
+    and its epsilon is the one dp_accounting gives for what was done."""
+    from fl_imaging.data.demo import make_demo_data
+
+    sites = []
+    for name, cases in (("hospital-a", 4), ("hospital-b", 6), ("hospital-c", 12)):
+        (made,) = make_demo_data(
+            tmp_path / name, num_sites=1, cases_per_site=cases, shape=(24,) * 3
+        )
+        sites.append(made.rename(tmp_path / name / name))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fl_imaging.cli",
+            "experiment=quick",
+            "data=folders",
+            f"data.sites=[{','.join(str(s) for s in sites)}]",
+            "strategy=dpfedavg",
+            "strategy.dp.mode=client_fixed",
+            "strategy.dp.noise_multiplier=1.0",
+            "strategy.secagg.enabled=true",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert {r.round: r.value for r in rows if r.metric == "secagg_sites"} == {1: 3.0, 2: 3.0}
+    epsilon = {r.round: r.value for r in rows if r.metric == "epsilon" and r.site == "all"}
+    assert epsilon[2] == pytest.approx(client_level_epsilon(1.0, 2), rel=1e-3)
+    assert not [r for r in rows if r.metric == "num_train"]  # case counts stay at the sites
+    summary = (tmp_path / "run" / "summary.txt").read_text()
+    assert "weights equal" in summary and "holds the un-noised sum" in summary
