@@ -242,13 +242,22 @@ def test_a_site_killed_in_round_2_is_recorded_and_used_again_when_back(
 
 
 @pytest.mark.slow
-def test_secure_aggregation_across_real_processes(
+def test_dp_fedavg_on_secure_aggregation_across_real_processes(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
-    """TLS, SuperNode authentication and secure aggregation: 2 rounds with all 3 sites summed,
-    results written."""
+    """TLS, SuperNode authentication, secure aggregation (keys signed with each SuperNode's own
+    key, checked against the roster) and DP-FedAvg on the secure sum: 2 rounds with all 3 sites
+    summed, the accountant's epsilon, and each site's own record agreeing with the audit log."""
+    import dp_accounting
+
     run = subprocess.run(
-        _fl_imaging(federation, tmp_path / "secure", "strategy.secagg.enabled=true"),
+        _fl_imaging(
+            federation,
+            tmp_path / "secure",
+            "strategy=dpfedavg",
+            "strategy.dp.mode=client_fixed",
+            "strategy.secagg.enabled=true",
+        ),
         capture_output=True,
         text=True,
         env=_env(tmp_path),
@@ -256,12 +265,34 @@ def test_secure_aggregation_across_real_processes(
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = (tmp_path / "secure" / "summary.txt").read_text()
-    assert "the server saw only the sum of 3 sites' updates in every round" in summary
+    assert "only the sum of 3 sites' updates in every round" in summary
+    assert "holds the un-noised sum" in summary
     rows = read_metrics(tmp_path / "secure" / "metrics.csv")
     assert {(r.round, r.site) for r in rows if r.metric == "secagg_summed" and r.value == 1} == {
         (rnd, site) for rnd in (1, 2) for site in federation.specs
     }
     assert not [r for r in rows if r.metric == "num_train"]  # the weights travel masked
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(1.0), 2)
+    epsilon = next(r.value for r in rows if r.metric == "epsilon" and r.round == 2)
+    assert epsilon == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-3)
+    for name, spec in federation.specs.items():
+        check = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fl_imaging.cli.audit",
+                "site",
+                str(tmp_path / "secure"),
+                "--record",
+                str(spec.state_dir / "site-record.jsonl"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert check.returncode == 0, (name, check.stdout + check.stderr)
+        assert "they agree" in check.stdout
 
 
 @pytest.mark.slow
