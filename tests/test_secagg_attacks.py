@@ -6,6 +6,8 @@ with the true secret (a positive control) gives the update back."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 from secagg_fakes import SecureSites
 
+from fl_imaging.audit import record_hash, verify_run
 from fl_imaging.compose import check_overrides
 from fl_imaging.config import RunConfig, SecAggConfig, StrategyConfig
 from fl_imaging.flower.secagg_site import ROUND_STATE, SecAggRefused, keys_bundle_bytes
@@ -33,6 +36,7 @@ from fl_imaging.secure_sum import (
     pair_seed,
     pairwise_sign,
 )
+from fl_imaging.site.record_check import check_site_record
 from strategies import build_strategy
 from strategies.secure_aggregation import SecureAggregation
 
@@ -395,3 +399,32 @@ def test_in_a_real_simulation_a_dropout_leaves_its_earlier_round_unreadable(
     assert abs(correlation(attack[1:], updates["site-3"])) < 0.05
     summary = (tmp_path / "secure" / "summary.txt").read_text()
     assert "site-3" in summary
+    # each site's own record agrees with the coordinator's log; a log rewritten whole (its
+    # chain recomputed) with one of site-1's replies changed does not
+    records = sorted((tmp_path / "site-state").glob("site-*/site-record.jsonl"))
+    by_site = {p.parent.name.rsplit("-", 1)[0]: p for p in records if p.stat().st_size}
+    for own in by_site.values():
+        assert check_site_record(tmp_path / "secure", own).ok
+    forged = tmp_path / "forged"
+    shutil.copytree(tmp_path / "secure", forged)
+    _rewrite_chain(forged / "audit.jsonl", "site-1")
+    assert verify_run(forged, check_resumed=False).ok  # the chain alone cannot tell
+    problems = check_site_record(forged, by_site["site-1"]).problems
+    assert any("that the site never sent" in p for p in problems), problems
+    assert any("the coordinator's log leaves out" in p for p in problems), problems
+
+
+def _rewrite_chain(path: Path, site: str) -> None:
+    """Change the digest of ``site``'s first training reply in the log; recompute every hash."""
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    changed = False
+    prev = entries[0]["prev"]
+    for entry in entries:
+        for reply in entry.get("replies", []):
+            if reply["site"] == site and reply["type"] == "train" and not changed:
+                reply["sha256"] = "0" * 64
+                changed = True
+        entry["prev"] = prev
+        entry["hash"] = prev = record_hash(entry)
+    assert changed
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
