@@ -6,7 +6,10 @@ data, seed and overrides:
 * ``simulation``: ``hippocampus_iid``'s model and 4 sites (MSD Task04 Hippocampus, IID split;
   needs the dataset: ``../shared/data`` or ``data.root=``), on Flower's simulation engine;
 * ``deployment``: 3 demo sites (``experiment=quick`` sizes) on a local federation on loopback
-  (TLS, SuperNode authentication, one long-lived ClientApp per SuperNode).
+  (TLS, SuperNode authentication, one long-lived ClientApp per SuperNode);
+* ``keys``: the protocol's own cost per round (new keys, shares, masking, unmasking; no
+  training) for 3, 10 and 50 sites and a model of 100k floats, every site's real handlers in
+  this process (``scripts/_secagg_rounds.py``).
 
 Per run: wall time, mean ``round_seconds`` (all rounds, and rounds 2.. without start-up), bytes
 each site sent and received per round (model arrays both ways, plus secure aggregation's keys,
@@ -16,6 +19,7 @@ final validation Dice (mean over sites); then the ratios secure / plain.
     python scripts/bench_secagg.py                          # both settings, 3 rounds
     python scripts/bench_secagg.py --only simulation --rounds 6 --repeats 2
     python scripts/bench_secagg.py --only deployment task.local_epochs=1   # any override
+    python scripts/bench_secagg.py --only keys
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from _bench import fl_imaging_command, mean_per_round, run_timed
+from _secagg_rounds import stage_seconds
 
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.deploy.local import start_local
@@ -136,16 +141,39 @@ def print_table(runs: list[Run]) -> None:
         )
 
 
+def print_key_setup(size: int = 100_000) -> None:
+    """Secure aggregation's seconds per round by stage, for 3, 10 and 50 sites."""
+    stages = ("secagg_keys", "secagg_shares", "masking", "secagg_unmask")
+    print(f"secure aggregation per round, {size} floats, no training (seconds):")
+    print(
+        f"{'sites':>6}{'keys/site':>11}{'shares/site':>13}{'mask/site':>11}"
+        f"{'unmask/site':>13}{'coordinator':>13}{'site total':>12}"
+    )
+    for sites in (3, 10, 50):
+        s = stage_seconds(sites, size)
+        per_site = [s.get(k, 0.0) / sites for k in stages]
+        print(
+            f"{sites:>6}"
+            + "".join(f"{v:>{w}.4f}" for v, w in zip(per_site, (11, 13, 11, 13)))
+            + f"{s['coordinator']:>13.3f}{sum(per_site):>12.4f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     """Run the settings and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["simulation", "deployment"], default=None)
+    parser.add_argument("--only", choices=["simulation", "deployment", "keys"], default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None, help="keep everything here")
     args, overrides = parser.parse_known_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-secagg-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.only in (None, "keys"):
+        print_key_setup()
+    if args.only == "keys":
+        return
     runs: list[Run] = []
     for repeat in range(1, args.repeats + 1):
         if args.only in (None, "simulation"):

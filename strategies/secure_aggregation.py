@@ -343,6 +343,9 @@ class SecureAggregation(StrategyWrapper):
             "max-weight": self.settings.max_weight,
             "weighting": self.weighting,
         }
+        by_dst = {
+            s: dict(zip(map(int, shares[s]["dsts"]), shares[s]["cts"], strict=False)) for s in u1
+        }
         kept = []
         for msg in messages:
             dst = int(msg.metadata.dst_node_id)
@@ -352,7 +355,7 @@ class SecureAggregation(StrategyWrapper):
             values = {
                 **record,
                 "srcs": srcs,
-                "cts": [_ciphertext_for(shares[s], dst) for s in srcs],
+                "cts": [bytes(by_dst[s][dst]) for s in srcs],
             }
             # the inner strategy's messages may share one RecordDict: each gets its own
             msg.content = RecordDict({**dict(msg.content.items()), SECAGG: ConfigRecord(values)})
@@ -483,9 +486,3 @@ class SecureAggregation(StrategyWrapper):
         metrics.update({NUM_EXAMPLES: 1.0, UNIT_WEIGHT: 1.0})
         content = RecordDict({"arrays": to_record(model), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=sent)
-
-
-def _ciphertext_for(answer: ConfigRecord, dst: int) -> bytes:
-    """The share ``answer``'s site encrypted for node ``dst``."""
-    dsts = [int(d) for d in answer["dsts"]]
-    return bytes(answer["cts"][dsts.index(dst)])
