@@ -154,7 +154,7 @@ def print_key_setup(size: int = 100_000) -> None:
         per_site = [s.get(k, 0.0) / sites for k in stages]
         print(
             f"{sites:>6}"
-            + "".join(f"{v:>{w}.4f}" for v, w in zip(per_site, (11, 13, 11, 13)))
+            + "".join(f"{v:>{w}.4f}" for v, w in zip(per_site, (11, 13, 11, 13), strict=True))
             + f"{s['coordinator']:>13.3f}{sum(per_site):>12.4f}",
             flush=True,
         )

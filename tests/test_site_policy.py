@@ -218,3 +218,21 @@ def test_a_run_a_sites_policy_refuses_stops_with_the_sites_reason(tmp_path: Path
         run(cfg)
     summary = (tmp_path / "run" / "summary.txt").read_text()
     assert "secure_aggregation.required" in summary
+
+
+def test_check_policy_prints_the_hash_and_the_verdict_as_the_readme_shows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fl_imaging.cli.deploy import main
+
+    monkeypatch.chdir(tmp_path)
+    policy_file(tmp_path, "secure_aggregation:\n  required: true\n")
+    secure = ["experiment=quick", "strategy.secagg.enabled=true"]
+    assert main(["check-policy", "site.yaml", *secure]) == 0
+    out = capsys.readouterr().out
+    digest = training_config_hash(config("strategy.secagg.enabled=true"))
+    assert f"config hash (task and strategy, SHA-256): {digest}" in out
+    assert "accepted by site.yaml" in out
+    assert main(["check-policy", "site.yaml", "experiment=quick"]) == 1
+    assert "refused: policy secure_aggregation.required" in capsys.readouterr().out
+    assert main(["check-policy", "missing.yaml", "experiment=quick"]) == 2
