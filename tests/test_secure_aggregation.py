@@ -278,7 +278,7 @@ def test_a_whole_run_with_secure_aggregation_ends_within_0_005_dice_of_the_plain
         summary = (tmp_path / name / "summary.txt").read_text()
     assert abs(dice["secure"] - dice["plain"]) < 0.005, dice
     assert dice["secure"] > 0.5  # it trained
-    assert "the server saw only the sum of 2 sites' updates in every round" in summary
+    assert "honest but curious: only the sum of 2 sites' updates in every round" in summary
 
 
 def client_level_epsilon(noise: float, rounds: int, delta: float = 1e-5) -> float:
