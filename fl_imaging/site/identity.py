@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -98,6 +97,19 @@ def _public_of(path: Path) -> ec.EllipticCurvePublicKey:
     return key
 
 
+def _private_of(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as err:
+        raise IdentityError(
+            f"{path}: cannot read this site's private key ({err}); give the key made by "
+            "`fl-imaging-deploy site-key`"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise IdentityError(f"{path}: not an ECDSA key; use `fl-imaging-deploy site-key`")
+    return key
+
+
 def load_roster(folder: Path) -> dict[str, ec.EllipticCurvePublicKey]:
     """The roster in ``folder``: every ``NAME.pub`` file (OpenSSH ECDSA public key) as site
     ``NAME``. Raises :class:`IdentityError` naming the folder when it is missing or holds no
@@ -118,15 +130,7 @@ def load_identity(name: str, private_key: Path, roster: Path) -> SiteIdentity:
     """Site ``name``'s identity from its private key file (OpenSSH, as ``fl-imaging-deploy
     site-key`` writes it) and the roster folder. Raises :class:`IdentityError` when a file
     cannot be read, or when the roster's key for ``name`` is not this private key's."""
-    try:
-        key = serialization.load_ssh_private_key(Path(private_key).read_bytes(), password=None)
-    except (OSError, ValueError) as err:
-        raise IdentityError(
-            f"{private_key}: cannot read this site's private key ({err}); give the key made by "
-            "`fl-imaging-deploy site-key`"
-        ) from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise IdentityError(f"{private_key}: not an ECDSA key; use `fl-imaging-deploy site-key`")
+    key = _private_of(Path(private_key))
     keys = load_roster(roster)
     own = keys.get(name)
     if own is None:
@@ -163,6 +167,4 @@ def identity_in(
 ) -> SiteIdentity:
     """A simulated site's identity: its key pair in its state ``folder`` (see
     :func:`ensure_identity`) and the run's ``roster``."""
-    path = Path(folder) / f"{IDENTITY}.key"
-    key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
-    return SiteIdentity(name, cast(ec.EllipticCurvePrivateKey, key), dict(roster))
+    return SiteIdentity(name, _private_of(Path(folder) / f"{IDENTITY}.key"), dict(roster))
