@@ -3,16 +3,19 @@
 ``fl-imaging`` (through Hydra), ``fl-imaging-bench`` (one call per cell), the baselines and the
 scripts all come here; this module imports no command. The steps, in order:
 
-1. compose the config from overrides and validate it (:func:`fl_imaging.compose.check_overrides`;
+1. compose the config from overrides and validate it
+(:func:`fl_imaging.config.compose.check_overrides`;
    ``fl-imaging`` lets Hydra compose and checks the same way first), and check that its tracking
-   can work (:func:`fl_imaging.tracking.check_tracking`: package, folder, server);
-2. check what depends on the model alone (:func:`fl_imaging.model_checks.check_model`) and, in
-   a simulation, the GPUs it asks for (:func:`fl_imaging.devices.check_simulation_devices`),
+   can work (:func:`fl_imaging.review.tracking.check_tracking`: package, folder, server);
+2. check what depends on the model alone (:func:`fl_imaging.training.model_checks.check_model`)
+and, in
+   a simulation, the GPUs it asks for (:func:`fl_imaging.config.devices.check_simulation_devices`),
    before any site's data is read;
 3. prepare the sites (:func:`fl_imaging.data.prepare.prepare_sites`: demo data, public datasets
    split into sites, or the hospitals' own folders, each checked), except in a deployment, where
    every site reads its own folder;
-4. plan the server side (:func:`fl_imaging.flower.federation.plan_federation`: the strategy chain
+4. plan the server side (:func:`fl_imaging.flower.coordinator.federation.plan_federation`: the
+strategy chain
    and the checkpoint to resume from, checked here, once);
 5. run the engine (simulation or deployment), which writes the results into the run folder.
 
@@ -28,14 +31,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, DataName, EngineName, RunConfig
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.partition import PartitionError
 from fl_imaging.data.sites import SiteDataError
 from fl_imaging.engines.deployment import DeploymentError
 from fl_imaging.engines.simulation import SimulationError
-from fl_imaging.results import RunFolderError, SitesFailed
-from fl_imaging.tracking import check_tracking, resolve_tracking
+from fl_imaging.review.results import RunFolderError, SitesFailed
+from fl_imaging.review.tracking import check_tracking, resolve_tracking
 from strategies import StrategyError
 
 if TYPE_CHECKING:
@@ -68,9 +71,9 @@ def run(cfg: RunConfig) -> Path:
     for what the user must change.
     """
     # Imported here, so that a config error stops before torch and MONAI are imported.
-    from fl_imaging.devices import check_simulation_devices
-    from fl_imaging.model_checks import check_model
+    from fl_imaging.config.devices import check_simulation_devices
     from fl_imaging.site.setup import absolute_site_paths, check_site_policies
+    from fl_imaging.training.model_checks import check_model
 
     cfg = resolve_tracking(cfg)  # tracking.uri: a folder made absolute (default mlruns/)
     check_tracking(cfg)
@@ -96,9 +99,9 @@ def _sites_checked_and_run(cfg: RunConfig, local_ray: LocalRay | None) -> Path:
     """Steps 3-5 for a config whose tracking and model were checked; ``local_ray``: Ray being
     started for a simulation on this machine (handed to the engine). Returns the run folder."""
     from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
-    from fl_imaging.flower.federation import plan_federation
-    from fl_imaging.flower.site_evaluations import check_test_cases
-    from fl_imaging.patient_privacy import check_sites_privacy
+    from fl_imaging.evaluation.site_evaluations import check_test_cases
+    from fl_imaging.flower.coordinator.federation import plan_federation
+    from fl_imaging.privacy.dp_sgd import check_sites_privacy
 
     run_dir = Path(cfg.run_dir)
     deployment = cfg.engine.name == EngineName.deployment

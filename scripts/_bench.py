@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks in ``scripts/``: run a command on a clock, build the
 ``fl-imaging`` command line of one run, and read a run's validation metric per round from its
-``metrics.csv`` rows (:func:`fl_imaging.results.read_metrics`).
+``metrics.csv`` rows (:func:`fl_imaging.review.results.read_metrics`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl_imaging.results import AGGREGATE_SITE, MetricRow
+from fl_imaging.review.results import AGGREGATE_SITE, MetricRow
 
 __all__ = ["Step", "fl_imaging_command", "main_metric", "mean_per_round", "run_timed"]
 

@@ -1,6 +1,6 @@
 """Secure aggregation's own cost per round, without training: the coordinator
-(:class:`strategies.secure_aggregation.SecureAggregation` around FedAvg) and N sites running the
-real handlers of :mod:`fl_imaging.flower.secagg_site` in this process, each with its own
+(:class:`fl_imaging.secagg.coordinator.SecureAggregation` around FedAvg) and N sites running the
+real handlers of :mod:`fl_imaging.secagg.site` in this process, each with its own
 identity and Flower context. For ``scripts/bench_secagg.py``: the seconds each stage takes
 (keys, shares, masking with the decryption of the shares, unmasking at the sites and at the
 coordinator) for 3, 10 and 50 sites.
@@ -19,8 +19,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_imaging.config import SecAggConfig, StrategyConfig
-from fl_imaging.flower.secagg_site import SECAGG_STAGES, SecAggGuard, mask_reply
-from fl_imaging.protocol import site_reply
+from fl_imaging.flower.protocol import site_reply
+from fl_imaging.secagg.site import SECAGG_STAGES, SecAggGuard, mask_reply
 from fl_imaging.site.identity import SiteIdentity
 from strategies import build_strategy
 

@@ -44,7 +44,7 @@ from _bench import Step, fl_imaging_command, run_timed
 
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.deploy.local import start_local
-from fl_imaging.results import AGGREGATE_SITE, read_metrics
+from fl_imaging.review.results import AGGREGATE_SITE, read_metrics
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from _bench import fl_imaging_command, main_metric, mean_per_round, run_timed
 
-from fl_imaging.process_exit import end_process
-from fl_imaging.results import read_metrics
+from fl_imaging.common.process_exit import end_process
+from fl_imaging.review.results import read_metrics
 
 DEFAULTS = [
     "data.num_sites=4",
@@ -48,10 +48,10 @@ def centralised(overrides: list[str], out: Path) -> None:
     """Train the pooled baseline for the config given by ``overrides``; write metrics to ``out``."""
     import torch
 
-    from fl_imaging.baselines import train_pooled
-    from fl_imaging.compose import check_overrides
+    from fl_imaging.config.compose import check_overrides
     from fl_imaging.data.prepare import prepare_sites
-    from fl_imaging.results import write_metrics
+    from fl_imaging.review.results import write_metrics
+    from fl_imaging.training.baselines import train_pooled
 
     cfg = check_overrides(overrides)
     torch.set_num_threads(cfg.engine.num_cpus or os.cpu_count() or 1)
@@ -78,14 +78,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.centralised_only is not None:
         centralised(args.overrides, args.centralised_only)
-        end_process(0)  # as fl-imaging ends: without Python's teardown (fl_imaging.process_exit)
+        end_process(
+            0
+        )  # as fl-imaging ends: without Python's teardown (fl_imaging.common.process_exit)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     work.mkdir(parents=True, exist_ok=True)
     overrides = [*DEFAULTS, f"data.root={work / 'demo'}", *args.overrides]
     print(f"benchmark folder: {work}\noverrides: {' '.join(overrides)}")
 
-    from fl_imaging.compose import check_overrides
+    from fl_imaging.config.compose import check_overrides
     from fl_imaging.data.prepare import prepare_sites
 
     prepare_sites(check_overrides(overrides))  # write the demo data before any clock starts

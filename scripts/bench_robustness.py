@@ -35,9 +35,9 @@ from pathlib import Path
 
 from _bench import fl_imaging_command, main_metric, mean_per_round, run_timed
 
-from fl_imaging.attacks import malicious_sites
-from fl_imaging.results import AGGREGATE_SITE, read_metrics
+from fl_imaging.review.results import AGGREGATE_SITE, read_metrics
 from fl_imaging.run import USER_ERRORS, check_overrides
+from fl_imaging.training.attacks import malicious_sites
 
 STRATEGIES = (
     "fedavg",

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from _bench import fl_imaging_command
 
-from fl_imaging.results import AGGREGATE_SITE, read_metrics
+from fl_imaging.review.results import AGGREGATE_SITE, read_metrics
 
 READY = re.compile(
     r"\[site (\S+)\] (\d+) training, (\d+) validation and (\d+) test cases from .* ready in "
@@ -104,7 +104,7 @@ def run_size(sites: int, rounds: int, work: Path, overrides: list[str]) -> dict[
         f"data.root={work / f'demo-{sites}'}",
         *overrides,
     ]
-    from fl_imaging.compose import check_overrides
+    from fl_imaging.config.compose import check_overrides
     from fl_imaging.data.prepare import site_folders
 
     site_folders(check_overrides(common))  # the demo data, before the clock

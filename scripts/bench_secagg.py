@@ -37,7 +37,7 @@ from _secagg_rounds import stage_seconds
 
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.deploy.local import start_local
-from fl_imaging.results import AGGREGATE_SITE, read_metrics
+from fl_imaging.review.results import AGGREGATE_SITE, read_metrics
 
 SECURE = "strategy.secagg.enabled=true"
 TRAFFIC = ("bytes_up", "bytes_down_train", "bytes_down_evaluate", "bytes_secagg")

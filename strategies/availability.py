@@ -33,8 +33,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_imaging.protocol import ReplySites
-from fl_imaging.results import Failure
+from fl_imaging.flower.protocol import ReplySites
+from fl_imaging.review.results import Failure
 from strategies.wrapper import StrategyWrapper
 
 __all__ = ["NotEnoughSites", "SiteAvailability"]

@@ -11,7 +11,7 @@ A reply travels through the chain from the outside in; the aggregate comes back 
    every layer below sees weights, as without compression);
 4. :class:`~strategies.validation.ValidatingStrategy`: rejects NaN/Inf and wrong layouts, flags
    or rejects norm outliers; or, with ``strategy.secagg.enabled``,
-   :class:`~strategies.secure_aggregation.SecureAggregation`, which unmasks the sum of the
+   :class:`~fl_imaging.secagg.coordinator.SecureAggregation`, which unmasks the sum of the
    round's updates (the sites check their own update before masking it; what needs single
    updates is refused); with ``engine.contributions`` or ``engine.cross_site``,
    :class:`~strategies.last_updates.LastUpdates` inside it keeps the updates that passed;
@@ -30,11 +30,16 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from fl_imaging.compression import Codec
+from fl_imaging.compression.codec import Codec
 from fl_imaging.config import StrategyConfig
-from fl_imaging.protocol import ReplySites
-from fl_imaging.results import MetricRow
-from fl_imaging.secure_sum import SecAggSettings
+from fl_imaging.flower.protocol import ReplySites
+from fl_imaging.review.results import MetricRow
+from fl_imaging.secagg.arithmetic import SecAggSettings
+from fl_imaging.secagg.coordinator import (
+    SecureAggregation,
+    check_secure_aggregation,
+    secure_weighting,
+)
 from strategies.availability import SiteAvailability
 from strategies.decoding import DecodingStrategy
 from strategies.last_updates import LastUpdates
@@ -42,11 +47,6 @@ from strategies.norm_bounding import NormBounding
 from strategies.privacy import check_accountable, wrap_with_dp
 from strategies.recording import RecordingStrategy
 from strategies.registry import StrategyError, build_aggregator, sites_needed
-from strategies.secure_aggregation import (
-    SecureAggregation,
-    check_secure_aggregation,
-    secure_weighting,
-)
 from strategies.validation import UpdateCheck, ValidatingStrategy
 
 __all__ = ["Federation", "build_strategy"]
@@ -90,7 +90,7 @@ def build_strategy(
     (None: all), ``min_sites`` how few may answer (None: all sampled; see
     :func:`~strategies.registry.build_aggregator`). ``on_checks(round, checks)`` receives each
     round's update checks; ``sites`` names replies (default: a new
-    :class:`~fl_imaging.protocol.ReplySites`). Without ``federation`` the result is the
+    :class:`~fl_imaging.flower.protocol.ReplySites`). Without ``federation`` the result is the
     :class:`~strategies.validation.ValidatingStrategy` (layers 4-7; with compression, the
     :class:`~strategies.decoding.DecodingStrategy` around it); with it, the
     :class:`~strategies.recording.RecordingStrategy` (layers 1-7), whose update checks it
@@ -134,7 +134,7 @@ def build_strategy(
                 strategy, cfg.validation, sites=sites, on_checks=on_checks
             )
         codec = Codec.of(cfg)
-        if codec.active:  # refused with secure aggregation (fl_imaging/config_checks.py)
+        if codec.active:  # refused with secure aggregation (fl_imaging/config/checks.py)
             strategy = DecodingStrategy(strategy, codec, sites=sites)
     except ValueError as err:
         if isinstance(err, StrategyError):

@@ -1,7 +1,7 @@
 """Compressed updates turned back into weights before any strategy sees them.
 
 With ``strategy.compression`` on, a site's training reply carries its encoded update
-(:mod:`fl_imaging.compression`) instead of its weights. :class:`DecodingStrategy` sits in the
+(:mod:`fl_imaging.compression.codec`) instead of its weights. :class:`DecodingStrategy` sits in the
 chain (:mod:`strategies.chain`) inside the recording layer, which counts the bytes as they
 travelled, and outside the update checks, so that the checks, any DP wrapper, norm bounding and
 the aggregator (FedAvg family, median, Krum, trimmed mean, FedBN, ...) work unchanged on the
@@ -17,8 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import Strategy
 
-from fl_imaging.compression import COMPRESSED, COMPRESSION, Codec, decompress_arrays
-from fl_imaging.protocol import ReplySites
+from fl_imaging.compression.codec import COMPRESSED, COMPRESSION, Codec, decompress_arrays
+from fl_imaging.flower.protocol import ReplySites
 from strategies.arrays import to_record
 from strategies.wrapper import SentArraysWrapper
 
@@ -30,7 +30,7 @@ log = logging.getLogger("fl_imaging.server")
 class DecodingStrategy(SentArraysWrapper):
     """Wraps ``inner`` and hands it every training reply with its compressed update decoded.
 
-    A reply holding :data:`~fl_imaging.compression.COMPRESSED` comes out as a reply with the
+    A reply holding :data:`~fl_imaging.compression.codec.COMPRESSED` comes out as a reply with the
     same metadata, metric and config records and an ``arrays`` record of the weights (the
     global arrays sent this round + the decoded update, in the global model's order and
     dtypes). A reply that cannot be decoded becomes an error reply whose reason names the site

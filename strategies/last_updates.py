@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
-from fl_imaging.protocol import ReplySites
+from fl_imaging.flower.protocol import ReplySites
 from strategies.arrays import Arrays, cast_like, reply_arrays, to_numpy, to_record
 from strategies.wrapper import SentArraysWrapper
 

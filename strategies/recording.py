@@ -2,7 +2,7 @@
 
 Flower's strategies aggregate replies but keep no per-site record; this wrapper (ours, Flower has
 none) sits around any strategy, hands it the replies unchanged, and keeps one
-:class:`~fl_imaging.results.MetricRow` per (round, site, metric), plus the aggregate as site
+:class:`~fl_imaging.review.results.MetricRow` per (round, site, metric), plus the aggregate as site
 ``all``: the sites' metrics, the update checks (norm, distance to the aggregate, accepted), the
 privacy spent (``epsilon``) and the round's duration. It also notes sites that failed to answer,
 keeps the latest global weights, and numbers rounds from ``offset + 1`` when a run is resumed.
@@ -19,8 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_imaging.devices import SITE_ONLY_METRICS
-from fl_imaging.protocol import (
+from fl_imaging.config.devices import SITE_ONLY_METRICS
+from fl_imaging.flower.protocol import (
     GLOBAL_EVAL,
     NUM_EXAMPLES,
     UNIT_WEIGHT,
@@ -29,7 +29,7 @@ from fl_imaging.protocol import (
     error_reason,
     raise_if_refused,
 )
-from fl_imaging.results import AGGREGATE_SITE, Failure, MetricRow
+from fl_imaging.review.results import AGGREGATE_SITE, Failure, MetricRow
 from strategies.privacy import privacy_spent
 from strategies.validation import ACCEPTED, FLAGGED, IDLE, UpdateCheck
 from strategies.wrapper import StrategyWrapper
@@ -112,7 +112,7 @@ class RecordingStrategy(StrategyWrapper):
         traffic: dict[str, int],
     ) -> None:
         """Record a securely aggregated round (``on_round`` of
-        :class:`~strategies.secure_aggregation.SecureAggregation`): ``secagg_summed`` per site
+        :class:`~fl_imaging.secagg.coordinator.SecureAggregation`): ``secagg_summed`` per site
         (1: its masked update is in the sum; 0: it dropped out and its masks were removed with
         the others' shares), ``bytes_secagg`` per site (keys, shares and unmasking, both ways)
         and, for the aggregate, ``secagg_sites``; a failed round is a failure with the reason."""

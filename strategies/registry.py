@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fl_imaging.config import DPMode, StrategyConfig
-from fl_imaging.protocol import UNIT_WEIGHT
+from fl_imaging.flower.protocol import UNIT_WEIGHT
 from strategies.centered_clipping import CenteredClipping
 from strategies.geometric_median import GeometricMedian
 from strategies.norm_bounding import NormBoundedFedAvg

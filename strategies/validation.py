@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
 from fl_imaging.config import NORM_OUTLIER_ACTIONS, UpdateValidationConfig
-from fl_imaging.protocol import NUM_EXAMPLES, ReplySites, error_reason
+from fl_imaging.flower.protocol import NUM_EXAMPLES, ReplySites, error_reason
 from strategies.arrays import (
     Arrays,
     cast_like,
@@ -83,7 +83,7 @@ class ValidatingStrategy(SentArraysWrapper):
     A reply with ``num-examples`` 0 trained on no case (a site whose DP-SGD budget is spent) and
     is ``idle``: left out, so that no aggregator averages it in or counts it as a site's vote
     (a run with client-level DP stops before any site sits out: its noise and accountant assume
-    every site, see :class:`~fl_imaging.flower.federation.FederationPlan`).
+    every site, see :class:`~fl_imaging.flower.coordinator.federation.FederationPlan`).
     Flagged and accepted replies go to ``inner``; when none is left, ``(None, None)`` is returned
     and Flower's ``Strategy.start`` keeps the previous global model for the next round. The
     aggregate's arrays are cast back to the sent dtypes (Flower's mean turns int64 counters such
@@ -91,7 +91,7 @@ class ValidatingStrategy(SentArraysWrapper):
 
     Each round logs one INFO line per site on ``fl_imaging.server`` and calls
     ``on_checks(round, checks)`` with one :class:`UpdateCheck` per reply. ``sites`` names a
-    reply's site (:class:`~fl_imaging.protocol.ReplySites`). Evaluation is ``inner``'s.
+    reply's site (:class:`~fl_imaging.flower.protocol.ReplySites`). Evaluation is ``inner``'s.
     """
 
     def __init__(

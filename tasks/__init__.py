@@ -15,7 +15,7 @@ __all__ = ["ClassificationTask", "ImagingTask", "SegmentationTask", "TrainResult
 def build_task(cfg: TaskConfig, device: torch.device | None = None) -> ImagingTask:
     """Return the task object named by ``cfg.name`` (``segmentation`` or ``classification``),
     training and scoring on ``device`` (resolve ``cfg.device`` with
-    :func:`fl_imaging.devices.resolve_device` where the task trains; None: the CPU)."""
+    :func:`fl_imaging.config.devices.resolve_device` where the task trains; None: the CPU)."""
     if cfg.name == TaskName.classification:
         return ClassificationTask(cfg, device)
     return SegmentationTask(cfg, device)

@@ -83,7 +83,7 @@ class ImagingTask(abc.ABC):
         cfg: the validated ``task`` config (spatial dims, channels, classes, model, optimizer,
             ``roi_size``, ...).
         device: where :meth:`train` and :meth:`evaluate` run the model (resolved from
-            ``cfg.device`` by :func:`fl_imaging.devices.resolve_device` on the machine that
+            ``cfg.device`` by :func:`fl_imaging.config.devices.resolve_device` on the machine that
             trains); None: the CPU (the coordinator only builds the model).
 
     With ``cfg.amp`` on a CUDA device, training, evaluation and inference run under float16

@@ -14,14 +14,14 @@ from flower_fakes import Arrays, FakeGrid, numpy_of, record
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import RunConfig
-from fl_imaging.flower.checkpoint import (
+from fl_imaging.config.compose import check_overrides
+from fl_imaging.flower.coordinator.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fl_imaging.flower.checkpoint_codec import StateDictOf
-from fl_imaging.results import MetricRow
+from fl_imaging.flower.coordinator.checkpoint_codec import StateDictOf
+from fl_imaging.review.results import MetricRow
 
 
 def site_metrics(node: int) -> dict[str, float]:

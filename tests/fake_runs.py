@@ -11,11 +11,11 @@ from pathlib import Path
 from flower_fakes import Arrays, FakeGrid
 from flwr.app import Message
 
-from fl_imaging.compose import check_overrides
-from fl_imaging.flower.federation import FederationPlan, plan_federation
-from fl_imaging.flower.server_app import run_federation
-from fl_imaging.protocol import EVAL_SPLIT, site_reply
-from fl_imaging.tracking import resolve_tracking
+from fl_imaging.config.compose import check_overrides
+from fl_imaging.flower.coordinator.federation import FederationPlan, plan_federation
+from fl_imaging.flower.coordinator.server_app import run_federation
+from fl_imaging.flower.protocol import EVAL_SPLIT, site_reply
+from fl_imaging.review.tracking import resolve_tracking
 
 
 def shift(node: int, rnd: int, sent: Arrays) -> Arrays:

@@ -1,6 +1,6 @@
 """Stand-ins for Flower's runtime, shared by the tests that drive strategies without a SuperLink:
 array helpers and a Grid whose nodes answer with hand-made arrays, in the replies the real
-ClientApp sends (:func:`fl_imaging.protocol.site_reply`: a site record, ``unit-weight``)."""
+ClientApp sends (:func:`fl_imaging.flower.protocol.site_reply`: a site record, ``unit-weight``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType
 from flwr.serverapp import Grid
 
-from fl_imaging.protocol import site_reply
+from fl_imaging.flower.protocol import site_reply
 
 Arrays = dict[str, np.ndarray]
 

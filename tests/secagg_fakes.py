@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flower_fakes import Arrays, FakeGrid, numpy_of, record
 from flwr.app import Context, Error, Message, RecordDict
 
-from fl_imaging.flower.secagg_site import SECAGG_STAGES, SecAggGuard, mask_reply
-from fl_imaging.protocol import SiteRefusal, site_reply
-from fl_imaging.secure_sum import MASKED, SECAGG
+from fl_imaging.flower.protocol import SiteRefusal, site_reply
+from fl_imaging.secagg.arithmetic import MASKED, SECAGG
+from fl_imaging.secagg.site import SECAGG_STAGES, SecAggGuard, mask_reply
 from fl_imaging.site.identity import SiteIdentity
 
 

@@ -1,4 +1,5 @@
-"""Simulated malicious sites (fl_imaging/attacks.py), FedProx's proximal term, and the metrics that
+"""Simulated malicious sites (fl_imaging/training/attacks.py), FedProx's proximal term, and the
+metrics that
 record which sites attacked.
 
 Unit tests on hand-made tensors, plus one real run through Flower's simulation engine (slow).
@@ -15,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from fl_imaging.attacks import flipped_labels, malicious_sites, poison_state
 from fl_imaging.config import AttackConfig, AttackName
-from fl_imaging.results import read_metrics
-from fl_imaging.site_training import proximal_term
+from fl_imaging.review.results import read_metrics
+from fl_imaging.training.attacks import flipped_labels, malicious_sites, poison_state
+from fl_imaging.training.site_training import proximal_term
 
 State = dict[str, torch.Tensor]
 

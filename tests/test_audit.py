@@ -1,4 +1,4 @@
-"""The audit log (fl_imaging/audit.py, fl_imaging/flower/run_records.py) and
+"""The audit log (fl_imaging/review/audit.py, fl_imaging/review/run_records.py) and
 ``fl-imaging-audit verify``: a run through the real ServerApp code with in-process sites writes a
 chain that verifies; one changed byte, a removed record, a cut-off last line, a swapped model.pt
 or a rewritten earlier run are named by record and line; the log holds what the coordinator saw
@@ -15,9 +15,16 @@ import pytest
 from fake_runs import evaluate_metrics, fake_run, shift, train_metrics
 from flower_fakes import Arrays, FakeGrid
 
-from fl_imaging.audit import AUDIT_FILE, GENESIS, AuditLog, arrays_sha256, record_hash, verify_run
 from fl_imaging.cli.audit import main as audit_main
-from fl_imaging.results import load_weights, save_weights
+from fl_imaging.review.audit import (
+    AUDIT_FILE,
+    GENESIS,
+    AuditLog,
+    arrays_sha256,
+    record_hash,
+    verify_run,
+)
+from fl_imaging.review.results import load_weights, save_weights
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

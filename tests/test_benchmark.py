@@ -22,7 +22,7 @@ from fl_imaging.benchmark.plan import Cell, plan_cells
 from fl_imaging.benchmark.report import SiteResult, site_results, summarise
 from fl_imaging.cli.bench import main
 from fl_imaging.config import BenchConfig, ConfigError
-from fl_imaging.results import MetricRow
+from fl_imaging.review.results import MetricRow
 
 METHODS = ["pooled", "local", "fedavg", "fedbn", "dpfedavg"]
 SITES = ["site-1", "site-2"]

@@ -1,4 +1,5 @@
-"""The checkpoint on disk (fl_imaging/flower/checkpoint_files.py): saved and read back, a
+"""The checkpoint on disk (fl_imaging/flower/coordinator/checkpoint_files.py): saved and read back,
+a
 damaged, altered, foreign or older checkpoint refused in one line naming the file and never
 unpickled, and a disk that fills up while a checkpoint or the results are written keeps the
 previous checkpoint and stops the run with the folder and the reason.
@@ -30,17 +31,17 @@ from checkpoint_helpers import (
 )
 from flower_fakes import FakeGrid
 
-import fl_imaging.flower.checkpoint_files as checkpoint_files
-from fl_imaging.compose import check_overrides
+import fl_imaging.flower.coordinator.checkpoint_files as checkpoint_files
 from fl_imaging.config import ConfigError
-from fl_imaging.flower.checkpoint import (
+from fl_imaging.config.compose import check_overrides
+from fl_imaging.flower.coordinator.checkpoint import (
     CHECKPOINT_FILE,
     check_resumable,
     load_checkpoint,
     restore_strategy_state,
 )
-from fl_imaging.flower.server_app import run_federation
-from fl_imaging.results import MetricRow, RunFolderError, write_run_files
+from fl_imaging.flower.coordinator.server_app import run_federation
+from fl_imaging.review.results import MetricRow, RunFolderError, write_run_files
 from strategies import build_strategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -166,7 +167,7 @@ class _Payload:
 
 def _reseal(run: Path) -> None:
     """Recompute every checksum, as someone forging a checkpoint could (module docstring of
-    fl_imaging.flower.checkpoint_files: sorted keys, no spaces)."""
+    fl_imaging.flower.coordinator.checkpoint_files: sorted keys, no spaces)."""
     path = run / CHECKPOINT_FILE
     document = json.loads(path.read_text())
     arrays = run / document["arrays"]["file"]
@@ -289,7 +290,7 @@ def test_a_full_disk_while_writing_the_results_names_the_folder_and_the_file(
 FULL_DISK_CLI = """
 import sys
 import fl_imaging.cli.main as cli
-from fl_imaging.results import RunFolderError
+from fl_imaging.review.results import RunFolderError
 
 def run(cfg):
     raise RunFolderError(f"could not write the run's results into {cfg.run_dir}: full")

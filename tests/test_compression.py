@@ -1,5 +1,6 @@
-"""Update compression (``strategy.compression``): the codec (fl_imaging/compression.py) and its
-error bounds, error feedback at the site (fl_imaging/flower/compression_site.py), decoding before
+"""Update compression (``strategy.compression``): the codec (fl_imaging/compression/codec.py) and
+its
+error bounds, error feedback at the site (fl_imaging/compression/site.py), decoding before
 any strategy (strategies/decoding.py in the chain), the refusals, the client-side DP bound, the
 benchmark's bytes-up column, and real simulation runs whose metrics.csv shows the compressed
 bytes (slow: with FedBN and through a resume).
@@ -20,8 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from fl_imaging.benchmark.report import SiteResult, summarise
-from fl_imaging.compose import check_overrides
-from fl_imaging.compression import (
+from fl_imaging.compression.codec import (
     COMPRESSED,
     COMPRESSION,
     Codec,
@@ -32,12 +32,13 @@ from fl_imaging.compression import (
     floating_sizes,
     topk_count,
 )
+from fl_imaging.compression.site import compress_reply, residual_of
 from fl_imaging.config import CompressionMode, ConfigError, StrategyConfig
-from fl_imaging.flower import client_app
-from fl_imaging.flower.compression_site import compress_reply, residual_of
-from fl_imaging.protocol import site_reply
-from fl_imaging.results import read_metrics
-from fl_imaging.site_training import SiteTrainers
+from fl_imaging.config.compose import check_overrides
+from fl_imaging.flower.protocol import site_reply
+from fl_imaging.flower.site import client_app
+from fl_imaging.review.results import read_metrics
+from fl_imaging.training.site_training import SiteTrainers
 from strategies import UpdateCheck, ValidatingStrategy, build_strategy
 from strategies.decoding import DecodingStrategy
 from tasks import build_task
@@ -205,7 +206,7 @@ def test_error_feedback_sends_every_update_eventually(codec: Codec) -> None:
 def test_a_residual_of_another_model_is_dropped() -> None:
     update = an_update(6, [50, 50])
     stale = np.ones(7)
-    from fl_imaging.compression import compress_arrays
+    from fl_imaging.compression.codec import compress_arrays
 
     received = {"a": np.zeros(50, np.float32), "b": np.zeros(50, np.float32)}
     trained = {"a": update[:50].astype(np.float32), "b": update[50:].astype(np.float32)}

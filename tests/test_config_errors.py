@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from fl_imaging.cli.data import main as data_cli
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, validate_config
+from fl_imaging.config.compose import check_overrides
 from strategies import StrategyError, build_strategy
 
 

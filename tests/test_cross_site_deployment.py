@@ -15,7 +15,7 @@ import pytest
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.deploy.local import start_local
 from fl_imaging.deploy.processes import flower_env
-from fl_imaging.results import read_metrics
+from fl_imaging.review.results import read_metrics
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from monai.transforms import LoadImage
 
-from fl_imaging.compose import check_overrides
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.datasets import DatasetPool, load_class_folders, load_medmnist, load_msd
 from fl_imaging.data.datasets.class_folders_download import (
     class_folder_layout_problems,

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from flower_fakes import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import config_from_yaml
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.deploy.certs import (
     CertError,
@@ -46,7 +46,7 @@ from fl_imaging.deploy.roles import (
     wait_until_serving,
 )
 from fl_imaging.engines.deployment import write_app_dir
-from fl_imaging.protocol import CONFIG_KEY, SITE_NAME, SITE_RECORD
+from fl_imaging.flower.protocol import CONFIG_KEY, SITE_NAME, SITE_RECORD
 from strategies import build_strategy
 from strategies.availability import NotEnoughSites, SiteAvailability
 
@@ -109,8 +109,8 @@ def test_app_dir_declares_the_config_key_and_carries_the_whole_config(tmp_path: 
     config, _ = load_and_validate(app / "pyproject.toml")  # Flower's own check, as flwr run
     components = config["tool"]["flwr"]["app"]["components"]
     assert components == {
-        "serverapp": "fl_imaging.flower.server_app:app",
-        "clientapp": "fl_imaging.flower.client_app:app",
+        "serverapp": "fl_imaging.flower.coordinator.server_app:app",
+        "clientapp": "fl_imaging.flower.site.client_app:app",
     }
     with (app / "pyproject.toml").open("rb") as handle:
         text = tomllib.load(handle)["tool"]["flwr"]["app"]["config"][CONFIG_KEY]
@@ -208,8 +208,8 @@ def test_availability_names_failed_and_silent_sites_and_needs_min_replies() -> N
 
 @pytest.mark.usefixtures("task_identity")
 def test_run_stops_when_sites_stay_away_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
-    from fl_imaging.flower.checkpoint import load_checkpoint
-    from fl_imaging.flower.server_app import run_federation
+    from fl_imaging.flower.coordinator.checkpoint import load_checkpoint
+    from fl_imaging.flower.coordinator.server_app import run_federation
 
     overrides = ["experiment=quick", "engine.rounds=3", "engine.min_sites=2", "engine.num_sites=3"]
     cfg = replace(check_overrides([*overrides, "engine.wait_timeout=0.5"]), run_dir=str(tmp_path))

@@ -35,7 +35,7 @@ from fl_imaging.deploy.roles import (
     SuperNodeSpec,
     start_supernode,
 )
-from fl_imaging.results import read_metrics
+from fl_imaging.review.results import read_metrics
 
 
 @pytest.fixture(scope="module")

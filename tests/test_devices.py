@@ -13,10 +13,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, RunConfig, validate_config
-from fl_imaging.data.demo import make_demo_data
-from fl_imaging.devices import (
+from fl_imaging.config.compose import check_overrides
+from fl_imaging.config.devices import (
     DEVICE_METRIC,
     MIXED_PRECISION_METRIC,
     check_simulation_devices,
@@ -26,11 +25,12 @@ from fl_imaging.devices import (
     resolve_device,
     site_device,
 )
+from fl_imaging.data.demo import make_demo_data
 from fl_imaging.engines.simulation import ray_backend_config
-from fl_imaging.flower.client_app import build_client_app
-from fl_imaging.protocol import SiteError
-from fl_imaging.results import MetricRow, write_run_files
-from fl_imaging.site_training import SiteTrainers
+from fl_imaging.flower.protocol import SiteError
+from fl_imaging.flower.site.client_app import build_client_app
+from fl_imaging.review.results import MetricRow, write_run_files
+from fl_imaging.training.site_training import SiteTrainers
 from tasks import build_task
 
 

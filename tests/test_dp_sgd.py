@@ -23,20 +23,20 @@ from monai.transforms import Compose
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, RunConfig
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
-from fl_imaging.flower import client_app
-from fl_imaging.model_checks import check_dp_sgd_model
-from fl_imaging.patient_privacy import (
+from fl_imaging.flower.protocol import SiteError
+from fl_imaging.flower.site import client_app
+from fl_imaging.privacy.dp_sgd import (
     PrivacyLedger,
     check_sites_privacy,
     private_fit,
     site_privacy_problems,
 )
-from fl_imaging.protocol import SiteError
-from fl_imaging.site.ledger import SiteLedger
-from fl_imaging.site_training import SiteTrainers, proximal_term
+from fl_imaging.privacy.ledger import SiteLedger
+from fl_imaging.training.model_checks import check_dp_sgd_model
+from fl_imaging.training.site_training import SiteTrainers, proximal_term
 from tasks import build_task
 from tasks.private_model import check_per_sample_gradients, private_network
 

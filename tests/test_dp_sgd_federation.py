@@ -17,17 +17,17 @@ from flower_fakes import Arrays, FakeGrid, numpy_of, record
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fl_imaging.benchmark.report import site_results, summarise, write_summary
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, StrategyConfig
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
-from fl_imaging.flower import client_app
-from fl_imaging.flower.federation import PatientBudgetsSpent, plan_federation
-from fl_imaging.flower.local_norms import LOCAL_NORMS
-from fl_imaging.patient_privacy import PrivacyLedger
-from fl_imaging.privacy_report import disclosure_lines, privacy_lines
-from fl_imaging.protocol import ReplySites, site_reply
-from fl_imaging.results import MetricRow, progress_line, read_metrics
-from fl_imaging.site_training import SiteTrainers
+from fl_imaging.flower.coordinator.federation import PatientBudgetsSpent, plan_federation
+from fl_imaging.flower.protocol import ReplySites, site_reply
+from fl_imaging.flower.site import client_app
+from fl_imaging.flower.site.local_norms import LOCAL_NORMS
+from fl_imaging.privacy.dp_sgd import PrivacyLedger
+from fl_imaging.privacy.report import disclosure_lines, privacy_lines
+from fl_imaging.review.results import MetricRow, progress_line, read_metrics
+from fl_imaging.training.site_training import SiteTrainers
 from strategies import build_strategy
 from strategies.recording import RecordingStrategy
 from strategies.validation import IDLE, UpdateCheck

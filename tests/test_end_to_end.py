@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fl_imaging.config import config_from_yaml
-from fl_imaging.results import read_metrics
+from fl_imaging.review.results import read_metrics
 from tasks import build_task
 
 pytestmark = pytest.mark.slow

@@ -15,11 +15,11 @@ from PIL import Image
 from torch import nn
 
 from fl_imaging.cli.predict import main as predict_cli
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import config_to_yaml
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
-from fl_imaging.explain import gradcam_layer
-from fl_imaging.predict import LoadedRun, predict_folder
+from fl_imaging.prediction.explain import gradcam_layer
+from fl_imaging.prediction.predict import LoadedRun, predict_folder
 from tasks import build_task
 
 #: Voxels of the bright cube in the toy volume (off-centre on every axis).

@@ -20,7 +20,7 @@ from PIL import Image
 from pydicom.uid import EnhancedMRImageStorage, SegmentationStorage
 
 from fl_imaging.cli.data import main as data_cli
-from fl_imaging.compose import check_overrides
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.inspect import inspect_site
 from fl_imaging.data.prepare import prepare_sites

@@ -29,8 +29,8 @@ from terminal_signals import sigint_as_in_a_terminal
 
 from fl_imaging.cli.main import resume_command
 from fl_imaging.engines.interrupts import stop_on_signal
-from fl_imaging.flower.polling import QuickPollGrid, StopRequested
-from fl_imaging.results import read_metrics
+from fl_imaging.flower.coordinator.polling import QuickPollGrid, StopRequested
+from fl_imaging.review.results import read_metrics
 
 RAY_PROCESS = re.compile(r"ray::|raylet|gcs_server")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_imaging.compose import check_overrides
-from fl_imaging.results import LISTED_SITES, MetricRow, progress_line, write_run_files
+from fl_imaging.config.compose import check_overrides
+from fl_imaging.review.results import LISTED_SITES, MetricRow, progress_line, write_run_files
 
 
 def _rows(sites: int) -> list[MetricRow]:

@@ -18,8 +18,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import RunConfig
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.datasets import load_medmnist
 from fl_imaging.data.inspect import SiteReport, inspect_site
 from fl_imaging.data.partition import PartitionError, assign_sites, size_strata

@@ -1,4 +1,5 @@
-"""How the coordinator's Grid sends a round (fl_imaging.flower.polling.QuickPollGrid): messages
+"""How the coordinator's Grid sends a round (fl_imaging.flower.coordinator.polling.QuickPollGrid):
+messages
 in waves when asked to, arrays packed on the way out and unpacked on the way back."""
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fl_imaging.engines.simulation import in_flight_limit
+from fl_imaging.flower.coordinator.polling import QuickPollGrid, StopRequested
 from fl_imaging.flower.packed_arrays import LAYOUT_SUFFIX, is_packed, pack_content
-from fl_imaging.flower.polling import QuickPollGrid, StopRequested
 from tests.flower_fakes import FakeGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -22,12 +22,12 @@ from monai.transforms import LoadImage
 from PIL import Image
 
 from fl_imaging.cli.predict import main as predict_cli
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import RunConfig, config_to_yaml
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.dicom_io import write_dicom_series
 from fl_imaging.data.readers import IMAGE_READERS
-from fl_imaging.results import load_weights, save_weights
+from fl_imaging.review.results import load_weights, save_weights
 from tasks import build_task
 from tasks.segmentation import SegmentationTask
 
@@ -307,7 +307,7 @@ def test_an_input_that_does_not_exist(seg_run: tuple[RunConfig, Path], tmp_path:
 
 
 # ------------------------------------------------------------------------------------------
-# A damaged model.pt (see also fl_imaging.results.load_weights / save_weights)
+# A damaged model.pt (see also fl_imaging.review.results.load_weights / save_weights)
 # ------------------------------------------------------------------------------------------
 
 

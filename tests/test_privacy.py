@@ -34,12 +34,12 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import DPConfig, DPMode, RunConfig, StrategyConfig, config_from_yaml
-from fl_imaging.flower import client_app
-from fl_imaging.model_checks import warn_dp_running_statistics
-from fl_imaging.results import read_metrics
-from fl_imaging.site_training import SiteTrainers
+from fl_imaging.config.compose import check_overrides
+from fl_imaging.flower.site import client_app
+from fl_imaging.review.results import read_metrics
+from fl_imaging.training.model_checks import warn_dp_running_statistics
+from fl_imaging.training.site_training import SiteTrainers
 from strategies import StrategyError, build_strategy
 from strategies.privacy import privacy_spent
 from strategies.recording import RecordingStrategy

@@ -20,7 +20,7 @@ import pytest
 from terminal_signals import sigint_as_in_a_terminal
 
 from fl_imaging.engines.simulation import SimulationError, ray_cluster_cpus
-from fl_imaging.results import read_metrics
+from fl_imaging.review.results import read_metrics
 
 RAY = Path(sys.executable).with_name("ray")
 ACTOR = re.compile(r"\(ClientAppActor pid=(\d+)[^)]*\)\S* fl_imaging\.client: \[site (site-\d+)\]")

@@ -1,4 +1,4 @@
-"""report.html (fl_imaging/report_page.py), read back with Python's own HTML parser: one
+"""report.html (fl_imaging/review/report_page.py), read back with Python's own HTML parser: one
 self-contained page (images as data URIs, nothing fetched) with the outcome, the audit chain's
 status, what each party could learn, the per-round table, the update checks, curves, per-site
 results, epsilon over rounds, cross-site results and contributions when their files exist."""
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from fake_runs import fake_run
 
-from fl_imaging.report_page import REPORT_FILE, render_report, write_report
-from fl_imaging.results import AGGREGATE_SITE, load_weights, read_metrics, save_weights
+from fl_imaging.review.report_page import REPORT_FILE, render_report, write_report
+from fl_imaging.review.results import AGGREGATE_SITE, load_weights, read_metrics, save_weights
 
 
 class Page(HTMLParser):

@@ -22,16 +22,16 @@ from checkpoint_helpers import (
     train_round,
 )
 
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, RunConfig, config_to_yaml
-from fl_imaging.flower.checkpoint import (
+from fl_imaging.config.compose import check_overrides
+from fl_imaging.flower.coordinator.checkpoint import (
     Checkpoint,
     check_resumable,
     load_checkpoint,
     restore_strategy_state,
     strategy_state,
 )
-from fl_imaging.results import read_metrics
+from fl_imaging.review.results import read_metrics
 from strategies import build_strategy
 from strategies.privacy import privacy_spent
 

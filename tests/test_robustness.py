@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_imaging.results import read_metrics
+from fl_imaging.review.results import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """A coordinator that deviates from secure aggregation, against the sites' real handlers
-(:mod:`fl_imaging.flower.secagg_site`) and, for a site that drops out, a real simulation. Each
+(:mod:`fl_imaging.secagg.site`) and, for a site that drops out, a real simulation. Each
 attack fails: the site refuses, or what the coordinator rebuilds of one site is uncorrelated
 with that site's true update (|r| < 0.05 over more than 10k values), while the same rebuild
 with the true secret (a positive control) gives the update back."""
@@ -21,13 +21,13 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 from secagg_fakes import SecureSites
 
-from fl_imaging.audit import record_hash, verify_run
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import RunConfig, SecAggConfig, StrategyConfig
-from fl_imaging.flower.secagg_site import ROUND_STATE, SecAggRefused, keys_bundle_bytes
-from fl_imaging.results import read_metrics
+from fl_imaging.config.compose import check_overrides
+from fl_imaging.review.audit import record_hash, verify_run
+from fl_imaging.review.results import read_metrics
+from fl_imaging.review.site_record_check import check_site_record
 from fl_imaging.run import run
-from fl_imaging.secure_sum import (
+from fl_imaging.secagg.arithmetic import (
     MASKED,
     SECAGG,
     SecAggSettings,
@@ -36,9 +36,9 @@ from fl_imaging.secure_sum import (
     pair_seed,
     pairwise_sign,
 )
-from fl_imaging.site.record_check import check_site_record
+from fl_imaging.secagg.coordinator import SecureAggregation
+from fl_imaging.secagg.site import ROUND_STATE, SecAggRefused, keys_bundle_bytes
 from strategies import build_strategy
-from strategies.secure_aggregation import SecureAggregation
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -1,4 +1,4 @@
-"""Secure aggregation (strategies/secure_aggregation.py, fl_imaging/flower/secagg_site.py): the
+"""Secure aggregation (fl_imaging/secagg/coordinator.py, fl_imaging/secagg/site.py): the
 coordinator and the sites run the real stages in-process (the sites' handlers on their own
 Flower contexts); the unmasked aggregate equals plain FedAvg within the quantisation, what the
 coordinator holds of one site is unrelated to its update, dropouts are unmasked from the shares
@@ -25,9 +25,9 @@ from flwr.supercore.privacy_accounting import (
 from secagg_fakes import SecureSites
 
 from fl_imaging.config import DPConfig, DPMode, SecAggConfig, StrategyConfig
-from fl_imaging.flower.secagg_site import SecAggRefused, reveal_shares
-from fl_imaging.results import read_metrics
-from fl_imaging.secure_sum import SECAGG, SecAggSettings, pack, threshold_of, weight_factor
+from fl_imaging.review.results import read_metrics
+from fl_imaging.secagg.arithmetic import SECAGG, SecAggSettings, pack, threshold_of, weight_factor
+from fl_imaging.secagg.site import SecAggRefused, reveal_shares
 from strategies import StrategyError, build_strategy
 from strategies.privacy import privacy_spent
 from strategies.recording import RecordingStrategy

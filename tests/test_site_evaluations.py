@@ -30,24 +30,24 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian
 
-from fl_imaging.audit import AUDIT_FILE, verify_run
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, RunConfig
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.sites import load_site
-from fl_imaging.evaluation_files import CrossSiteRow, cross_site_line
-from fl_imaging.flower import client_app
-from fl_imaging.flower.federation import plan_federation
-from fl_imaging.flower.server_app import run_federation
-from fl_imaging.flower.site_evaluations import check_test_cases
-from fl_imaging.flower.site_scoring import (
+from fl_imaging.evaluation.files import CrossSiteRow, cross_site_line
+from fl_imaging.evaluation.site_evaluations import check_test_cases
+from fl_imaging.evaluation.site_scoring import (
     FINETUNE_ACTION,
     MODEL_PREFIX,
     SCORE_ACTION,
     SCORES_PREFIX,
 )
-from fl_imaging.protocol import site_reply
-from fl_imaging.results import read_metrics
+from fl_imaging.flower.coordinator.federation import plan_federation
+from fl_imaging.flower.coordinator.server_app import run_federation
+from fl_imaging.flower.protocol import site_reply
+from fl_imaging.flower.site import client_app
+from fl_imaging.review.audit import AUDIT_FILE, verify_run
+from fl_imaging.review.results import read_metrics
 from strategies.last_updates import LastUpdates
 from strategies.wrapper import wrapper_chain
 
@@ -326,7 +326,7 @@ def test_sites_that_fail_to_score_are_named_and_the_run_ends_with_its_files(
     assert [r["note"] for r in rows] == ["the models were not scored (see the failures)"] * 3
     assert _csv(tmp_path / "cross_site.csv") == [] and not (tmp_path / "cross_site.png").exists()
     # a step that breaks is named, and the run's own files are still written
-    from fl_imaging.flower import site_evaluations
+    from fl_imaging.evaluation import site_evaluations
 
     def broken(*args: object) -> None:
         raise RuntimeError("matrix exploded")

@@ -14,14 +14,14 @@ import pytest
 from flower_fakes import FakeGrid
 from flwr.app import Error, Message, MessageType, RecordDict
 
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import RunConfig
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
-from fl_imaging.flower.federation import plan_federation
-from fl_imaging.flower.server_app import run_federation
-from fl_imaging.protocol import ReplySites, SiteError, error_reason, site_errors
-from fl_imaging.results import SitesFailed, read_metrics
-from fl_imaging.site_training import SiteRef, site_cases
+from fl_imaging.flower.coordinator.federation import plan_federation
+from fl_imaging.flower.coordinator.server_app import run_federation
+from fl_imaging.flower.protocol import ReplySites, SiteError, error_reason, site_errors
+from fl_imaging.review.results import SitesFailed, read_metrics
+from fl_imaging.training.site_training import SiteRef, site_cases
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

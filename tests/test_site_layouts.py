@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fl_imaging.cli.data import main as data_cli
-from fl_imaging.compose import check_overrides
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.dicom_io import write_dicom_series
 from fl_imaging.data.inspect import inspect_site
 from fl_imaging.data.prepare import prepare_sites

@@ -1,5 +1,5 @@
 """A site's own policy (fl_imaging/site/policy.py), enforced at the site
-(fl_imaging/flower/site_gate.py): every key accepted and refused with its message, the site's
+(fl_imaging/flower/site/gate.py): every key accepted and refused with its message, the site's
 own record of what it answered and refused, and a run that stops with the site's reason."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import RunConfig
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
-from fl_imaging.flower import client_app
-from fl_imaging.protocol import SiteError
-from fl_imaging.results import SitesFailed
+from fl_imaging.flower.protocol import SiteError
+from fl_imaging.flower.site import client_app
+from fl_imaging.review.results import SitesFailed
+from fl_imaging.review.site_record import SiteRecord
 from fl_imaging.run import run
 from fl_imaging.site.policy import (
     PolicyError,
@@ -26,8 +27,7 @@ from fl_imaging.site.policy import (
     release_metrics,
     training_config_hash,
 )
-from fl_imaging.site.record import SiteRecord
-from fl_imaging.site_training import SiteTrainers
+from fl_imaging.training.site_training import SiteTrainers
 from tasks import build_task
 
 pytestmark = pytest.mark.usefixtures("task_identity")

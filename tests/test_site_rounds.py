@@ -22,18 +22,18 @@ from flwr.app import (
     RecordDict,
 )
 
-from fl_imaging.baselines import train_pooled
 from fl_imaging.benchmark.all_test_cases import ALL_TEST_CASES_FILE, all_test_cases_metrics
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError, DataName, RunConfig
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.sites import load_site
-from fl_imaging.flower import client_app
-from fl_imaging.flower.final_scoring import score_final_model
-from fl_imaging.flower.local_norms import LOCAL_NORMS, restore_local_norms, save_local_norms
-from fl_imaging.model_checks import check_fedbn, norm_state_keys
+from fl_imaging.evaluation.final_scoring import score_final_model
+from fl_imaging.flower.site import client_app
+from fl_imaging.flower.site.local_norms import LOCAL_NORMS, restore_local_norms, save_local_norms
 from fl_imaging.run import run
-from fl_imaging.site_training import (
+from fl_imaging.training.baselines import train_pooled
+from fl_imaging.training.model_checks import check_fedbn, norm_state_keys
+from fl_imaging.training.site_training import (
     SiteRef,
     SiteTrainer,
     SiteTrainers,

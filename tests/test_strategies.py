@@ -31,9 +31,9 @@ from flwr.serverapp.strategy import (
 from scipy.optimize import minimize
 from scipy.stats import trim_mean
 
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import StrategyConfig, UpdateValidationConfig
-from fl_imaging.protocol import ReplySites, site_reply
+from fl_imaging.config.compose import check_overrides
+from fl_imaging.flower.protocol import ReplySites, site_reply
 from strategies import (
     STRATEGIES,
     CenteredClipping,

@@ -1,4 +1,5 @@
-"""Experiment tracking (fl_imaging/tracking.py, fl_imaging/tracking_backends.py): a run through
+"""Experiment tracking (fl_imaging/review/tracking.py, fl_imaging/review/tracking_backends.py): a
+run through
 the real ServerApp code is read back with MLflow's own client (local store) and TensorBoard's
 own event reader, and holds every row of metrics.csv at its round and site, the config as
 parameters and the run's files; a tracking server that fails mid-run does not stop the run; a
@@ -20,22 +21,21 @@ from pathlib import Path
 import pytest
 from fake_runs import fake_run
 
-from fl_imaging.audit import verify_run
 from fl_imaging.benchmark.cells import cell_tracking
 from fl_imaging.benchmark.plan import Cell
-from fl_imaging.compose import check_overrides
 from fl_imaging.config import ConfigError
-from fl_imaging.results import MetricRow, read_metrics
-from fl_imaging.tracking import (
+from fl_imaging.config.compose import check_overrides
+from fl_imaging.review.audit import verify_run
+from fl_imaging.review.results import MetricRow, read_metrics
+from fl_imaging.review.tracking import (
     TRACKING_FILE,
     add_tracking_tags,
     check_tracking,
     flat_config,
-    metric_key,
-    mlflow_store,
     resolve_tracking,
 )
-from fl_imaging.tracking_backends import MlflowBackend
+from fl_imaging.review.tracking_backends import MlflowBackend
+from fl_imaging.review.tracking_store import metric_key, mlflow_store
 
 
 def _close(a: float, b: float) -> bool:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from fl_imaging.config import RunConfig
 from fl_imaging.data.sites import Case
-from fl_imaging.results import load_weights
-from fl_imaging.site_training import SiteTrainer
+from fl_imaging.review.results import load_weights
+from fl_imaging.training.site_training import SiteTrainer
 
 __all__ = ["ALL_TEST_CASES_FILE", "all_test_cases_metrics"]
 
@@ -69,7 +69,7 @@ def _test_cases(cfg: RunConfig) -> list[Case]:
 
 
 def _score(cfg: RunConfig, folder: Path, kind: str) -> dict[str, float]:
-    from fl_imaging.devices import site_device
+    from fl_imaging.config.devices import site_device
     from tasks import build_task
 
     cases = _test_cases(cfg)

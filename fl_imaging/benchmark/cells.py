@@ -22,9 +22,9 @@ import torch
 from fl_imaging.benchmark.plan import Cell
 from fl_imaging.config import RunConfig, config_to_yaml
 from fl_imaging.engines.interrupts import RunInterrupted
-from fl_imaging.report_page import write_report
-from fl_imaging.results import write_metrics
-from fl_imaging.tracking import add_tracking_tags, open_tracker
+from fl_imaging.review.report_page import write_report
+from fl_imaging.review.results import write_metrics
+from fl_imaging.review.tracking import add_tracking_tags, open_tracker
 
 __all__ = ["CELL_FILE", "cell_status", "cell_tracking", "run_cell"]
 
@@ -54,8 +54,8 @@ def read_cell(folder: Path) -> dict:
 
 
 def _run_baseline(cfg: RunConfig, kind: str, folder: Path) -> None:
-    from fl_imaging.baselines import train_local, train_pooled
     from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
+    from fl_imaging.training.baselines import train_local, train_pooled
 
     cfg, sites, reports = prepare_sites(cfg)
     write_partition_summary(partition_summary(sites, reports), folder / "partition.csv")

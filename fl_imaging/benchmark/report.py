@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fl_imaging.results import AGGREGATE_SITE, MetricRow  # noqa: E402
+from fl_imaging.review.results import AGGREGATE_SITE, MetricRow  # noqa: E402
 
 __all__ = [
     "SiteResult",

@@ -34,10 +34,10 @@ from fl_imaging.benchmark.report import (
     write_summary,
 )
 from fl_imaging.config import ConfigError, DataName, RunConfig
-from fl_imaging.model_checks import check_fedbn
-from fl_imaging.results import AGGREGATE_SITE, read_metrics
+from fl_imaging.review.results import AGGREGATE_SITE, read_metrics
+from fl_imaging.review.tracking import check_tracking, resolve_tracking
 from fl_imaging.run import USER_ERRORS, check_overrides
-from fl_imaging.tracking import check_tracking, resolve_tracking
+from fl_imaging.training.model_checks import check_fedbn
 
 __all__ = ["PRESETS", "run_benchmark"]
 

@@ -6,8 +6,9 @@
 
 Exit 0: the chain holds and ``model.pt``, ``metrics.csv`` and ``config.yaml`` are the files the
 run recorded; 1: the first record (seq and line) or file that does not match, and why; 2: no
-such folder or no audit log in it. The checks are :func:`fl_imaging.audit.verify_run` and, for
-``site``, :func:`fl_imaging.site.record_check.check_site_record`.
+such folder or no audit log in it. The checks are :func:`fl_imaging.review.audit.verify_run` and,
+for
+``site``, :func:`fl_imaging.review.site_record_check.check_site_record`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fl_imaging.audit import AUDIT_FILE, AuditFileMissing, verify_run
+from fl_imaging.review.audit import AUDIT_FILE, AuditFileMissing, verify_run
 
 __all__ = ["entry", "main"]
 
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_site(args: argparse.Namespace) -> int:
-    from fl_imaging.site.record_check import check_site_record
+    from fl_imaging.review.site_record_check import check_site_record
 
     result = check_site_record(args.run_dir, args.record)
     for note in result.notes:

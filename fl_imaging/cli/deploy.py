@@ -173,7 +173,7 @@ def _check_site_files(args: argparse.Namespace) -> None:
 
 def _cmd_check_policy(args: argparse.Namespace) -> int:
     """Print the config hash of a run (``-- overrides``) and whether the policy accepts it."""
-    from fl_imaging.compose import check_overrides
+    from fl_imaging.config.compose import check_overrides
     from fl_imaging.site.policy import (
         PolicyRefusal,
         check_request,

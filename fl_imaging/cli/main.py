@@ -3,7 +3,8 @@
     fl-imaging [OVERRIDES ...]            # e.g. experiment=hippocampus strategy=fedmedian
     fl-imaging --multirun seed=0,1        # a sweep, one run folder per job
 
-Before Hydra starts a run, the overrides are checked (:func:`fl_imaging.compose.check_overrides`),
+Before Hydra starts a run, the overrides are checked
+(:func:`fl_imaging.config.compose.check_overrides`),
 so a config error stops at once with exit code 2; the run itself is :func:`fl_imaging.run.run`.
 """
 
@@ -18,11 +19,11 @@ import hydra
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
+from fl_imaging.common.process_exit import end_process
 from fl_imaging.config import RunConfig, TrackingBackend, config_dir, validate_config
 from fl_imaging.engines.interrupts import RunInterrupted, exit_stopped_run
-from fl_imaging.process_exit import end_process
+from fl_imaging.review.tracking import add_tracking_tags
 from fl_imaging.run import USER_ERRORS, check_overrides, run
-from fl_imaging.tracking import add_tracking_tags
 
 __all__ = ["main", "resume_command"]
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from fl_imaging.data.sites import SiteDataError
-from fl_imaging.predict import PredictionError, load_run, predict_folder
+from fl_imaging.prediction.predict import PredictionError, load_run, predict_folder
 
 __all__ = ["entry", "main"]
 

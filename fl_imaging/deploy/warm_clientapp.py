@@ -11,7 +11,7 @@ This runner (ours) is that outside executor, kept alive: it polls the SuperNode'
 for ClientApp tasks (``AcquireTask``) and runs each in this process with Flower's own steps
 (pull the task's message, context and app bundle; call the ClientApp; push the reply and the
 task's end state; heartbeats meanwhile). Modules stay imported between messages, so the
-ClientApp's per-process cache (its ``SiteTrainers``, :mod:`fl_imaging.site_training`: the
+ClientApp's per-process cache (its ``SiteTrainers``, :mod:`fl_imaging.training.site_training`: the
 decoded volumes) survives from round to round. Messages run one at a time, as with Flower's
 SuperNode.
 
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    for module in args.preload or ["fl_imaging.flower.client_app"]:
+    for module in args.preload or ["fl_imaging.flower.site.client_app"]:
         start = time.perf_counter()
         importlib.import_module(module)
         log.info("imported %s in %.1f s", module, time.perf_counter() - start)

@@ -23,7 +23,7 @@ from pathlib import Path
 from fl_imaging.config import RunConfig, config_to_yaml
 from fl_imaging.deploy.flower_home import CONNECTION, cli_home, toml_string
 from fl_imaging.deploy.processes import flower_command
-from fl_imaging.protocol import CONFIG_KEY
+from fl_imaging.flower.protocol import CONFIG_KEY
 
 __all__ = ["DeploymentError", "run_deployment_engine", "write_app_dir"]
 
@@ -60,8 +60,8 @@ dependencies = []
 publisher = "fl-imaging"
 
 [tool.flwr.app.components]
-serverapp = "fl_imaging.flower.server_app:app"
-clientapp = "fl_imaging.flower.client_app:app"
+serverapp = "fl_imaging.flower.coordinator.server_app:app"
+clientapp = "fl_imaging.flower.site.client_app:app"
 
 [tool.flwr.app.config]
 {CONFIG_KEY} = {toml_string(config_to_yaml(cfg))}

@@ -4,7 +4,8 @@ Flower's in-process simulation has no way to stop: on Ctrl-C its simulation loop
 main thread, but the ServerApp's thread goes on waiting for replies that will never come, and the
 process hangs until a second Ctrl-C (seen with Flower 1.41). So, while a run is on, ours is the
 signal handler (:func:`stop_on_signal`): the first SIGINT or SIGTERM sets the run's ``stop`` event,
-which the ServerApp's Grid checks (:class:`~fl_imaging.flower.polling.QuickPollGrid`), and raises
+which the ServerApp's Grid checks (:class:`~fl_imaging.flower.coordinator.polling.QuickPollGrid`),
+and raises
 ``KeyboardInterrupt`` in the main thread, so that Flower's loop stops Ray's actors at once; the
 ServerApp then writes what the finished rounds produced and the engine raises
 :class:`RunInterrupted`. A second signal stops everything at once (``force``, exit 130).
@@ -22,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
-from fl_imaging.process_exit import end_process
+from fl_imaging.common.process_exit import end_process
 
 __all__ = ["INTERRUPTED_EXIT_CODE", "RunInterrupted", "exit_stopped_run", "stop_on_signal"]
 
@@ -88,7 +89,8 @@ def stop_on_signal(
 
 def exit_stopped_run(code: int = INTERRUPTED_EXIT_CODE) -> NoReturn:
     """End the process of a stopped run with exit ``code``, as a finished run ends
-    (:func:`~fl_imaging.process_exit.end_process`: every result file is already written whole).
+    (:func:`~fl_imaging.common.process_exit.end_process`: every result file is already written
+    whole).
     Python's own exit would also wait for Flower's worker threads, which can wait for ever on
     Ray actors stopped with the run (seen with 1,000 sites stopped in round 1)."""
     end_process(code)

@@ -15,7 +15,7 @@ from fl_imaging.engines.message_handout import sites_asked_only_when_addressed
 from fl_imaging.engines.ray_stop import busy_actors_stopped_first
 
 if TYPE_CHECKING:
-    from fl_imaging.flower.federation import FederationPlan
+    from fl_imaging.flower.coordinator.federation import FederationPlan
 
 __all__ = [
     "SimulationError",
@@ -50,8 +50,8 @@ def run_simulation_engine(
     prepare_ray_environment(engine.verbose)
     from flwr.simulation import run_simulation
 
-    from fl_imaging.flower.client_app import build_client_app
-    from fl_imaging.flower.server_app import build_server_app
+    from fl_imaging.flower.coordinator.server_app import build_server_app
+    from fl_imaging.flower.site.client_app import build_client_app
 
     if engine.ray_address:  # an existing cluster: its own CPUs, folders and processes
         init_args: dict[str, object] = {

@@ -10,7 +10,8 @@ ConfigRecord (``<key>.layout``) with their names, dtypes and shapes; :func:`unpa
 restores the record exactly (same keys in the same order, same dtypes, shapes and bytes).
 
 The coordinator packs what it sends and unpacks what it receives in its Grid
-(:class:`~fl_imaging.flower.polling.QuickPollGrid`); each site does the same in a ClientApp mod
+(:class:`~fl_imaging.flower.coordinator.polling.QuickPollGrid`); each site does the same in a
+ClientApp mod
 (:func:`packed_arrays_mod`), and packs its reply only when what it received was packed. Nothing
 else sees a packed record, so strategies, secure aggregation and compression are unchanged.
 """

@@ -3,7 +3,7 @@ coordinator, and the roster of the consortium's public keys it checks the others
 
 Secure aggregation's keys are new every round and travel through the coordinator, so a
 coordinator could hand a site its own public key in another site's name and read that site's
-shares (:mod:`fl_imaging.flower.secagg_site`). Every round's keys are therefore signed by the
+shares (:mod:`fl_imaging.secagg.site`). Every round's keys are therefore signed by the
 site that made them, and every site checks each other site's signature against the public key
 its own roster holds for that site's name: a key that no roster entry signed is refused.
 

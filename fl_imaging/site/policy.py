@@ -44,7 +44,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from fl_imaging.config import DPMode, DPSGDAccountant, RunConfig, config_to_yaml
-from fl_imaging.protocol import NUM_EXAMPLES, SiteRefusal
+from fl_imaging.flower.protocol import NUM_EXAMPLES, SiteRefusal
 
 __all__ = [
     "AcceptPolicy",

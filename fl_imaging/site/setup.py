@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fl_imaging.config import RunConfig, SiteConfig
+from fl_imaging.privacy.ledger import LEDGER_FILE, SiteLedger
+from fl_imaging.review.site_record import RECORD_FILE, SiteRecord
 from fl_imaging.site.identity import (
     SiteIdentity,
     ensure_identity,
@@ -28,10 +30,8 @@ from fl_imaging.site.identity import (
     load_identity,
     roster_of,
 )
-from fl_imaging.site.ledger import LEDGER_FILE, SiteLedger
 from fl_imaging.site.policy import SitePolicy, load_policy
-from fl_imaging.site.record import RECORD_FILE, SiteRecord
-from fl_imaging.site_training import SiteRef
+from fl_imaging.training.site_training import SiteRef
 
 __all__ = [
     "SiteSetup",
@@ -135,11 +135,11 @@ class SiteSetup:
         )
 
     def ledger(self) -> SiteLedger:
-        """The site's privacy ledger (:mod:`fl_imaging.site.ledger`)."""
+        """The site's privacy ledger (:mod:`fl_imaging.privacy.ledger`)."""
         return SiteLedger(self.folder / LEDGER_FILE, self.name)
 
     def record(self) -> SiteRecord:
-        """The site's record of requests and replies (:mod:`fl_imaging.site.record`)."""
+        """The site's record of requests and replies (:mod:`fl_imaging.review.site_record`)."""
         return SiteRecord(self.folder / RECORD_FILE, self.name)
 
     def identity(self) -> SiteIdentity:

@@ -1,0 +1,1 @@
+"""Small file and process helpers every part of fl-imaging uses."""

@@ -1,0 +1,1 @@
+"""Update compression: the codec (both sides) and a site's error feedback."""

@@ -1,0 +1,1 @@
+"""Scoring models at the sites: the test round, cross-site evaluation, contributions."""

@@ -1,0 +1,129 @@
+"""Flower ServerApp: take the run's plan (model, strategy chain, checkpoint), hand it to Flower
+for ``engine.rounds`` rounds, let every site score the final model, write the run's files.
+
+Where things happen: the strategy chain is assembled in :mod:`strategies.chain`, the plan in
+:mod:`fl_imaging.flower.coordinator.federation`, the rounds in
+:mod:`fl_imaging.flower.coordinator.training_rounds`, the
+test round in :mod:`fl_imaging.evaluation.final_scoring`, the evaluations after it in
+:mod:`fl_imaging.evaluation.site_evaluations`, the result files in :mod:`fl_imaging.review.results`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fl_imaging.config import RunConfig
+from fl_imaging.console.progress import show_progress
+from fl_imaging.evaluation.final_scoring import score_test_cases
+from fl_imaging.evaluation.site_evaluations import evaluate_across_sites
+from fl_imaging.flower.coordinator.federation import FederationPlan, plan_federation
+from fl_imaging.flower.coordinator.polling import QuickPollGrid, StopRequested
+from fl_imaging.flower.coordinator.training_rounds import train_rounds
+from fl_imaging.flower.protocol import resolve_config
+from fl_imaging.review.results import write_run_files
+from strategies import RecordingStrategy
+
+__all__ = ["app", "build_server_app", "run_federation"]
+
+log = logging.getLogger("fl_imaging.server")
+
+
+def run_federation(
+    grid: Grid, cfg: RunConfig, site_names: list[str], plan: FederationPlan | None = None
+) -> RecordingStrategy:
+    """Run the rounds of ``plan`` (default: :func:`plan_federation` of ``cfg`` and
+    ``site_names``) over ``grid``, then the test round (``engine.test``) and the evaluations of
+    :mod:`.site_evaluations`, and write metrics.csv, curves.png, model.pt, config.yaml,
+    summary.txt, audit.jsonl and report.html into ``cfg.run_dir`` (the checkpoint after every
+    round; tracked with ``tracking=...``). A DP run whose next round would exceed
+    ``strategy.dp.max_epsilon`` stops there with its results written; so does a run that waited
+    ``engine.wait_timeout`` seconds for ``engine.min_sites`` connected sites. Returns the
+    recording strategy (``rows``: every metric).
+
+    A checkpoint that cannot be written (disk full) stops the run too: its results are written
+    if they can, then the :class:`~fl_imaging.review.results.RunFolderError` is raised, so that the
+    command exits non-zero with its message.
+    """
+    plan = plan or plan_federation(cfg, site_names)
+    try:
+        with plan.records.session(plan):  # audit.jsonl and tracking: run_records.py
+            _run_rounds(grid, plan)
+    finally:
+        plan.done.set()
+    return plan.strategy
+
+
+def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
+    """The rounds, the test round and the run's files; why the run stopped early goes to
+    ``plan.stopped`` (and summary.txt)."""
+    cfg, recorder = plan.cfg, plan.strategy
+    reachable, write_error = train_rounds(grid, plan)
+    test = reachable and (cfg.engine.test or cfg.engine.cross_site)  # cross-site ends it
+    finish = reachable  # the sites can still be asked (cross-site evaluation, contributions)
+    if test and not plan.interrupted:
+        try:
+            score_test_cases(grid, plan)
+        except StopRequested:
+            plan.note_interrupted()
+    ending: list[str] = []
+    if finish and not plan.interrupted:  # engine.cross_site, engine.contributions
+        try:
+            ending = evaluate_across_sites(grid, plan)
+        except StopRequested:
+            plan.note_interrupted()
+    assert recorder.global_arrays is not None
+    plan.model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
+    notes = "\n".join(
+        n for n in (plan.stopped, plan.absence_note(), *ending, plan.records.note()) if n
+    )
+    write_run_files(
+        plan.run_dir,
+        cfg,
+        recorder.rows,
+        recorder.failures,
+        plan.model,
+        plan.site_names,
+        plan.main_metric,
+        notes,
+    )
+    plan.records.finish(plan, ending)  # run_end record, report.html, tracked files
+    if write_error is not None:
+        raise write_error
+
+
+def build_server_app(
+    config: RunConfig | None = None,
+    site_names: list[str] | None = None,
+    plan: FederationPlan | None = None,
+    max_in_flight: int | None = None,
+) -> ServerApp:
+    """Return a ServerApp bound to ``config``, the federation's site names and, when already
+    made, its ``plan`` (simulation), or reading the config from run_config (deployment, None).
+    ``max_in_flight``: at most that many messages unanswered at a time (None: a round's messages
+    all at once; see :class:`~fl_imaging.flower.coordinator.polling.QuickPollGrid`)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        if config is None:
+            show_progress(logging.getLogger("fl_imaging"))
+        cfg = resolve_config(config, context)
+        names = site_names or [Path(p).name for p in cfg.data.sites]
+        # Flower's deployment Grid looks for replies every 3 s; ours every 0.2 s, and stops
+        # waiting when the plan is asked to stop (Ctrl-C in simulation).
+        run_plan = plan or plan_federation(cfg, names)
+        run_plan.flower_run = int(context.run_id)  # what each site's own record names
+        polling = QuickPollGrid(grid, stop=run_plan.stop, max_in_flight=max_in_flight)
+        run_federation(polling, cfg, names, run_plan)
+        if config is None:  # deployment: a site that never trained fails the run's status
+            run_plan.raise_if_sites_failed()
+
+    return server
+
+
+#: The ServerApp for deployment: config comes in run_config.
+app = build_server_app()

@@ -1,0 +1,162 @@
+"""Flower ClientApp: one hospital site trains and evaluates the global model on its own data.
+
+Each site reads only its own folder: the one given by its SuperNode's ``--node-config
+data-dir=...`` (deployment) or, in simulation, the entry of ``data.sites`` at its partition id.
+Its trainer (:mod:`fl_imaging.training.site_training`) is kept between rounds; weights travel as
+NumPy
+arrays (``ArrayRecord``), clipped, masked or compressed on the way out (:mod:`.outgoing_update`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fl_imaging.config import RunConfig
+from fl_imaging.config.devices import device_metrics
+from fl_imaging.console.progress import show_progress
+from fl_imaging.flower.packed_arrays import packed_arrays_mod
+from fl_imaging.flower.protocol import (
+    EVAL_SPLIT,
+    EVALUATE_GLOBAL,
+    FINETUNE_EPOCHS,
+    LOCAL_EPOCHS,
+    MALICIOUS,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    resolve_config,
+    site_errors,
+    site_reply,
+)
+from fl_imaging.flower.site.gate import gated_reply
+from fl_imaging.flower.site.local_norms import restore_local_norms, save_local_norms
+from fl_imaging.flower.site.outgoing_update import outgoing_update
+from fl_imaging.flower.site.queries import SITE_QUERIES, secagg_guard
+from fl_imaging.privacy.site_dp import patient_metrics, site_privacy
+from fl_imaging.site.setup import SiteSetup
+from fl_imaging.training.attacks import SimulatedAttack, site_attack
+from fl_imaging.training.site_training import (
+    SiteRef,
+    SiteTrainer,
+    SiteTrainers,
+    finetune_seed,
+    process_trainers,
+    proximal_term,
+    training_seed,
+)
+
+__all__ = ["app", "build_client_app"]
+
+log = logging.getLogger("fl_imaging.client")
+
+
+class SimulatedDropout(RuntimeError):
+    """A simulated site fails its training round (``attack=dropout``)."""
+
+
+def _evaluation(trainer: SiteTrainer, settings: ConfigRecord, seed: int = 0) -> dict[str, float]:
+    """The site's scores (:meth:`SiteTrainer.scores`: validation, or ``split=test`` in
+    ``settings``) and the number of cases scored (``num-examples``)."""
+    epochs = int(settings.get(FINETUNE_EPOCHS, 0))
+    metrics, cases = trainer.scores(str(settings.get(EVAL_SPLIT, "val")), epochs, seed=seed)
+    return {**metrics, NUM_EXAMPLES: cases}
+
+
+def build_client_app(
+    config: RunConfig | None = None, trainers: SiteTrainers | None = None
+) -> ClientApp:
+    """Return a ClientApp bound to ``config`` (simulation), or reading it from run_config (None),
+    taking its site trainers from ``trainers`` (default: the process's, :func:`process_trainers`,
+    looked up at each message: Ray hands every message a copy of the app). Every message passes
+    the site's own policy and record (:mod:`.site_gate`). What happens to a
+    reply before it leaves (client-side DP, masking, compression): :mod:`.outgoing_update`;
+    DP-SGD: :mod:`fl_imaging.privacy.site_dp`."""
+    client = ClientApp(mods=[packed_arrays_mod])  # arrays travel packed (.packed_arrays)
+
+    def site_trainer(
+        context: Context, cfg: RunConfig, site: SiteRef, global_state: dict
+    ) -> tuple[SiteTrainer, SimulatedAttack | None]:
+        """``site``'s trainer holding ``global_state`` (with FedBN, the site's own normalisation
+        layers on top), and the attack it plays in a simulation (or None)."""
+        show_progress(log)
+        attack = site_attack(cfg, site.index, site.simulated)
+        cache = process_trainers() if trainers is None else trainers
+        trainer = cache.get(cfg, site, attack.label_transforms() if attack else ())
+        trainer.load_state(global_state)
+        if cfg.strategy.fedbn:
+            restore_local_norms(trainer.model, context)
+        return trainer, attack
+
+    def train_site(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
+        """Train on the received global model; reply with the new weights and the training
+        metrics (and, with one message per round, the evaluation of the model received)."""
+        global_state = msg.content["arrays"].to_torch_state_dict()
+        trainer, attack = site_trainer(context, cfg, site, global_state)
+        settings = msg.content["config"]
+        rnd = int(settings.get(SERVER_ROUND, 0))
+        evaluated = settings.get(EVALUATE_GLOBAL, False) and rnd > 1
+        previous = _evaluation(trainer, ConfigRecord()) if evaluated else None
+        mu = float(settings.get(PROXIMAL_MU, 0.0))
+        if attack is not None and attack.drops_out(rnd):
+            raise SimulatedDropout(f"simulated dropout in round {rnd} (attack=dropout)")
+        setup = SiteSetup.of(dict(context.node_config), cfg, site)
+        privacy = site_privacy(setup, cfg, trainer, settings, int(msg.metadata.run_id))  # DP-SGD
+        result = (trainer.fit if privacy is None else privacy.fit)(
+            int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs)),
+            seed=training_seed(cfg.seed, rnd, site.index),
+            extra_loss=proximal_term(global_state, mu) if mu > 0 else None,
+            log=lambda line: log.info("[site %s] round %d %s", site.name, rnd, line),
+        )
+        if cfg.strategy.fedbn:
+            save_local_norms(trainer.model, context)
+        state = trainer.state() if result.num_samples else global_state  # 0: did not train
+        if attack is not None:
+            state = attack.poison(global_state, state, rnd, site.name)
+        metrics = {
+            "train_loss": result.loss,
+            NUM_EXAMPLES: result.num_samples,
+            MALICIOUS: int(attack is not None),
+            **device_metrics(trainer.task.device, trainer.task.amp),  # for the summary
+        }
+        metrics = patient_metrics(privacy, metrics)
+        return site_reply(msg, site.name, metrics, ArrayRecord(state), previous)
+
+    def train(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
+        return outgoing_update(
+            msg,
+            context,
+            cfg,
+            lambda m, c: train_site(m, c, cfg, site),
+            lambda: secagg_guard(context, cfg, site),
+        )
+
+    def evaluate(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
+        global_state = msg.content["arrays"].to_torch_state_dict()
+        trainer, _ = site_trainer(context, cfg, site, global_state)
+        settings = msg.content.config_records.get("config", ConfigRecord())
+        metrics = _evaluation(trainer, settings, finetune_seed(cfg.seed, site.index))
+        return site_reply(msg, site.name, metrics)
+
+    def for_site(handler: Callable[..., Message]) -> Callable[[Message, Context], Message]:
+        def handle(msg: Message, context: Context) -> Message:
+            cfg = resolve_config(config, context)
+            site = SiteRef.of_node(context.node_config, cfg.data.sites)
+            with site_errors(site.name):  # a failure names the site in the error reply
+                setup = SiteSetup.of(dict(context.node_config), cfg, site)
+                return gated_reply(setup, msg, cfg, lambda: handler(msg, context, cfg, site))
+
+        return handle
+
+    client.train()(for_site(train))
+    client.evaluate()(for_site(evaluate))
+    for action, handler in SITE_QUERIES.items():  # secure aggregation's stages, scoring
+        client.query(action)(for_site(handler))
+    return client
+
+
+#: The ClientApp for deployment (``flower-supernode``): config comes in run_config.
+app = build_client_app()

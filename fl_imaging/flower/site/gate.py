@@ -1,0 +1,87 @@
+"""The gate every message a site answers passes: its own policy before, its own record after.
+
+Before the handler runs, the site checks the request against its policy
+(:func:`fl_imaging.site.policy.check_request`: accepted tasks, strategies, models and config
+hashes, DP-SGD required, case counts kept, secure aggregation required for a training reply)
+and, for training, the rounds it took part in this Flower run, counted from its own record
+(:func:`~fl_imaging.site.policy.check_rounds`). After it, the reply's metrics are cut to what
+the policy releases (:func:`~fl_imaging.site.policy.release_metrics`) and one record is
+appended to the site's record: the request's summary and the SHA-256 of the reply's content,
+or the refusal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import Message, MetricRecord, RecordDict
+
+from fl_imaging.config import RunConfig
+from fl_imaging.flower.protocol import SERVER_ROUND, SiteRefusal, content_sha256
+from fl_imaging.review.site_record import request_summary
+from fl_imaging.secagg.arithmetic import SECAGG
+from fl_imaging.site.policy import check_request, check_rounds, release_metrics
+from fl_imaging.site.setup import SiteSetup
+
+__all__ = ["gated_reply"]
+
+log = logging.getLogger("fl_imaging.client")
+
+
+def _round_of(msg: Message) -> int:
+    content = msg.content
+    for name in (SECAGG, "config"):
+        record = content.config_records.get(name)
+        if record is not None:
+            for key in ("round", SERVER_ROUND):
+                if key in record:
+                    return int(record[key])  # type: ignore[arg-type]
+    return 0
+
+
+def _released(setup: SiteSetup, reply: Message) -> Message:
+    if not reply.has_content() or "metrics" not in reply.content.metric_records:
+        return reply
+    metrics = release_metrics(setup.policy, dict(reply.content["metrics"]))
+    records = {k: v for k, v in reply.content.items() if k != "metrics"}
+    reply.content = RecordDict({**records, "metrics": MetricRecord(metrics)})
+    return reply
+
+
+def gated_reply(
+    setup: SiteSetup, msg: Message, cfg: RunConfig, handler: Callable[[], Message]
+) -> Message:
+    """``handler``'s reply to ``msg``, within ``setup``'s policy and recorded (see the module).
+    Raises :class:`~fl_imaging.flower.protocol.SiteRefusal` (recorded and logged) for a request the
+    policy or the secure aggregation checks refuse."""
+    kind = msg.metadata.message_type
+    training = kind == "train"
+    flower_run = int(msg.metadata.run_id)
+    record = setup.record()
+    config = msg.content.config_records.get(SECAGG) or msg.content.config_records.get("config")
+    fields = {
+        "flower_run": flower_run,
+        "round": _round_of(msg),
+        "type": kind,
+        "asked": request_summary(config or {}),
+    }
+    try:
+        check_request(
+            setup.policy, cfg, training=training, masked=SECAGG in msg.content.config_records
+        )
+        if training:
+            check_rounds(setup.policy, record.rounds_trained(flower_run))
+        reply = _released(setup, handler())
+    except SiteRefusal as err:
+        log.warning("[site %s] refused %s of round %d: %s", setup.name, kind, fields["round"], err)
+        record.append(**fields, refusal=str(err))
+        raise
+    metrics = reply.content.metric_records.get("metrics") if reply.has_content() else None
+    epsilon = metrics.get("patient_epsilon") if metrics is not None else None
+    record.append(
+        **fields,
+        reply_sha256=content_sha256(reply.content) if reply.has_content() else None,
+        **({"patient_epsilon": float(epsilon)} if epsilon is not None else {}),
+    )
+    return reply

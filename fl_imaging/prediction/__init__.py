@@ -1,0 +1,1 @@
+"""Applying a trained model to a folder of images, with saliency maps."""

@@ -1,0 +1,1 @@
+"""What a run leaves for review: results, audit log, site record, report page, tracking."""

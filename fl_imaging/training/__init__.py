@@ -1,0 +1,1 @@
+"""One site's training and evaluation, the baselines, simulated attacks, model checks."""
