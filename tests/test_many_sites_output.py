@@ -43,7 +43,8 @@ def test_many_sites_keep_every_column_in_summary_txt_not_on_the_console(
     cfg = replace(check_overrides([]), run_dir=str(tmp_path))
     with caplog.at_level(logging.INFO, logger="fl_imaging.server"):
         write_run_files(tmp_path, cfg, _rows(30), [], torch.nn.Linear(2, 1), names, "dice")
-    header = (tmp_path / "summary.txt").read_text().splitlines()[0]
+    name, header = (tmp_path / "summary.txt").read_text().splitlines()[:2]
+    assert name == "run: fedavg · demo segmentation · unet"  # no overrides recorded
     assert "site-1" in header and "site-30" in header
     console = "\n".join(r.getMessage() for r in caplog.records)
     assert "30 sites: the table, a column per site, is in summary.txt" in console

@@ -2,8 +2,9 @@
 run through
 the real ServerApp code is read back with MLflow's own client (local store) and TensorBoard's
 own event reader, and holds every row of metrics.csv at its round and site, the config as
-parameters and the run's files; a tracking server that fails mid-run does not stop the run; a
-bad tracking setting stops before it; sweeps and benchmark cells are tagged."""
+parameters, the run's name (what it is: fl_imaging/review/run_name.py) and its files; a tracking
+server that fails mid-run does not stop the run; a bad tracking setting stops before it; sweeps
+and benchmark cells are tagged."""
 
 from __future__ import annotations
 
@@ -27,15 +28,24 @@ from fl_imaging.config import ConfigError
 from fl_imaging.config.compose import check_overrides
 from fl_imaging.review.audit import verify_run
 from fl_imaging.review.results import MetricRow, read_metrics
+from fl_imaging.review.run_name import OVERRIDES_FILE
 from fl_imaging.review.tracking import (
     TRACKING_FILE,
     add_tracking_tags,
     check_tracking,
     flat_config,
     resolve_tracking,
+    tensorboard_folder,
+    tracked_name,
 )
 from fl_imaging.review.tracking_backends import MlflowBackend
 from fl_imaging.review.tracking_store import metric_key, mlflow_store
+
+
+def _typed(run_dir: Path, *overrides: str) -> None:
+    """Record ``overrides`` in ``run_dir`` as Hydra does for ``fl-imaging OVERRIDES``."""
+    (run_dir / OVERRIDES_FILE).parent.mkdir(parents=True)
+    (run_dir / OVERRIDES_FILE).write_text("".join(f"- {o}\n" for o in overrides))
 
 
 def _close(a: float, b: float) -> bool:
@@ -73,15 +83,15 @@ def test_an_mlflow_run_holds_every_metric_param_and_file(tmp_path: Path) -> None
 
     store = tmp_path / "mlruns"
     run_dir = tmp_path / "run"
-    plan = fake_run(
-        run_dir,
+    overrides = (
         "tracking=mlflow",
         f"tracking.uri={store}",
         "strategy=dpfedavg",
         "strategy.dp.noise_multiplier=0.5",
         "engine.test=true",  # its rows come after the last round: sent when the run ends
-        rounds=3,
     )
+    _typed(run_dir, "engine.rounds=3", *overrides)
+    plan = fake_run(run_dir, *overrides, rounds=3)
     info = json.loads((run_dir / TRACKING_FILE).read_text())
     assert (
         info["tracking_uri"] == f"sqlite:///{store / 'mlflow.db'}" and info["status"] == "FINISHED"
@@ -92,7 +102,12 @@ def test_an_mlflow_run_holds_every_metric_param_and_file(tmp_path: Path) -> None
 
     client = MlflowClient(tracking_uri=info["tracking_uri"])
     run = client.get_run(info["run_id"])
-    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    name = (
+        "fedavg + DP server_fixed · demo segmentation · unet · engine.rounds=3 engine.test=true "
+        "strategy.dp.noise_multiplier=0.5"
+    )
+    assert run.info.status == "FINISHED" and run.info.run_name == name  # what it is, not a date
+    assert run.data.tags["description"] == run.data.tags["mlflow.note.content"] == name
     expected = _expected(run_dir)
     wanted = {"dice/site-1", "dice_1/site-1", "train_loss/all", "epsilon/all", "test_dice/site-3"}
     assert wanted <= set(expected) and set(run.data.metrics) == set(expected)
@@ -131,10 +146,13 @@ def test_an_mlflow_run_holds_every_metric_param_and_file(tmp_path: Path) -> None
 @pytest.mark.usefixtures("task_identity")
 def test_tensorboard_event_files_hold_every_metric(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     run_dir = tmp_path / "run"
-    fake_run(run_dir, "tracking=tensorboard", rounds=3)
-    logdir = run_dir / "tensorboard"
+    _typed(run_dir, "engine.rounds=3", "tracking=tensorboard", "strategy=fedmedian")
+    fake_run(run_dir, "tracking=tensorboard", "strategy=fedmedian", rounds=3)
+    name = "fedmedian · demo segmentation · unet · engine.rounds=3"
+    logdir = run_dir / "tensorboard" / name  # TensorBoard's run list shows what it is
     assert f"tracking: TensorBoard event files in {logdir}" in (run_dir / "summary.txt").read_text()
     events = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
@@ -146,6 +164,31 @@ def test_tensorboard_event_files_hold_every_metric(tmp_path: Path) -> None:
     assert {"files/curves.png"} <= set(events.Tags()["images"])
     texts = set(events.Tags()["tensors"])  # text summaries are tensors to the reader
     assert {"config/text_summary", "summary/text_summary", "status/text_summary"} <= texts
+    # HParams: the run's name beside the config, ranked by the main metric and the train loss
+    hparams = {
+        tag: HParamsPluginData.FromString(content)
+        for tag, content in events.PluginTagToContent("hparams").items()
+    }
+    ranked = [m.name.tag for m in hparams["_hparams_/experiment"].experiment.metric_infos]
+    assert ranked == ["dice/all", "train_loss/all"] and set(ranked) <= set(got)
+    session = hparams["_hparams_/session_start_info"].session_start_info.hparams
+    assert session["description"].string_value == name
+    assert session["strategy.name"].string_value == "fedmedian"
+
+
+def test_a_run_s_tracked_name_and_tensorboard_folder(tmp_path: Path) -> None:
+    run_dir = tmp_path / "2026-01-02_03-04-05"
+    _typed(run_dir, "engine.rounds=2", "tracking=tensorboard")
+    cfg = check_overrides(["engine.rounds=2", "tracking=tensorboard"])
+    name = "fedavg · demo segmentation · unet · engine.rounds=2"
+    assert tracked_name(cfg, run_dir) == (name, name)
+    assert tensorboard_folder(cfg, run_dir, name) == run_dir / "tensorboard" / name
+    shared = check_overrides(["tracking=tensorboard", f"tracking.uri={tmp_path / 'tb'}"])
+    # runs of one config in one folder stay apart: each folder starts with its run's
+    assert tensorboard_folder(shared, run_dir, name) == tmp_path / "tb" / f"{run_dir.name} {name}"
+    named = add_tracking_tags(shared, {}, run_name="sweep/1")  # a name given wins
+    assert tracked_name(named, run_dir) == ("sweep/1", name)
+    assert tensorboard_folder(named, run_dir, name) == tmp_path / "tb" / "sweep" / "1"
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -402,8 +402,9 @@ class TrackingConfig:
     (a local store there) or an MLflow tracking URI (``http://host:5000``, ``sqlite:///f.db``,
     ...); for tensorboard, the folder that gets one sub-folder of event files per run (null: the
     run folder's ``tensorboard/``). ``experiment``: the MLflow experiment; ``run_name``: the
-    run's name (null: the run folder's name); ``tags``: added to the run (``--multirun`` and
-    ``fl-imaging-bench`` add theirs).
+    run's name (null: what the run is, ``fl_imaging/review/run_name.py``: strategy, data, model
+    and the overrides); ``tags``: added to the run (``--multirun`` and ``fl-imaging-bench`` add
+    theirs).
     """
 
     backend: TrackingBackend = TrackingBackend.none

@@ -28,6 +28,7 @@ from fl_imaging.privacy.report import (
     patient_progress,
     secure_aggregation_line,
 )
+from fl_imaging.review.run_name import run_name, run_overrides
 
 if TYPE_CHECKING:
     import torch
@@ -283,7 +284,8 @@ def write_run_files(
     stopped: str = "",
 ) -> None:
     """Write metrics.csv, curves.png, model.pt, config.yaml and summary.txt into ``run_dir``
-    from the run's ``rows`` and ``failures``; the summary has the per-round table, the failures,
+    from the run's ``rows`` and ``failures``; the summary has the run's name
+    (:func:`~fl_imaging.review.run_name.run_name`), the per-round table, the failures,
     the device each site trained on (:func:`~fl_imaging.config.devices.devices_line`), what each
     party
     could learn (:func:`~fl_imaging.privacy.report.disclosure_lines`) and
@@ -295,7 +297,8 @@ def write_run_files(
     # where the sites trained, who could learn what, then why it stopped
     lines = (devices_line(rows), *disclosure_lines(rows, cfg), stopped)
     notes = "".join(f"\n{line}" for line in lines if line)
-    summary = table + "\n" + failed + notes + "\n"
+    name = run_name(cfg, run_overrides(run_dir))
+    summary = f"run: {name}\n" + table + "\n" + failed + notes + "\n"
     writers: dict[str, Callable[[Path], object]] = {
         "metrics.csv": lambda path: write_metrics(rows, path),
         "curves.png": lambda path: plot_curves(rows, main_metric, path),

@@ -211,7 +211,7 @@ class RunRecords:
         tags = {"config_sha256": config_sha, "package": str(code["package"])}
         if code["commit"]:
             tags["commit"] = str(code["commit"]) + ("-dirty" if code["dirty"] else "")
-        self.tracker = open_tracker(cfg, plan.run_dir, tags)
+        self.tracker = open_tracker(cfg, plan.run_dir, tags, plan.main_metric)
         resumed = last_record(Path(cfg.resume)) if cfg.resume else None
         path = plan.run_dir / AUDIT_FILE
         if path.exists():

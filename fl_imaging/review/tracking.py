@@ -26,8 +26,9 @@ from urllib.parse import urlparse
 
 from fl_imaging.common.atomic import reason_of, write_atomically
 from fl_imaging.config import ConfigError, RunConfig, TrackingBackend
-from fl_imaging.review.results import MetricRow
-from fl_imaging.review.tracking_store import mlflow_store
+from fl_imaging.review.results import AGGREGATE_SITE, MetricRow
+from fl_imaging.review.run_name import folder_name, run_name, run_overrides
+from fl_imaging.review.tracking_store import DESCRIPTION_TAG, metric_key, mlflow_store
 
 __all__ = [
     "TRACKING_FILE",
@@ -38,6 +39,8 @@ __all__ = [
     "open_tracker",
     "resolve_tracking",
     "run_files",
+    "tensorboard_folder",
+    "tracked_name",
 ]
 
 log = logging.getLogger("fl_imaging.tracking")
@@ -260,25 +263,55 @@ class RunTracker:
             log.warning("could not write %s: %s", TRACKING_FILE, reason_of(err))
 
 
+def tracked_name(cfg: RunConfig, run_dir: Path) -> tuple[str, str]:
+    """The name ``cfg``'s run gets in its tracker and the run's description
+    (:func:`~fl_imaging.review.run_name.run_name` of ``cfg`` and the overrides recorded in
+    ``run_dir``): the name is ``tracking.run_name`` when set (by the user, a sweep or a
+    benchmark), else the description."""
+    description = run_name(cfg, run_overrides(run_dir))
+    return cfg.tracking.run_name or description, description
+
+
+def tensorboard_folder(cfg: RunConfig, run_dir: Path, description: str) -> Path:
+    """Where ``cfg``'s run writes its event files: a folder named after the run (its
+    ``tracking.run_name``, else ``description``), inside the run folder's ``tensorboard/``, or,
+    with ``tracking.uri``, in that folder (then an unnamed run's folder starts with its run
+    folder's name, so that two runs of one config stay apart)."""
+    tracking = cfg.tracking
+    if tracking.uri and tracking.run_name:
+        return Path(tracking.uri) / tracking.run_name
+    if tracking.uri:
+        return Path(tracking.uri) / folder_name(f"{Path(run_dir).name} {description}")
+    return Path(run_dir) / "tensorboard" / folder_name(tracking.run_name or description)
+
+
 def open_tracker(
-    cfg: RunConfig, run_dir: Path, extra_tags: dict[str, str] | None = None
+    cfg: RunConfig,
+    run_dir: Path,
+    extra_tags: dict[str, str] | None = None,
+    main_metric: str | None = None,
 ) -> RunTracker | None:
-    """Start tracking ``cfg``'s run (its folder ``run_dir``; ``extra_tags`` added to the run's)
-    with its backend; None when tracking is off. A backend that cannot be opened gives a tracker
-    in the failed state (the run goes on)."""
+    """Start tracking ``cfg``'s run (its folder ``run_dir``; ``extra_tags`` added to the run's;
+    ``main_metric``: the task's main validation metric, which TensorBoard's HParams tab ranks
+    runs by, with the train loss) with its backend, named by :func:`tracked_name` and tagged
+    with its ``description``; None when tracking is off. A backend that cannot be opened gives
+    a tracker in the failed state (the run goes on)."""
     from fl_imaging.review.tracking_backends import MlflowBackend, TensorBoardBackend
 
-    tracking = resolve_tracking(cfg).tracking
-    name = tracking.run_name or Path(run_dir).name
+    cfg = resolve_tracking(cfg)
+    tracking = cfg.tracking
+    name, description = tracked_name(cfg, Path(run_dir))
     backend: Backend
     if tracking.backend == TrackingBackend.mlflow:
         what = "MLflow"
         backend = MlflowBackend(mlflow_store(tracking.uri), tracking.experiment, name)
     elif tracking.backend == TrackingBackend.tensorboard:
-        folder = Path(tracking.uri) / name if tracking.uri else Path(run_dir) / "tensorboard"
-        backend, what = TensorBoardBackend(folder), "TensorBoard"
+        ranked = [metric_key(main_metric, AGGREGATE_SITE)] if main_metric else []
+        ranked.append(metric_key("train_loss", AGGREGATE_SITE))
+        folder = tensorboard_folder(cfg, Path(run_dir), description)
+        backend, what = TensorBoardBackend(folder, ranked), "TensorBoard"
     else:
         return None
     tracker = RunTracker(backend, what, Path(run_dir))
-    tracker.start(cfg, extra_tags)
+    tracker.start(cfg, {**(extra_tags or {}), DESCRIPTION_TAG: description})
     return tracker

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fl_imaging.review.results import MetricRow
-from fl_imaging.review.tracking_store import metric_key
+from fl_imaging.review.tracking_store import DESCRIPTION_TAG, metric_key
 
 if TYPE_CHECKING:
     from fl_imaging.review.tracking_store import MlflowStore
@@ -77,6 +77,8 @@ class MlflowBackend:
                 experiment_id = found.experiment_id
         if tags.get("commit"):
             tags = {**tags, "mlflow.source.git.commit": tags["commit"]}
+        if tags.get(DESCRIPTION_TAG):  # MLflow's UI shows it as the run's description
+            tags = {**tags, "mlflow.note.content": tags[DESCRIPTION_TAG]}
         run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
         self.client, self.run_id = client, run.info.run_id
         items = [Param(key, str(value)) for key, value in sorted(params.items())]
@@ -120,11 +122,13 @@ class MlflowBackend:
 
 class TensorBoardBackend:
     """Event files in ``folder`` through PyTorch's ``SummaryWriter``: scalars ``METRIC/SITE``
-    (step = round), the config as hyperparameters (HParams tab) and text, the summary as text,
-    the run's plots as images."""
+    (step = round), the run's description and config as hyperparameters (HParams tab, which
+    ranks runs by the scalars ``ranked``, e.g. ``dice/all`` and ``train_loss/all``) and the
+    config as text, the summary as text, the run's plots as images."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, ranked: Sequence[str]) -> None:
         self.folder = folder
+        self.ranked = list(ranked)
         self.writer: Any = None
 
     def start(self, params: dict[str, Any], tags: dict[str, str], config_yaml: str) -> dict:
@@ -135,7 +139,8 @@ class TensorBoardBackend:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(log_dir=str(self.folder))
-        experiment, start, end = hparams(params, {"train_loss/all": 0.0})
+        described = {DESCRIPTION_TAG: tags[DESCRIPTION_TAG]} if DESCRIPTION_TAG in tags else {}
+        experiment, start, end = hparams({**described, **params}, dict.fromkeys(self.ranked, 0.0))
         file_writer = self.writer._get_file_writer()
         for summary in (experiment, start, end):
             file_writer.add_summary(summary)

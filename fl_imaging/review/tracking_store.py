@@ -1,7 +1,7 @@
-"""Where and under which names MLflow and TensorBoard keep a run: the tracked name of a metric
-and the MLflow store that ``tracking.uri`` names. Both the run-level tracking
-(:mod:`fl_imaging.review.tracking`) and the backends (:mod:`fl_imaging.review.tracking_backends`)
-read them; neither library is imported here.
+"""Where and under which names MLflow and TensorBoard keep a run: the tracked name of a metric,
+the tag that describes the run and the MLflow store that ``tracking.uri`` names. Both the
+run-level tracking (:mod:`fl_imaging.review.tracking`) and the backends
+(:mod:`fl_imaging.review.tracking_backends`) read them; neither library is imported here.
 """
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-__all__ = ["MlflowStore", "metric_key", "mlflow_store"]
+__all__ = ["DESCRIPTION_TAG", "MlflowStore", "metric_key", "mlflow_store"]
+
+#: The tag that holds what the run is (:func:`fl_imaging.review.run_name.run_name`), whatever
+#: name the tracker shows.
+DESCRIPTION_TAG = "description"
 
 
 def metric_key(metric: str, site: str) -> str:
