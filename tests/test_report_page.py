@@ -6,7 +6,6 @@ results, epsilon over rounds, cross-site results and contributions when their fi
 from __future__ import annotations
 
 import base64
-import csv
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -14,13 +13,31 @@ from pathlib import Path
 import pytest
 from fake_runs import fake_run
 
+from fl_imaging.evaluation.files import CrossSiteRow, write_cross_site
 from fl_imaging.review.report_page import REPORT_FILE, render_report, write_report
-from fl_imaging.review.results import AGGREGATE_SITE, load_weights, read_metrics, save_weights
+from fl_imaging.review.results import (
+    AGGREGATE_SITE,
+    MetricRow,
+    load_weights,
+    read_metrics,
+    save_weights,
+    write_metrics,
+)
+from fl_imaging.review.run_name import OVERRIDES_FILE
+
+#: What Hydra records of `fl-imaging experiment=quick ... strategy=dpfedavg ...` for the run
+#: of :func:`dp_run`, and the name it gives the run.
+OVERRIDES = ("strategy=dpfedavg", "strategy.dp.noise_multiplier=0.5", "engine.test=true")
+NAME = (
+    "fedavg + DP server_fixed · demo segmentation · unet · engine.num_sites=3 engine.rounds=3 "
+    "engine.test=true +2 more"
+)
 
 
 class Page(HTMLParser):
     """The parts of a page the tests look at: section titles, tables (rows of cell texts),
-    image sources, every URL-valued attribute, tags that fetch or run things, and the text."""
+    image sources, every URL-valued attribute, tags that fetch or run things, the title, the
+    heading, the style sheet and the text."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
@@ -30,6 +47,7 @@ class Page(HTMLParser):
         self.urls: list[str] = []
         self.active: list[str] = []
         self.text: list[str] = []
+        self.title = self.heading = self.style = ""
         self._tag = ""
         self._cell: list[str] | None = None
         self.feed(text)
@@ -57,6 +75,12 @@ class Page(HTMLParser):
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+        if self._tag == "title":
+            self.title += data
+        elif self._tag == "h1":
+            self.heading += data
+        elif self._tag == "style":
+            self.style += data
         if self._cell is not None:
             self._cell.append(data)
         if self._tag == "h2" and data.strip():
@@ -84,8 +108,11 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     try:
         run_dir = tmp_path_factory.mktemp("report") / "run"
-        overrides = ("strategy=dpfedavg", "strategy.dp.noise_multiplier=0.5", "engine.test=true")
-        fake_run(run_dir, *overrides, rounds=3)
+        hydra_file = run_dir / OVERRIDES_FILE  # as `fl-imaging` (Hydra) leaves it
+        hydra_file.parent.mkdir(parents=True)
+        typed = ("experiment=quick", "engine.rounds=3", "engine.num_sites=3", *OVERRIDES)
+        hydra_file.write_text("".join(f"- {o}\n" for o in typed))
+        fake_run(run_dir, *OVERRIDES, rounds=3)
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     return run_dir
@@ -121,7 +148,11 @@ def test_the_run_writes_a_self_contained_page(run: Path) -> None:
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)
         assert base64.b64decode(src[len(prefix) :]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert page.heading == NAME and page.title == f"{NAME} (run)"  # what it is, not a date
+    assert (run / "summary.txt").read_text().splitlines()[0] == f"run: {NAME}"
+    assert "white-space: pre-wrap" in page.style  # summary lines wrap, none is cut off
     text = page.all_text
+    assert "fl-imaging run run, in /" in text  # the folder it was written in
     assert "Audit chain verified" in text and "completed after round 3 of 3" in text
     assert "(audit.jsonl, 6 records)" in text  # run_start, 3 rounds, test_round, run_end
     assert "fl-imaging-audit verify" in text
@@ -173,22 +204,54 @@ def test_the_page_holds_the_run_s_figures(run: Path) -> None:
 
 
 def test_cross_site_results_and_contributions_are_embedded_when_present(run: Path) -> None:
-    with (run / "cross_site.csv").open("w", newline="") as handle:
-        csv.writer(handle).writerows(
-            [
-                ["model of", "site-1", "site-2"],
-                ["site-1", "0.91", "0.62"],
-                ["site-2", "0.55", "0.88"],
-            ]
-        )
+    scores = {("global", "site-1"): 0.7, ("global", "site-2"): 0.6, ("site-1", "site-1"): 0.91}
+    scores |= {("site-1", "site-2"): 0.62, ("site-2", "site-1"): 0.55, ("site-2", "site-2"): 0.88}
+    kinds = {"global": "global model"} | {
+        s: f"fine-tuned 1 epoch(s) at {s}" for s in ("site-1", "site-2")
+    }
+    rows = [
+        CrossSiteRow(model, kinds[model], site, metric, value - shift, 4 + int(site[-1]))
+        for (model, site), value in scores.items()
+        for metric, shift in (("test_dice", 0.0), ("dice", 0.0), ("loss", -1.0))
+    ]
+    write_cross_site(rows, run / "cross_site.csv")
     shutil.copy(run / "curves.png", run / "cross_site.png")
     (run / "contributions.csv").write_text("site,contribution\nsite-1,0.4\nsite-2,0.6\n")
-    write_report(run)
+    write_report(run, main_metric="dice")
     page = Page((run / REPORT_FILE).read_text())
     assert "Cross-site evaluation" in page.sections and "Site contributions" in page.sections
-    assert page.table_with("model of")[2] == ["site-2", "0.55", "0.88"]
+    # a matrix per metric, the main one first: models down, sites across
+    matrices = [t for t in page.tables if t[0][0] == "model"]
+    assert len(matrices) == 3
+    assert matrices[0] == [
+        ["model", "site-1 (5 cases)", "site-2 (6 cases)"],
+        ["global model", "0.7000", "0.6000"],
+        ["fine-tuned 1 epoch(s) at site-1", "0.9100", "0.6200"],
+        ["fine-tuned 1 epoch(s) at site-2", "0.5500", "0.8800"],
+    ]
+    assert "<h3>test dice</h3><table>" in (run / REPORT_FILE).read_text()
+    assert matrices[1][1] == ["global model", "1.7000", "1.6000"]  # loss, then test_dice
     assert page.table_with("site", "contribution")[1:] == [["site-1", "0.4"], ["site-2", "0.6"]]
     assert len(page.images) == 3 and all(s.startswith("data:image/png") for s in page.images)
+
+
+def test_site_results_show_devices_by_name_and_flags_as_yes_or_no(tmp_path: Path) -> None:
+    rows = [MetricRow(1, AGGREGATE_SITE, "train_loss", 0.5)]
+    for site, device, flag in (("site-1", -1.0, 0.0), ("site-2", 1.0, 1.0)):
+        rows += [
+            MetricRow(1, site, "device", device),
+            MetricRow(1, site, "malicious", flag),
+            MetricRow(1, site, "mixed_precision", 1.0 - flag),
+            MetricRow(1, site, "dice", 0.5),
+        ]
+    write_metrics(rows, tmp_path / "metrics.csv")
+    page = Page(render_report(tmp_path, "dice"))
+    assert page.table_with("site", "device") == [
+        ["site", "device", "dice", "malicious", "mixed_precision"],
+        ["site-1", "cpu", "0.5000", "no", "yes"],
+        ["site-2", "cuda:1", "0.5000", "yes", "no"],
+    ]
+    assert page.heading == f"fl-imaging run {tmp_path.name}"  # no config.yaml: its folder
 
 
 def test_a_run_that_no_longer_verifies_says_so_and_why(run: Path) -> None:

@@ -29,7 +29,9 @@ __all__ = [
     "CrossSiteRow",
     "contributions_line",
     "cross_site_line",
+    "cross_site_matrix",
     "plot_cross_site",
+    "read_cross_site",
     "write_contributions",
     "write_cross_site",
 ]
@@ -89,8 +91,23 @@ def write_cross_site(rows: list[CrossSiteRow], path: Path) -> Path:
     return write_atomically(path, lambda handle: handle.write(data))
 
 
-def _matrix(rows: list[CrossSiteRow], metric: str) -> tuple[list[str], list[str], dict]:
-    """Models (global first), sites, and (model, site) -> value of ``metric``."""
+def read_cross_site(path: Path) -> list[CrossSiteRow]:
+    """The rows of a cross_site.csv that :func:`write_cross_site` wrote. Raises ``OSError``,
+    and ``KeyError`` or ``ValueError`` for a file of another layout."""
+    with path.open(newline="") as handle:
+        return [
+            CrossSiteRow(
+                r["model"], r["kind"], r["site"], r["metric"], float(r["value"]), int(r["cases"])
+            )
+            for r in csv.DictReader(handle)
+        ]
+
+
+def cross_site_matrix(
+    rows: list[CrossSiteRow], metric: str
+) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
+    """The ``metric`` matrix of ``rows``: the models (``global`` first, then by name), the
+    sites that scored them (by name), and (model, site) -> value (absent: not scored)."""
     chosen = [r for r in rows if r.metric == metric]
     models = sorted({r.model for r in chosen}, key=lambda m: (m != GLOBAL_MODEL, m))
     sites = sorted({r.site for r in chosen})
@@ -108,7 +125,7 @@ def plot_cross_site(rows: list[CrossSiteRow], metric: str, path: Path) -> Path:
     import numpy as np
     from matplotlib.patches import Rectangle
 
-    models, sites, values = _matrix(rows, metric)
+    models, sites, values = cross_site_matrix(rows, metric)
     grid = np.array([[values.get((m, s), math.nan) for s in sites] for m in models], dtype=float)
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * max(len(sites), 1), 1.2 + 0.55 * len(models)))
     bounded = metric != "loss" and not metric.endswith("loss")
@@ -150,7 +167,7 @@ def _mean(values: list[float]) -> float:
 def cross_site_line(rows: list[CrossSiteRow], metric: str) -> str:
     """The summary line of cross-site evaluation: the global model's mean ``metric`` over the
     sites, and the site models' mean at their own site and at the other sites."""
-    models, sites, values = _matrix(rows, metric)
+    models, sites, values = cross_site_matrix(rows, metric)
     if not values:
         return f"cross-site evaluation: no site sent a test {metric} (see the failures above)"
     own = [values[(m, m)] for m in models if (m, m) in values]

@@ -2,14 +2,15 @@
 protection officer) needs to see about a run, in one self-contained file.
 
 Built from the run folder's own files, so it can be rebuilt for any run (``write_report``):
-the outcome and the audit chain's status (:func:`fl_imaging.review.audit.verify_run`), what each
-party
-could learn (from ``summary.txt``), the per-round table with the sites asked and answering, each
-update's verdict, the curves, per-site results (validation and test round), the privacy spent
-over rounds, the cross-site matrix and contributions when their files exist, failures, where
-the run is tracked, the summary and the config. Images are PNG data URIs; no script, style sheet,
-font or image is fetched from anywhere.
-"""
+the run's name in the header (:func:`fl_imaging.review.run_name.run_folder_name`: strategy,
+data, model and the user's overrides), the outcome and the audit chain's status
+(:func:`fl_imaging.review.audit.verify_run`), what each party could learn (from
+``summary.txt``), the per-round table with the sites asked and answering, each update's
+verdict, the curves, per-site results (validation and test round; devices by name, flags as
+yes/no), the privacy spent over rounds, the cross-site evaluation as a matrix of models by
+sites and the contributions when their files exist, failures, where the run is tracked, the
+summary and the config. Images are PNG data URIs; no script, style sheet, font or image is
+fetched from anywhere."""
 
 from __future__ import annotations
 
@@ -24,8 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from fl_imaging.common.atomic import write_atomically
+from fl_imaging.config.devices import DEVICE_METRIC, MIXED_PRECISION_METRIC, device_name
+from fl_imaging.evaluation.files import GLOBAL_MODEL, cross_site_matrix, read_cross_site
+from fl_imaging.flower.protocol import MALICIOUS
 from fl_imaging.review.audit import AUDIT_FILE, AuditFileMissing, Verification, verify_run
 from fl_imaging.review.results import AGGREGATE_SITE, MetricRow, read_metrics
+from fl_imaging.review.run_name import run_folder_name
 
 __all__ = ["REPORT_FILE", "render_report", "write_report"]
 
@@ -44,6 +49,9 @@ LEARN_PREFIXES = (
     "cross-site",
     "site contributions",
 )
+#: Per-site metrics that are yes (1) or no (0): a simulated malicious site, mixed precision,
+#: an update in the secure sum (``secagg_summed``, strategies/recording.py).
+FLAG_METRICS = (MALICIOUS, MIXED_PRECISION_METRIC, "secagg_summed")
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
@@ -51,7 +59,10 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
 th { background: #f0f0f0; } td.l, th.l { text-align: left; }
-pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
+pre { background: #f7f7f7; padding: 0.8em; font-size: 0.8em; white-space: pre-wrap;
+      overflow-wrap: anywhere; }
+p.run { color: #555; margin-top: -0.5em; }
+td.own { font-weight: bold; }
 .ok { background: #e3f4e3; border: 1px solid #5a5; padding: 0.6em; }
 .bad { background: #fbe3e3; border: 1px solid #c55; padding: 0.6em; }
 .rejected { color: #b00; font-weight: bold; } .flagged { color: #b60; }
@@ -69,6 +80,19 @@ def _fmt(value: float | None) -> str:
     if math.isinf(value) or abs(value) >= 1e4 or value == int(value):
         return f"{value:.4g}"
     return f"{value:.4f}"
+
+
+def _readable(metric: str, value: float | None) -> str:
+    """A per-site value as a person reads it: the device's name (``cpu``, ``cuda:0``) for
+    :data:`~fl_imaging.config.devices.DEVICE_METRIC`, ``yes``/``no`` for
+    :data:`FLAG_METRICS`, else the number (:func:`_fmt`)."""
+    if value is None or math.isnan(value):
+        return "-"
+    if metric == DEVICE_METRIC:
+        return device_name(value)
+    if metric in FLAG_METRICS and value in (0.0, 1.0):
+        return "yes" if value else "no"
+    return _fmt(value)
 
 
 def _table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
@@ -219,9 +243,45 @@ def _site_results(rows: list[MetricRow], sites: list[str]) -> str:
     parts = []
     for title, names in (("latest round (validation)", validation), ("test round", test)):
         if names:
-            lines = [[s, *(_fmt(last.get((s, m), (0, None))[1]) for m in names)] for s in sites]
+            lines = [
+                [s, *(_readable(m, last.get((s, m), (0, None))[1]) for m in names)] for s in sites
+            ]
             parts.append(f"<h3>{_e(title)}</h3>" + _table(["site", *names], lines))
     return "".join(parts) or "<p>No per-site result.</p>"
+
+
+def _cross_site_tables(path: Path, main_metric: str) -> str:
+    """cross_site.csv as one matrix per metric (the main one first): a row per model (how it
+    was made), a column per site that scored it (with its test cases), each site's own model
+    at its own site in bold."""
+    try:
+        rows = read_cross_site(path)
+    except (OSError, KeyError, ValueError) as err:
+        return f"<p>{_e(path.name)} cannot be read: {_e(err)}</p>"
+    if not rows:
+        return f"<p>{_e(path.name)} holds no score.</p>"
+    kinds = {r.model: r.kind for r in rows}
+    cases = {r.site: r.cases for r in rows}
+    metrics = sorted({r.metric for r in rows}, key=lambda m: (m != main_metric, m))
+    out = []
+    for metric in metrics:
+        models, sites, values = cross_site_matrix(rows, metric)
+        header = "".join(f"<th>{_e(s)} ({cases[s]} cases)</th>" for s in sites)
+        body = ""
+        for model in models:
+            label = "global model" if model == GLOBAL_MODEL else kinds.get(model, model)
+            cells = "".join(
+                ('<td class="own">' if model == site else "<td>")
+                + _e(_fmt(values.get((model, site))))
+                + "</td>"
+                for site in sites
+            )
+            body += f'<tr><td class="l">{_e(label)}</td>{cells}</tr>'
+        out.append(
+            f"<h3>test {_e(metric)}</h3>"
+            f'<table><tr><th class="l">model</th>{header}</tr>{body}</table>'
+        )
+    return "".join(out)
 
 
 def _epsilon_plot(rows: list[MetricRow]) -> str:
@@ -296,7 +356,7 @@ def render_report(run_dir: Path, main_metric: str | None = None) -> str:
     if (run_dir / "cross_site.png").is_file():
         cross += _png((run_dir / "cross_site.png").read_bytes(), "cross-site evaluation")
     if (run_dir / "cross_site.csv").is_file():
-        cross += _csv_table(run_dir / "cross_site.csv")
+        cross += _cross_site_tables(run_dir / "cross_site.csv", metric)
     if cross:
         sections.append(("Cross-site evaluation", cross))
     if (run_dir / "contributions.csv").is_file():
@@ -314,11 +374,12 @@ def render_report(run_dir: Path, main_metric: str | None = None) -> str:
     sections.append(("Summary (summary.txt)", f"<pre>{_e(summary)}</pre>"))
     sections.append(("Config (config.yaml)", f"<pre>{_e(_read(run_dir / 'config.yaml'))}</pre>"))
     body = "".join(f'<h2 id="{_e(_slug(t))}">{_e(t)}</h2>{content}' for t, content in sections)
-    title = f"fl-imaging run {run_dir.name}"
+    name = run_folder_name(run_dir) or f"fl-imaging run {run_dir.name}"
     return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-        f"<style>{_STYLE}</style></head><body><h1>{_e(title)}</h1>"
-        f"<p>{_e(run_dir)}</p>{body}</body></html>\n"
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(name)} ({_e(run_dir.name)})</title><style>{_STYLE}</style></head><body>"
+        f'<h1>{_e(name)}</h1><p class="run">fl-imaging run {_e(run_dir.name)}, in '
+        f"{_e(run_dir)}</p>{body}</body></html>\n"
     )
 
 
