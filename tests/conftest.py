@@ -6,14 +6,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 
 @pytest.fixture
 def task_identity() -> Iterator[None]:
-    """Flower 1.41 builds instruction Messages from TaskIdentity, set by its runtime: fake it."""
+    """Flower 1.41 builds instruction Messages from TaskIdentity, set by its runtime: fake it
+    (the ServerApp's: run 1, sent from the SuperLink's node)."""
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 

@@ -9,13 +9,12 @@ bytes (slow: with FedBN and through a resume).
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_runs import run_cli
 from flower_fakes import Arrays, FakeGrid, FakeTrainer, numpy_of, record
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
@@ -226,14 +225,13 @@ def compressed_round(
     grid = FakeGrid(len(sites), lambda n, r, s: s)
     messages = strategy.configure_train(1, record(global_arrays), ConfigRecord(), grid)  # type: ignore[attr-defined]
     plain, packed = [], []
-    for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
-        node = msg.metadata.dst_node_id
+    for msg in sorted(messages, key=lambda m: grid.site_of[m.metadata.dst_node_id]):
+        site = grid.site_of[msg.metadata.dst_node_id]
         reply = site_reply(
-            msg, f"site-{node}", {"num-examples": weights[node - 1]}, record(sites[node - 1])
+            msg, f"site-{site}", {"num-examples": weights[site - 1]}, record(sites[site - 1])
         )
         plain.append(reply)
-        context = Context(1, node, {}, RecordDict(), {})
-        packed.append(compress_reply(msg, reply, context, codec))
+        packed.append(compress_reply(msg, reply, grid.context_of(site), codec))
     return plain, packed
 
 
@@ -342,21 +340,14 @@ def test_config_keys_and_their_checks() -> None:
 
 
 def test_the_command_exits_2_on_compression_with_secure_aggregation(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "strategy.compression=topk",
-            "strategy.secagg.enabled=true",
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_cli(
+        "fl-imaging",
+        "experiment=quick",
+        "strategy.compression=topk",
+        "strategy.secagg.enabled=true",
         cwd=tmp_path,
-        timeout=120,
+        expect=2,
     )
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "strategy.compression=topk with strategy.secagg.enabled=true" in proc.stderr
     assert not (tmp_path / "demo-data").exists()  # refused before anything was generated
 
@@ -448,22 +439,15 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def fl_imaging(folder: Path, demo: Path, *overrides: str) -> list:
     """Run ``fl-imaging experiment=quick`` with ``overrides`` into ``folder``; its metric rows."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            *overrides,
-            f"data.root={demo}",
-            f"hydra.run.dir={folder}",
-        ],
-        capture_output=True,
-        text=True,
+    run_cli(
+        "fl-imaging",
+        "experiment=quick",
+        *overrides,
+        f"data.root={demo}",
+        f"hydra.run.dir={folder}",
         cwd=folder.parent,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return read_metrics(folder / "metrics.csv")
 
 

@@ -6,11 +6,10 @@ and the matrix's diagonal is each site's own test round figure. Slow; every wait
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import run_cli
 
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.deploy.local import start_local
@@ -36,19 +35,18 @@ def test_cross_site_matrix_and_contributions_in_a_deployment(tmp_path: Path) -> 
             "engine.contributions=true",
             "engine.finetune_epochs=1",
         )
-        run = subprocess.run(
-            [sys.executable, "-m", "fl_imaging.cli", *args, f"hydra.run.dir={tmp_path / 'run'}"],
-            capture_output=True,
-            text=True,
+        run_cli(
+            "fl-imaging",
+            *args,
+            f"hydra.run.dir={tmp_path / 'run'}",
+            cwd=tmp_path,
             env=flower_env(tmp_path / "flwr-home", {"HOME": str(tmp_path)}),
-            timeout=400,
         )
         logs = {name: "".join(p.log_text() for p in fed.site_processes[name]) for name in fed.specs}
     finally:
         procs = fed.processes
         fed.stop()
         assert not any(p.alive() for p in procs)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "run"
     tested = {(r.site, r.metric): r.value for r in read_metrics(out / "metrics.csv")}
     with (out / "cross_site.csv").open(newline="") as handle:

@@ -7,14 +7,13 @@ mid-run, and secure aggregation across the real processes. All slow; every wait 
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_runs import run_cli, started_cli
 from runtime_intruder import AUTHENTICATION_FAILED, Answer, acquire_plain
 
 from fl_imaging.data.demo import make_demo_data
@@ -55,9 +54,10 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         assert not any(p.alive() for p in procs)
 
 
-def _fl_imaging(fed: LocalFederation, run_dir: Path, *overrides: str) -> list[str]:
-    args = fed.fl_imaging_args("experiment=quick", *overrides)
-    return [sys.executable, "-m", "fl_imaging.cli", *args, f"hydra.run.dir={run_dir}"]
+def _fl_imaging_args(fed: LocalFederation, run_dir: Path, *overrides: str) -> list[str]:
+    """The arguments of ``fl-imaging experiment=quick`` with ``overrides`` on ``fed`` into
+    ``run_dir``."""
+    return [*fed.fl_imaging_args("experiment=quick", *overrides), f"hydra.run.dir={run_dir}"]
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -94,17 +94,15 @@ def test_three_sites_two_rounds_each_site_reads_only_its_folder(
     intruder = _Intruder(addresses)
     intruder.start()
     try:
-        run = subprocess.run(
-            _fl_imaging(federation, tmp_path / "run"),
-            capture_output=True,
-            text=True,
+        run = run_cli(
+            "fl-imaging",
+            *_fl_imaging_args(federation, tmp_path / "run"),
+            cwd=tmp_path,
             env=_env(tmp_path),
-            timeout=300,
         )
     finally:
         intruder.done.set()
         intruder.join(timeout=30)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     # Meanwhile, every try of the intruder was refused by Flower's SuperExec authentication.
     assert {address for address, _ in intruder.answers} == set(addresses)
     refused = Answer(401, AUTHENTICATION_FAILED)
@@ -194,15 +192,9 @@ def test_a_site_killed_in_round_2_is_recorded_and_used_again_when_back(
     victim = "site-3"
     clientapp = federation.site_processes[victim][-1]  # its long-lived ClientApp process
     seen = len(clientapp.log_text())  # it served the other test's run already
-    run = subprocess.Popen(
-        _fl_imaging(federation, tmp_path / "run", "engine.rounds=16", "engine.min_sites=2"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_env(tmp_path),
-    )
+    args = _fl_imaging_args(federation, tmp_path / "run", "engine.rounds=16", "engine.min_sites=2")
     restarted = threading.Event()
-    try:
+    with started_cli("fl-imaging", *args, cwd=tmp_path, env=_env(tmp_path)) as run:
         deadline = time.monotonic() + 180
         while "round 2 epoch 1" not in clientapp.log_text()[seen:]:
             assert time.monotonic() < deadline and run.poll() is None, "round 2 never started"
@@ -215,10 +207,6 @@ def test_a_site_killed_in_round_2_is_recorded_and_used_again_when_back(
 
         threading.Thread(target=come_back, daemon=True).start()
         output, _ = run.communicate(timeout=300)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
     assert run.returncode == 0, output[-4000:]
     assert restarted.wait(timeout=60)
     summary = (tmp_path / "run" / "summary.txt").read_text()
@@ -250,20 +238,14 @@ def test_dp_fedavg_on_secure_aggregation_across_real_processes(
     summed, the accountant's epsilon, and each site's own record agreeing with the audit log."""
     import dp_accounting
 
-    run = subprocess.run(
-        _fl_imaging(
-            federation,
-            tmp_path / "secure",
-            "strategy=dpfedavg",
-            "strategy.dp.mode=client_fixed",
-            "strategy.secagg.enabled=true",
-        ),
-        capture_output=True,
-        text=True,
-        env=_env(tmp_path),
-        timeout=300,
+    args = _fl_imaging_args(
+        federation,
+        tmp_path / "secure",
+        "strategy=dpfedavg",
+        "strategy.dp.mode=client_fixed",
+        "strategy.secagg.enabled=true",
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_cli("fl-imaging", *args, cwd=tmp_path, env=_env(tmp_path))
     summary = (tmp_path / "secure" / "summary.txt").read_text()
     assert "only the sum of 3 sites' updates in every round" in summary
     assert "holds the un-noised sum" in summary
@@ -277,22 +259,11 @@ def test_dp_fedavg_on_secure_aggregation_across_real_processes(
     epsilon = next(r.value for r in rows if r.metric == "epsilon" and r.round == 2)
     assert epsilon == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-3)
     for name, spec in federation.specs.items():
-        check = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fl_imaging.cli.audit",
-                "site",
-                str(tmp_path / "secure"),
-                "--record",
-                str(spec.state_dir / "site-record.jsonl"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
+        record = spec.state_dir / "site-record.jsonl"
+        check = run_cli(
+            "fl-imaging-audit", "site", tmp_path / "secure", "--record", record, cwd=tmp_path
         )
-        assert check.returncode == 0, (name, check.stdout + check.stderr)
-        assert "they agree" in check.stdout
+        assert "they agree" in check.stdout, name
 
 
 @pytest.mark.slow
@@ -305,30 +276,22 @@ def test_secure_aggregation_with_a_site_lost_in_round_2(
     victim = "site-3"
     clientapp = federation.site_processes[victim][-1]
     seen = len(clientapp.log_text())
-    lost = subprocess.Popen(
-        _fl_imaging(
-            federation,
-            tmp_path / "lost",
-            "strategy.secagg.enabled=true",
-            "engine.rounds=4",
-            "engine.min_sites=2",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_env(tmp_path),
+    args = _fl_imaging_args(
+        federation,
+        tmp_path / "lost",
+        "strategy.secagg.enabled=true",
+        "engine.rounds=4",
+        "engine.min_sites=2",
     )
     try:
-        deadline = time.monotonic() + 180
-        while "round 2 epoch 1" not in clientapp.log_text()[seen:]:
-            assert time.monotonic() < deadline and lost.poll() is None, "round 2 never started"
-            time.sleep(0.2)
-        federation.kill_site(victim, signal.SIGKILL)
-        output, _ = lost.communicate(timeout=400)
+        with started_cli("fl-imaging", *args, cwd=tmp_path, env=_env(tmp_path)) as lost:
+            deadline = time.monotonic() + 180
+            while "round 2 epoch 1" not in clientapp.log_text()[seen:]:
+                assert time.monotonic() < deadline and lost.poll() is None, "round 2 never began"
+                time.sleep(0.2)
+            federation.kill_site(victim, signal.SIGKILL)
+            output, _ = lost.communicate(timeout=400)
     finally:
-        if lost.poll() is None:
-            lost.kill()
-            lost.wait()
         federation.start_site(victim, timeout=150)  # back for the module's other tests
     assert lost.returncode == 0, output[-4000:]
     rows = read_metrics(tmp_path / "lost" / "metrics.csv")

@@ -19,8 +19,6 @@ import torch
 from flower_fakes import Arrays, FakeGrid, FakeTrainer, numpy_of, record
 from flwr.app import (
     ConfigRecord,
-    Context,
-    RecordDict,
 )
 from flwr.serverapp import PrivacyConfig, RdpAccountant
 from flwr.serverapp.exception import PrivacyBudgetExhausted
@@ -264,17 +262,16 @@ def test_client_fixed_mode_clips_the_site_update_to_the_clipping_norm(
     assert isinstance(strategy.inner, DifferentialPrivacyClientSideFixedClipping)
     global_arrays = {"w": np.zeros((40, 50), np.float32), "b": np.ones(10, np.float32)}
     # the server's train message, with the clipping norm the DP wrapper puts in its config
-    (msg,) = strategy.configure_train(
-        1, record(global_arrays), ConfigRecord(), FakeGrid(1, lambda n, r, s: s, site_metrics)
-    )
+    grid = FakeGrid(1, lambda n, r, s: s, site_metrics)
+    (msg,) = strategy.configure_train(1, record(global_arrays), ConfigRecord(), grid)
     trainer = FakeTrainer(shift)
     trainers = SiteTrainers(build=lambda run_cfg, site, label_transforms: trainer)
-    context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
-    out = client_app.build_client_app(cfg, trainers)(msg, context)
+    out = client_app.build_client_app(cfg, trainers)(msg, grid.context_of(1))
     assert not out.has_error(), out.error.reason if out.has_error() else ""
+    assert trainer.fits == [cfg.task.local_epochs]
     sent = numpy_of(out.content["arrays"])
     update = np.sqrt(sum(np.sum((sent[k] - global_arrays[k]) ** 2) for k in global_arrays))
-    honest = shift * np.sqrt(40 * 50 + 10)
+    honest = cfg.task.local_epochs * shift * np.sqrt(40 * 50 + 10)  # shift per epoch
     assert update == pytest.approx(0.5 if clipped else honest, rel=1e-5)
     # a scaled copy of the site's update: every weight moved by the same amount
     moved = np.concatenate([(sent[k] - global_arrays[k]).ravel() for k in global_arrays])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flower_fakes import FakeGrid
+from flower_fakes import Answer, FakeGrid
 from flwr.app import Error, Message, MessageType, RecordDict
 
 from fl_imaging.config import RunConfig
@@ -54,18 +54,14 @@ class BrokenSiteGrid(FakeGrid):
         super().__init__(nodes, lambda node, rnd, sent: sent)
         self.broken = broken
 
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        messages = list(messages)
-        good = [m for m in messages if m.metadata.dst_node_id != self.broken]
-        replies = list(super().send_and_receive(good, timeout=timeout))
-        for msg in messages:
-            if msg.metadata.dst_node_id == self.broken:
-                try:
-                    with site_errors(f"site-{self.broken}"):
-                        raise OSError(f"/data/site-{self.broken}/images: Input/output error")
-                except SiteError as err:
-                    replies.append(Message(Error(0, f"{type(err)}:<'{err}'>"), reply_to=msg))
-        return replies
+    def answer(self, msg: Message, site: int) -> Answer:
+        if site != self.broken:
+            return super().answer(msg, site)
+        try:
+            with site_errors(f"site-{site}"):
+                raise OSError(f"/data/site-{site}/images: Input/output error")
+        except SiteError as err:
+            return Message(Error(0, f"{type(err)}:<'{err}'>"), reply_to=msg)
 
 
 def _cfg(tmp_path: Path, *overrides: str) -> RunConfig:
