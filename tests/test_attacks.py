@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import run_cli
+from local_runs import local_run
 from torch import nn
 
 from fl_imaging.config import AttackConfig, AttackName
@@ -205,17 +205,14 @@ def test_proximal_term_leaves_frozen_parameters_out() -> None:
 # --- end to end: the metrics say who attacked ------------------------------------------------
 
 
-@pytest.mark.slow
-def test_engine_run_records_the_malicious_site_and_its_larger_update(tmp_path: Path) -> None:
-    run_cli(
-        "fl-imaging",
+def test_a_run_records_the_malicious_site_and_its_larger_update(tmp_path: Path) -> None:
+    local_run(
+        tmp_path / "run",
         "experiment=quick",
         "engine.rounds=1",
         "attack=signflip",
         "attack.sites=[1]",
         f"data.root={tmp_path / 'demo'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
     )
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     per_site = [r for r in rows if r.round == 1 and r.site != "all"]

@@ -18,6 +18,7 @@ from cli_runs import run_cli
 from flower_fakes import Arrays, FakeGrid, FakeTrainer, numpy_of, record
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+from local_runs import local_run
 
 from fl_imaging.benchmark.report import SiteResult, summarise
 from fl_imaging.compression.codec import (
@@ -428,7 +429,7 @@ def test_the_benchmark_summary_shows_bytes_up_per_site() -> None:
     assert int8.figures["mb_per_site"] == (2.25, 0.0)
 
 
-# --- real simulation runs (slow) ---------------------------------------------------------------
+# --- whole runs (the real sites in-process: local_runs.py) ------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -438,16 +439,9 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fl_imaging(folder: Path, demo: Path, *overrides: str) -> list:
-    """Run ``fl-imaging experiment=quick`` with ``overrides`` into ``folder``; its metric rows."""
-    run_cli(
-        "fl-imaging",
-        "experiment=quick",
-        *overrides,
-        f"data.root={demo}",
-        f"hydra.run.dir={folder}",
-        cwd=folder.parent,
-        timeout=600,
-    )
+    """Run ``experiment=quick`` with ``overrides`` into ``folder``, the real sites in-process
+    (:func:`local_runs.local_run`); its metric rows."""
+    local_run(folder, "experiment=quick", *overrides, f"data.root={demo}")
     return read_metrics(folder / "metrics.csv")
 
 
@@ -478,14 +472,7 @@ def bytes_rows(rows: list, metric: str) -> dict[tuple[int, str], float]:
     return {(r.round, r.site): r.value for r in rows if r.metric == metric}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("mode", "ratio"),
-    [  # fp16's codec is checked without a run; the run itself is the same as int8's
-        pytest.param("fp16", (2.0, 2.3), marks=pytest.mark.extended),
-        ("int8", (4.0, 4.3)),
-    ],
-)
+@pytest.mark.parametrize(("mode", "ratio"), [("fp16", (2.0, 2.3)), ("int8", (4.0, 4.3))])
 def test_a_real_run_sends_the_compressed_bytes(
     tmp_path: Path, demo_root: Path, mode: str, ratio: tuple[float, float]
 ) -> None:
@@ -503,7 +490,6 @@ def test_a_real_run_sends_the_compressed_bytes(
     assert dice and all(0 <= d <= 1 for d in dice)
 
 
-@pytest.mark.slow
 def test_topk_with_fedbn_sends_the_kept_entries_and_the_counters(
     tmp_path: Path, demo_root: Path
 ) -> None:
@@ -518,7 +504,6 @@ def test_topk_with_fedbn_sends_the_kept_entries_and_the_counters(
     assert all(math.isfinite(v) and v > 0 for v in norms.values())
 
 
-@pytest.mark.slow
 def test_a_compressed_run_resumes(tmp_path: Path, demo_root: Path) -> None:
     first = tmp_path / "first"
     fl_imaging(first, demo_root, "strategy.compression=int8", "engine.rounds=2")

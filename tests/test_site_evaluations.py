@@ -9,14 +9,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_runs import run_cli
 from flower_fakes import Answer, FakeGrid, numpy_of, record
 from flwr.app import (
     ArrayRecord,
@@ -29,6 +28,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian
+from local_runs import local_run
 
 from fl_imaging.config import ConfigError, RunConfig
 from fl_imaging.config.compose import check_overrides
@@ -425,14 +425,9 @@ def test_single_models_are_refused_with_secure_aggregation_and_dp(
 
 
 def test_fl_imaging_refuses_before_the_run_with_exit_2(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fl_imaging.cli", "engine.contributions=true", "strategy=dpfedavg"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
+    proc = run_cli(
+        "fl-imaging", "engine.contributions=true", "strategy=dpfedavg", cwd=tmp_path, expect=2
     )
-    assert proc.returncode == 2
     assert "engine.contributions=true computes leave-one-out aggregates" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -467,37 +462,27 @@ def test_the_chain_keeps_updates_only_when_asked(tmp_path: Path) -> None:
     assert not any(isinstance(n, LastUpdates) for n in wrapper_chain(plain.strategy))
 
 
-# --- a real simulation -----------------------------------------------------------------------
+# --- a whole run -----------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_simulated_run_with_a_noise_site(tmp_path: Path) -> None:
+def test_a_run_with_a_noise_site(tmp_path: Path) -> None:
     """3 demo sites, site-2 sends noise (attack=noise): it contributes least; the cross-site
-    diagonal is each site's test round figure (global: test_dice, own: finetuned_dice)."""
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "data.num_sites=3",
-            "data.cases_per_site=8",
-            "data.test_fraction=0.25",
-            f"data.root={tmp_path / 'demo'}",
-            "attack=noise",
-            "attack.sites=[1]",
-            "engine.cross_site=true",
-            "engine.contributions=true",
-            "engine.finetune_epochs=1",
-            f"hydra.run.dir={run}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=500,
+    diagonal is each site's test round figure (global: test_dice, own: finetuned_dice). The
+    real sites in-process (:mod:`local_runs`); across real Flower processes:
+    test_cross_site_deployment.py."""
+    run = local_run(
+        tmp_path / "run",
+        "experiment=quick",
+        "data.num_sites=3",
+        "data.cases_per_site=8",
+        "data.test_fraction=0.25",
+        f"data.root={tmp_path / 'demo'}",
+        "attack=noise",
+        "attack.sites=[1]",
+        "engine.cross_site=true",
+        "engine.contributions=true",
+        "engine.finetune_epochs=1",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     contributions = {r["site"]: float(r["contribution"]) for r in _csv(run / "contributions.csv")}
     assert min(contributions, key=contributions.__getitem__) == "site-2", contributions
     rows = read_metrics(run / "metrics.csv")

@@ -4,8 +4,6 @@ a site leaves out with data.exclude_bad_cases reach the site itself."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 from flower_fakes import Answer, FakeGrid
 from flwr.app import Error, Message, MessageType, RecordDict
+from local_runs import local_run
 
 from fl_imaging.config import RunConfig
 from fl_imaging.config.compose import check_overrides
@@ -121,27 +120,17 @@ def test_cases_left_out_by_the_coordinator_are_left_out_at_the_site(tmp_path: Pa
     assert broken not in ids and len(ids) == 5
 
 
-@pytest.mark.slow
 def test_exclude_bad_cases_trains_every_site_every_round(tmp_path: Path) -> None:
+    """A whole run with the real sites in-process (:mod:`local_runs`)."""
     sites = _broken_demo(tmp_path)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "data=folders",
-            f"data.sites=[{sites[0]},{sites[1]}]",
-            "data.exclude_bad_cases=true",
-            "task.roi_size=[16,16,16]",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=400,
+    local_run(
+        tmp_path / "run",
+        "experiment=quick",
+        "data=folders",
+        f"data.sites=[{sites[0]},{sites[1]}]",
+        "data.exclude_bad_cases=true",
+        "task.roi_size=[16,16,16]",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     trained = {(r.round, r.site) for r in rows if r.metric == "train_loss"}
     assert trained >= {(rnd, s) for rnd in (1, 2) for s in ("site-1", "site-2")}
