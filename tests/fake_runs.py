@@ -43,6 +43,8 @@ class TestedSites(FakeGrid):
     """:class:`FakeGrid` sites that also answer the test round (``engine.test``): site k scores
     ``test_dice`` 0.8 + k / 100 on 4 test cases."""
 
+    __test__ = False  # not a test class, whatever its name
+
     def answer(self, msg: Message, site: int) -> Answer:
         if msg.content["config"].get(EVAL_SPLIT) == "test":
             return site_reply(

@@ -327,8 +327,8 @@ class FakeTrainer:
                 for p in params.values():
                     p -= p.grad
             if log is not None:
-                log(f"epoch {epoch + 1}/{epochs}: loss {float(loss):.4f} (4 samples)")
-        return SimpleNamespace(loss=float(loss), num_samples=4)
+                log(f"epoch {epoch + 1}/{epochs}: loss {float(loss.detach()):.4f} (4 samples)")
+        return SimpleNamespace(loss=float(loss.detach()), num_samples=4)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The weights now, by their names in the state loaded."""

@@ -1,5 +1,6 @@
 """A coordinator that deviates from secure aggregation, against the sites' real handlers
-(:mod:`fl_imaging.secagg.site`) and, for a site that drops out, a real simulation. Each
+(:mod:`fl_imaging.secagg.site`) and, for a site that drops out, whole runs with the real sites
+in-process (:mod:`local_runs`). Each
 attack fails: the site refuses, or what the coordinator rebuilds of one site is uncorrelated
 with that site's true update (|r| < 0.05 over more than 10k values), while the same rebuild
 with the true secret (a positive control) gives the update back."""
@@ -19,6 +20,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+from local_runs import sites_in_process
 from secagg_fakes import SecureSites
 
 from fl_imaging.config import RunConfig, SecAggConfig, StrategyConfig
@@ -329,8 +331,7 @@ def _flat(arrays: object, keys: list[str]) -> np.ndarray:
     return np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in keys])  # type: ignore[index]
 
 
-@pytest.mark.slow
-def test_in_a_real_simulation_a_dropout_leaves_its_earlier_round_unreadable(
+def test_in_a_whole_run_a_dropout_leaves_its_earlier_round_unreadable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """3 sites, site-3 drops out of round 2: the round aggregates from the other two, and what
@@ -381,11 +382,13 @@ def test_in_a_real_simulation_a_dropout_leaves_its_earlier_round_unreadable(
         "attack.rounds=[2]",
     ]
     monkeypatch.setattr(FedAvg, "aggregate_train", plain_aggregate)
-    run(_config(base, tmp_path / "plain"))
+    with sites_in_process():  # the real sites, in this process (local_runs.py)
+        run(_config(base, tmp_path / "plain"))
     monkeypatch.setattr(FedAvg, "aggregate_train", fedavg_aggregate)
     monkeypatch.setattr(SecureAggregation, "_ask", watched_ask)
     monkeypatch.setattr(SecureAggregation, "aggregate_train", watched_aggregate)
-    run(_config([*base, "strategy.secagg.enabled=true"], tmp_path / "secure"))
+    with sites_in_process():
+        run(_config([*base, "strategy.secagg.enabled=true"], tmp_path / "secure"))
     rows = read_metrics(tmp_path / "secure" / "metrics.csv")
     summed = {r.round: r.value for r in rows if r.metric == "secagg_sites" and r.site == "all"}
     assert summed == {1: 3.0, 2: 2.0}  # round 2 aggregated from the two survivors
