@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files."""
+"""Fixtures shared by the test files (and, from deployment_fixtures.py, the session's
+federation of real Flower processes and the run on it: ``federation``, ``deployed_run``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from deployment_fixtures import deployed_run, federation  # noqa: F401 (fixtures, shared)
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
