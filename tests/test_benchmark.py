@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_runs import run_cli
 from local_runs import sites_in_process
 
 from fl_imaging.benchmark import runner
@@ -465,3 +466,17 @@ def test_plots_give_every_method_its_own_colour(tmp_path: Path) -> None:
         methods = [f"m{i}" for i in range(count)]
         colours = _colours(methods)
         assert list(colours) == methods and len(set(colours.values())) == count
+
+
+def test_fl_imaging_bench_lists_the_cells_as_a_command(tmp_path: Path) -> None:
+    """The command itself (its own process, :mod:`cli_runs`): ``--list`` names every cell of
+    the smoke preset, none of them run."""
+    proc = run_cli(
+        "fl-imaging-bench", "experiment=smoke", f"bench.out_dir={tmp_path}", "--list", cwd=tmp_path
+    )
+    listed = proc.stdout.splitlines()
+    assert len(listed) == len(SEEDS) * len(METHODS)
+    assert {line.split()[1] for line in listed} == {
+        f"demo/{m}/seed{s}" for m in METHODS for s in SEEDS
+    }
+    assert not list(tmp_path.glob("smoke/cells/*/*/*/*"))
