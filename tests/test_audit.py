@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runs import run_cli
 from fake_runs import evaluate_metrics, fake_run, shift, train_metrics
 from flower_fakes import Arrays, FakeGrid
 
@@ -305,3 +306,13 @@ def test_the_model_hash_does_not_depend_on_the_storage() -> None:
     assert arrays_sha256(a) == arrays_sha256(b)
     assert arrays_sha256(a) != arrays_sha256({**a, "w": a["w"].astype(np.float64)})
     assert arrays_sha256(a) != arrays_sha256({**a, "w": a["w"].reshape(3, 2)})
+
+
+def test_fl_imaging_audit_verify_as_a_command(run: Path) -> None:
+    """The command itself (its own process, :mod:`cli_runs`): 0 for the run as written, 1 once
+    a result file changed."""
+    proc = run_cli("fl-imaging-audit", "verify", run, cwd=run.parent)
+    assert "verified" in proc.stdout + proc.stderr
+    (run / "metrics.csv").write_text("round,site,metric,value\n")
+    proc = run_cli("fl-imaging-audit", "verify", run, cwd=run.parent, expect=1)
+    assert "metrics.csv" in proc.stdout + proc.stderr

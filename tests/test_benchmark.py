@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_runs import run_cli
+from local_runs import sites_in_process
 
 from fl_imaging.benchmark import runner
 from fl_imaging.benchmark.all_test_cases import ALL_TEST_CASES_FILE
@@ -66,13 +68,16 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Smoke:
-    """The smoke benchmark run once for this module (1.5-3 minutes on 2 cores), then rerun."""
+    """The smoke benchmark run once for this module, its federated cells with the real sites
+    in-process (:mod:`local_runs`; 15-20 s on 2 cores, against 1.5-3 minutes on Ray), then
+    rerun."""
     root = tmp_path_factory.mktemp("smoke")
     args = ["experiment=smoke", f"bench.out_dir={root / 'bench'}"]
     out = root / "bench" / "smoke"
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)  # the demo's data root is relative to the working directory
-        code = main(args)
+        with sites_in_process():
+            code = main(args)
         before = _cell_files(out)
         lines = _Lines()
         bench_log = logging.getLogger("fl_imaging.bench")
@@ -461,3 +466,17 @@ def test_plots_give_every_method_its_own_colour(tmp_path: Path) -> None:
         methods = [f"m{i}" for i in range(count)]
         colours = _colours(methods)
         assert list(colours) == methods and len(set(colours.values())) == count
+
+
+def test_fl_imaging_bench_lists_the_cells_as_a_command(tmp_path: Path) -> None:
+    """The command itself (its own process, :mod:`cli_runs`): ``--list`` names every cell of
+    the smoke preset, none of them run."""
+    proc = run_cli(
+        "fl-imaging-bench", "experiment=smoke", f"bench.out_dir={tmp_path}", "--list", cwd=tmp_path
+    )
+    listed = proc.stdout.splitlines()
+    assert len(listed) == len(SEEDS) * len(METHODS)
+    assert {line.split()[1] for line in listed} == {
+        f"demo/{m}/seed{s}" for m in METHODS for s in SEEDS
+    }
+    assert not list(tmp_path.glob("smoke/cells/*/*/*/*"))

@@ -13,8 +13,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +27,7 @@ from checkpoint_helpers import (
     save,
     train_round,
 )
+from cli_runs import run_cli
 from flower_fakes import FakeGrid
 
 import fl_imaging.flower.coordinator.checkpoint_files as checkpoint_files
@@ -285,10 +284,9 @@ def test_a_full_disk_while_writing_the_results_names_the_folder_and_the_file(
     assert after["model.pt"] == before["model.pt"]  # the earlier model.pt is whole
 
 
-#: ``fl-imaging`` whose run stops as a full disk stops it (run in a process of its own: Hydra
+#: Makes ``fl-imaging``'s run stop as a full disk stops it (run in a process of its own: Hydra
 #: takes over logging in the process it runs in).
-FULL_DISK_CLI = """
-import sys
+FULL_DISK = """
 import fl_imaging.cli.main as cli
 from fl_imaging.review.results import RunFolderError
 
@@ -296,21 +294,15 @@ def run(cfg):
     raise RunFolderError(f"could not write the run's results into {cfg.run_dir}: full")
 
 cli.run = run
-sys.argv = ["fl-imaging", *sys.argv[1:]]
-cli.main()
 """
 
 
 def test_fl_imaging_exits_2_with_the_message_when_the_run_folder_cannot_be_written(
     tmp_path: Path,
 ) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", FULL_DISK_CLI, f"hydra.run.dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_cli(
+        "fl-imaging", f"hydra.run.dir={tmp_path}", cwd=tmp_path, prelude=FULL_DISK, expect=2
     )
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 2, output[-3000:]
     assert f"[ERROR] - could not write the run's results into {tmp_path}: full" in output
     assert "Traceback" not in output

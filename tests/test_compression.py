@@ -9,16 +9,16 @@ bytes (slow: with FedBN and through a resume).
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_runs import run_cli
 from flower_fakes import Arrays, FakeGrid, FakeTrainer, numpy_of, record
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+from local_runs import local_run
 
 from fl_imaging.benchmark.report import SiteResult, summarise
 from fl_imaging.compression.codec import (
@@ -226,14 +226,13 @@ def compressed_round(
     grid = FakeGrid(len(sites), lambda n, r, s: s)
     messages = strategy.configure_train(1, record(global_arrays), ConfigRecord(), grid)  # type: ignore[attr-defined]
     plain, packed = [], []
-    for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
-        node = msg.metadata.dst_node_id
+    for msg in sorted(messages, key=lambda m: grid.site_of[m.metadata.dst_node_id]):
+        site = grid.site_of[msg.metadata.dst_node_id]
         reply = site_reply(
-            msg, f"site-{node}", {"num-examples": weights[node - 1]}, record(sites[node - 1])
+            msg, f"site-{site}", {"num-examples": weights[site - 1]}, record(sites[site - 1])
         )
         plain.append(reply)
-        context = Context(1, node, {}, RecordDict(), {})
-        packed.append(compress_reply(msg, reply, context, codec))
+        packed.append(compress_reply(msg, reply, grid.context_of(site), codec))
     return plain, packed
 
 
@@ -342,21 +341,14 @@ def test_config_keys_and_their_checks() -> None:
 
 
 def test_the_command_exits_2_on_compression_with_secure_aggregation(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "strategy.compression=topk",
-            "strategy.secagg.enabled=true",
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_cli(
+        "fl-imaging",
+        "experiment=quick",
+        "strategy.compression=topk",
+        "strategy.secagg.enabled=true",
         cwd=tmp_path,
-        timeout=120,
+        expect=2,
     )
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "strategy.compression=topk with strategy.secagg.enabled=true" in proc.stderr
     assert not (tmp_path / "demo-data").exists()  # refused before anything was generated
 
@@ -437,7 +429,7 @@ def test_the_benchmark_summary_shows_bytes_up_per_site() -> None:
     assert int8.figures["mb_per_site"] == (2.25, 0.0)
 
 
-# --- real simulation runs (slow) ---------------------------------------------------------------
+# --- whole runs (the real sites in-process: local_runs.py) ------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -447,23 +439,9 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fl_imaging(folder: Path, demo: Path, *overrides: str) -> list:
-    """Run ``fl-imaging experiment=quick`` with ``overrides`` into ``folder``; its metric rows."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            *overrides,
-            f"data.root={demo}",
-            f"hydra.run.dir={folder}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=folder.parent,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """Run ``experiment=quick`` with ``overrides`` into ``folder``, the real sites in-process
+    (:func:`local_runs.local_run`); its metric rows."""
+    local_run(folder, "experiment=quick", *overrides, f"data.root={demo}")
     return read_metrics(folder / "metrics.csv")
 
 
@@ -494,14 +472,7 @@ def bytes_rows(rows: list, metric: str) -> dict[tuple[int, str], float]:
     return {(r.round, r.site): r.value for r in rows if r.metric == metric}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("mode", "ratio"),
-    [  # fp16's codec is checked without a run; the run itself is the same as int8's
-        pytest.param("fp16", (2.0, 2.3), marks=pytest.mark.extended),
-        ("int8", (4.0, 4.3)),
-    ],
-)
+@pytest.mark.parametrize(("mode", "ratio"), [("fp16", (2.0, 2.3)), ("int8", (4.0, 4.3))])
 def test_a_real_run_sends_the_compressed_bytes(
     tmp_path: Path, demo_root: Path, mode: str, ratio: tuple[float, float]
 ) -> None:
@@ -519,7 +490,6 @@ def test_a_real_run_sends_the_compressed_bytes(
     assert dice and all(0 <= d <= 1 for d in dice)
 
 
-@pytest.mark.slow
 def test_topk_with_fedbn_sends_the_kept_entries_and_the_counters(
     tmp_path: Path, demo_root: Path
 ) -> None:
@@ -534,7 +504,6 @@ def test_topk_with_fedbn_sends_the_kept_entries_and_the_counters(
     assert all(math.isfinite(v) and v > 0 for v in norms.values())
 
 
-@pytest.mark.slow
 def test_a_compressed_run_resumes(tmp_path: Path, demo_root: Path) -> None:
     first = tmp_path / "first"
     fl_imaging(first, demo_root, "strategy.compression=int8", "engine.rounds=2")

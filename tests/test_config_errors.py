@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from cli_runs import run_cli
 
 from fl_imaging.cli.data import main as data_cli
 from fl_imaging.config import ConfigError, validate_config
@@ -125,14 +123,7 @@ def test_validate_accepts_plain_dicts() -> None:
 
 
 def test_cli_exits_2_before_training_with_the_message(tmp_path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fl_imaging.cli", "engine.rounds=abc"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert proc.returncode == 2
+    proc = run_cli("fl-imaging", "engine.rounds=abc", cwd=tmp_path, expect=2)
     assert "engine.rounds" in proc.stderr and "int" in proc.stderr
     assert not (tmp_path / "demo-data").exists()  # nothing was generated or trained
 

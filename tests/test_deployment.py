@@ -190,17 +190,17 @@ def test_availability_names_failed_and_silent_sites_and_needs_min_replies() -> N
     )
     grid = ShrinkingGrid(3)
     sent = list(wrapper.configure_train(1, _arrays(), ConfigRecord(), grid))
-    assert sorted(m.metadata.dst_node_id for m in sent) == [1, 2, 3]
-    arrays, _ = wrapper.aggregate_train(
-        1, [_reply(m, f"site-{m.metadata.dst_node_id}") for m in sent]
-    )
+    assert sorted(m.metadata.dst_node_id for m in sent) == sorted(grid.nodes)
+    site = {m.metadata.dst_node_id: grid.site_of[m.metadata.dst_node_id] for m in sent}
+    replies = [_reply(m, f"site-{site[m.metadata.dst_node_id]}") for m in reversed(sent)]
+    arrays, _ = wrapper.aggregate_train(1, replies)
     assert arrays is not None and names == ["site-1", "site-2", "site-3"]  # first seen, sorted
-    # Round 2: node 2 answers with an error (as the recorder notes it), node 3 never answers.
+    # Round 2: site 2 answers with an error (as the recorder notes it), site 3 never answers.
     sent = list(wrapper.configure_train(2, _arrays(), ConfigRecord(), grid))
-    by_node = {m.metadata.dst_node_id: m for m in sent}
-    error = Message(Error(code=0, reason="Node Unavailable"), reply_to=by_node[2])
-    failures.append((2, "node-2", "Node Unavailable"))
-    arrays, metrics = wrapper.aggregate_train(2, [_reply(by_node[1], "site-1"), error])
+    by_site = {site[m.metadata.dst_node_id]: m for m in sent}
+    error = Message(Error(code=0, reason="Node Unavailable"), reply_to=by_site[2])
+    failures.append((2, f"node-{grid.node_of[2]}", "Node Unavailable"))
+    arrays, metrics = wrapper.aggregate_train(2, [error, _reply(by_site[1], "site-1")])
     assert (arrays, metrics) == (None, None)  # 1 usable reply < engine.min_sites=2
     assert failures[0] == (2, "site-2", "Node Unavailable")
     assert failures[1][:2] == (2, "site-3") and "engine.round_timeout=7" in failures[1][2]

@@ -1,32 +1,30 @@
 """Deployment runs on real Flower processes on 127.0.0.1: a SuperLink with TLS and SuperNode
-authentication and 3 SuperNodes (one module fixture, stopped by PID in its teardown): every
-site reads only its folder while a local intruder is refused, refused clients, a site killed
-mid-run, and secure aggregation across the real processes. All slow; every wait is bounded.
+authentication and 3 SuperNodes (the session's, deployment_fixtures.py, stopped by PID at its
+end): every site reads only its folder while a local intruder is refused, refused clients, a
+site killed mid-run, and secure aggregation across the real processes. All slow; every wait is
+bounded.
 """
 
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from runtime_intruder import AUTHENTICATION_FAILED, Answer, acquire_plain
+from cli_runs import run_cli, started_cli
+from deployment_fixtures import DeployedRun, command_env
+from runtime_intruder import AUTHENTICATION_FAILED, Answer
 
-from fl_imaging.data.demo import make_demo_data
 from fl_imaging.deploy.certs import (
     make_site_key,
 )
-from fl_imaging.deploy.local import LocalFederation, start_local
+from fl_imaging.deploy.local import LocalFederation
 from fl_imaging.deploy.processes import (
     CLIENTAPP_READY,
     ManagedProcess,
     ProcessError,
-    flower_env,
     free_port,
     start_process,
     stop_process,
@@ -38,79 +36,28 @@ from fl_imaging.deploy.roles import (
 from fl_imaging.review.results import read_metrics
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    """3 demo sites (24^3, 6 cases each), a SuperLink with TLS and SuperNode authentication and
-    one SuperNode per site on 127.0.0.1; every process is stopped by PID at the end."""
-    root = tmp_path_factory.mktemp("deploy")
-    sites = make_demo_data(
-        root / "data", num_sites=3, cases_per_site=6, shape=(24, 24, 24), dicom_sites=()
-    )
-    fed = start_local(sites, root / "state", check=False)
-    try:
-        yield fed
-    finally:
-        procs = fed.processes
-        fed.stop()
-        assert not any(p.alive() for p in procs)
-
-
-def _fl_imaging(fed: LocalFederation, run_dir: Path, *overrides: str) -> list[str]:
-    args = fed.fl_imaging_args("experiment=quick", *overrides)
-    return [sys.executable, "-m", "fl_imaging.cli", *args, f"hydra.run.dir={run_dir}"]
-
-
-def _env(tmp: Path) -> dict[str, str]:
-    return flower_env(tmp / "flwr-home", {"HOME": str(tmp)})
-
-
-class _Intruder(threading.Thread):
-    """A local process without the SuperNodes' secrets that asks each site's Runtime API for
-    ClientApp tasks every half second until stopped; keeps every answer."""
-
-    def __init__(self, addresses: list[str]) -> None:
-        super().__init__(daemon=True)
-        self.addresses = addresses
-        self.answers: list[tuple[str, Answer | Exception]] = []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.5):
-            for address in self.addresses:
-                try:
-                    self.answers.append((address, acquire_plain(address)))
-                except Exception as err:  # noted: the test fails on it
-                    self.answers.append((address, err))
+def _fl_imaging_args(fed: LocalFederation, run_dir: Path, *overrides: str) -> list[str]:
+    """The arguments of ``fl-imaging experiment=quick`` with ``overrides`` on ``fed`` into
+    ``run_dir``."""
+    return [*fed.fl_imaging_args("experiment=quick", *overrides), f"hydra.run.dir={run_dir}"]
 
 
 @pytest.mark.slow
 def test_three_sites_two_rounds_each_site_reads_only_its_folder(
-    federation: LocalFederation, tmp_path: Path
+    federation: LocalFederation, deployed_run: DeployedRun
 ) -> None:
+    """The session's run on the session's federation (deployment_fixtures.py; it also scores
+    the models across the sites: test_cross_site_deployment.py)."""
     for started in federation.site_processes.values():  # these rounds run with the secret on
         assert "--superexec-auth-secret-file" in started[0].command
         assert CLIENTAPP_READY.search(started[1].log_text())  # start_local waited for it
-    addresses = [f"127.0.0.1:{spec.runtime_port}" for spec in federation.specs.values()]
-    intruder = _Intruder(addresses)
-    intruder.start()
-    try:
-        run = subprocess.run(
-            _fl_imaging(federation, tmp_path / "run"),
-            capture_output=True,
-            text=True,
-            env=_env(tmp_path),
-            timeout=300,
-        )
-    finally:
-        intruder.done.set()
-        intruder.join(timeout=30)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     # Meanwhile, every try of the intruder was refused by Flower's SuperExec authentication.
-    assert {address for address, _ in intruder.answers} == set(addresses)
+    answers = deployed_run.intruder_answers
+    assert {address for address, _ in answers} == set(deployed_run.addresses)
     refused = Answer(401, AUTHENTICATION_FAILED)
-    assert all(answer == refused for _, answer in intruder.answers), intruder.answers
-    assert "finished:completed" in run.stdout + run.stderr
-    out = tmp_path / "run"
+    assert all(answer == refused for _, answer in answers), answers
+    assert "finished:completed" in deployed_run.output
+    out = deployed_run.folder
     for name in ("metrics.csv", "summary.txt", "model.pt", "curves.png", "config.yaml"):
         assert (out / name).is_file(), name
     rows = read_metrics(out / "metrics.csv")
@@ -121,7 +68,7 @@ def test_three_sites_two_rounds_each_site_reads_only_its_folder(
             got = {r.metric for r in rows if r.round == rnd and r.site == site}
             assert {"train_loss", "dice", "num_train", "num_val"} <= got, (rnd, site, got)
     for name, spec in federation.specs.items():
-        logs = "".join(p.log_text() for p in federation.site_processes[name])
+        logs = deployed_run.site_logs[name]
         assert f"[site {name}]" in logs and str(spec.data_dir) in logs
         assert "accepts this runner's requests (signed with the SuperExec secret)" in logs
         others = [str(s.data_dir) for n, s in federation.specs.items() if n != name]
@@ -134,7 +81,9 @@ def _refused(spec: SuperNodeSpec, tweak: callable | None = None) -> ManagedProce
     command = supernode_command(spec)
     if tweak is not None:
         command = tweak(command)
-    proc = start_process("refused", command, spec.state_dir / "supernode.log", _env(spec.state_dir))
+    proc = start_process(
+        "refused", command, spec.state_dir / "supernode.log", command_env(spec.state_dir)
+    )
     try:
         proc.popen.wait(timeout=60)
     finally:
@@ -194,15 +143,9 @@ def test_a_site_killed_in_round_2_is_recorded_and_used_again_when_back(
     victim = "site-3"
     clientapp = federation.site_processes[victim][-1]  # its long-lived ClientApp process
     seen = len(clientapp.log_text())  # it served the other test's run already
-    run = subprocess.Popen(
-        _fl_imaging(federation, tmp_path / "run", "engine.rounds=16", "engine.min_sites=2"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_env(tmp_path),
-    )
+    args = _fl_imaging_args(federation, tmp_path / "run", "engine.rounds=16", "engine.min_sites=2")
     restarted = threading.Event()
-    try:
+    with started_cli("fl-imaging", *args, cwd=tmp_path, env=command_env(tmp_path)) as run:
         deadline = time.monotonic() + 180
         while "round 2 epoch 1" not in clientapp.log_text()[seen:]:
             assert time.monotonic() < deadline and run.poll() is None, "round 2 never started"
@@ -215,10 +158,6 @@ def test_a_site_killed_in_round_2_is_recorded_and_used_again_when_back(
 
         threading.Thread(target=come_back, daemon=True).start()
         output, _ = run.communicate(timeout=300)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
     assert run.returncode == 0, output[-4000:]
     assert restarted.wait(timeout=60)
     summary = (tmp_path / "run" / "summary.txt").read_text()
@@ -250,20 +189,14 @@ def test_dp_fedavg_on_secure_aggregation_across_real_processes(
     summed, the accountant's epsilon, and each site's own record agreeing with the audit log."""
     import dp_accounting
 
-    run = subprocess.run(
-        _fl_imaging(
-            federation,
-            tmp_path / "secure",
-            "strategy=dpfedavg",
-            "strategy.dp.mode=client_fixed",
-            "strategy.secagg.enabled=true",
-        ),
-        capture_output=True,
-        text=True,
-        env=_env(tmp_path),
-        timeout=300,
+    args = _fl_imaging_args(
+        federation,
+        tmp_path / "secure",
+        "strategy=dpfedavg",
+        "strategy.dp.mode=client_fixed",
+        "strategy.secagg.enabled=true",
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_cli("fl-imaging", *args, cwd=tmp_path, env=command_env(tmp_path))
     summary = (tmp_path / "secure" / "summary.txt").read_text()
     assert "only the sum of 3 sites' updates in every round" in summary
     assert "holds the un-noised sum" in summary
@@ -277,22 +210,11 @@ def test_dp_fedavg_on_secure_aggregation_across_real_processes(
     epsilon = next(r.value for r in rows if r.metric == "epsilon" and r.round == 2)
     assert epsilon == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-3)
     for name, spec in federation.specs.items():
-        check = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fl_imaging.cli.audit",
-                "site",
-                str(tmp_path / "secure"),
-                "--record",
-                str(spec.state_dir / "site-record.jsonl"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
+        record = spec.state_dir / "site-record.jsonl"
+        check = run_cli(
+            "fl-imaging-audit", "site", tmp_path / "secure", "--record", record, cwd=tmp_path
         )
-        assert check.returncode == 0, (name, check.stdout + check.stderr)
-        assert "they agree" in check.stdout
+        assert "they agree" in check.stdout, name
 
 
 @pytest.mark.slow
@@ -305,30 +227,22 @@ def test_secure_aggregation_with_a_site_lost_in_round_2(
     victim = "site-3"
     clientapp = federation.site_processes[victim][-1]
     seen = len(clientapp.log_text())
-    lost = subprocess.Popen(
-        _fl_imaging(
-            federation,
-            tmp_path / "lost",
-            "strategy.secagg.enabled=true",
-            "engine.rounds=4",
-            "engine.min_sites=2",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_env(tmp_path),
+    args = _fl_imaging_args(
+        federation,
+        tmp_path / "lost",
+        "strategy.secagg.enabled=true",
+        "engine.rounds=4",
+        "engine.min_sites=2",
     )
     try:
-        deadline = time.monotonic() + 180
-        while "round 2 epoch 1" not in clientapp.log_text()[seen:]:
-            assert time.monotonic() < deadline and lost.poll() is None, "round 2 never started"
-            time.sleep(0.2)
-        federation.kill_site(victim, signal.SIGKILL)
-        output, _ = lost.communicate(timeout=400)
+        with started_cli("fl-imaging", *args, cwd=tmp_path, env=command_env(tmp_path)) as lost:
+            deadline = time.monotonic() + 180
+            while "round 2 epoch 1" not in clientapp.log_text()[seen:]:
+                assert time.monotonic() < deadline and lost.poll() is None, "round 2 never began"
+                time.sleep(0.2)
+            federation.kill_site(victim, signal.SIGKILL)
+            output, _ = lost.communicate(timeout=400)
     finally:
-        if lost.poll() is None:
-            lost.kill()
-            lost.wait()
         federation.start_site(victim, timeout=150)  # back for the module's other tests
     assert lost.returncode == 0, output[-4000:]
     rows = read_metrics(tmp_path / "lost" / "metrics.csv")

@@ -5,16 +5,16 @@ through the engine (slow): the budget stop, a resume that keeps counting, a refu
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_runs import run_cli
 from flower_fakes import Arrays, FakeGrid, numpy_of, record
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from local_runs import local_run
 
 from fl_imaging.benchmark.report import site_results, summarise, write_summary
 from fl_imaging.config import ConfigError, StrategyConfig
@@ -317,43 +317,28 @@ def test_fedbn_and_fedprox_train_under_dp_sgd(tmp_path: Path) -> None:
 # --- real runs through the engine ----------------------------------------------------------------
 
 
-def fl_imaging(tmp_path: Path, run: str, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "task.dp_sgd.enabled=true",
-            f"data.root={tmp_path / 'demo'}",
-            f"hydra.run.dir={tmp_path / run}",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
+DP_SGD = ("experiment=quick", "task.dp_sgd.enabled=true")
 
 
 @pytest.mark.slow
 def test_a_run_stops_when_every_sites_budget_is_spent(tmp_path: Path) -> None:
     """quick: 4 training cases per site, batch 2, 3 epochs: 6 steps per round at rate 0.5; the
-    budget lies between one and two rounds' epsilon, so both sites stop after round 1 of 3."""
-    cfg = check_overrides(
-        ["experiment=quick", "task.dp_sgd.enabled=true", "task.dp_sgd.noise_multiplier=1.5"]
-    )
+    budget lies between one and two rounds' epsilon, so both sites stop after round 1 of 3.
+    Through the command and Flower's simulation engine (DP-SGD in the Ray workers)."""
+    cfg = check_overrides([*DP_SGD, "task.dp_sgd.noise_multiplier=1.5"])
     one = PrivacyLedger(1.5, 0.5, 6).epsilon(cfg.task.dp_sgd)
     two = PrivacyLedger(1.5, 0.5, 12).epsilon(cfg.task.dp_sgd)
     budget = round((one + two) / 2, 3)
-    proc = fl_imaging(
-        tmp_path,
-        "run",
+    run_cli(
+        "fl-imaging",
+        *DP_SGD,
+        f"data.root={tmp_path / 'demo'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
         "task.dp_sgd.noise_multiplier=1.5",
         f"task.dp_sgd.target_epsilon={budget}",
         "engine.rounds=3",
+        cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert {r.round for r in rows} == {1}
     eps = {r.site: r.value for r in rows if r.metric == "patient_epsilon" and r.site != "all"}
@@ -365,21 +350,20 @@ def test_a_run_stops_when_every_sites_budget_is_spent(tmp_path: Path) -> None:
     assert "site site-1: epsilon" in summary and "after 1 round(s) (6 steps, noise 1.5" in summary
 
 
-@pytest.mark.slow
 def test_a_resumed_run_keeps_counting_each_sites_steps(tmp_path: Path) -> None:
-    first = fl_imaging(tmp_path, "first", "task.dp_sgd.noise_multiplier=1.5")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = fl_imaging(
-        tmp_path,
-        "second",
+    """Two rounds, then a resumed third (the real sites in-process, :mod:`local_runs`): each
+    site's own ledger goes on counting its steps."""
+    demo = f"data.root={tmp_path / 'demo'}"
+    first = local_run(tmp_path / "first", *DP_SGD, demo, "task.dp_sgd.noise_multiplier=1.5")
+    local_run(
+        tmp_path / "second",
+        *DP_SGD,
+        demo,
         "task.dp_sgd.noise_multiplier=1.5",
         "engine.rounds=3",
-        f"resume={tmp_path / 'first'}",
+        f"resume={first}",
     )
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    cfg = check_overrides(
-        ["experiment=quick", "task.dp_sgd.enabled=true", "task.dp_sgd.noise_multiplier=1.5"]
-    )
+    cfg = check_overrides([*DP_SGD, "task.dp_sgd.noise_multiplier=1.5"])
     rows = read_metrics(tmp_path / "second" / "metrics.csv")
     for site in ("site-1", "site-2"):
         got = {r.metric: r.value for r in rows if r.round == 3 and r.site == site}
@@ -389,13 +373,14 @@ def test_a_resumed_run_keeps_counting_each_sites_steps(tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.slow  # a subprocess that writes the demo data (no engine)
-def test_the_command_refuses_a_site_with_fewer_cases_than_the_batch(tmp_path: Path) -> None:
-    proc = fl_imaging(tmp_path, "run", "task.dp_sgd.target_epsilon=8", "task.batch_size=5")
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 2, output[-3000:]
-    assert "site site-1 has 4 training case(s), fewer than task.batch_size=5" in output
-    assert "Traceback" not in output
+def test_a_site_with_fewer_cases_than_the_batch_is_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    overrides = (*DP_SGD, f"data.root={tmp_path / 'demo'}", "task.dp_sgd.target_epsilon=8")
+    with pytest.raises(
+        ConfigError, match=r"site site-1 has 4 training case\(s\), fewer than task.batch_size=5"
+    ):
+        local_run(tmp_path / "run", *overrides, "task.batch_size=5")
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from cli_runs import run_cli
 
 from fl_imaging.cli.data import main as data_cli
 from fl_imaging.data.demo import make_demo_data
@@ -135,3 +136,9 @@ def test_exclude_bad_cases_trains_on_the_rest_and_says_which(nifti_site: Path, c
     kept = {c.case_id for c in site.train + site.val}
     assert kept == {"site2-case000", "site2-case002"}
     assert any("excluded" in r.message and "site2-case001" in r.message for r in caplog.records)
+
+
+def test_fl_imaging_data_inspect_as_a_command(demo: list[Path], tmp_path: Path) -> None:
+    """The command itself (its own process, :mod:`cli_runs`)."""
+    proc = run_cli("fl-imaging-data", "inspect", demo[1], cwd=tmp_path)
+    assert "ready to join" in proc.stdout and "nifti" in proc.stdout

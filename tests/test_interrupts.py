@@ -14,15 +14,16 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cli_runs import started_cli
 from flower_fakes import FakeGrid, record
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from terminal_signals import sigint_as_in_a_terminal
@@ -112,25 +113,21 @@ def _processes_in_group(pgid: int) -> list[str]:
     return found
 
 
-def _start(tmp_path: Path, ray_parent: Path, run: str, *overrides: str) -> subprocess.Popen[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "fl_imaging.cli",
+def _started(
+    tmp_path: Path, ray_parent: Path, run: str, *overrides: str
+) -> AbstractContextManager[subprocess.Popen[str]]:
+    """``fl-imaging experiment=quick engine.rounds=4 OVERRIDES`` started in ``tmp_path`` into
+    ``tmp_path / run``, in its own process group with SIGINT as a terminal leaves it, Ray's
+    folder under ``ray_parent`` (:func:`cli_runs.started_cli`)."""
+    return started_cli(
+        "fl-imaging",
         "experiment=quick",
         "engine.rounds=4",
         *overrides,
         f"data.root={tmp_path / 'demo'}",
         f"hydra.run.dir={tmp_path / run}",
-    ]
-    return subprocess.Popen(
-        command,
         cwd=tmp_path,
         env={**os.environ, "TMPDIR": str(ray_parent)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: the SIGINT a terminal would send
         preexec_fn=sigint_as_in_a_terminal,
     )
 
@@ -190,8 +187,8 @@ def _ctrl_c_at(
 def test_ctrl_c_in_round_2_keeps_the_files_stops_ray_and_resume_finishes(
     tmp_path: Path, ray_parent: Path
 ) -> None:
-    proc = _start(tmp_path, ray_parent, "first")
-    text, stopped_in = _ctrl_c_at(proc, "round 1/4", timeout=60)
+    with _started(tmp_path, ray_parent, "first") as proc:
+        text, stopped_in = _ctrl_c_at(proc, "round 1/4", timeout=60)
     assert proc.returncode == 130, text[-3000:]
     assert stopped_in < 30, text[-3000:]
     assert "Traceback" not in text
@@ -207,8 +204,8 @@ def test_ctrl_c_in_round_2_keeps_the_files_stops_ray_and_resume_finishes(
     command = text[text.index("to go on:") :].splitlines()[1].split()
     assert command[0] == "fl-imaging" and command[-1] == f"resume={run}"
 
-    resumed = _start(tmp_path, ray_parent, "resumed", f"resume={run}")
-    rest, _ = resumed.communicate(timeout=400)
+    with _started(tmp_path, ray_parent, "resumed", f"resume={run}") as resumed:
+        rest, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, rest[-3000:]
     assert max(r.round for r in read_metrics(tmp_path / "resumed" / "metrics.csv")) == 4
 
@@ -218,9 +215,8 @@ def test_ctrl_c_in_round_2_keeps_the_files_stops_ray_and_resume_finishes(
 def test_a_killed_run_leaves_no_ray_process_and_no_temporary_folder(
     tmp_path: Path, ray_parent: Path
 ) -> None:
-    proc = _start(tmp_path, ray_parent, "killed", "engine.rounds=8")
     output: list[str] = []
-    try:
+    with _started(tmp_path, ray_parent, "killed", "engine.rounds=8") as proc:
         _until(proc, "round 1/8", output, 300)
         os.kill(proc.pid, signal.SIGKILL)  # the process alone, as the OOM killer would
         proc.wait(timeout=30)
@@ -230,13 +226,14 @@ def test_a_killed_run_leaves_no_ray_process_and_no_temporary_folder(
             if not left and not list(ray_parent.glob("flimg-ray-*")):
                 break
             time.sleep(0.5)
-        assert not left, left
-        assert not list(ray_parent.glob("flimg-ray-*"))
-    finally:
-        try:  # nothing of the group should be left; stop it anyway if something is
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        try:
+            assert not left, left
+            assert not list(ray_parent.glob("flimg-ray-*"))
+        finally:
+            try:  # nothing of the group should be left; stop it anyway if something is
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.mark.slow
@@ -245,8 +242,9 @@ def test_ctrl_c_while_many_sites_wait_in_round_1_exits_without_hanging(
 ) -> None:
     # 24 sites on 2 actors: Flower's worker threads still wait on Ray when the run stops, and
     # Python's exit used to wait for them for ever.
-    proc = _start(tmp_path, ray_parent, "many", "data.num_sites=24", "data.cases_per_site=3")
-    text, stopped_in = _ctrl_c_at(proc, "ready in", pause_s=3)
+    sites = ("data.num_sites=24", "data.cases_per_site=3")
+    with _started(tmp_path, ray_parent, "many", *sites) as proc:
+        text, stopped_in = _ctrl_c_at(proc, "ready in", pause_s=3)
     assert proc.returncode == 130, text[-3000:]
     assert stopped_in < 60, text[-3000:]
     assert "interrupted (Ctrl-C)" in (tmp_path / "many" / "summary.txt").read_text()
@@ -262,8 +260,9 @@ def test_ctrl_c_while_the_sites_are_checked_stops_ray_started_beside_them(
     tmp_path: Path, ray_parent: Path
 ) -> None:
     # Ray starts in the background while the sites are checked (fl_imaging.engines.local_ray)
-    proc = _start(tmp_path, ray_parent, "checks", "data.num_sites=30", "data.cases_per_site=3")
-    text, _ = _ctrl_c_at(proc, "checking site")
+    sites = ("data.num_sites=30", "data.cases_per_site=3")
+    with _started(tmp_path, ray_parent, "checks", *sites) as proc:
+        text, _ = _ctrl_c_at(proc, "checking site")
     assert proc.returncode == 130, text[-3000:]
     assert "before the first round: no round ran, nothing to resume" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]

@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from cli_runs import run_cli
 from monai.transforms import LoadImage
 from PIL import Image
 
@@ -408,3 +409,15 @@ def test_an_input_the_task_cannot_take_is_refused_in_one_message(
     assert err.startswith(f"fl-imaging-predict: error: 1 problem(s) in {path}, nothing predicted")
     assert f"\n  - {message}" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_fl_imaging_predict_as_a_command(seg_run: tuple[RunConfig, Path], tmp_path: Path) -> None:
+    """The command itself (its own process, :mod:`cli_runs`): masks of a demo site's volumes."""
+    _, run_dir = seg_run
+    (site,) = make_demo_data(
+        tmp_path / "demo", num_sites=1, cases_per_site=1, shape=(14, 18, 10), dicom_sites=()
+    )
+    out = tmp_path / "masks"
+    proc = run_cli("fl-imaging-predict", run_dir, site, "--output", out, cwd=tmp_path)
+    assert f"1 file(s) written to {out}" in proc.stdout
+    assert [p.name for p in out.iterdir()] == [p.name for p in (site / "images").iterdir()]

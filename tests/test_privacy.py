@@ -9,8 +9,6 @@ through Flower's simulation engine (slow).
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +17,6 @@ import torch
 from flower_fakes import Arrays, FakeGrid, FakeTrainer, numpy_of, record
 from flwr.app import (
     ConfigRecord,
-    Context,
-    RecordDict,
 )
 from flwr.serverapp import PrivacyConfig, RdpAccountant
 from flwr.serverapp.exception import PrivacyBudgetExhausted
@@ -33,6 +29,7 @@ from flwr.supercore.privacy_accounting import (
     NeighboringRelation,
     SamplingMethod,
 )
+from local_runs import local_run
 
 from fl_imaging.config import DPConfig, DPMode, RunConfig, StrategyConfig, config_from_yaml
 from fl_imaging.config.compose import check_overrides
@@ -224,27 +221,13 @@ def test_zero_noise_with_accounting_is_refused() -> None:
     assert strategy.inner.noise_multiplier == 0.0
 
 
-@pytest.mark.slow  # a subprocess that writes the demo data (no engine): about 15 s
-def test_the_command_exits_2_on_a_refused_dp_setting_before_training(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "strategy=dpfedavg",
-            "engine.clients_per_round=1",
-            f"data.root={tmp_path / 'demo'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 2, output[-3000:]
-    assert "engine.clients_per_round=1 of 2 sites" in output
+def test_a_refused_dp_setting_stops_the_run_before_training(tmp_path: Path) -> None:
+    demo = f"data.root={tmp_path / 'demo'}"
+    with pytest.raises(StrategyError, match="engine.clients_per_round=1 of 2 sites"):
+        local_run(
+            tmp_path / "run", "experiment=quick", "strategy=dpfedavg",
+            "engine.clients_per_round=1", demo,
+        )  # fmt: skip
     for name in ("metrics.csv", "model.pt", "checkpoint.json"):
         assert not (tmp_path / "run" / name).exists()
 
@@ -264,17 +247,16 @@ def test_client_fixed_mode_clips_the_site_update_to_the_clipping_norm(
     assert isinstance(strategy.inner, DifferentialPrivacyClientSideFixedClipping)
     global_arrays = {"w": np.zeros((40, 50), np.float32), "b": np.ones(10, np.float32)}
     # the server's train message, with the clipping norm the DP wrapper puts in its config
-    (msg,) = strategy.configure_train(
-        1, record(global_arrays), ConfigRecord(), FakeGrid(1, lambda n, r, s: s, site_metrics)
-    )
+    grid = FakeGrid(1, lambda n, r, s: s, site_metrics)
+    (msg,) = strategy.configure_train(1, record(global_arrays), ConfigRecord(), grid)
     trainer = FakeTrainer(shift)
     trainers = SiteTrainers(build=lambda run_cfg, site, label_transforms: trainer)
-    context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
-    out = client_app.build_client_app(cfg, trainers)(msg, context)
+    out = client_app.build_client_app(cfg, trainers)(msg, grid.context_of(1))
     assert not out.has_error(), out.error.reason if out.has_error() else ""
+    assert trainer.fits == [cfg.task.local_epochs]
     sent = numpy_of(out.content["arrays"])
     update = np.sqrt(sum(np.sum((sent[k] - global_arrays[k]) ** 2) for k in global_arrays))
-    honest = shift * np.sqrt(40 * 50 + 10)
+    honest = cfg.task.local_epochs * shift * np.sqrt(40 * 50 + 10)  # shift per epoch
     assert update == pytest.approx(0.5 if clipped else honest, rel=1e-5)
     # a scaled copy of the site's update: every weight moved by the same amount
     moved = np.concatenate([(sent[k] - global_arrays[k]).ravel() for k in global_arrays])
@@ -285,34 +267,24 @@ def test_client_fixed_mode_clips_the_site_update_to_the_clipping_norm(
 # --- end to end: epsilon rows and the budget stop of a real run ---------------------------------
 
 
-@pytest.mark.slow
-def test_engine_run_reports_epsilon_and_stops_at_the_budget_with_its_model(
+def test_a_run_reports_epsilon_and_stops_at_the_budget_with_its_model(
     tmp_path: Path,
 ) -> None:
     """One run covers both: epsilon after rounds 1..3 (noise 1.0, delta 1e-5), and a budget
-    between round 3's and round 4's epsilon that stops a 4-round run after round 3."""
+    between round 3's and round 4's epsilon that stops a 4-round run after round 3 (the real
+    sites in-process, :mod:`local_runs`; DP-FedAvg through Flower's engine:
+    test_secure_aggregation.py)."""
     eps = accountant_epsilons(1.0, 2, 4)
     budget = round((eps[2] + eps[3]) / 2, 3)
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "strategy=dpfedavg",
-            "strategy.dp.clipping_norm=0.01",  # keeps the tiny model trainable; epsilon unchanged
-            f"strategy.dp.max_epsilon={budget}",
-            "engine.rounds=4",
-            f"data.root={tmp_path / 'demo'}",
-            f"hydra.run.dir={run}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=400,
+    run = local_run(
+        tmp_path / "run",
+        "experiment=quick",
+        "strategy=dpfedavg",
+        "strategy.dp.clipping_norm=0.01",  # keeps the tiny model trainable; epsilon unchanged
+        f"strategy.dp.max_epsilon={budget}",
+        "engine.rounds=4",
+        f"data.root={tmp_path / 'demo'}",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(run / "metrics.csv")
     assert sorted({r.round for r in rows}) == [1, 2, 3]
     epsilon = {r.round: r.value for r in rows if r.site == "all" and r.metric == "epsilon"}

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_runs import run_cli, started_cli
 from terminal_signals import sigint_as_in_a_terminal
 
 from fl_imaging.engines.simulation import SimulationError, ray_cluster_cpus
@@ -120,26 +121,18 @@ def test_a_simulation_runs_its_sites_on_both_nodes_of_a_ray_cluster(
     cluster: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
     address, env = cluster
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "data.num_sites=4",
-            "engine.rounds=2",
-            f"engine.ray_address={address}",
-            f"data.root={tmp_path / 'demo'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
+    run = run_cli(
+        "fl-imaging",
+        "experiment=quick",
+        "data.num_sites=4",
+        "engine.rounds=2",
+        f"engine.ray_address={address}",
+        f"data.root={tmp_path / 'demo'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
         env=env,
-        timeout=400,
     )
     output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-3000:]
     assert f"simulation engine on the Ray cluster at {address} (2 CPUs)" in output
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert {r.site for r in rows if r.metric == "train_loss"} == {
@@ -172,27 +165,18 @@ def test_ctrl_c_on_a_cluster_keeps_the_files_and_leaves_the_cluster_running(
     cluster: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
     address, env = cluster
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "engine.rounds=50",
-            f"engine.ray_address={address}",
-            f"data.root={tmp_path / 'demo'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
+    output: list[str] = []
+    with started_cli(
+        "fl-imaging",
+        "experiment=quick",
+        "engine.rounds=50",
+        f"engine.ray_address={address}",
+        f"data.root={tmp_path / 'demo'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: the SIGINT a terminal would send
         preexec_fn=sigint_as_in_a_terminal,
-    )
-    output: list[str] = []
-    try:
+    ) as proc:
         assert proc.stdout is not None
         deadline = time.monotonic() + 300
         while not any("round 2/50" in line for line in output[-5:]):
@@ -206,10 +190,6 @@ def test_ctrl_c_on_a_cluster_keeps_the_files_and_leaves_the_cluster_running(
         output.append(rest)
         assert proc.returncode == 130, "".join(output)[-3000:]
         assert time.monotonic() - stopped < 60
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
     summary = (tmp_path / "run" / "summary.txt").read_text()
     assert "interrupted (Ctrl-C) after round" in summary
     assert "resume=" in "".join(output)

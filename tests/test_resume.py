@@ -7,8 +7,6 @@ uninterrupted run. Damaged files and full disks: test_checkpoint_files.py.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from checkpoint_helpers import (
     saved_and_loaded,
     train_round,
 )
+from local_runs import local_run
 
 from fl_imaging.config import ConfigError, RunConfig, config_to_yaml
 from fl_imaging.config.compose import check_overrides
@@ -203,27 +202,13 @@ def test_check_resumable_refuses_when_no_round_is_left(rounds: int) -> None:
 
 
 def fl_imaging(tmp_path: Path, run: str, *overrides: str) -> Path:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "strategy=fedadam",
-            *overrides,
-            f"data.root={tmp_path / 'demo'}",
-            f"hydra.run.dir={tmp_path / run}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return tmp_path / run
+    """A FedAdam run of ``experiment=quick`` with ``overrides`` into ``tmp_path / run``, the
+    real sites in-process (:mod:`local_runs`); the run folder. A resume through the command and
+    Flower's simulation engine: test_interrupts.py."""
+    demo = f"data.root={tmp_path / 'demo'}"
+    return local_run(tmp_path / run, "experiment=quick", "strategy=fedadam", *overrides, demo)
 
 
-@pytest.mark.slow
 def test_two_rounds_resumed_to_three_give_the_uninterrupted_model(tmp_path: Path) -> None:
     straight = fl_imaging(tmp_path, "straight", "engine.rounds=3")
     first = fl_imaging(tmp_path, "first", "engine.rounds=2")

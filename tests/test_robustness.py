@@ -1,4 +1,5 @@
-"""Robust aggregation under attack, end to end through the simulation engine on the demo task.
+"""Robust aggregation under attack, whole runs on the demo task with the real sites in-process
+(:mod:`local_runs`).
 
 Two of six sites send sign-flipped updates scaled 10x (`attack=signflip attack.sites=[4,5]`).
 Plain FedAvg is dragged backwards: the honest sites' validation loss rises and Dice falls round
@@ -8,15 +9,12 @@ ignore the two attackers and keep improving.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from local_runs import local_run
 
 from fl_imaging.review.results import read_metrics
-
-pytestmark = pytest.mark.slow
 
 STRATEGIES = {
     "fedavg": [],
@@ -50,40 +48,21 @@ def _honest_means(run: Path) -> dict[str, list[float]]:
     return means
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [  # two of the four robust aggregators in the default run, all of them with -m extended
-        pytest.param(name, marks=pytest.mark.extended)
-        if name in ("fedtrimmedavg", "geomedian")
-        else name
-        for name in STRATEGIES
-    ],
-)
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_two_sign_flipping_sites_break_fedavg_not_robust_strategies(
     strategy: str, demo_root: Path, tmp_path: Path
 ) -> None:
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "data.num_sites=6",
-            f"data.root={demo_root}",
-            "engine.rounds=3",
-            "attack=signflip",
-            "attack.sites=[4,5]",
-            f"strategy={strategy}",
-            *STRATEGIES[strategy],
-            f"hydra.run.dir={run}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=400,
+    run = local_run(
+        tmp_path / "run",
+        "experiment=quick",
+        "data.num_sites=6",
+        f"data.root={demo_root}",
+        "engine.rounds=3",
+        "attack=signflip",
+        "attack.sites=[4,5]",
+        f"strategy={strategy}",
+        *STRATEGIES[strategy],
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     means = _honest_means(run)
     dice, loss = means["dice"], means["val_loss"]
     if strategy == "fedavg":

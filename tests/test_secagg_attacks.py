@@ -1,5 +1,6 @@
 """A coordinator that deviates from secure aggregation, against the sites' real handlers
-(:mod:`fl_imaging.secagg.site`) and, for a site that drops out, a real simulation. Each
+(:mod:`fl_imaging.secagg.site`) and, for a site that drops out, whole runs with the real sites
+in-process (:mod:`local_runs`). Each
 attack fails: the site refuses, or what the coordinator rebuilds of one site is uncorrelated
 with that site's true update (|r| < 0.05 over more than 10k values), while the same rebuild
 with the true secret (a positive control) gives the update back."""
@@ -19,6 +20,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+from local_runs import sites_in_process
 from secagg_fakes import SecureSites
 
 from fl_imaging.config import RunConfig, SecAggConfig, StrategyConfig
@@ -46,8 +48,8 @@ SETTINGS = SecAggSettings()
 GLOBAL = {"w": np.zeros((100, 110), np.float32)}  # 11,000 values
 
 
-def step(node: int, rnd: int, sent: Arrays) -> Arrays:
-    rng = np.random.default_rng([node, rnd])
+def step(site: int, rnd: int, sent: Arrays) -> Arrays:
+    rng = np.random.default_rng([site, rnd])
     return {k: (0.02 * rng.normal(size=v.shape)).astype(v.dtype) for k, v in sent.items()}
 
 
@@ -62,7 +64,8 @@ class WatchedSites(SecureSites):
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         messages = list(messages)
         replies = list(super().send_and_receive(messages, timeout=timeout))
-        self.seen += list(zip(messages, replies, strict=True))
+        sent = {m.metadata.message_id: m for m in messages}  # replies come as sites finish
+        self.seen += [(sent[r.metadata.reply_to_message_id], r) for r in replies]
         return replies
 
     def stage(self, action: str, rnd: int) -> list[tuple[Message, Message]]:
@@ -137,16 +140,16 @@ def test_a_dropped_sites_earlier_round_cannot_be_rebuilt_from_its_later_mask_key
     true_key = bytes_to_private_key(grid.contexts[3].state[ROUND_STATE]["s-private"])
     grid.fail = {"train": {3}}  # site 3 drops out of round 2 after sharing its keys
     assert one_round(strategy, grid, 2)[0] is not None
-    seed = combine_shares(shares_of([r for _, r in grid.stage("secagg_unmask", 1)], "seed", 3))
-    round2_key = key_from_scalar(
-        combine_shares(shares_of([r for _, r in grid.stage("secagg_unmask", 2)], "key", 3))
-    )
+    node3 = grid.node_of[3]
+    unmasks = {rnd: [r for _, r in grid.stage("secagg_unmask", rnd)] for rnd in (1, 2)}
+    seed = combine_shares(shares_of(unmasks[1], "seed", node3))
+    round2_key = key_from_scalar(combine_shares(shares_of(unmasks[2], "key", node3)))
     update = grid.updates[1][3]["w"].ravel().astype(np.float64)
     masked = grid.held[1][3]
     publics = round_publics(grid, 1)
-    control = unmasked(masked, 3, 1, seed, true_key, publics)
+    control = unmasked(masked, node3, 1, seed, true_key, publics)
     assert correlation(control[1:], update) > 0.999  # the rebuild works with the true key
-    attack = unmasked(masked, 3, 1, seed, round2_key, publics)
+    attack = unmasked(masked, node3, 1, seed, round2_key, publics)
     assert abs(correlation(attack[1:], update)) < 0.05  # round 2's key opens nothing of round 1
     assert update.size > 10_000
 
@@ -154,13 +157,17 @@ def test_a_dropped_sites_earlier_round_cannot_be_rebuilt_from_its_later_mask_key
 def test_asking_the_same_sites_twice_in_a_round_is_refused() -> None:
     grid = WatchedSites(3, step, {1: 10, 2: 20, 3: 30})
     one_round(secure_fedavg(3), grid, 1)  # each site revealed its shares of the three seeds
+    node = grid.node_of
+    request = {"round": 1, "survivors": [node[1], node[2]], "dropped": [node[3]]}
     second = Message(
-        RecordDict({SECAGG: ConfigRecord({"round": 1, "survivors": [1, 2], "dropped": [3]})}),
-        dst_node_id=1,
+        RecordDict({SECAGG: ConfigRecord(request)}),
+        dst_node_id=node[1],
         message_type="query.secagg_unmask",
     )
-    with pytest.raises(SecAggRefused, match=r"already revealed the other secret of nodes \[3\]"):
-        grid.answer(second)
+    with pytest.raises(
+        SecAggRefused, match=rf"already revealed the other secret of nodes \[{node[3]}\]"
+    ):
+        grid.site_answer(second)
 
 
 def test_telling_two_sites_different_dropouts_rebuilds_neither_secret_of_a_site() -> None:
@@ -173,30 +180,38 @@ def test_telling_two_sites_different_dropouts_rebuilds_neither_secret_of_a_site(
     replies = list(grid.send_and_receive(messages))
     assert all(not r.has_error() for r in replies)
     stories = {1: ([1, 2, 3], []), 2: ([1, 2], [3]), 3: ([1, 2, 3], [])}
+    node = grid.node_of
     answers = {}
-    for node, (survivors, dropped) in stories.items():
-        request = {"round": 1, "survivors": survivors, "dropped": dropped}
+    for site, (survivors, dropped) in stories.items():
+        request = {
+            "round": 1,
+            "survivors": [node[s] for s in survivors],
+            "dropped": [node[s] for s in dropped],
+        }
         msg = Message(
             RecordDict({SECAGG: ConfigRecord(request)}),
-            dst_node_id=node,
+            dst_node_id=node[site],
             message_type="query.secagg_unmask",
         )
-        answers[node] = grid.answer(msg)
+        answers[site] = grid.site_answer(msg)
     pairs = list(answers.values())
-    seed = combine_shares(shares_of(pairs, "seed", 3))
-    key_shares = shares_of(pairs, "key", 3)
+    seed = combine_shares(shares_of(pairs, "seed", node[3]))
+    key_shares = shares_of(pairs, "key", node[3])
     assert len(key_shares) == 1  # the threshold is 2
     update = grid.updates[1][3]["w"].ravel().astype(np.float64)
     try:
         guessed = key_from_scalar(combine_shares(key_shares))
     except ValueError:  # not even a valid scalar: nothing rebuilt
         return
-    attack = unmasked(grid.held[1][3], 3, 1, seed, guessed, round_publics(grid, 1))
+    attack = unmasked(grid.held[1][3], node[3], 1, seed, guessed, round_publics(grid, 1))
     assert abs(correlation(attack[1:], update)) < 0.05
 
 
 def _shares_request(grid: WatchedSites, rnd: int, keys: dict[int, dict], threshold: int):  # type: ignore[no-untyped-def]
-    nodes = sorted(keys)
+    """The shares stage of round ``rnd`` for site 1, with the keys of ``keys`` (by site number)
+    and ``threshold``."""
+    nodes = [grid.node_of[site] for site in sorted(keys)]
+    keys = {grid.node_of[site]: bundle for site, bundle in keys.items()}
     values = {
         "round": rnd,
         "nodes": nodes,
@@ -208,20 +223,21 @@ def _shares_request(grid: WatchedSites, rnd: int, keys: dict[int, dict], thresho
     }
     return Message(
         RecordDict({SECAGG: ConfigRecord(values)}),
-        dst_node_id=1,
+        dst_node_id=grid.node_of[1],
         message_type="query.secagg_shares",
     )
 
 
 def _keys(grid: WatchedSites, rnd: int) -> dict[int, dict]:
+    """Every site's answer to round ``rnd``'s keys stage, by site number."""
     keys = {}
-    for node in grid.nodes:
+    for site, node in grid.node_of.items():
         msg = Message(
             RecordDict({SECAGG: ConfigRecord({"round": rnd})}),
             dst_node_id=node,
             message_type="query.secagg_keys",
         )
-        keys[node] = {k: v for k, v in grid.answer(msg).content[SECAGG].items()}
+        keys[site] = {k: v for k, v in grid.site_answer(msg).content[SECAGG].items()}
     return keys
 
 
@@ -234,20 +250,22 @@ def test_a_substituted_public_key_is_refused(signed_by: str) -> None:
 
     keys[2]["c-public"] = public_key_to_bytes(own.public_key())
     if signed_by == "coordinator":
-        bundle = keys_bundle_bytes(1, 1, 2, "site-2", keys[2]["c-public"], keys[2]["s-public"])
+        bundle = keys_bundle_bytes(
+            1, 1, grid.node_of[2], "site-2", keys[2]["c-public"], keys[2]["s-public"]
+        )
         keys[2]["signature"] = sign_message(own, bundle)
     with pytest.raises(SecAggRefused, match="not signed by site-2's key in this site's roster"):
-        grid.answer(_shares_request(grid, 1, keys, 2))
+        grid.site_answer(_shares_request(grid, 1, keys, 2))
 
 
 def test_a_site_outside_the_roster_and_a_threshold_of_half_are_refused() -> None:
     grid = WatchedSites(4, step, dict.fromkeys(range(1, 5), 10))
     keys = _keys(grid, 1)
     with pytest.raises(SecAggRefused, match="threshold 2 of 4 sites: it must be more than half"):
-        grid.answer(_shares_request(grid, 1, keys, 2))
+        grid.site_answer(_shares_request(grid, 1, keys, 2))
     keys[3]["site"] = "site-9"
     with pytest.raises(SecAggRefused, match="site site-9 is not in this site's roster"):
-        grid.answer(_shares_request(grid, 1, keys, 3))
+        grid.site_answer(_shares_request(grid, 1, keys, 3))
 
 
 def test_an_old_rounds_requests_replayed_are_refused() -> None:
@@ -261,24 +279,25 @@ def test_an_old_rounds_requests_replayed_are_refused() -> None:
         ("secagg_unmask", "a finished round is never unmasked again"),
     ):
         old = (
-            next(m for m, _ in grid.stage(action, 1) if m.metadata.dst_node_id == 1)
+            next(m for m, _ in grid.stage(action, 1) if m.metadata.dst_node_id == grid.node_of[1])
             if (action != "secagg_keys")
             else Message(
                 RecordDict({SECAGG: ConfigRecord({"round": 1})}),
-                dst_node_id=1,
+                dst_node_id=grid.node_of[1],
                 message_type="query.secagg_keys",
             )
         )
         with pytest.raises(SecAggRefused, match=words):
-            grid.answer(old)
+            grid.site_answer(old)
     train = next(
         m
         for m, _ in grid.seen
         if m.metadata.message_type == "train"
-        and (m.metadata.dst_node_id == 1 and int(m.content[SECAGG]["round"]) == 2)
+        and m.metadata.dst_node_id == grid.node_of[1]
+        and int(m.content[SECAGG]["round"]) == 2
     )
     with pytest.raises(SecAggRefused, match="masked its update of round 2 already"):
-        grid.answer(train)  # a second training message of the round: masking twice
+        grid.site_answer(train)  # a second training message of the round: masking twice
 
 
 def test_a_sites_minimum_number_of_sites_is_kept() -> None:
@@ -291,14 +310,15 @@ def test_a_sites_minimum_number_of_sites_is_kept() -> None:
     strategy = secure_fedavg(3)
     messages = list(strategy.configure_train(1, record(GLOBAL), ConfigRecord(), grid))
     grid.send_and_receive(messages)
-    request = {"round": 1, "survivors": [1, 2], "dropped": [3]}
+    node = grid.node_of
+    request = {"round": 1, "survivors": [node[1], node[2]], "dropped": [node[3]]}
     msg = Message(
         RecordDict({SECAGG: ConfigRecord(request)}),
-        dst_node_id=1,
+        dst_node_id=node[1],
         message_type="query.secagg_unmask",
     )
     with pytest.raises(SecAggRefused, match="the sum would hold only 2 site"):
-        grid.answer(msg)
+        grid.site_answer(msg)
 
 
 def _config(overrides: list[str], run_dir: Path) -> RunConfig:
@@ -311,8 +331,7 @@ def _flat(arrays: object, keys: list[str]) -> np.ndarray:
     return np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in keys])  # type: ignore[index]
 
 
-@pytest.mark.slow
-def test_in_a_real_simulation_a_dropout_leaves_its_earlier_round_unreadable(
+def test_in_a_whole_run_a_dropout_leaves_its_earlier_round_unreadable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """3 sites, site-3 drops out of round 2: the round aggregates from the other two, and what
@@ -363,11 +382,13 @@ def test_in_a_real_simulation_a_dropout_leaves_its_earlier_round_unreadable(
         "attack.rounds=[2]",
     ]
     monkeypatch.setattr(FedAvg, "aggregate_train", plain_aggregate)
-    run(_config(base, tmp_path / "plain"))
+    with sites_in_process():  # the real sites, in this process (local_runs.py)
+        run(_config(base, tmp_path / "plain"))
     monkeypatch.setattr(FedAvg, "aggregate_train", fedavg_aggregate)
     monkeypatch.setattr(SecureAggregation, "_ask", watched_ask)
     monkeypatch.setattr(SecureAggregation, "aggregate_train", watched_aggregate)
-    run(_config([*base, "strategy.secagg.enabled=true"], tmp_path / "secure"))
+    with sites_in_process():
+        run(_config([*base, "strategy.secagg.enabled=true"], tmp_path / "secure"))
     rows = read_metrics(tmp_path / "secure" / "metrics.csv")
     summed = {r.round: r.value for r in rows if r.metric == "secagg_sites" and r.site == "all"}
     assert summed == {1: 3.0, 2: 2.0}  # round 2 aggregated from the two survivors

@@ -9,15 +9,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flower_fakes import FakeGrid, numpy_of, record
+from cli_runs import run_cli
+from flower_fakes import Answer, FakeGrid, numpy_of, record
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -29,6 +28,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian
+from local_runs import local_run
 
 from fl_imaging.config import ConfigError, RunConfig
 from fl_imaging.config.compose import check_overrides
@@ -149,54 +149,49 @@ class EvaluatingGrid(FakeGrid):
         self.replied: dict[int, dict[int, Arrays]] = {}
         self.queries: list[str] = []
 
-    def _respond(self, node: int, rnd: int, sent: Arrays) -> Arrays:
-        rng = np.random.default_rng(rnd * 10 + node)
+    def _respond(self, site: int, rnd: int, sent: Arrays) -> Arrays:
+        rng = np.random.default_rng(rnd * 10 + site)
         out = {}
         for k, v in sent.items():
             if not np.issubdtype(v.dtype, np.floating):
                 out[k] = v
-            elif node == NOISE_NODE:
+            elif site == NOISE_NODE:
                 out[k] = (v + rng.normal(0.0, 3.0, v.shape)).astype(v.dtype)
             else:
                 out[k] = (v + 0.5 * (self.target[k] - v)).astype(v.dtype)
-        self.replied.setdefault(rnd, {})[node] = out
+        self.replied.setdefault(rnd, {})[site] = out
         return out
 
-    def score(self, arrays: Arrays, node: int) -> float:
+    def score(self, arrays: Arrays, site: int) -> float:
         keys = [k for k, v in self.target.items() if np.issubdtype(v.dtype, np.floating)]
         gap = np.concatenate([np.abs(arrays[k] - self.target[k]).ravel() for k in keys]).mean()
-        return float(1.0 / (1.0 + gap) + node / 100)
+        return float(1.0 / (1.0 + gap) + site / 100)
 
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        replies, rest = [], []
-        for msg in messages:
-            kind, node = msg.metadata.message_type, msg.metadata.dst_node_id
-            config = msg.content.config_records.get("config", ConfigRecord())
-            cases = self.test_cases.get(node, 2)
-            if self.refuse and kind == f"query.{self.refuse}":
-                error = Error(0, f"[site site-{node}] MemoryError: out of memory")
-                replies.append(Message(error, reply_to=msg))
-            elif kind == MessageType.EVALUATE and config.get("split") == "test":
-                dice = self.score(numpy_of(msg.content["arrays"]), node)
-                metrics = {"num-examples": cases, "test_dice": dice, "finetuned_dice": dice}
-                replies.append(site_reply(msg, f"site-{node}", metrics if cases else {}))
-            elif kind == f"query.{FINETUNE_ACTION}":
-                self.queries.append(kind)
-                tuned = self._respond(node, 99, numpy_of(msg.content["arrays"]))
-                replies.append(site_reply(msg, f"site-{node}", {"num-examples": 3}, record(tuned)))
-            elif kind == f"query.{SCORE_ACTION}":
-                self.queries.append(f"{kind}:{config['split']}")
-                split_cases = cases if config["split"] == "test" else 4
-                reply = site_reply(msg, f"site-{node}", {"num-examples": split_cases})
-                for key, rec in msg.content.array_records.items():
-                    if split_cases:
-                        label = key.removeprefix(MODEL_PREFIX)
-                        dice = self.score(numpy_of(rec), node)
-                        reply.content[SCORES_PREFIX + label] = _scores(dice)
-                replies.append(reply)
-            else:
-                rest.append(msg)
-        return replies + list(super().send_and_receive(rest, timeout=timeout))
+    def answer(self, msg: Message, site: int) -> Answer:
+        kind = msg.metadata.message_type
+        config = msg.content.config_records.get("config", ConfigRecord())
+        cases = self.test_cases.get(site, 2)
+        if self.refuse and kind == f"query.{self.refuse}":
+            return Message(Error(0, f"[site site-{site}] MemoryError: out of memory"), reply_to=msg)
+        if kind == MessageType.EVALUATE and config.get("split") == "test":
+            dice = self.score(numpy_of(msg.content["arrays"]), site)
+            metrics = {"num-examples": cases, "test_dice": dice, "finetuned_dice": dice}
+            return site_reply(msg, f"site-{site}", metrics if cases else {})
+        if kind == f"query.{FINETUNE_ACTION}":
+            self.queries.append(kind)
+            tuned = self._respond(site, 99, numpy_of(msg.content["arrays"]))
+            return site_reply(msg, f"site-{site}", {"num-examples": 3}, record(tuned))
+        if kind == f"query.{SCORE_ACTION}":
+            self.queries.append(f"{kind}:{config['split']}")
+            split_cases = cases if config["split"] == "test" else 4
+            reply = site_reply(msg, f"site-{site}", {"num-examples": split_cases})
+            for key, rec in msg.content.array_records.items():
+                if split_cases:
+                    label = key.removeprefix(MODEL_PREFIX)
+                    dice = self.score(numpy_of(rec), site)
+                    reply.content[SCORES_PREFIX + label] = _scores(dice)
+            return reply
+        return super().answer(msg, site)
 
 
 def _scores(dice: float) -> MetricRecord:
@@ -430,14 +425,9 @@ def test_single_models_are_refused_with_secure_aggregation_and_dp(
 
 
 def test_fl_imaging_refuses_before_the_run_with_exit_2(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fl_imaging.cli", "engine.contributions=true", "strategy=dpfedavg"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
+    proc = run_cli(
+        "fl-imaging", "engine.contributions=true", "strategy=dpfedavg", cwd=tmp_path, expect=2
     )
-    assert proc.returncode == 2
     assert "engine.contributions=true computes leave-one-out aggregates" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -472,37 +462,27 @@ def test_the_chain_keeps_updates_only_when_asked(tmp_path: Path) -> None:
     assert not any(isinstance(n, LastUpdates) for n in wrapper_chain(plain.strategy))
 
 
-# --- a real simulation -----------------------------------------------------------------------
+# --- a whole run -----------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_simulated_run_with_a_noise_site(tmp_path: Path) -> None:
+def test_a_run_with_a_noise_site(tmp_path: Path) -> None:
     """3 demo sites, site-2 sends noise (attack=noise): it contributes least; the cross-site
-    diagonal is each site's test round figure (global: test_dice, own: finetuned_dice)."""
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "data.num_sites=3",
-            "data.cases_per_site=8",
-            "data.test_fraction=0.25",
-            f"data.root={tmp_path / 'demo'}",
-            "attack=noise",
-            "attack.sites=[1]",
-            "engine.cross_site=true",
-            "engine.contributions=true",
-            "engine.finetune_epochs=1",
-            f"hydra.run.dir={run}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=500,
+    diagonal is each site's test round figure (global: test_dice, own: finetuned_dice). The
+    real sites in-process (:mod:`local_runs`); across real Flower processes:
+    test_cross_site_deployment.py."""
+    run = local_run(
+        tmp_path / "run",
+        "experiment=quick",
+        "data.num_sites=3",
+        "data.cases_per_site=8",
+        "data.test_fraction=0.25",
+        f"data.root={tmp_path / 'demo'}",
+        "attack=noise",
+        "attack.sites=[1]",
+        "engine.cross_site=true",
+        "engine.contributions=true",
+        "engine.finetune_epochs=1",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     contributions = {r["site"]: float(r["contribution"]) for r in _csv(run / "contributions.csv")}
     assert min(contributions, key=contributions.__getitem__) == "site-2", contributions
     rows = read_metrics(run / "metrics.csv")

@@ -4,15 +4,15 @@ a site leaves out with data.exclude_bad_cases reach the site itself."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flower_fakes import FakeGrid
+from fake_runs import TestedSites, evaluate_metrics, fake_run, shift, train_metrics
+from flower_fakes import Answer, FakeGrid
 from flwr.app import Error, Message, MessageType, RecordDict
+from local_runs import local_run
 
 from fl_imaging.config import RunConfig
 from fl_imaging.config.compose import check_overrides
@@ -54,18 +54,14 @@ class BrokenSiteGrid(FakeGrid):
         super().__init__(nodes, lambda node, rnd, sent: sent)
         self.broken = broken
 
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        messages = list(messages)
-        good = [m for m in messages if m.metadata.dst_node_id != self.broken]
-        replies = list(super().send_and_receive(good, timeout=timeout))
-        for msg in messages:
-            if msg.metadata.dst_node_id == self.broken:
-                try:
-                    with site_errors(f"site-{self.broken}"):
-                        raise OSError(f"/data/site-{self.broken}/images: Input/output error")
-                except SiteError as err:
-                    replies.append(Message(Error(0, f"{type(err)}:<'{err}'>"), reply_to=msg))
-        return replies
+    def answer(self, msg: Message, site: int) -> Answer:
+        if site != self.broken:
+            return super().answer(msg, site)
+        try:
+            with site_errors(f"site-{site}"):
+                raise OSError(f"/data/site-{site}/images: Input/output error")
+        except SiteError as err:
+            return Message(Error(0, f"{type(err)}:<'{err}'>"), reply_to=msg)
 
 
 def _cfg(tmp_path: Path, *overrides: str) -> RunConfig:
@@ -94,6 +90,56 @@ def test_under_min_sites_the_run_goes_on_without_the_site_and_says_so(tmp_path: 
     assert "site site-3 took part in no round" in summary
     assert "trained without it (engine.min_sites=2)" in summary
     plan.raise_if_sites_failed()  # tolerated: no error
+
+
+def test_a_site_slower_than_the_round_timeout_is_left_out_of_that_round(tmp_path: Path) -> None:
+    """Flower's Grid returns only the replies that came within ``engine.round_timeout``: site 3
+    takes 10 s to train in round 2 (simulated), so that round aggregates the other two and
+    names it; in round 1 it was on time."""
+
+    def seconds(site: int, rnd: int, kind: str) -> float:
+        return 10.0 if (site, rnd, kind) == (3, 2, MessageType.TRAIN) else 0.1 * site
+
+    grid = TestedSites(3, shift, train_metrics, evaluate_metrics, seconds=seconds)
+    fake_run(tmp_path, "engine.round_timeout=5", "engine.min_sites=2", grid=grid)
+    rows = read_metrics(tmp_path / "metrics.csv")
+    trained = {(r.round, r.site) for r in rows if r.metric == "train_loss" and r.site != "all"}
+    assert trained == {(1, "site-1"), (1, "site-2"), (1, "site-3"), (2, "site-1"), (2, "site-2")}
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "site-3" in summary and "no train reply within engine.round_timeout=5 s" in summary
+
+
+def test_the_order_the_sites_answer_in_changes_nothing(tmp_path: Path) -> None:
+    """The same run with the sites finishing in two different orders every round (Flower's
+    replies come as sites finish): the same metrics and the same model, to float rounding."""
+    import torch
+
+    def first_site_first(site: int, rnd: int, kind: str) -> float:
+        return float(site)
+
+    def last_site_first(site: int, rnd: int, kind: str) -> float:
+        return float(-site)
+
+    results = {}
+    for name, seconds in (("forward", first_site_first), ("backward", last_site_first)):
+        grid = TestedSites(3, shift, train_metrics, evaluate_metrics, seconds=seconds)
+        fake_run(tmp_path / name, grid=grid)
+        assert [site for site, kind in grid.arrivals if kind == "train"][:3] == (
+            [1, 2, 3] if name == "forward" else [3, 2, 1]
+        )
+        rows = {
+            (r.round, r.site, r.metric): r.value
+            for r in read_metrics(tmp_path / name / "metrics.csv")
+        }
+        results[name] = (rows, torch.load(tmp_path / name / "model.pt", weights_only=True))
+    (rows_f, model_f), (rows_b, model_b) = results["forward"], results["backward"]
+    timing = {"round_seconds"}
+    assert {k for k in rows_f if k[2] not in timing} == {k for k in rows_b if k[2] not in timing}
+    for key, value in rows_f.items():
+        if key[2] not in timing:
+            assert value == pytest.approx(rows_b[key], rel=1e-5, nan_ok=True), key
+    for key, tensor in model_f.items():
+        torch.testing.assert_close(model_b[key], tensor, rtol=1e-6, atol=1e-7)
 
 
 def _broken_demo(tmp_path: Path) -> list[Path]:
@@ -125,27 +171,17 @@ def test_cases_left_out_by_the_coordinator_are_left_out_at_the_site(tmp_path: Pa
     assert broken not in ids and len(ids) == 5
 
 
-@pytest.mark.slow
 def test_exclude_bad_cases_trains_every_site_every_round(tmp_path: Path) -> None:
+    """A whole run with the real sites in-process (:mod:`local_runs`)."""
     sites = _broken_demo(tmp_path)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "data=folders",
-            f"data.sites=[{sites[0]},{sites[1]}]",
-            "data.exclude_bad_cases=true",
-            "task.roi_size=[16,16,16]",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=400,
+    local_run(
+        tmp_path / "run",
+        "experiment=quick",
+        "data=folders",
+        f"data.sites=[{sites[0]},{sites[1]}]",
+        "data.exclude_bad_cases=true",
+        "task.roi_size=[16,16,16]",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     trained = {(r.round, r.site) for r in rows if r.metric == "train_loss"}
     assert trained >= {(rnd, s) for rnd in (1, 2) for s in ("site-1", "site-2")}

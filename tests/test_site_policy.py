@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import run_cli
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fl_imaging.config import RunConfig
@@ -236,3 +237,14 @@ def test_check_policy_prints_the_hash_and_the_verdict_as_the_readme_shows(
     assert main(["check-policy", "site.yaml", "experiment=quick"]) == 1
     assert "refused: policy secure_aggregation.required" in capsys.readouterr().out
     assert main(["check-policy", "missing.yaml", "experiment=quick"]) == 2
+
+
+def test_fl_imaging_deploy_check_policy_as_a_command(tmp_path: Path) -> None:
+    """The command itself (its own process, :mod:`cli_runs`): exit 0 when the policy accepts
+    the run, 1 when it refuses it."""
+    policy_file(tmp_path, "secure_aggregation:\n  required: true\n")
+    command = ("fl-imaging-deploy", "check-policy", "site.yaml", "experiment=quick")
+    accepted = run_cli(*command, "strategy.secagg.enabled=true", cwd=tmp_path)
+    assert "accepted by site.yaml" in accepted.stdout
+    refused = run_cli(*command, cwd=tmp_path, expect=1)
+    assert "refused: policy secure_aggregation.required" in refused.stdout

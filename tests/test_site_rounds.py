@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flower_fakes import FakeGrid, record
+from flower_fakes import Answer, FakeGrid, record
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -263,36 +263,28 @@ def test_all_test_cases_of_a_cell_without_its_models_says_which_file(
 
 
 class ScoringGrid(FakeGrid):
-    """Node 1 and 2 score the model; node 2 has an AUC-like NaN; node 3 fails."""
+    """Sites 1 and 2 score the model; site 2 has an AUC-like NaN; site 3 fails."""
 
     def __init__(self) -> None:
         super().__init__(3, lambda n, r, s: s)
         self.configs: list[dict] = []
 
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        replies = []
-        for msg in messages:
-            assert msg.metadata.message_type == MessageType.EVALUATE
-            self.configs.append(dict(msg.content["config"]))
-            node = msg.metadata.dst_node_id
-            if node == 3:
-                replies.append(Message(Error(code=0, reason="out of memory"), reply_to=msg))
-                continue
-            metrics = {
-                "num-examples": 3 if node == 1 else 1,
-                "test_dice": 0.8 if node == 1 else 0.4,
-                "test_auc": 0.9 if node == 1 else math.nan,
-                "finetuned_dice": 0.9 if node == 1 else 0.5,
-                "unit-weight": 1,
-            }
-            content = RecordDict(
-                {
-                    "metrics": MetricRecord(metrics),
-                    "site": ConfigRecord({"name": f"hospital-{node}"}),
-                }
-            )
-            replies.append(Message(content, reply_to=msg))
-        return replies
+    def answer(self, msg: Message, site: int) -> Answer:
+        assert msg.metadata.message_type == MessageType.EVALUATE
+        self.configs.append(dict(msg.content["config"]))
+        if site == 3:
+            return Message(Error(code=0, reason="out of memory"), reply_to=msg)
+        metrics = {
+            "num-examples": 3 if site == 1 else 1,
+            "test_dice": 0.8 if site == 1 else 0.4,
+            "test_auc": 0.9 if site == 1 else math.nan,
+            "finetuned_dice": 0.9 if site == 1 else 0.5,
+            "unit-weight": 1,
+        }
+        content = RecordDict(
+            {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": f"hospital-{site}"})}
+        )
+        return Message(content, reply_to=msg)
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -310,8 +302,9 @@ def test_final_test_round_rows_per_site_weighted_mean_and_failures() -> None:
     assert table[("all", "test_dice")] == pytest.approx((3 * 0.8 + 0.4) / 4)
     assert table[("all", "finetuned_dice")] == pytest.approx((3 * 0.9 + 0.5) / 4)
     assert table[("all", "test_auc")] == pytest.approx(0.9)  # the NaN site left out
-    assert not [k for k in table if k[0] == "node-3"]
-    assert failures == [(5, "node-3", "test round: out of memory")]
+    unnamed = f"node-{grid.node_of[3]}"  # it never replied with its name: Flower's node id
+    assert not [k for k in table if k[0] == unnamed]
+    assert failures == [(5, unnamed, "test round: out of memory")]
 
 
 # --- the demo's test cases ----------------------------------------------------------------------

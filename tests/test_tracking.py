@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runs import run_cli
 from fake_runs import fake_run
 
 from fl_imaging.benchmark.cells import cell_tracking
@@ -203,22 +204,15 @@ def test_a_bad_tracking_setting_stops_before_the_run(
 
 def test_an_unreachable_server_stops_fl_imaging_before_training(tmp_path: Path) -> None:
     closed = f"http://127.0.0.1:{_free_port()}"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "experiment=quick",
-            "tracking=mlflow",
-            f"tracking.uri={closed}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_cli(
+        "fl-imaging",
+        "experiment=quick",
+        "tracking=mlflow",
+        f"tracking.uri={closed}",
+        f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
-        timeout=120,
+        expect=2,
     )
-    assert proc.returncode == 2
     output = proc.stdout + proc.stderr
     assert f"tracking.uri={closed}: no MLflow server answers" in output
     assert "Traceback" not in output and not (tmp_path / "demo-data").exists()
@@ -279,26 +273,19 @@ def test_a_multirun_sweep_is_one_tagged_mlflow_run_per_job(tmp_path: Path) -> No
     from mlflow import MlflowClient
 
     store = tmp_path / "mlruns"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_imaging.cli",
-            "--multirun",
-            "experiment=quick",
-            "engine.rounds=1",
-            "seed=0,1",
-            "tracking=mlflow",
-            f"tracking.uri={store}",
-            f"data.root={tmp_path / 'demo'}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        capture_output=True,
-        text=True,
+    run_cli(
+        "fl-imaging",
+        "--multirun",
+        "experiment=quick",
+        "engine.rounds=1",
+        "seed=0,1",
+        "tracking=mlflow",
+        f"tracking.uri={store}",
+        f"data.root={tmp_path / 'demo'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("fl-imaging")
     runs = client.search_runs([experiment.experiment_id])
