@@ -9,7 +9,7 @@ A block is asked for with a pair of markers naming the command and its subcomman
     <!-- /cli-help -->
 
 and filled with what the command's argparse parser prints for ``--help`` (at 100 columns), so
-the page lists every option as the code has it. ``tests/test_docs.py`` fails when it is stale.
+the page lists every option as the code has it. ``tests/docs/test_docs.py`` fails when it is stale.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ override, as ``fl-imaging`` runs with no argument), and what it means: the ``#:`
 the field in ``schema.py``, the comment beside the key in ``conf/`` (``conf/base/GROUP.yaml`` and
 the group's default choice) and, for an enum, its allowed values. Each config group then lists its
 choices (``conf/GROUP/*.yaml``) with their header comment and the keys they set. The page is
-generated: ``tests/test_docs.py`` fails when it differs from what this script writes now.
+generated: ``tests/docs/test_docs.py`` fails when it differs from what this script writes now.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ markers, filled in place by this script::
     <!-- results-table: hippocampus_iid -->
     <!-- /results-table -->
 
-Plots go to ``docs/results/plots/NAME.png`` (see :data:`PLOTS`). ``tests/test_docs.py`` checks
+Plots go to ``docs/results/plots/NAME.png`` (see :data:`PLOTS`). ``tests/docs/test_docs.py`` checks
 that every table in the pages is what its CSV gives now.
 """
 

@@ -32,7 +32,7 @@ from fl_imaging.data.readers import IMAGE_READERS
 from fl_imaging.data.simulated import load_pool
 from fl_imaging.data.sites import SiteDataError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("FL_IMAGING_SHARED_DATA", REPO / ".." / "shared" / "data"))
 MSD = SHARED / "msd_task04_hippocampus"
 MEDNIST = SHARED / "mednist_rsna_64x64"

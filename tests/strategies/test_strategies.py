@@ -47,7 +47,7 @@ from strategies import (
 from strategies.geometric_median import geometric_median
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-CONF_STRATEGIES = Path(__file__).resolve().parents[1] / "conf" / "strategy"
+CONF_STRATEGIES = Path(__file__).resolve().parents[2] / "conf" / "strategy"
 
 
 # --- helpers ----------------------------------------------------------------------------------

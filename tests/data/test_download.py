@@ -52,7 +52,7 @@ from fl_imaging.data.fetch import (
     md5_of,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("FL_IMAGING_SHARED_DATA", REPO / ".." / "shared" / "data"))
 MSD = SHARED / "msd_task04_hippocampus"
 MEDMNIST = SHARED / "medmnist_adrenalmnist3d"

@@ -9,12 +9,12 @@ from collections.abc import Iterable
 
 import numpy as np
 import pytest
+from flower_fakes import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fl_imaging.engines.simulation import in_flight_limit
 from fl_imaging.flower.coordinator.polling import QuickPollGrid, StopRequested
 from fl_imaging.flower.packed_arrays import LAYOUT_SUFFIX, is_packed, pack_content
-from tests.flower_fakes import FakeGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -26,7 +26,7 @@ from fl_imaging.cli.main import _overrides_of
 from fl_imaging.config import ConfigError
 from fl_imaging.config.compose import check_overrides
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 

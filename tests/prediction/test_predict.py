@@ -32,7 +32,7 @@ from fl_imaging.review.results import load_weights, save_weights
 from tasks import build_task
 from tasks.segmentation import SegmentationTask
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("FL_IMAGING_SHARED_DATA", REPO / ".." / "shared" / "data"))
 LAS_NIFTI = SHARED / "monai_test_nifti" / "tests" / "testing_data" / "anatomical.nii"
 

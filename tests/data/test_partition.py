@@ -28,7 +28,7 @@ from fl_imaging.data.shift import ScannerProfile, scanner_profiles
 from fl_imaging.data.simulated import MARKER, load_pool, simulated_sites
 from fl_imaging.data.sites import Case, SiteData, find_cases, load_site
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("FL_IMAGING_SHARED_DATA", REPO / ".." / "shared" / "data"))
 ROOTS = {
     "hippocampus": SHARED / "msd_task04_hippocampus",

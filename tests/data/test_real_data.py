@@ -14,7 +14,7 @@ from fl_imaging.data.inspect import inspect_site
 from fl_imaging.data.readers import IMAGE_READERS
 
 SHARED = Path(
-    os.environ.get("FL_IMAGING_SHARED_DATA", Path(__file__).parents[1] / ".." / "shared" / "data")
+    os.environ.get("FL_IMAGING_SHARED_DATA", Path(__file__).parents[2] / ".." / "shared" / "data")
 )
 DICOM = SHARED / "pydicom_test_dicom/src/pydicom/data/test_files/dicomdirtests"
 NIFTI = SHARED / "monai_test_nifti/tests/testing_data"
