@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
-from flower_fakes import Arrays, FakeGrid, numpy_of, record
-from flwr.app import Context, Error, Message, RecordDict
+from flower_fakes import Answer, Arrays, FakeGrid, numpy_of, record
+from flwr.app import Error, Message
 
 from fl_imaging.flower.protocol import SiteRefusal, site_reply
 from fl_imaging.secagg.arithmetic import MASKED, SECAGG
@@ -17,19 +17,20 @@ from fl_imaging.secagg.site import SECAGG_STAGES, SecAggGuard, mask_reply
 from fl_imaging.site.identity import SiteIdentity
 
 
-def identities(nodes: Iterable[int]) -> dict[int, SiteIdentity]:
-    """A new key pair per node (site ``site-<node>``), each site holding the full roster."""
-    keys = {n: ec.generate_private_key(ec.SECP384R1()) for n in nodes}
+def identities(sites: Iterable[int]) -> dict[int, SiteIdentity]:
+    """A new key pair per site number (site ``site-<number>``), each holding the full roster."""
+    keys = {n: ec.generate_private_key(ec.SECP384R1()) for n in sites}
     roster = {f"site-{n}": k.public_key() for n, k in keys.items()}
     return {n: SiteIdentity(f"site-{n}", k, roster) for n, k in keys.items()}
 
 
 class SecureSites(FakeGrid):
-    """Nodes 1..n that run the sites' real secure aggregation handlers on their own contexts,
-    each with its guard (``min_sites``). Training adds ``respond(node, round, sent)`` to what
-    was sent, with ``weights[node]`` cases; nodes in ``fail[stage]`` answer that stage
-    (``train``, ``secagg_unmask`` ...) with an error. ``held[round][node]`` keeps what the
-    coordinator received of each site's model, ``updates[round][node]`` the true update."""
+    """Sites 1..n that run the sites' real secure aggregation handlers on their own contexts,
+    each with its guard (``min_sites``). Training adds ``respond(site, round, sent)`` to what
+    was sent, with ``weights[site]`` cases; sites in ``fail[stage]`` answer that stage
+    (``train``, ``secagg_unmask`` ...) with an error. ``held[round][site]`` keeps what the
+    coordinator received of each site's model, ``updates[round][site]`` the true update (by
+    site number)."""
 
     def __init__(
         self,
@@ -42,45 +43,40 @@ class SecureSites(FakeGrid):
         super().__init__(nodes, respond)
         self.weights = weights
         self.fail = fail or {}
-        self.contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in self.nodes}
+        self.contexts = {site: self.context_of(site) for site in self.node_of}
         self.guards = {
-            n: SecAggGuard(identity, min_sites) for n, identity in identities(self.nodes).items()
+            site: SecAggGuard(identity, min_sites)
+            for site, identity in identities(self.node_of).items()
         }
         self.held: dict[int, dict[int, np.ndarray]] = {}
         self.updates: dict[int, dict[int, Arrays]] = {}
 
-    def answer(self, msg: Message) -> Message:
-        """The site's own answer to one message (raises its :class:`SiteRefusal`)."""
-        node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+    def site_answer(self, msg: Message) -> Message:
+        """The own answer of the site ``msg`` is addressed to (raises its
+        :class:`SiteRefusal`), for a test that hands a site a message itself."""
+        site, kind = self.site_of[msg.metadata.dst_node_id], msg.metadata.message_type
         if kind.startswith("query."):
-            return SECAGG_STAGES[kind.split(".")[-1]](msg, self.contexts[node], self.guards[node])
-        return self._train(msg, node)
+            return SECAGG_STAGES[kind.split(".")[-1]](msg, self.contexts[site], self.guards[site])
+        return self._train(msg, site)
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-            stage = kind.split(".")[-1] if kind.startswith("query.") else "train"
-            if node in self.fail.get(stage, set()):
-                replies.append(Message(Error(0, f"[site site-{node}] gone"), reply_to=msg))
-                continue
-            try:
-                replies.append(self.answer(msg))
-            except SiteRefusal as err:
-                reason = f"[site site-{node}] refused: {err}"
-                replies.append(Message(Error(0, reason), reply_to=msg))
-        return replies
+    def answer(self, msg: Message, site: int) -> Answer:
+        kind = msg.metadata.message_type
+        stage = kind.split(".")[-1] if kind.startswith("query.") else "train"
+        if site in self.fail.get(stage, set()):
+            return Message(Error(0, f"[site site-{site}] gone"), reply_to=msg)
+        try:
+            return self.site_answer(msg)
+        except SiteRefusal as err:
+            return Message(Error(0, f"[site site-{site}] refused: {err}"), reply_to=msg)
 
-    def _train(self, msg: Message, node: int) -> Message:
+    def _train(self, msg: Message, site: int) -> Message:
         rnd = int(msg.content["config"]["server-round"])
         sent = numpy_of(msg.content["arrays"])
-        local = {k: v + self.respond(node, rnd, sent)[k] for k, v in sent.items()}
-        self.updates.setdefault(rnd, {})[node] = {k: local[k] - sent[k] for k in sent}
-        metrics = {"num-examples": self.weights[node], "train_loss": float(node), "unit-weight": 1}
-        reply = site_reply(msg, f"site-{node}", metrics, record(local))
+        local = {k: v + self.respond(site, rnd, sent)[k] for k, v in sent.items()}
+        self.updates.setdefault(rnd, {})[site] = {k: local[k] - sent[k] for k in sent}
+        metrics = {"num-examples": self.weights[site], "train_loss": float(site), "unit-weight": 1}
+        reply = site_reply(msg, f"site-{site}", metrics, record(local))
         if SECAGG in msg.content.config_records:
-            reply = mask_reply(msg, reply, self.contexts[node], self.guards[node])
-            self.held.setdefault(rnd, {})[node] = reply.content[MASKED][MASKED].numpy()
+            reply = mask_reply(msg, reply, self.contexts[site], self.guards[site])
+            self.held.setdefault(rnd, {})[site] = reply.content[MASKED][MASKED].numpy()
         return reply

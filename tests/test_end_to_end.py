@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import run_cli
 
 from fl_imaging.config import config_from_yaml
 from fl_imaging.review.results import read_metrics
@@ -19,15 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _fl_imaging(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fl_imaging.cli", *overrides],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_cli("fl-imaging", *overrides, cwd=tmp_path, timeout=400)
 
 
 def test_two_rounds_three_sites_write_every_result(tmp_path: Path) -> None:
