@@ -80,3 +80,9 @@ class SecureSites(FakeGrid):
             reply = mask_reply(msg, reply, self.contexts[site], self.guards[site])
             self.held.setdefault(rnd, {})[site] = reply.content[MASKED][MASKED].numpy()
         return reply
+
+
+def step(site: int, rnd: int, sent: Arrays) -> Arrays:
+    """A site's update: random, different per site and round, of norm about 1."""
+    rng = np.random.default_rng([site, rnd])
+    return {k: (0.02 * rng.normal(size=v.shape)).astype(v.dtype) for k, v in sent.items()}

@@ -257,7 +257,7 @@ def test_rejected_and_flagged_updates_are_recorded_with_their_reasons(tmp_path: 
 
 
 def test_under_secure_aggregation_the_log_holds_no_site_s_update(tmp_path: Path) -> None:
-    from test_secure_aggregation import SecureSites, step
+    from secagg_fakes import SecureSites, step
 
     grid = SecureSites(3, step, {1: 10, 2: 20, 3: 30}, fail={"train": {3}})
     fake_run(

@@ -22,7 +22,7 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 from local_runs import local_run
-from secagg_fakes import SecureSites
+from secagg_fakes import SecureSites, step
 
 from fl_imaging.config import DPConfig, DPMode, SecAggConfig, StrategyConfig
 from fl_imaging.review.results import read_metrics
@@ -39,12 +39,6 @@ STEP = 2 * SETTINGS.clipping_range / SETTINGS.quantization_range  # one quantisa
 
 
 GLOBAL = {"w": np.linspace(-1, 1, 2000, dtype=np.float32).reshape(40, 50), "b": np.ones(10, "f4")}
-
-
-def step(site: int, rnd: int, sent: Arrays) -> Arrays:
-    """A site's update: random, different per site and round, of norm about 1."""
-    rng = np.random.default_rng([site, rnd])
-    return {k: (0.02 * rng.normal(size=v.shape)).astype(v.dtype) for k, v in sent.items()}
 
 
 def fedavg(secagg: bool, **changes: object) -> StrategyConfig:
