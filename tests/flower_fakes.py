@@ -92,8 +92,9 @@ def spread_seconds(site: int, rnd: int, kind: str) -> float:
 
 def error_reply(msg: Message, err: BaseException) -> Message:
     """The error reply Flower's simulation engine stores for a ClientApp that raised ``err``
-    (``vce_api.worker``: ``ClientAppException``, its type and message as the reason)."""
-    wrapped = ClientAppException(f"{type(err).__name__}: {err}")
+    (``ray_actor.run`` wraps the message in a ``ClientAppException``, ``vce_api.worker`` gives
+    its type and message as the reason)."""
+    wrapped = ClientAppException(str(err))
     reason = f"{type(wrapped)}:<'{wrapped}'>"
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
@@ -176,7 +177,9 @@ class FakeGrid(InMemoryGrid):
         state: the replies there are, in the order the sites finished."""
         ids = list(message_ids)
         for msg_id in sorted((i for i in ids if i in self._ready), key=self._finish):
-            self.state.store_message_res(self._ready[msg_id][1])
+            reply = self._ready[msg_id][1]
+            if self.state.store_message_res(reply) is None:  # Flower would drop it, logged
+                raise AssertionError(f"Flower's state refuses this reply (see its log): {reply}")
         got = sorted(
             super().pull_messages(ids), key=lambda m: self._finish(m.metadata.reply_to_message_id)
         )

@@ -10,6 +10,7 @@ import pytest
 import torch
 from cli_runs import run_cli
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from local_runs import sites_in_process
 
 from fl_imaging.config import RunConfig
 from fl_imaging.config.compose import check_overrides
@@ -202,7 +203,6 @@ def test_the_site_enforces_its_policy_and_records_every_answer_and_refusal(
     assert torch.is_tensor(next(iter(site.weights.values())))
 
 
-@pytest.mark.slow
 def test_a_run_a_sites_policy_refuses_stops_with_the_sites_reason(tmp_path: Path) -> None:
     policy = policy_file(tmp_path, "secure_aggregation:\n  required: true\n")
     cfg = check_overrides(
@@ -213,8 +213,11 @@ def test_a_run_a_sites_policy_refuses_stops_with_the_sites_reason(tmp_path: Path
         ]
     )
     cfg.run_dir = str(tmp_path / "run")
-    with pytest.raises(
-        SitesFailed, match="round 1: site site-2 refused: policy secure_aggregation.required"
+    with (
+        pytest.raises(
+            SitesFailed, match="round 1: site site-2 refused: policy secure_aggregation.required"
+        ),
+        sites_in_process(),  # the real sites, in this process (local_runs.py)
     ):
         run(cfg)
     summary = (tmp_path / "run" / "summary.txt").read_text()
