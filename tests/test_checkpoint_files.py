@@ -312,5 +312,5 @@ def test_fl_imaging_exits_2_with_the_message_when_the_run_folder_cannot_be_writt
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-3000:]
-    assert f"[ERROR] - could not write the run's results into {tmp_path}: full" in output
+    assert f"error: could not write the run's results into {tmp_path}: full" in output
     assert "Traceback" not in output
