@@ -40,7 +40,8 @@ REPLY = "reply"
 EPOCH = "epoch"
 #: Round ``round`` of ``rounds`` ended; ``detail`` is its progress line.
 ROUND_ENDED = "round_ended"
-#: The rounds and evaluations are over; the run writes its files.
+#: The rounds and evaluations are over (``detail``: why they ended early, '' when they did
+#: not); the run writes its files.
 RUN_FINISHED = "run_finished"
 
 #: The logger of events that are not lines for a reader; it does not pass them to the root.
@@ -63,7 +64,7 @@ class Progress:
         phase: the message type (``train``, ``evaluate``, ``query.*``).
         epoch: epochs done; ``epochs``: epochs of this round.
         ok: whether a reply is a result (False: an error reply).
-        detail: a reply's error, or a round's progress line.
+        detail: a reply's error, a round's progress line, why a run stopped early.
         sites: the sites' names known when the run starts.
     """
 

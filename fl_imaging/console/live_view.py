@@ -120,14 +120,15 @@ class LiveView:
                 if view.current_round
                 else "starting"
             )
-            if view.phase and not view.finished:
+            if view.finished:
+                label = "stopped" if view.stopped else "finished"
+            elif view.phase:
                 label = f"{label} {view.phase}"
             self._bar.update(
-                self._task,
-                total=rounds,
-                completed=view.completed(),
-                description=label if not view.finished else "finished",
+                self._task, total=rounds, completed=view.completed(), description=label
             )
+            if view.finished:
+                self._bar.stop_task(self._task)  # no time left to tell
 
     def _render(self) -> RenderableType:
         with self._lock:

@@ -84,7 +84,8 @@ class RunView:
         current_round: the round in progress (``rounds_done`` between two rounds).
         sites: each site's state, by name, in the order first heard of.
         last_line: the progress line of the last round that ended.
-        started: whether the run started its rounds; ``finished``: whether they are over.
+        started: whether the run started its rounds; ``finished``: whether they are over;
+            ``stopped``: why they ended early ('' when they did not).
         phase: what the coordinator asks for now (``training``, ``evaluating``, ``scoring
             test cases``), '' before.
     """
@@ -97,6 +98,7 @@ class RunView:
     last_line: str = ""
     started: bool = False
     finished: bool = False
+    stopped: str = ""
     phase: str = ""
     _names: dict[int, str] = field(default_factory=dict)
     _asked: set[int] = field(default_factory=set)  # nodes asked in this round
@@ -124,7 +126,7 @@ class RunView:
             self.rounds = event.rounds or self.rounds
             self.last_line = event.detail
         elif event.kind == RUN_FINISHED:
-            self.finished = True
+            self.finished, self.stopped = True, event.detail
 
     def _sent(self, event: Progress) -> None:
         if event.phase not in (_TRAIN, _EVALUATE):

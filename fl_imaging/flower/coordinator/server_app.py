@@ -77,7 +77,7 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
             ending = evaluate_across_sites(grid, plan)
         except StopRequested:
             plan.note_interrupted()
-    emit(Progress(RUN_FINISHED, plan.rounds_done(), cfg.engine.rounds))
+    emit(Progress(RUN_FINISHED, plan.rounds_done(), cfg.engine.rounds, detail=plan.stopped))
     assert recorder.global_arrays is not None
     plan.model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
     notes = "\n".join(
