@@ -168,6 +168,15 @@ def test_the_live_view_draws_the_bar_with_time_left_the_sites_and_the_last_round
     assert "last round: round 1/3  train loss 0.7 | 2.0 s" in text
 
 
+def test_a_stopped_run_says_so_in_the_view() -> None:
+    live = LiveView(Console(file=io.StringIO(), width=100, force_terminal=True))
+    live.update(Progress(RUN_STARTED, 0, 4, sites=SITES))
+    live.update(Progress(ROUND_ENDED, 1, 4, detail="round 1/4"))
+    live.update(Progress(RUN_FINISHED, 1, 4, detail="interrupted (Ctrl-C) after round 1 of 4"))
+    text = _text(live._render())
+    assert text.startswith("stopped") and "1/4 rounds" in text
+
+
 # --- which lines reach the terminal ------------------------------------------------------------
 
 
@@ -402,12 +411,3 @@ def test_help_says_what_the_tool_does_lists_every_choice_and_is_short(
             assert option.stem in text, f"{group}={option.stem} is not in fl-imaging --help"
     for command in ("data", "predict", "deploy", "bench", "audit"):
         assert f"fl-imaging-{command} " in text
-
-
-def test_a_stopped_run_says_so_in_the_view() -> None:
-    live = LiveView(Console(file=io.StringIO(), width=100, force_terminal=True))
-    live.update(Progress(RUN_STARTED, 0, 4, sites=SITES))
-    live.update(Progress(ROUND_ENDED, 1, 4, detail="round 1/4"))
-    live.update(Progress(RUN_FINISHED, 1, 4, detail="interrupted (Ctrl-C) after round 1 of 4"))
-    text = _text(live._render())
-    assert text.startswith("stopped") and "1/4 rounds" in text

@@ -110,30 +110,31 @@ class LiveView:
             self._live.stop()
 
     def update(self, event: ProgressEvent) -> None:
-        """Take ``event`` into the view."""
+        """Take ``event`` into the view (drawn at the next refresh)."""
         with self._lock:
             self.view.apply(event)
-            view = self.view
-            rounds = view.rounds or None
-            label = (
-                f"round {min(view.current_round, view.rounds)}/{view.rounds}"
-                if view.current_round
-                else "starting"
-            )
-            if view.finished:
-                label = "stopped" if view.stopped else "finished"
-            elif view.phase:
-                label = f"{label} {view.phase}"
-            self._bar.update(
-                self._task, total=rounds, completed=view.completed(), description=label
-            )
-            if view.finished:
-                self._bar.stop_task(self._task)  # no time left to tell
 
     def _render(self) -> RenderableType:
         with self._lock:
+            self._update_bar()
             parts: list[RenderableType] = [self._bar.get_renderable(), render_sites(self.view)]
             if self.view.last_line:
                 line = f"last round: {self.view.last_line}"
                 parts.append(Text(line, no_wrap=True, overflow="ellipsis"))
             return Group(*parts)
+
+    def _update_bar(self) -> None:
+        """The bar as the view stands: its label, rounds done (the current one in part)."""
+        view = self.view
+        label = "starting"
+        if view.current_round:
+            label = f"round {min(view.current_round, view.rounds)}/{view.rounds}"
+        if view.finished:
+            label = "stopped" if view.stopped else "finished"
+        elif view.phase:
+            label = f"{label} {view.phase}"
+        self._bar.update(
+            self._task, total=view.rounds or None, completed=view.completed(), description=label
+        )
+        if view.finished:
+            self._bar.stop_task(self._task)  # no time left to tell

@@ -103,6 +103,7 @@ class RunView:
     _names: dict[int, str] = field(default_factory=dict)
     _asked: set[int] = field(default_factory=set)  # nodes asked in this round
     _provisional: dict[int, str] = field(default_factory=dict)  # node -> a site, for now
+    _next_unheard: int = 0  # where _unheard_site looks next in this round
 
     def apply(self, event: Progress) -> None:
         """Update the view with ``event``."""
@@ -137,6 +138,7 @@ class RunView:
             self.current_round = self.rounds_done + 1
             self._asked.clear()
             self._provisional.clear()
+            self._next_unheard = 0
             for site in self.sites.values():
                 site.state, site.epoch, site.epochs, site.detail = NOT_ASKED, 0, 0, ""
         if event.phase == _TRAIN:
@@ -155,10 +157,14 @@ class RunView:
             self.sites[name].state = WAITING if event.phase == _TRAIN else EVALUATING
 
     def _unheard_site(self) -> str | None:
-        """A site not asked yet whose node is not known (None when there is none)."""
+        """A site not asked yet in this round whose node is not known (None when there is
+        none); the sites are looked through once per round, in order."""
+        names = list(self.sites)
         taken = set(self._names.values()) | set(self._provisional.values())
-        for name, site in self.sites.items():
-            if site.state == NOT_ASKED and name not in taken:
+        while self._next_unheard < len(names):
+            name = names[self._next_unheard]
+            self._next_unheard += 1
+            if self.sites[name].state == NOT_ASKED and name not in taken:
                 return name
         return None
 
