@@ -4,9 +4,9 @@ Runs ``fl-imaging experiment=quick`` (4 training cases of 24³ per site by defau
 and 1,000 demo sites and prints, per size: wall time, the time spent checking the sites before
 the engine starts, round 1 (Ray's start, imports, first decodes) and the later rounds, seconds
 per site per later round, how many times the sites' volumes were decoded (``ready in`` lines of
-the ClientApps, less the cases read back from the run's shared decoded folder: 1.0 = once per
-site for the whole run) and the peak memory of the whole process
-tree (the run and every process it started: Ray's and its workers), as proportional set size,
+the ClientApps in the run's main.log, less the cases read back from the run's shared decoded
+folder: 1.0 = once per site for the whole run) and the peak memory of the whole process tree
+(the run and every process it started: Ray's and its workers), as proportional set size,
 so that pages shared between processes are counted once.
 
 The demo data is written before any clock starts (``--workdir`` keeps it for the next time).
@@ -81,10 +81,10 @@ class PeakMemory(threading.Thread):
             self.peak = max(self.peak, tree_pss_bytes(self.pid))
 
 
-def _seconds_between(output: str, first: str, last: str) -> float:
-    """Seconds between the log lines holding ``first`` and ``last`` (Hydra's timestamps)."""
+def _seconds_between(log: str, first: str, last: str) -> float:
+    """Seconds between the lines of ``log`` (main.log) holding ``first`` and ``last``."""
     stamps = {}
-    for line in output.splitlines():
+    for line in log.splitlines():
         found = STAMP.match(line)
         for key in (first, last):
             if found and key in line and key not in stamps:
@@ -122,6 +122,7 @@ def run_size(sites: int, rounds: int, work: Path, overrides: list[str]) -> dict[
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{output[-4000:]}")
     rows = read_metrics(run_dir / "metrics.csv")
+    log = (run_dir / "main.log").read_text(errors="replace")  # every line, the sites' too
     per_round = {
         r.round: r.value for r in rows if r.metric == "round_seconds" and r.site == AGGREGATE_SITE
     }
@@ -129,12 +130,12 @@ def run_size(sites: int, rounds: int, work: Path, overrides: list[str]) -> dict[
     # A load decodes its cases, except those another worker already decoded (data.cache's
     # shared folder): counted in cases, as a fraction of the site's cases.
     decoded = 0.0
-    for _, train, val, test, reused in READY.findall(output):
+    for _, train, val, test, reused in READY.findall(log):
         cases = int(train) + int(val) + int(test)
         decoded += (cases - int(reused or 0)) / cases
     return {
         "wall": wall,
-        "checks": _seconds_between(output, "checking site 1/", "simulation engine"),
+        "checks": _seconds_between(log, "checking site 1/", "simulation engine"),
         "round1": per_round.get(1, float("nan")),
         "later": sum(later) / len(later) if later else float("nan"),
         "per_site": (sum(later) / len(later) / sites) if later else float("nan"),

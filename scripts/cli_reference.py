@@ -9,7 +9,9 @@ A block is asked for with a pair of markers naming the command and its subcomman
     <!-- /cli-help -->
 
 and filled with what the command's argparse parser prints for ``--help`` (at 100 columns), so
-the page lists every option as the code has it. ``tests/docs/test_docs.py`` fails when it is stale.
+the page lists every option as the code has it; ``fl-imaging`` itself is Hydra's, and its block is
+the help template Hydra prints (``conf/hydra/help/fl_imaging.yaml``).
+``tests/docs/test_docs.py`` fails when it is stale.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 __all__ = ["COMMANDS", "PAGE", "fill_markers", "help_text"]
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Hydra's help template for ``fl-imaging`` (plain text, no interpolation).
+HYDRA_HELP = ROOT / "conf" / "hydra" / "help" / "fl_imaging.yaml"
 #: The page this script fills.
 PAGE = ROOT / "docs" / "reference" / "cli.md"
 
@@ -48,9 +54,11 @@ _MARKERS = re.compile(
 def help_text(command: str, subcommand: str | None = None) -> str:
     """What ``COMMAND [SUBCOMMAND] --help`` prints, at 100 columns.
 
-    Takes a key of :data:`COMMANDS` and an optional subcommand; returns the help text. Raises
-    ``KeyError`` for a command that is not listed.
+    Takes ``fl-imaging`` or a key of :data:`COMMANDS` and an optional subcommand; returns the
+    help text. Raises ``KeyError`` for a command that is not listed.
     """
+    if command == "fl-imaging":
+        return yaml.safe_load(HYDRA_HELP.read_text())["template"] + "\n"
     main = importlib.import_module(COMMANDS[command]).main
     argv = [subcommand, "--help"] if subcommand else ["--help"]
     out = io.StringIO()

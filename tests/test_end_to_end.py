@@ -60,10 +60,18 @@ def test_two_rounds_three_sites_write_every_result(tmp_path: Path) -> None:
     assert "round 1/2  train loss" in output and "| dice - |" in output
     # one site of the demo is stored as DICOM series
     assert any(p.is_dir() for p in (tmp_path / "demo" / "site-1" / "images").iterdir())
-    # each of the 2 Ray actors decodes a site once, however many messages it serves it (3 here)
+    # each of the 2 Ray actors decodes a site once, however many messages it serves it (3 here);
+    # every line of every site (Ray's workers) is in main.log, none on the console
+    log = (run / "main.log").read_text()
     for site in sites:
-        loads = len(re.findall(rf"\[site {site}\] \d+ training, .* ready in", output))
+        loads = len(re.findall(rf"\[site {site}\] \d+ training, .* ready in", log))
         assert 1 <= loads <= 2, (site, loads)
+        for rnd in (1, 2):
+            for epoch in (1, 2):
+                assert f"[site {site}] round {rnd} epoch {epoch}/2: loss" in log
+    assert "epoch 1/2" not in output and "ClientAppActor" not in output
+    # redirected: plain lines, no colour or other escape code, and no leftover folder
+    assert "\x1b" not in output and not (run / "site-lines").exists()
 
 
 def test_multirun_sweeps_and_classification_runs(tmp_path: Path) -> None:

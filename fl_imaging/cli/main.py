@@ -17,11 +17,16 @@ from pathlib import Path
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fl_imaging.common.process_exit import end_process
 from fl_imaging.config import RunConfig, TrackingBackend, config_dir, validate_config
-from fl_imaging.engines.interrupts import RunInterrupted, exit_stopped_run
+from fl_imaging.console.terminal import RunConsole, run_console
+from fl_imaging.engines.interrupts import (
+    INTERRUPTED_EXIT_CODE,
+    RunInterrupted,
+    exit_stopped_run,
+)
 from fl_imaging.review.tracking import add_tracking_tags
 from fl_imaging.run import USER_ERRORS, check_overrides, run
 
@@ -89,22 +94,40 @@ def _with_sweep_tags(cfg: RunConfig) -> RunConfig:
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _hydra_main(composed: DictConfig) -> None:
+    # the terminal: lines and the live view (fl_imaging.console.terminal); main.log: Hydra's
+    # job logging (conf/hydra/job_logging/run_log.yaml)
+    verbose = bool(OmegaConf.select(composed, "engine.verbose", default=False))
+    with run_console(verbose=verbose) as console:
+        code = _run_and_report(composed, console)
+    if code == 2:
+        sys.exit(2)
+    if code is not None:
+        exit_stopped_run()
+
+
+def _run_and_report(composed: DictConfig, console: RunConsole) -> int | None:
+    """Validate and run the ``composed`` config; on a failure a user can fix or a stop, stop
+    the live view, say why and return the exit code (2, or the stopped run's), else None."""
     try:
         run(_with_sweep_tags(validate_config(composed)))
     except USER_ERRORS as err:
+        console.stop_view()
         log.error("%s", err)
-        sys.exit(2)
+        return 2
     except RunInterrupted as stop:
+        console.stop_view()
         log.warning(
             "stopped: the finished rounds' results are in %s (metrics.csv, summary.txt, "
             "config.yaml, model.pt, the checkpoint); to go on:\n  %s",
             stop.run_dir,
             resume_command(sys.argv[1:], stop.run_dir),
         )
-        exit_stopped_run()
+        return INTERRUPTED_EXIT_CODE
     except KeyboardInterrupt:  # Ctrl-C before the engine took over the signals (the checks)
+        console.stop_view()
         log.warning("stopped (Ctrl-C) before the first round: no round ran, nothing to resume")
-        exit_stopped_run()
+        return INTERRUPTED_EXIT_CODE
+    return None
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Progress lines in processes that start without logging set up.
 
-Ray's workers (simulation) and Flower's ServerApp and ClientApp processes (deployment) run our
-code with no handler on the root logger, so our INFO progress lines would vanish; Flower streams
-what such a process writes to stderr to ``flwr run --stream`` and to the SuperNode's log.
+Flower's ClientApp processes at the sites (deployment) run our code with no handler on the root
+logger, so our INFO progress lines would vanish; Flower writes what such a process writes to
+stderr to the SuperNode's log. (A simulation's Ray workers send their lines to the coordinator
+instead, :mod:`.site_lines`; a deployed ServerApp streams its records, :mod:`.record_lines`.)
 """
 
 from __future__ import annotations

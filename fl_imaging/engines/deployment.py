@@ -5,8 +5,10 @@ the run folder (``flower-app/pyproject.toml``, whose components point at this to
 ServerApp and ClientApp and whose run config holds the whole resolved experiment as YAML under
 ``fl-imaging-config``) and a private Flower home (``flower-home/config.toml`` with one SuperLink
 connection: address and CA certificate), then submits the app with ``flwr run --stream`` and
-prints the run's log as it comes. The ServerApp runs on the SuperLink's host and writes the
-usual result files into ``run_dir`` there (on one machine: the researcher's run folder).
+logs the run's log as it comes (:mod:`fl_imaging.console.flower_output`: ``main.log`` gets
+every line, the console the ServerApp's own and its progress). The ServerApp runs on the
+SuperLink's host and writes the usual result files into ``run_dir`` there (on one machine: the
+researcher's run folder).
 Runtime dependency installation is off: every machine runs the toolkit it has installed.
 """
 
@@ -21,6 +23,7 @@ import subprocess
 from pathlib import Path
 
 from fl_imaging.config import RunConfig, config_to_yaml
+from fl_imaging.console.flower_output import log_flower_output, readable_line
 from fl_imaging.deploy.flower_home import CONNECTION, cli_home, toml_string
 from fl_imaging.deploy.processes import flower_command
 from fl_imaging.flower.protocol import CONFIG_KEY
@@ -101,7 +104,8 @@ def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
 
     ``site_names`` are the sites the researcher knows of (may be empty: the SuperNodes bring
     them). Uses ``flwr run`` with a private Flower home in ``run_dir`` (``HOME`` too, so the
-    researcher's own Flower settings are untouched). Ctrl-C stops the run on the SuperLink.
+    researcher's own Flower settings are untouched); its output is logged here line by line.
+    Ctrl-C stops the run on the SuperLink.
     Raises :class:`DeploymentError` when the SuperLink refuses the run or the run fails.
     """
     run_dir = Path(cfg.run_dir).resolve()
@@ -133,9 +137,10 @@ def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             output.append(line)
-            print(line, end="", flush=True)
+            log_flower_output(line)  # main.log; the console shows our lines and Flower's errors
             if not run_id and (match := _RUN_STARTED.search(line)):
                 run_id = match.group(1)
+                log.info("run %s started on the SuperLink", run_id)
         code = proc.wait()
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -145,7 +150,7 @@ def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
             _stop_run(run_id, env)
         raise
     if code != 0 or not run_id:
-        tail = "".join(output[-20:])
+        tail = "".join(readable_line(line) + "\n" for line in output[-20:])
         raise DeploymentError(
             f"`flwr run` failed (exit {code}) against the SuperLink at {engine.superlink}:\n{tail}"
             "\nCheck that the SuperLink runs there (fl-imaging-deploy superlink), that "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -47,14 +48,21 @@ class _DropRunSimulationDeprecation(logging.Filter):
 
 def prepare_ray_environment(verbose: bool) -> None:
     """Set what Ray and Flower read before they start: no telemetry or usage statistics, Ray's
-    worker logs not deduplicated, no warning about GPU variables; Flower's log at INFO with
-    ``verbose``, else WARNING (set before Flower is imported: alembic logs as it is imported)."""
+    worker logs not deduplicated and, where it prints them (a cluster's other nodes), without
+    colour codes, no warning about GPU variables; Flower's log at INFO with ``verbose`` or when
+    its own terminal handler is set aside (``fl-imaging``'s console: the lines go to
+    ``main.log``), else WARNING (set before Flower is imported: alembic logs as it is
+    imported)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning
     flwr_logger = logging.getLogger("flwr")
-    flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    to_terminal = "flwr.supercore.logger" not in sys.modules or any(  # not imported: it will
+        type(h).__name__ == "ConsoleHandler" for h in flwr_logger.handlers
+    )
+    flwr_logger.setLevel(logging.INFO if verbose or not to_terminal else logging.WARNING)
     if not any(isinstance(f, _DropRunSimulationDeprecation) for f in flwr_logger.filters):
         flwr_logger.addFilter(_DropRunSimulationDeprecation())
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -81,6 +89,8 @@ class LocalRay:
             "num_cpus": self.num_cpus,
             "include_dashboard": False,
             "_temp_dir": self.temp_dir,
+            # the sites' lines come through the run folder (fl_imaging.console.site_lines)
+            "log_to_driver": False,
         }
         self._reaper = start_reaper(Path(self.temp_dir))
         self._started = threading.Event()

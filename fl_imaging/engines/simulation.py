@@ -9,12 +9,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fl_imaging.config import EngineConfig, RunConfig
+from fl_imaging.console.site_lines import site_lines_into_log
 from fl_imaging.engines.interrupts import RunInterrupted, stop_on_signal
 from fl_imaging.engines.local_ray import LocalRay, prepare_ray_environment, start_local_ray
 from fl_imaging.engines.message_handout import sites_asked_only_when_addressed
 from fl_imaging.engines.ray_stop import busy_actors_stopped_first
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
     from fl_imaging.flower.coordinator.federation import FederationPlan
 
 __all__ = [
@@ -45,11 +51,11 @@ def run_simulation_engine(
     were checked), stopped here; without it, and without ``engine.ray_address``, Ray starts here.
     Ctrl-C or SIGTERM stops the run within seconds, with the finished rounds' results written
     (:mod:`~.interrupts`), and raises :class:`~fl_imaging.engines.interrupts.RunInterrupted`.
+    What the sites log reaches this process through a folder of the run, not through Ray
+    (:mod:`fl_imaging.console.site_lines`).
     """
     engine = cfg.engine
     prepare_ray_environment(engine.verbose)
-    from flwr.simulation import run_simulation
-
     from fl_imaging.flower.coordinator.server_app import build_server_app
     from fl_imaging.flower.site.client_app import build_client_app
 
@@ -87,44 +93,70 @@ def run_simulation_engine(
         engine.rounds,
         min(parallel, len(site_names)),
     )
-    try:
-        # On a cluster, the first signal lets the messages in flight finish (see stop_on_signal)
-        with (
-            stop_on_signal(plan.stop, force=stop_ray, interrupt_main=not engine.ray_address),
-            busy_actors_stopped_first(plan.stop),
-            sites_asked_only_when_addressed(),
-        ):
-            try:
-                run_simulation(
-                    server_app=build_server_app(
-                        cfg, site_names, plan, max_in_flight=in_flight_limit(parallel)
-                    ),
-                    client_app=build_client_app(client_cfg),
-                    num_supernodes=len(site_names),
-                    backend_config=backend_config,  # type: ignore[arg-type]
-                    verbose_logging=engine.verbose,
-                )
-            except KeyboardInterrupt:
-                if not plan.stop.is_set():
-                    raise
-            except Exception as err:
-                if plan.done.is_set():  # our ServerApp finished and raised: its own message
-                    raise
-                # Flower's runtime failed (Ray could not start, ...): its ServerApp thread would
-                # wait for replies for ever, and the process with it.
-                reason = f"Flower's simulation engine failed: {_root_cause(err)}"
-                plan.stopped = plan.stopped or reason
-                plan.stop.set()
-                plan.done.wait(timeout=STOP_WRITE_TIMEOUT)
-                raise SimulationError(
-                    f"{reason}. Rerun with engine.verbose=true to see Flower's and Ray's own log."
-                ) from err
-            if plan.stop.is_set() and not plan.done.wait(timeout=STOP_WRITE_TIMEOUT):
-                log.error("the ServerApp did not write its results within %d s", STOP_WRITE_TIMEOUT)
-    finally:
-        stop_ray()
+    # the sites' log lines: from Ray's workers through a folder of the run, the last ones read
+    # once Ray has stopped (on leaving the with, after the finally)
+    with site_lines_into_log(plan.run_dir) as site_lines:
+        try:
+            _run_flower(
+                plan,
+                len(site_names),
+                build_server_app(cfg, site_names, plan, max_in_flight=in_flight_limit(parallel)),
+                build_client_app(client_cfg, site_lines=site_lines),
+                backend_config,
+                stop_ray,
+            )
+        finally:
+            stop_ray()
     if plan.stop.is_set():
         raise RunInterrupted(plan.run_dir, plan.stopped or "interrupted before the first round")
+
+
+def _run_flower(
+    plan: FederationPlan,
+    num_sites: int,
+    server_app: ServerApp,
+    client_app: ClientApp,
+    backend_config: dict[str, object],
+    stop_ray: Callable[[], None],
+) -> None:
+    """Flower's ``run_simulation`` of ``server_app`` and ``client_app`` (``num_sites`` virtual
+    SuperNodes) on Ray with ``backend_config``; Ctrl-C and SIGTERM stop it through
+    ``plan.stop`` (``stop_ray`` when it must be forced), and a failure of Flower's runtime
+    becomes a :class:`SimulationError`."""
+    from flwr.simulation import run_simulation
+
+    engine = plan.cfg.engine
+    # On a cluster, the first signal lets the messages in flight finish (see stop_on_signal)
+    with (
+        stop_on_signal(plan.stop, force=stop_ray, interrupt_main=not engine.ray_address),
+        busy_actors_stopped_first(plan.stop),
+        sites_asked_only_when_addressed(),
+    ):
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_sites,
+                backend_config=backend_config,  # type: ignore[arg-type]
+                verbose_logging=engine.verbose,
+            )
+        except KeyboardInterrupt:
+            if not plan.stop.is_set():
+                raise
+        except Exception as err:
+            if plan.done.is_set():  # our ServerApp finished and raised: its own message
+                raise
+            # Flower's runtime failed (Ray could not start, ...): its ServerApp thread would
+            # wait for replies for ever, and the process with it.
+            reason = f"Flower's simulation engine failed: {_root_cause(err)}"
+            plan.stopped = plan.stopped or reason
+            plan.stop.set()
+            plan.done.wait(timeout=STOP_WRITE_TIMEOUT)
+            raise SimulationError(
+                f"{reason}. Rerun with engine.verbose=true to see Flower's and Ray's own log."
+            ) from err
+        if plan.stop.is_set() and not plan.done.wait(timeout=STOP_WRITE_TIMEOUT):
+            log.error("the ServerApp did not write its results within %d s", STOP_WRITE_TIMEOUT)
 
 
 def in_flight_limit(parallel: int) -> int:

@@ -56,8 +56,15 @@ def test_three_sites_two_rounds_each_site_reads_only_its_folder(
     assert {address for address, _ in answers} == set(deployed_run.addresses)
     refused = Answer(401, AUTHENTICATION_FAILED)
     assert all(answer == refused for _, answer in answers), answers
-    assert "finished:completed" in deployed_run.output
+    output = deployed_run.output
+    assert "finished:completed" in output
+    # the console: the ServerApp's own lines, not Flower's (box-drawn summary, coloured levels)
+    # nor the record lines they travel in; main.log has all of them
+    assert "round 2/2  train loss" in output and "\x1b" not in output
+    assert "├" not in output and "fl-imaging-record" not in output
     out = deployed_run.folder
+    log = (out / "main.log").read_text()
+    assert "round 2/2  train loss" in log and "[flwr.run_output][INFO]" in log
     for name in ("metrics.csv", "summary.txt", "model.pt", "curves.png", "config.yaml"):
         assert (out / name).is_file(), name
     rows = read_metrics(out / "metrics.csv")

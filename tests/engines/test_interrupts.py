@@ -162,16 +162,34 @@ def _until(proc: subprocess.Popen[str], text: str, output: list[str], seconds: f
     raise AssertionError(f"no {text!r} in the run's output:\n{''.join(output)[-4000:]}")
 
 
+def _until_logged(path: Path, text: str, seconds: float) -> None:
+    """Wait until the log file ``path`` holds ``text``; fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {text!r} in {path} within {seconds} s")
+
+
 def _ctrl_c_at(
-    proc: subprocess.Popen[str], line: str, pause_s: float = 0.0, timeout: float = 90
+    proc: subprocess.Popen[str],
+    line: str,
+    pause_s: float = 0.0,
+    timeout: float = 90,
+    log: Path | None = None,
 ) -> tuple[str, float]:
-    """Once a line of the run's output holds ``line`` (within 300 s) and ``pause_s`` more
-    seconds, send SIGINT to the run's whole group, as Ctrl-C in a terminal does; returns all the
-    output and the seconds from the signal to the exit. The group is killed if the run is still
-    there after ``timeout`` seconds (the test then fails)."""
+    """Once a line of the run's output (or of its ``log`` file, main.log: a site's lines are
+    only there) holds ``line`` (within 300 s) and ``pause_s`` more seconds, send SIGINT to the
+    run's whole group, as Ctrl-C in a terminal does; returns all the output and the seconds from
+    the signal to the exit. The group is killed if the run is still there after ``timeout``
+    seconds (the test then fails)."""
     output: list[str] = []
     try:
-        _until(proc, line, output, 300)
+        if log is None:
+            _until(proc, line, output, 300)
+        else:
+            _until_logged(log, line, 300)
         time.sleep(pause_s)
         os.killpg(proc.pid, signal.SIGINT)
         sent = time.monotonic()
@@ -244,7 +262,9 @@ def test_ctrl_c_while_many_sites_wait_in_round_1_exits_without_hanging(
     # Python's exit used to wait for them for ever.
     sites = ("data.num_sites=24", "data.cases_per_site=3")
     with _started(tmp_path, ray_parent, "many", *sites) as proc:
-        text, stopped_in = _ctrl_c_at(proc, "ready in", pause_s=3)
+        text, stopped_in = _ctrl_c_at(
+            proc, "ready in", pause_s=3, log=tmp_path / "many" / "main.log"
+        )
     assert proc.returncode == 130, text[-3000:]
     assert stopped_in < 60, text[-3000:]
     assert "interrupted (Ctrl-C)" in (tmp_path / "many" / "summary.txt").read_text()

@@ -24,7 +24,8 @@ from fl_imaging.engines.simulation import SimulationError, ray_cluster_cpus
 from fl_imaging.review.results import read_metrics
 
 RAY = Path(sys.executable).with_name("ray")
-ACTOR = re.compile(r"\(ClientAppActor pid=(\d+)[^)]*\)\S* fl_imaging\.client: \[site (site-\d+)\]")
+# a site's line in main.log, with the process of the Ray worker it came from
+ACTOR = re.compile(r"\[fl_imaging\.client\]\[INFO\]\[pid (\d+) on [^]]*\] - \[site (site-\d+)\]")
 
 
 def _free_port() -> int:
@@ -143,7 +144,7 @@ def test_a_simulation_runs_its_sites_on_both_nodes_of_a_ray_cluster(
         "site-4",
     }
     sites_of_pid: dict[int, set[str]] = {}
-    for pid, site in ACTOR.findall(output):
+    for pid, site in ACTOR.findall((tmp_path / "run" / "main.log").read_text()):
         sites_of_pid.setdefault(int(pid), set()).add(site)
     code = (
         "import ray\nfrom ray._private import state\n"

@@ -304,5 +304,5 @@ def test_fl_imaging_exits_2_with_the_message_when_the_run_folder_cannot_be_writt
         "fl-imaging", f"hydra.run.dir={tmp_path}", cwd=tmp_path, prelude=FULL_DISK, expect=2
     )
     output = proc.stdout + proc.stderr
-    assert f"[ERROR] - could not write the run's results into {tmp_path}: full" in output
+    assert f"error: could not write the run's results into {tmp_path}: full" in output
     assert "Traceback" not in output

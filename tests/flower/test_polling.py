@@ -4,13 +4,14 @@ in waves when asked to, arrays packed on the way out and unpacked on the way bac
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 
 import numpy as np
 import pytest
 from flower_fakes import FakeGrid
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 
 from fl_imaging.engines.simulation import in_flight_limit
 from fl_imaging.flower.coordinator.polling import QuickPollGrid, StopRequested
@@ -111,3 +112,35 @@ def test_a_limit_below_one_is_refused_and_the_simulation_keeps_every_worker_busy
     with pytest.raises(ValueError, match="at least 1"):
         QuickPollGrid(SitesGrid(1), max_in_flight=0)
     assert in_flight_limit(1) == 8 and in_flight_limit(16) == 64
+
+
+def test_each_message_out_and_reply_in_is_a_progress_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fl_imaging.console.events import PROGRESS_LOGGER, REPLY, SENT, progress_of
+
+    class OneFails(SitesGrid):
+        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+            replies = list(super().pull_messages(message_ids))
+            for i, reply in enumerate(replies):
+                if reply.metadata.src_node_id == 2:
+                    reason = "[site site-2] MemoryError: out of memory"
+                    replies[i] = Message(Error(0, reason), reply_to=self.pushed[1])
+            return replies
+
+    events = logging.getLogger(PROGRESS_LOGGER)
+    events.addHandler(caplog.handler)
+    try:
+        QuickPollGrid(OneFails(3), interval=0.01).send_and_receive(_round(3), timeout=30)
+    finally:
+        events.removeHandler(caplog.handler)
+    seen = [progress_of(r) for r in caplog.records]
+    assert [(e.kind, e.node, e.phase) for e in seen if e and e.kind == SENT] == [
+        (SENT, 1, "train"),
+        (SENT, 2, "train"),
+        (SENT, 3, "train"),
+    ]
+    replies = {e.node: e for e in seen if e and e.kind == REPLY}
+    assert set(replies) == {1, 2, 3} and replies[1].ok and replies[1].site == "node-1"
+    assert not replies[2].ok and replies[2].site == "site-2"
+    assert replies[2].detail == "[site site-2] MemoryError: out of memory"

@@ -19,6 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fl_imaging.config import ConfigError, DPMode, RunConfig
+from fl_imaging.console.events import ROUND_ENDED, Progress, progress_extra
 from fl_imaging.flower.coordinator.checkpoint import (
     Checkpoint,
     check_resumable,
@@ -172,7 +173,8 @@ class FederationPlan:
         be written (the previous checkpoint is kept), :class:`PatientBudgetsSpent` when every site
         reported its DP-SGD budget spent before the last round."""
         rounds = self.cfg.engine.rounds
-        log.info(progress_line(rnd, rounds, rows, self.main_metric, self.site_names))
+        line = progress_line(rnd, rounds, rows, self.main_metric, self.site_names)
+        log.info("%s", line, extra=progress_extra(Progress(ROUND_ENDED, rnd, rounds, detail=line)))
         self.records.after_round(self, rnd)
         assert self.strategy.global_arrays is not None
         save_checkpoint(

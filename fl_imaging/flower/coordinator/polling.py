@@ -24,6 +24,9 @@ per site per round at 1,000 sites against 0.11 at 100; with them 0.14).
 
 And it packs each message's arrays into one before they travel, and unpacks the replies
 (:mod:`.packed_arrays`): a few objects per message instead of about two per layer.
+
+Each message sent and each reply received is reported as a progress event
+(:mod:`fl_imaging.console.events`), from which the console shows each site's state.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fl_imaging.console.events import REPLY, SENT, Progress, emit
 from fl_imaging.flower.packed_arrays import PackCache, pack_content, unpack_content
+from fl_imaging.flower.protocol import ReplySites, error_reason
 
 __all__ = ["QuickPollGrid", "StopRequested"]
 
@@ -63,6 +68,7 @@ class QuickPollGrid(Grid):
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight={max_in_flight}: must be at least 1 (or None)")
         self.max_in_flight = max_in_flight
+        self._sites = ReplySites()  # names the replies in their progress events
 
     def set_run(self, run: Run) -> None:
         """Set the run (delegated)."""
@@ -123,6 +129,7 @@ class QuickPollGrid(Grid):
                     if msg_id:
                         destination[msg_id] = msg.metadata.dst_node_id
                         pending.add(msg_id)
+                        self._report(SENT, msg, msg.metadata.dst_node_id)
             if not pending:
                 if waiting:
                     continue
@@ -132,6 +139,7 @@ class QuickPollGrid(Grid):
                 node = destination.get(reply.metadata.reply_to_message_id)
                 if reply.has_error() and node is not None:
                     reply.metadata.__dict__["_src_node_id"] = node
+                self._report(REPLY, reply, reply.metadata.src_node_id)
             replies += received
             pending -= {m.metadata.reply_to_message_id for m in received}
             if not pending and not waiting:
@@ -146,6 +154,23 @@ class QuickPollGrid(Grid):
         if self.stop.is_set():
             raise StopRequested("the run was asked to stop while a round was in flight")
         return replies
+
+    def _report(self, kind: str, msg: Message, node: int) -> None:
+        """Emit the progress event of ``msg`` sent to, or received from, ``node``."""
+        group = msg.metadata.group_id
+        failed = kind == REPLY and msg.has_error()
+        reason = (error_reason(msg).strip().splitlines() or [""])[0][:200] if failed else ""
+        emit(
+            Progress(
+                kind,
+                round=int(group) if group.isdigit() else 0,
+                node=int(node),
+                site=self._sites(msg) if kind == REPLY else self._sites.names.get(int(node), ""),
+                phase=msg.metadata.message_type,
+                ok=not failed,
+                detail=reason,
+            )
+        )
 
 
 def _packed(message: Message, cache: PackCache) -> Message:

@@ -17,7 +17,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_imaging.config import RunConfig
-from fl_imaging.console.progress import show_progress
+from fl_imaging.console.events import RUN_FINISHED, RUN_STARTED, Progress, emit
+from fl_imaging.console.record_lines import stream_records
 from fl_imaging.evaluation.final_scoring import score_test_cases
 from fl_imaging.evaluation.site_evaluations import evaluate_across_sites
 from fl_imaging.flower.coordinator.federation import FederationPlan, plan_federation
@@ -61,6 +62,7 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
     """The rounds, the test round and the run's files; why the run stopped early goes to
     ``plan.stopped`` (and summary.txt)."""
     cfg, recorder = plan.cfg, plan.strategy
+    emit(Progress(RUN_STARTED, recorder.offset, cfg.engine.rounds, sites=tuple(plan.site_names)))
     reachable, write_error = train_rounds(grid, plan)
     test = reachable and (cfg.engine.test or cfg.engine.cross_site)  # cross-site ends it
     finish = reachable  # the sites can still be asked (cross-site evaluation, contributions)
@@ -75,6 +77,7 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
             ending = evaluate_across_sites(grid, plan)
         except StopRequested:
             plan.note_interrupted()
+    emit(Progress(RUN_FINISHED, plan.rounds_done(), cfg.engine.rounds, detail=plan.stopped))
     assert recorder.global_arrays is not None
     plan.model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
     notes = "\n".join(
@@ -109,8 +112,8 @@ def build_server_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        if config is None:
-            show_progress(logging.getLogger("fl_imaging"))
+        if config is None:  # deployment: the researcher's console reads them from the stream
+            stream_records(logging.getLogger("fl_imaging"))
         cfg = resolve_config(config, context)
         names = site_names or [Path(p).name for p in cfg.data.sites]
         # Flower's deployment Grid looks for replies every 3 s; ours every 0.2 s, and stops

@@ -9,15 +9,18 @@ arrays (``ArrayRecord``), clipped, masked or compressed on the way out (:mod:`.o
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fl_imaging.config import RunConfig
 from fl_imaging.config.devices import device_metrics
-from fl_imaging.console.progress import show_progress
+from fl_imaging.console.events import EPOCH, Progress, progress_extra
+from fl_imaging.console.site_lines import send_site_lines
 from fl_imaging.flower.packed_arrays import packed_arrays_mod
 from fl_imaging.flower.protocol import (
     EVAL_SPLIT,
@@ -66,15 +69,31 @@ def _evaluation(trainer: SiteTrainer, settings: ConfigRecord, seed: int = 0) -> 
     return {**metrics, NUM_EXAMPLES: cases}
 
 
+def _epoch_lines(site: str, node: int, rnd: int, epochs: int) -> Callable[[str], None]:
+    """The training's line logger of ``site`` (Flower node ``node``) in round ``rnd``: each line
+    (one per epoch) logged with its progress event, epoch 1, 2, ... of ``epochs``."""
+    done = itertools.count(1)
+
+    def line(text: str) -> None:
+        event = Progress(EPOCH, rnd, site=site, node=node, epoch=next(done), epochs=epochs)
+        log.info("[site %s] round %d %s", site, rnd, text, extra=progress_extra(event))
+
+    return line
+
+
 def build_client_app(
-    config: RunConfig | None = None, trainers: SiteTrainers | None = None
+    config: RunConfig | None = None,
+    trainers: SiteTrainers | None = None,
+    site_lines: Path | None = None,
 ) -> ClientApp:
     """Return a ClientApp bound to ``config`` (simulation), or reading it from run_config (None),
     taking its site trainers from ``trainers`` (default: the process's, :func:`process_trainers`,
     looked up at each message: Ray hands every message a copy of the app). Every message passes
     the site's own policy and record (:mod:`.site_gate`). What happens to a
     reply before it leaves (client-side DP, masking, compression): :mod:`.outgoing_update`;
-    DP-SGD: :mod:`fl_imaging.privacy.site_dp`."""
+    DP-SGD: :mod:`fl_imaging.privacy.site_dp`. ``site_lines``: the run's folder for its sites'
+    log lines (simulation, :func:`~fl_imaging.console.site_lines.send_site_lines`); without
+    it, a site's lines go to stderr (a SuperNode's log)."""
     client = ClientApp(mods=[packed_arrays_mod])  # arrays travel packed (.packed_arrays)
 
     def site_trainer(
@@ -82,7 +101,7 @@ def build_client_app(
     ) -> tuple[SiteTrainer, SimulatedAttack | None]:
         """``site``'s trainer holding ``global_state`` (with FedBN, the site's own normalisation
         layers on top), and the attack it plays in a simulation (or None)."""
-        show_progress(log)
+        send_site_lines(site_lines, log)
         attack = site_attack(cfg, site.index, site.simulated)
         cache = process_trainers() if trainers is None else trainers
         trainer = cache.get(cfg, site, attack.label_transforms() if attack else ())
@@ -105,11 +124,12 @@ def build_client_app(
             raise SimulatedDropout(f"simulated dropout in round {rnd} (attack=dropout)")
         setup = SiteSetup.of(dict(context.node_config), cfg, site)
         privacy = site_privacy(setup, cfg, trainer, settings, int(msg.metadata.run_id))  # DP-SGD
+        epochs = int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs))
         result = (trainer.fit if privacy is None else privacy.fit)(
-            int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs)),
+            epochs,
             seed=training_seed(cfg.seed, rnd, site.index),
             extra_loss=proximal_term(global_state, mu) if mu > 0 else None,
-            log=lambda line: log.info("[site %s] round %d %s", site.name, rnd, line),
+            log=_epoch_lines(site.name, int(context.node_id), rnd, epochs),
         )
         if cfg.strategy.fedbn:
             save_local_norms(trainer.model, context)
