@@ -7,11 +7,11 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_runs import run_cli
 from rich.console import Console
 
 from fl_imaging.config import config_dir
@@ -382,24 +382,15 @@ def test_flowers_stream_is_logged_our_records_as_they_were_and_the_rest_without_
 # --- fl-imaging --help -------------------------------------------------------------------------
 
 
-def _help(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
-    """What ``fl-imaging --help`` prints (Hydra's entry point, in this process)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from fl_imaging.cli.main import _hydra_main
-
-    monkeypatch.setattr(sys, "argv", ["fl-imaging", "--help"])
-    with pytest.raises(SystemExit) as done:
-        _hydra_main()
-    GlobalHydra.instance().clear()
-    assert done.value.code in (0, None)
-    return capsys.readouterr().out
+def _help(tmp_path: Path) -> str:
+    """What ``fl-imaging --help`` prints, run as its own process: Hydra reconfigures logging
+    for the help, which in this process would close the handlers other libraries (absl) made
+    on pytest's captured stderr."""
+    return run_cli("fl-imaging", "--help", cwd=tmp_path).stdout
 
 
-def test_help_says_what_the_tool_does_lists_every_choice_and_is_short(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    text = _help(monkeypatch, capsys)
+def test_help_says_what_the_tool_does_lists_every_choice_and_is_short(tmp_path: Path) -> None:
+    text = _help(tmp_path)
     assert len(text.splitlines()) < 80
     assert "powered by Hydra" not in text and "== Config ==" not in text
     assert text.startswith("fl-imaging: train a MONAI imaging model")
