@@ -3,7 +3,8 @@
 Each case is a 3D MR-like volume: smooth background texture plus noise, with one brighter
 ellipsoid (the structure to segment). Each site has its own intensity profile (scale, offset,
 gamma, noise level), like a different scanner. Sites listed in ``dicom_sites`` are stored as
-DICOM series, the others as NIfTI; the folders follow the site layout of the README.
+DICOM series, the others as NIfTI; the folders follow the documented site
+layout (docs/how-to/check-a-folder.md).
 """
 
 from __future__ import annotations

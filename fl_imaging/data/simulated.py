@@ -1,4 +1,5 @@
-"""Public dataset -> simulated hospital sites, as site folders in the README's layout.
+"""Public dataset -> simulated hospital sites, as site folders in the documented layout
+(docs/how-to/check-a-folder.md).
 
 The pool of a dataset adapter is split by a partitioner and each simulated site is written as a
 site folder (``site-1`` ... under ``data.sites_dir``) so that everything downstream (checks,

@@ -255,9 +255,9 @@ def scan_site(
     if not images_dir.is_dir():
         raise SiteDataError(
             f"[site {site}] {images_dir} is missing: put the site's NIfTI files or DICOM series "
-            "folders in an images/ sub-folder (see the README's site layout), or give a public "
-            "dataset folder in its own layout (MSD dataset.json + imagesTr/, a MedMNIST .npz, "
-            "class folders)"
+            "folders in an images/ sub-folder (the layout: docs/how-to/check-a-folder.md), or "
+            "give a public dataset folder in its own layout (MSD dataset.json + imagesTr/, a "
+            "MedMNIST .npz, class folders)"
         )
     images: dict[str, Path] = {}
     problems: list[str] = []

@@ -222,8 +222,8 @@ def ray_cluster_cpus(address: str) -> float:
         except OSError as err:
             raise SimulationError(
                 f"engine.ray_address={address}: nothing answers there ({err}); start the "
-                "cluster's head with `ray start --head` (see the README), check the address "
-                "and the firewall, or leave engine.ray_address unset"
+                "cluster's head with `ray start --head` (docs/how-to/ray-cluster.md), check the "
+                "address and the firewall, or leave engine.ray_address unset"
             ) from None
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
@@ -231,7 +231,7 @@ def ray_cluster_cpus(address: str) -> float:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SimulationError(
             f"engine.ray_address={address}: no Ray cluster answers there ({err}); start one "
-            "with `ray start --head` (see the README) or leave engine.ray_address unset"
+            "with `ray start --head` (docs/how-to/ray-cluster.md) or leave engine.ray_address unset"
         ) from None
     finally:
         if ray.is_initialized():

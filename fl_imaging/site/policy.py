@@ -142,8 +142,7 @@ def load_policy(path: Path | str | None) -> SitePolicy:
     except ConfigKeyError as err:
         raise PolicyError(
             f"site policy {path}: unknown key '{err.full_key or err.key}'; the keys are "
-            "secure_aggregation, dp_sgd, accept, release, max_rounds (see the README, "
-            '"Site policy")'
+            "secure_aggregation, dp_sgd, accept, release, max_rounds (docs/how-to/site-policy.md)"
         ) from None
     except ValidationError as err:
         raise PolicyError(

@@ -345,3 +345,19 @@ def test_every_module_path_the_docs_name_exists() -> None:
             if not (ROOT / path).exists():
                 missing.append(f"{page.relative_to(ROOT)}: {path}")
     assert not missing, "paths that do not exist (old module paths?):\n" + "\n".join(missing)
+
+
+_DOCS_PAGE = re.compile(r"docs/[\w/-]+\.md")
+
+
+def test_every_docs_page_the_code_names_exists() -> None:
+    # error messages and docstrings point users at pages of the docs: each must be there
+    missing = []
+    for folder in ("fl_imaging", "strategies", "tasks", "scripts", "conf"):
+        for source in sorted((ROOT / folder).rglob("*")):
+            if source.suffix not in (".py", ".yaml") or "__pycache__" in source.parts:
+                continue
+            for page in _DOCS_PAGE.findall(source.read_text()):
+                if not (ROOT / page).is_file():
+                    missing.append(f"{source.relative_to(ROOT)}: {page}")
+    assert not missing, "pages that do not exist:\n" + "\n".join(missing)
