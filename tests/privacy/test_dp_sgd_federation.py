@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from local_runs import local_run
 
 from fl_imaging.benchmark.report import site_results, summarise, write_summary
-from fl_imaging.config import ConfigError, StrategyConfig
+from fl_imaging.config import ConfigError, RunConfig, StrategyConfig
 from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.flower.coordinator.federation import PatientBudgetsSpent, plan_federation
@@ -167,12 +167,15 @@ def patient_rows() -> list[MetricRow]:
     return rows
 
 
+def quick(*overrides: str) -> RunConfig:
+    """The quick experiment's checked config with ``overrides``."""
+    return check_overrides(["experiment=quick", *overrides])
+
+
 def test_the_summary_states_every_guarantee_of_the_run() -> None:
-    plain = check_overrides(["experiment=quick"])
+    plain = quick()
     assert "no formal DP" in "\n".join(privacy_lines([], plain))
-    patient = check_overrides(
-        ["experiment=quick", "task.dp_sgd.enabled=true", "task.dp_sgd.target_epsilon=8"]
-    )
+    patient = quick("task.dp_sgd.enabled=true", "task.dp_sgd.target_epsilon=8")
     text = "\n".join(privacy_lines(patient_rows(), patient))
     assert "patient-level DP (DP-SGD at every site, Opacus, RDP accountant" in text
     assert "site site-1: epsilon 4 at delta 1e-05 after 2 round(s) (10 steps, noise 1.2, " in text
@@ -180,14 +183,7 @@ def test_the_summary_states_every_guarantee_of_the_run() -> None:
     assert "site site-2: epsilon 3 at delta 1e-05" in text
     assert "budget spent (no further round fits): site-1; still training: site-2" in text
     assert "no formal DP" not in text and "client-level" not in text
-    both = check_overrides(
-        [
-            "experiment=quick",
-            "strategy=dpfedavg",
-            "task.dp_sgd.enabled=true",
-            "task.dp_sgd.noise_multiplier=1",
-        ]
-    )
+    both = quick("strategy=dpfedavg", "task.dp_sgd.enabled=true", "task.dp_sgd.noise_multiplier=1")
     rows = [*patient_rows(), MetricRow(2, "all", "epsilon", 7.0)]
     text = "\n".join(privacy_lines(rows, both))
     assert (
@@ -197,7 +193,7 @@ def test_the_summary_states_every_guarantee_of_the_run() -> None:
 
 
 def test_the_summary_says_what_each_party_could_learn() -> None:
-    plain = disclosure_lines([], check_overrides(["experiment=quick"]))
+    plain = disclosure_lines([], quick())
     assert plain[0] == "what each party could learn, by threat:"
     assert plain[1].endswith("honest but curious: every site's model update in the clear")
     assert plain[2].startswith("  coordinator deviating from the protocol: every site's update")
@@ -205,21 +201,14 @@ def test_the_summary_says_what_each_party_could_learn() -> None:
     assert "whoever receives the model:" in plain[4] and "no formal bound" in plain[4]
     assert "each site's training case count (num-examples)" in plain[5]
     assert "no formal DP" in plain[6] and "cross_site" not in "".join(plain)
-    shared = check_overrides(
-        ["experiment=quick", "engine.cross_site=true", "engine.contributions=true"]
-    )
+    shared = quick("engine.cross_site=true", "engine.contributions=true")
     text = "\n".join(disclosure_lines([], shared))
     assert "each site's own model and its scores at every site (engine.cross_site)" in text
     assert "every other site's own model, to score it (engine.cross_site)" in text
     assert "single updates, left out one at a time (engine.contributions)" in text
     assert "hence each site's last update up to its weight (engine.contributions)" in text
-    private = check_overrides(
-        [
-            "experiment=quick",
-            "strategy.secagg.enabled=true",
-            "task.dp_sgd.enabled=true",
-            "task.dp_sgd.target_epsilon=8",
-        ]
+    private = quick(
+        "strategy.secagg.enabled=true", "task.dp_sgd.enabled=true", "task.dp_sgd.target_epsilon=8"
     )
     rows = [*patient_rows(), MetricRow(1, "all", "secagg_sites", 2.0)]
     rows.append(MetricRow(2, "all", "secagg_sites", 2.0))
@@ -243,29 +232,22 @@ def test_the_benchmark_reports_each_sites_final_patient_epsilon_and_the_referenc
     tmp_path: Path,
 ) -> None:
     rows = [*patient_rows(), *(MetricRow(3, s, "test_dice", 0.6) for s in ("site-1", "site-2"))]
-    dp = site_results(
-        rows,
-        setup="iid",
-        method="dp",
-        kind="federated",
-        seed=0,
-        dataset="d",
-        partition="p",
-        main="dice",
-        wall_s=1.0,
-    )
-    plain_rows = [MetricRow(3, s, "test_dice", 0.8) for s in ("site-1", "site-2")]
-    fedavg = site_results(
-        plain_rows,
-        setup="iid",
-        method="fedavg",
-        kind="federated",
-        seed=0,
-        dataset="d",
-        partition="p",
-        main="dice",
-        wall_s=1.0,
-    )
+
+    def results(rows: list[MetricRow], method: str) -> list:
+        return site_results(
+            rows,
+            setup="iid",
+            method=method,
+            kind="federated",
+            seed=0,
+            dataset="d",
+            partition="p",
+            main="dice",
+            wall_s=1.0,
+        )
+
+    dp = results(rows, "dp")
+    fedavg = results([MetricRow(3, s, "test_dice", 0.8) for s in ("site-1", "site-2")], "fedavg")
     assert [r.patient_epsilon for r in dp] == [4.0, 3.0]
     summary = summarise([*fedavg, *dp], ["dice"])
     by_method = {r.method: r for r in summary}
