@@ -59,7 +59,7 @@ def exec_words(value: str) -> list[str]:
     return [w.replace("%%", "%").replace("$$", "$") for w in shlex.split(value)]
 
 
-@dataclass
+@dataclass(eq=False)  # a thread: hashed by identity
 class UnitSupervisor(threading.Thread):
     """Runs one unit file's service until :meth:`stop` (see the module's docstring); keeps each
     start's main PID and each exit's code."""
