@@ -240,6 +240,96 @@ def _cmd_supernode(args: argparse.Namespace) -> int:
         stop_all(started)
 
 
+_SERVICE_HELP = """\
+Print (or write with --out) the systemd unit that runs `fl-imaging-deploy ROLE` as a service:
+restarted 10 s after it exits, started at boot once enabled, logging to the journal, as an
+ordinary user, with the file system read-only except the state folder. ROLE's own flags follow
+ROLE, as `fl-imaging-deploy ROLE --help` lists them, and are checked as ROLE checks them (the
+certificates; the site's key, policy, roster and folder). Paths become absolute from the
+current folder. A SuperNode is one unit: `fl-imaging-deploy supernode` stops the SuperNode and
+its ClientApp runner together when either exits, and systemd starts both again.
+
+  fl-imaging-deploy service supernode --user flsite --venv /opt/fl-imaging/venv --out units \\
+      --superlink 10.0.0.5:9093 --ca ca.crt --key keys/hospital-a.key --data-dir /data/a \\
+      --state /srv/fl/node-state
+"""
+
+
+def _add_service_options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """The options of ``service`` itself (not ROLE's); with ``suppress``, no defaults (to pick
+    them out of the flags after ROLE)."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--user", default=default(None), help="the account the service runs as (default: you)"
+    )
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        default=default(Path(sys.prefix)),
+        help="the virtual environment fl-imaging and flwr are installed in (default: this one)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=default(None), help="write NAME.service here (default: print)"
+    )
+    parser.add_argument(
+        "--writable",
+        type=Path,
+        action="append",
+        default=default([]),
+        help="another folder the service may write, e.g. the run folders a SuperLink's "
+        "ServerApp writes (repeatable)",
+    )
+
+
+def _cmd_service(args: argparse.Namespace) -> int:
+    """Make the unit of ``args.role`` from the role's flags after it (see :data:`_SERVICE_HELP`)."""
+    import shlex
+
+    from fl_imaging.deploy.services import render_unit, resolve_user, role_service, write_units
+
+    inner = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_service_options(inner, suppress=True)
+    own, rest = inner.parse_known_args(args.role_flags)
+    for name, value in vars(own).items():
+        setattr(args, name, args.writable + value if name == "writable" else value)
+    role = _parser().parse_args([args.role, *rest])
+    if role.command == "superlink":
+        _certs_in(role.certs)
+    else:
+        _check_site_files(role)
+        if not role.skip_check:
+            print(f"checking {role.data_dir} (fl-imaging-data inspect) ...", file=sys.stderr)
+            check_site_folder(role.data_dir, role.task, role.num_classes, role.class_names)
+    for folder in args.writable:
+        if not folder.is_dir():
+            raise ValueError(f"{folder} (--writable) is not a folder: create it first")
+    user = resolve_user(args.user)
+    values = {k: v for k, v in vars(role).items() if k not in ("command", "run")}
+    spec = role_service(
+        role.command, values, user=user.pw_name, venv=args.venv, writable=args.writable
+    )
+    state = spec.working_directory
+    state.mkdir(parents=True, exist_ok=True)
+    if state.stat().st_uid != user.pw_uid:
+        print(
+            f"note: {state} belongs to another user: "
+            f"chown -R {user.pw_name} {shlex.quote(str(state))}",
+            file=sys.stderr,
+        )
+    if args.out is None:
+        print(render_unit(spec), end="")
+        return 0
+    for path in write_units([spec], args.out):
+        print(
+            f"wrote {path}; as root: cp {path} /etc/systemd/system/ && systemctl daemon-reload "
+            f"&& systemctl enable --now {spec.name}; logs: journalctl -u {spec.name} -f"
+        )
+    return 0
+
+
 def _cmd_local(args: argparse.Namespace) -> int:
     from fl_imaging.deploy.local import start_local
 
@@ -417,7 +507,27 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--skip-check", action="store_true", help="do not run inspect first")
     local.add_argument("--database", type=Path, default=None, help=_DATABASE_HELP)
     local.set_defaults(run=_cmd_local)
+    _add_service_parser(sub)
     return parser
+
+
+def _add_service_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``service`` subcommand (see :data:`_SERVICE_HELP`)."""
+    service = sub.add_parser(
+        "service",
+        help="coordinator or hospital: the systemd unit that runs superlink or supernode",
+        description=_SERVICE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_service_options(service)
+    service.add_argument("role", choices=["superlink", "supernode"])
+    service.add_argument(
+        "role_flags",
+        nargs=argparse.REMAINDER,
+        metavar="ROLE FLAGS",
+        help="the flags of `fl-imaging-deploy ROLE` (and the options above)",
+    )
+    service.set_defaults(run=_cmd_service)
 
 
 def main(argv: list[str] | None = None) -> int:
