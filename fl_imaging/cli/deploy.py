@@ -22,9 +22,11 @@ Everything on this machine (loopback), printing the ``fl-imaging`` command to ru
 
     fl-imaging-deploy local --sites /data/a /data/b /data/c     # or: --demo 3
 
-No command needs privileges; every path and port is an option. ``superlink``, ``supernode``
-and ``local`` run in the foreground and stop everything they started (by PID, with children) on
-Ctrl-C or SIGTERM.
+No command needs privileges; every path and port is an option. Relative paths are taken from
+the folder the command runs in; every path (and port) is checked before anything starts, and a
+problem stops the command with exit 2 and a message naming the flag, the path and the fix.
+``superlink``, ``supernode`` and ``local`` run in the foreground and stop everything they
+started (by PID, with children) on Ctrl-C or SIGTERM.
 
 A SuperNode's local Runtime API (``--port``, plain HTTP on 127.0.0.1) is closed to other local
 users with ``--isolation process`` (the default): each start writes a new random secret
