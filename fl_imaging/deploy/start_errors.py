@@ -91,7 +91,8 @@ def _address_not_in_certificate(ctx: StartContext, _match: re.Match[str]) -> str
     return (
         f"the SuperLink's certificate does not list the address {host} of --superlink: ask the "
         f"coordinator to issue it again with `fl-imaging-deploy ca --out certs --host {host} "
-        "--force`, or use an address it lists"
+        "--force` (listing every address; a new CA, whose ca.crt every site then needs), or "
+        "use an address it lists"
     )
 
 
