@@ -22,9 +22,11 @@ Everything on this machine (loopback), printing the ``fl-imaging`` command to ru
 
     fl-imaging-deploy local --sites /data/a /data/b /data/c     # or: --demo 3
 
-No command needs privileges; every path and port is an option. ``superlink``, ``supernode``
-and ``local`` run in the foreground and stop everything they started (by PID, with children) on
-Ctrl-C or SIGTERM.
+No command needs privileges; every path and port is an option. Relative paths are taken from
+the folder the command runs in; every path (and port) is checked before anything starts, and a
+problem stops the command with exit 2 and a message naming the flag, the path and the fix.
+``superlink``, ``supernode`` and ``local`` run in the foreground and stop everything they
+started (by PID, with children) on Ctrl-C or SIGTERM.
 
 A SuperNode's local Runtime API (``--port``, plain HTTP on 127.0.0.1) is closed to other local
 users with ``--isolation process`` (the default): each start writes a new random secret
@@ -51,6 +53,18 @@ from fl_imaging.deploy.certs import (
     make_server_certificate,
     make_site_key,
 )
+from fl_imaging.deploy.inputs import (
+    InputError,
+    certificate_file,
+    existing_folder,
+    free_port_or_fail,
+    pem_private_key_file,
+    public_key_file,
+    reachable_or_fail,
+    readable_file,
+    site_private_key_file,
+    writable_folder,
+)
 from fl_imaging.deploy.processes import ManagedProcess, ProcessError, stop_all
 from fl_imaging.deploy.roles import (
     ISOLATION_MODES,
@@ -62,6 +76,7 @@ from fl_imaging.deploy.roles import (
     start_superlink,
     start_supernode,
 )
+from fl_imaging.deploy.start_errors import StartContext, start_cause
 
 __all__ = ["entry", "main"]
 
@@ -108,7 +123,7 @@ def _cmd_ca(args: argparse.Namespace) -> int:
         f"CA: {ca_cert} (share it with every hospital and researcher) and {args.out / 'ca.key'} "
         f"(keep it secret)\nSuperLink certificate: {server.cert} and {server.key}, for "
         f"{', '.join(args.host) or 'loopback only'} (+ 127.0.0.1, localhost)\n"
-        f"next: fl-imaging-deploy superlink --certs {args.out} --port 9093 ..."
+        f"next: fl-imaging-deploy superlink --certs {args.typed['out']} --port 9093 ..."
     )
     return 0
 
@@ -122,20 +137,22 @@ def _cmd_site_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _certs_in(folder: Path) -> ServerCertificate:
-    certs = ServerCertificate(folder / "ca.crt", folder / "server.pem", folder / "server.key")
-    missing = [str(p) for p in (certs.ca_cert, certs.cert, certs.key) if not p.is_file()]
-    if missing:
-        raise CertError(
-            f"missing {', '.join(missing)}: create them with `fl-imaging-deploy ca --out {folder} "
-            "--host <the SuperLink's address>`"
-        )
-    return certs
+def _explained(err: ProcessError, ctx: StartContext) -> ProcessError:
+    """``err`` with the cause Flower's log names (:func:`start_cause`) in front, or as it is
+    when the log names none."""
+    cause = start_cause(err.log_text, ctx)
+    if cause is None:
+        return err
+    return ProcessError(f"the {ctx.role} did not start: {cause}.\n{err}", err.log_text)
 
 
 def _cmd_superlink(args: argparse.Namespace) -> int:
-    certs = _certs_in(args.certs)
-    link = start_superlink(certs, args.state, args.host, args.port, database=args.database)
+    certs = args.server_certificate
+    ctx = StartContext("superlink", args.port, certs=args.typed["certs"], state=args.typed["state"])
+    try:
+        link = start_superlink(certs, args.state, args.host, args.port, database=args.database)
+    except ProcessError as err:
+        raise _explained(err, ctx) from None
     try:
         address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
         if args.register:
@@ -189,7 +206,8 @@ def _cmd_check_policy(args: argparse.Namespace) -> int:
     except PolicyRefusal as err:
         print(f"refused: {err}")
         return 1
-    print(f"accepted by {args.policy} (rounds and privacy budget are checked as the run goes)")
+    policy_typed = args.typed["policy"]
+    print(f"accepted by {policy_typed} (rounds and privacy budget are checked as the run goes)")
     return 0
 
 
@@ -210,6 +228,14 @@ def _cmd_supernode(args: argparse.Namespace) -> int:
         roster=args.roster,
         policy=args.policy,
     )
+    ctx = StartContext(
+        "supernode",
+        args.port,
+        superlink=args.superlink,
+        ca=args.typed["ca"],
+        key=args.typed["key"],
+        state=args.typed["state"],
+    )
     deadline = time.monotonic() + args.rejoin_wait
     while True:
         try:
@@ -218,14 +244,9 @@ def _cmd_supernode(args: argparse.Namespace) -> int:
         except RunnerError:  # the SuperLink accepted the node: its message says what failed
             raise
         except ProcessError as err:
-            if "Failed to activate SuperNode" not in str(err) or time.monotonic() > deadline:
-                raise ProcessError(
-                    f"{err}\nThe SuperLink refused this SuperNode. If its public key is not "
-                    "registered, ask the coordinator to run `fl-imaging-deploy register "
-                    f"{args.key.with_suffix('.pub').name} ...`; after a crash, the SuperLink "
-                    "counts a site as connected for up to 60 s (2 missed heartbeats): start "
-                    "again then, or give --rejoin-wait 90."
-                ) from None
+            refused = "Failed to activate SuperNode" in err.log_text
+            if not refused or time.monotonic() > deadline:
+                raise _explained(err, ctx) from None
             print("refused for now (still counted as connected?): retrying in 10 s", flush=True)
             time.sleep(10)
     try:
@@ -296,9 +317,8 @@ def _cmd_service(args: argparse.Namespace) -> int:
     for name, value in vars(own).items():
         setattr(args, name, args.writable + value if name == "writable" else value)
     role = _parser().parse_args([args.role, *rest])
-    if role.command == "superlink":
-        _certs_in(role.certs)
-    else:
+    check_inputs(role, network=False)  # the unit's own start checks ports and the SuperLink
+    if role.command != "superlink":
         _check_site_files(role)
         if not role.skip_check:
             print(f"checking {role.data_dir} (fl-imaging-data inspect) ...", file=sys.stderr)
@@ -307,7 +327,8 @@ def _cmd_service(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             raise ValueError(f"{folder} (--writable) is not a folder: create it first")
     user = resolve_user(args.user)
-    values = {k: v for k, v in vars(role).items() if k not in ("command", "run")}
+    internal = ("command", "run", "check", "typed", "network_checks", "server_certificate")
+    values = {k: v for k, v in vars(role).items() if k not in internal}
     spec = role_service(
         role.command, values, user=user.pw_name, venv=args.venv, writable=args.writable
     )
@@ -399,6 +420,133 @@ _ISOLATION_HELP = (
     "open to every local user (Flower ignores the secret then)"
 )
 
+_PATHS_NOTE = "Relative paths are taken from the folder the command runs in."
+_CA_FIX = "Give the CA certificate (ca.crt) that the coordinator shared."
+_KEY_FIX = (
+    "Give this site's private key NAME.key, made by `fl-imaging-deploy site-key --name NAME "
+    "--out keys` (its .pub goes to the coordinator)."
+)
+_PUB_FIX = "Give a site's public key NAME.pub, made by `fl-imaging-deploy site-key`."
+_REACH_FIX = (
+    "Check that the SuperLink runs (`fl-imaging-deploy superlink` on the coordinator), its "
+    "address and port, and that no firewall blocks that port from this machine."
+)
+
+
+def _folder_fix(flag: str) -> str:
+    return f"Give a {flag} folder this user can create and write."
+
+
+def _check_ca(args: argparse.Namespace) -> None:
+    args.out = writable_folder("--out", args.out, _folder_fix("--out"))
+
+
+def _check_site_key(args: argparse.Namespace) -> None:
+    args.out = writable_folder("--out", args.out, _folder_fix("--out"))
+
+
+def _check_superlink(args: argparse.Namespace) -> None:
+    typed = args.certs
+    fix = f"Create its files with `fl-imaging-deploy ca --out {typed} --host <SuperLink address>`."
+    folder = existing_folder("--certs", typed, fix)
+    args.server_certificate = ServerCertificate(
+        certificate_file("--certs", typed / "ca.crt", fix),
+        certificate_file("--certs", typed / "server.pem", fix),
+        pem_private_key_file("--certs", typed / "server.key", fix),
+    )
+    args.certs = folder
+    args.state = writable_folder("--state", args.state, _folder_fix("--state"))
+    args.register = [public_key_file("--register", key, _PUB_FIX) for key in args.register]
+    if not args.network_checks:
+        return
+    free_port_or_fail(
+        "--port",
+        args.host,
+        args.port,
+        "Stop what listens there, or give --port another number (and the sites the new one).",
+    )
+
+
+def _check_register(args: argparse.Namespace) -> None:
+    args.keys = [public_key_file("NAME.pub", key, _PUB_FIX) for key in args.keys]
+    args.ca = certificate_file("--ca", args.ca, "Give the CA certificate, certs/ca.crt.")
+    if args.home is not None:
+        args.home = writable_folder("--home", args.home, _folder_fix("--home"))
+    reachable_or_fail("--superlink", args.superlink, _REACH_FIX)
+
+
+def _check_supernode(args: argparse.Namespace) -> None:
+    args.ca = certificate_file("--ca", args.ca, _CA_FIX)
+    args.key = site_private_key_file("--key", args.key, _KEY_FIX)
+    args.data_dir = existing_folder(
+        "--data-dir", args.data_dir, "Give this site's data folder (fl-imaging-data inspect)."
+    )
+    args.state = writable_folder("--state", args.state, _folder_fix("--state"))
+    if args.roster is not None:
+        args.roster = existing_folder(
+            "--roster", args.roster, "Give the folder of the consortium's NAME.pub files."
+        )
+    if args.policy is not None:
+        args.policy = readable_file("--policy", args.policy, "Give this site's site.yaml.")
+    if not args.network_checks:
+        return
+    free_port_or_fail(
+        "--port",
+        "127.0.0.1",
+        args.port,
+        f"Give this SuperNode its own --port, e.g. --port {args.port + 1} (two SuperNodes on "
+        "one host each need their own).",
+    )
+    reachable_or_fail("--superlink", args.superlink, _REACH_FIX)
+
+
+def _check_check_policy(args: argparse.Namespace) -> None:
+    args.policy = readable_file("policy", args.policy, "Give this site's site.yaml.")
+
+
+def _check_local(args: argparse.Namespace) -> None:
+    fix = "Give site folders that exist (or --demo N for demo data)."
+    args.sites = [existing_folder("--sites", site, fix) for site in args.sites or []]
+    if args.state is not None:
+        args.state = writable_folder("--state", args.state, _folder_fix("--state"))
+    if args.port is not None:
+        free_port_or_fail("--port", "127.0.0.1", args.port, "Give another --port, or none.")
+
+
+def _check_service(args: argparse.Namespace) -> None:
+    # the role's own flags are checked by _cmd_service, with the role's checks
+    if args.out is not None:
+        args.out = writable_folder("--out", args.out, _folder_fix("--out"))
+
+
+def check_inputs(args: argparse.Namespace, network: bool = True) -> None:
+    """Resolve every path of ``args`` against the current working directory and check it (and,
+    with ``network``, that the ports are free and the SuperLink answers) for the subcommand:
+    the paths as typed go to ``args.typed`` (flag -> text), the absolute ones replace them.
+    Raises :class:`InputError` naming the flag, the path and the fix."""
+    args.typed = {k: str(v) for k, v in vars(args).items() if isinstance(v, Path)}
+    args.network_checks = network
+    args.check(args)
+
+
+def _sub(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    help_text: str,
+    example: str,
+    note: str = "",
+) -> argparse.ArgumentParser:
+    """A subcommand whose help ends with ``note`` (if any), the note on relative paths and one
+    example."""
+    epilog = "\n\n".join(filter(None, [note, _PATHS_NOTE, f"example:\n  {example}"]))
+    return sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -408,8 +556,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ca = sub.add_parser("ca", help="coordinator: create the CA and the SuperLink's certificate")
-    ca.add_argument("--out", type=Path, required=True, help="folder for ca.crt, server.pem, ...")
+    ca = _sub(
+        sub,
+        "ca",
+        "coordinator: create the CA and the SuperLink's certificate",
+        "fl-imaging-deploy ca --out certs --host 10.0.0.5 --host superlink.example.org",
+    )
+    ca.add_argument(
+        "--out", type=Path, required=True, help="folder for ca.crt, ca.key, server.pem, server.key"
+    )
     ca.add_argument(
         "--host",
         action="append",
@@ -419,40 +574,91 @@ def _parser() -> argparse.ArgumentParser:
     )
     ca.add_argument("--days", type=int, default=3650, help="validity of the CA (days)")
     ca.add_argument("--force", action="store_true", help="replace existing files")
-    ca.set_defaults(run=_cmd_ca)
+    ca.set_defaults(run=_cmd_ca, check=_check_ca)
 
-    key = sub.add_parser("site-key", help="hospital: create this site's SuperNode key pair")
+    key = _sub(
+        sub,
+        "site-key",
+        "hospital: create this site's SuperNode key pair",
+        "fl-imaging-deploy site-key --name hospital-a --out keys",
+    )
     key.add_argument("--name", required=True, help="site name, e.g. hospital-a")
-    key.add_argument("--out", type=Path, default=Path("."), help="folder for NAME.key and NAME.pub")
+    key.add_argument(
+        "--out", type=Path, default=Path("."), help="folder for NAME.key and NAME.pub (default: .)"
+    )
     key.add_argument("--force", action="store_true", help="replace existing files")
-    key.set_defaults(run=_cmd_site_key)
+    key.set_defaults(run=_cmd_site_key, check=_check_site_key)
 
-    link = sub.add_parser("superlink", help="coordinator: run the SuperLink (foreground)")
-    link.add_argument("--certs", type=Path, required=True, help="folder made by `ca`")
-    link.add_argument("--state", type=Path, default=Path("superlink-state"))
-    link.add_argument("--host", default="0.0.0.0", help="interface to listen on")
-    link.add_argument("--port", type=int, default=9093)
+    link = _sub(
+        sub,
+        "superlink",
+        "coordinator: run the SuperLink (foreground)",
+        "fl-imaging-deploy superlink --certs certs --state superlink-state --host 0.0.0.0 "
+        "--port 9093 \\\n      --register keys/hospital-a.pub keys/hospital-b.pub",
+    )
     link.add_argument(
-        "--register", type=Path, nargs="*", default=[], help="sites' public keys to admit"
+        "--certs", type=Path, required=True, help="folder made by `ca` (ca.crt, server.pem, ...)"
+    )
+    link.add_argument(
+        "--state",
+        type=Path,
+        default=Path("superlink-state"),
+        help="folder for the SuperLink's log and Flower home (default: superlink-state)",
+    )
+    link.add_argument(
+        "--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0, all)"
+    )
+    link.add_argument(
+        "--port",
+        type=int,
+        default=9093,
+        help="port of the SuperLink, for SuperNodes and researchers alike (default: 9093)",
+    )
+    link.add_argument(
+        "--register",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="sites' public keys (NAME.pub) to admit",
     )
     link.add_argument("--quiet", action="store_true", help="do not echo the SuperLink's log")
     link.add_argument("--database", type=Path, default=None, help=_DATABASE_HELP)
-    link.set_defaults(run=_cmd_superlink)
+    link.set_defaults(run=_cmd_superlink, check=_check_superlink)
 
-    reg = sub.add_parser("register", help="coordinator: admit sites' public keys")
+    reg = _sub(
+        sub,
+        "register",
+        "coordinator: admit sites' public keys to a running SuperLink",
+        "fl-imaging-deploy register keys/hospital-c.pub --superlink 10.0.0.5:9093 "
+        "--ca certs/ca.crt",
+    )
     reg.add_argument("keys", type=Path, nargs="+", help="NAME.pub files")
     reg.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
-    reg.add_argument("--ca", type=Path, required=True, help="the CA certificate (ca.crt)")
+    reg.add_argument("--ca", type=Path, required=True, help="the CA certificate (certs/ca.crt)")
     reg.add_argument("--home", type=Path, default=None, help="Flower CLI home (default: temp)")
-    reg.set_defaults(run=_cmd_register)
+    reg.set_defaults(run=_cmd_register, check=_check_register)
 
-    node = sub.add_parser("supernode", help="hospital: check the data, run the SuperNode")
+    node = _sub(
+        sub,
+        "supernode",
+        "hospital: check the data, run the SuperNode (foreground)",
+        "fl-imaging-deploy supernode --superlink 10.0.0.5:9093 --ca ca.crt "
+        "--key keys/hospital-a.key \\\n      --data-dir /data/hospital-a --num-classes 2 "
+        "--state node-state --port 9094",
+        note="Two SuperNodes on one host each need their own --port (and --state).",
+    )
     node.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
     node.add_argument("--ca", type=Path, required=True, help="the coordinator's ca.crt")
-    node.add_argument("--key", type=Path, required=True, help="this site's private key")
-    node.add_argument("--data-dir", type=Path, required=True, help="this site's folder")
+    node.add_argument("--key", type=Path, required=True, help="this site's private key NAME.key")
+    node.add_argument("--data-dir", type=Path, required=True, help="this site's data folder")
     node.add_argument("--site-name", default="", help="default: the data folder's name")
-    node.add_argument("--state", type=Path, default=Path("supernode-state"))
+    node.add_argument(
+        "--state",
+        type=Path,
+        default=Path("supernode-state"),
+        help="the site's own folder: privacy ledger, site record, logs, secret (keep it across "
+        "restarts; default: supernode-state)",
+    )
     node.add_argument(
         "--roster",
         type=Path,
@@ -463,7 +669,11 @@ def _parser() -> argparse.ArgumentParser:
         "--policy", type=Path, default=None, help="this site's policy file (site.yaml)"
     )
     node.add_argument(
-        "--port", type=int, default=9094, help="local port of the SuperNode's Runtime API"
+        "--port",
+        type=int,
+        default=9094,
+        help="local port (127.0.0.1) of the SuperNode's Runtime API; each SuperNode on a host "
+        "needs its own (default: 9094)",
     )
     node.add_argument(
         "--isolation",
@@ -471,9 +681,21 @@ def _parser() -> argparse.ArgumentParser:
         default="process",
         help=_ISOLATION_HELP,
     )
-    node.add_argument("--task", choices=["segmentation", "classification"], default="segmentation")
-    node.add_argument("--num-classes", type=int, default=2)
-    node.add_argument("--class-names", default="")
+    node.add_argument(
+        "--task",
+        choices=["segmentation", "classification"],
+        default="segmentation",
+        help="the consortium's task, for the data check (default: segmentation)",
+    )
+    node.add_argument(
+        "--num-classes",
+        type=int,
+        default=2,
+        help="classes of the task, background included, for the data check (default: 2)",
+    )
+    node.add_argument(
+        "--class-names", default="", help="comma-separated class names, for the data check"
+    )
     node.add_argument("--skip-check", action="store_true", help="do not run inspect first")
     node.add_argument(
         "--rejoin-wait",
@@ -483,30 +705,45 @@ def _parser() -> argparse.ArgumentParser:
         "counts the site as connected for up to 60 s)",
     )
     node.add_argument("--quiet", action="store_true", help="do not echo the SuperNode's log")
-    node.set_defaults(run=_cmd_supernode)
+    node.set_defaults(run=_cmd_supernode, check=_check_supernode)
 
-    check = sub.add_parser(
-        "check-policy", help="hospital: would this site's policy accept a run? (its config hash)"
+    check = _sub(
+        sub,
+        "check-policy",
+        "hospital: would this site's policy accept a run? (its config hash)",
+        "fl-imaging-deploy check-policy site.yaml experiment=quick",
     )
     check.add_argument("policy", type=Path, help="the site's policy file (site.yaml)")
     check.add_argument("overrides", nargs="*", help="the run's overrides, as given to fl-imaging")
-    check.set_defaults(run=_cmd_check_policy)
+    check.set_defaults(run=_cmd_check_policy, check=_check_check_policy)
 
-    local = sub.add_parser("local", help="a SuperLink and N SuperNodes on this machine")
+    local = _sub(
+        sub,
+        "local",
+        "a SuperLink and N SuperNodes on this machine (loopback)",
+        "fl-imaging-deploy local --demo 3",
+    )
     local.add_argument("--sites", type=Path, nargs="*", help="site folders (default: demo)")
     local.add_argument("--demo", type=int, default=3, help="demo sites when no --sites")
-    local.add_argument("--demo-cases", type=int, default=6)
-    local.add_argument("--demo-shape", type=int, default=24)
+    local.add_argument("--demo-cases", type=int, default=6, help="cases per demo site")
+    local.add_argument("--demo-shape", type=int, default=24, help="edge of a demo volume (voxels)")
     local.add_argument("--state", type=Path, default=None, help="default: a new temp folder")
     local.add_argument("--port", type=int, default=None, help="SuperLink port (default: free)")
     local.add_argument(
         "--isolation", choices=ISOLATION_MODES, default="process", help=_ISOLATION_HELP
     )
-    local.add_argument("--task", choices=["segmentation", "classification"], default="segmentation")
-    local.add_argument("--num-classes", type=int, default=2)
+    local.add_argument(
+        "--task",
+        choices=["segmentation", "classification"],
+        default="segmentation",
+        help="the task, for the data check (default: segmentation)",
+    )
+    local.add_argument(
+        "--num-classes", type=int, default=2, help="classes, for the data check (default: 2)"
+    )
     local.add_argument("--skip-check", action="store_true", help="do not run inspect first")
     local.add_argument("--database", type=Path, default=None, help=_DATABASE_HELP)
-    local.set_defaults(run=_cmd_local)
+    local.set_defaults(run=_cmd_local, check=_check_local)
     _add_service_parser(sub)
     return parser
 
@@ -527,7 +764,7 @@ def _add_service_parser(sub: argparse._SubParsersAction) -> None:
         metavar="ROLE FLAGS",
         help="the flags of `fl-imaging-deploy ROLE` (and the options above)",
     )
-    service.set_defaults(run=_cmd_service)
+    service.set_defaults(run=_cmd_service, check=_check_service)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,11 +774,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
+        check_inputs(args)
         return int(args.run(args))
     except _Stop as stop:
         print(f"stopped ({stop})", file=sys.stderr)
         return 0
-    except (CertError, ProcessError, SiteCheckError, ValueError) as err:
+    except (CertError, InputError, ProcessError, SiteCheckError, ValueError) as err:
         print(f"fl-imaging-deploy: error: {err}", file=sys.stderr)
         return 2
 

@@ -153,7 +153,7 @@ def split_san(names: list[str]) -> tuple[list[IP], list[str]]:
         if not name or malformed:
             raise CertError(
                 f"{raw!r} is not a host name or IP address: give the SuperLink's address "
-                "without port or scheme, e.g. --ip 10.0.0.5 --dns superlink.hospital.org"
+                "without port or scheme, e.g. --host 10.0.0.5 --host superlink.hospital.org"
             )
         if _is_ip(name):
             ip = ipaddress.ip_address(name)
@@ -251,7 +251,8 @@ def verify_server_certificate(ca_cert: Path, cert: Path, host: str | None = None
         raise CertError(
             f"{cert} is valid from {server.not_valid_before_utc} to "
             f"{server.not_valid_after_utc} only: issue a new one with "
-            "`fl-imaging-deploy superlink-cert`"
+            "`fl-imaging-deploy ca --out FOLDER --host ADDRESS --force` (a new CA: send its "
+            "ca.crt to every site)"
         )
     if host is not None:
         san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -263,7 +264,8 @@ def verify_server_certificate(ca_cert: Path, cert: Path, host: str | None = None
         if wanted not in names:
             raise CertError(
                 f"{cert} does not list {host} (it lists {', '.join(names)}): issue it again "
-                f"with `fl-imaging-deploy superlink-cert --host {host} ...`"
+                f"with `fl-imaging-deploy ca --out FOLDER --host {host} --force` (a new CA: send "
+                "its ca.crt to every site)"
             )
 
 

@@ -55,7 +55,12 @@ SUPERNODE_CONNECTION_ERROR = 305
 
 class ProcessError(RuntimeError):
     """A process that could not start, exited early or did not become ready; the message
-    names its log file."""
+    names its log file. ``log_text``: what the process wrote (empty when none was started),
+    for :func:`fl_imaging.deploy.start_errors.start_cause`."""
+
+    def __init__(self, message: str, log_text: str = "") -> None:
+        super().__init__(message)
+        self.log_text = log_text
 
 
 @dataclass
@@ -197,12 +202,14 @@ def wait_for_port(proc: ManagedProcess, host: str, port: int, timeout: float = 6
         if not proc.alive():
             raise ProcessError(
                 f"{proc.name} exited with code {proc.popen.returncode} before listening on "
-                f"{host}:{port}; its log ({proc.log_path}) ends with:\n{proc.tail()}"
+                f"{host}:{port}; its log ({proc.log_path}) ends with:\n{proc.tail()}",
+                proc.log_text(),
             )
         proc.known_children.update(_family(proc.pid))
         time.sleep(0.2)
     raise ProcessError(
-        f"{proc.name} does not listen on {host}:{port} after {timeout:.0f} s; see {proc.log_path}"
+        f"{proc.name} does not listen on {host}:{port} after {timeout:.0f} s; see {proc.log_path}",
+        proc.log_text(),
     )
 
 
@@ -220,11 +227,13 @@ def wait_for_log(
         if not proc.alive():
             raise ProcessError(
                 f"{proc.name} exited with code {proc.popen.returncode}; its log "
-                f"({proc.log_path}) ends with:\n{proc.tail()}"
+                f"({proc.log_path}) ends with:\n{proc.tail()}",
+                proc.log_text(),
             )
         time.sleep(0.2)
     raise ProcessError(
-        f"{proc.name} did not log {pattern.pattern!r} within {timeout:.0f} s; see {proc.log_path}"
+        f"{proc.name} did not log {pattern.pattern!r} within {timeout:.0f} s; see {proc.log_path}",
+        proc.log_text(),
     )
 
 

@@ -23,11 +23,12 @@ import secrets
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fl_imaging.deploy.certs import ServerCertificate
 from fl_imaging.deploy.flower_home import CONNECTION, cli_home, toml_string
+from fl_imaging.deploy.inputs import absolute
 from fl_imaging.deploy.processes import (
     CLIENTAPP_READY,
     SUPERNODE_READY,
@@ -97,20 +98,20 @@ def superlink_command(
     command = [flower_command("flower-superlink")]
     if certs is None:
         command.append("--insecure")
-    else:
+    else:  # absolute: the SuperLink runs in its state folder
         command += [
             "--ssl-ca-certfile",
-            str(certs.ca_cert),
+            str(absolute(certs.ca_cert)),
             "--ssl-certfile",
-            str(certs.cert),
+            str(absolute(certs.cert)),
             "--ssl-keyfile",
-            str(certs.key),
+            str(absolute(certs.key)),
         ]
         if node_auth:
             command.append("--enable-supernode-auth")
     command += [
         "--database",
-        IN_MEMORY_DATABASE if database is None else str((state_dir / database).resolve()),
+        IN_MEMORY_DATABASE if database is None else str(absolute(state_dir / database)),
         "--host",
         host,
         "--port",
@@ -132,7 +133,9 @@ def start_superlink(
 ) -> ManagedProcess:
     """Start the SuperLink (see :func:`superlink_command`; ``database``: a SQLite file instead
     of state in memory) with its Flower home and log (``superlink.log``) in ``state_dir``;
-    returns once its port accepts connections."""
+    returns once its port accepts connections. Relative paths are taken from the current
+    working directory (Flower's process runs in ``state_dir``: it gets absolute ones)."""
+    state_dir = absolute(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     proc = start_process(
         "superlink",
@@ -157,11 +160,11 @@ def register_site_keys(
     """Register each site's public key with the SuperLink (``flwr supernode register``), so that
     the SuperNode holding the matching private key is admitted. Returns key file -> node id.
     Raises :class:`ProcessError` with Flower's message when a key is refused."""
-    env = cli_home(home, superlink, ca_cert)
+    env = cli_home(absolute(home), superlink, absolute(ca_cert))
     node_ids: dict[Path, int] = {}
     for key in public_keys:
         done = subprocess.run(
-            [flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
+            [flower_command("flwr"), "supernode", "register", str(absolute(key)), CONNECTION],
             env=env,
             capture_output=True,
             text=True,
@@ -237,7 +240,24 @@ class SuperNodeSpec:
     @property
     def name(self) -> str:
         """The site's name: ``site_name``, else the data folder's name."""
-        return self.site_name or self.data_dir.name
+        return self.site_name or absolute(self.data_dir).name
+
+    def absolute(self) -> SuperNodeSpec:
+        """This spec with every path absolute (taken from the current working directory): Flower
+        runs the SuperNode in its state folder, where a relative path would point elsewhere."""
+
+        def _abs(path: Path | None) -> Path | None:
+            return None if path is None else absolute(path)
+
+        return replace(
+            self,
+            data_dir=absolute(self.data_dir),
+            ca_cert=_abs(self.ca_cert),
+            private_key=_abs(self.private_key),
+            state_dir=absolute(self.state_dir),
+            roster=_abs(self.roster),
+            policy=_abs(self.policy),
+        )
 
 
 def write_superexec_secret(state_dir: Path) -> Path:
@@ -283,20 +303,21 @@ def supernode_command(spec: SuperNodeSpec) -> list[str]:
     folder name works. With
     ``isolation='process'`` it also writes a new secret (:func:`write_superexec_secret`) and
     passes it with ``--superexec-auth-secret-file``: only the ClientApp runner started with the
-    same file can then take the site's tasks."""
+    same file can then take the site's tasks. Every path it passes is absolute."""
+    spec = spec.absolute()
     spec.state_dir.mkdir(parents=True, exist_ok=True)
     node_config = spec.state_dir / "node-config.toml"
     lines = [
-        f"data-dir = {toml_string(str(spec.data_dir.resolve()))}",
+        f"data-dir = {toml_string(str(spec.data_dir))}",
         f"site-name = {toml_string(spec.name)}",
     ]
     if spec.site_index is not None:
         lines.append(f"site-index = {spec.site_index}")
-    lines.append(f"state-dir = {toml_string(str(spec.state_dir.resolve()))}")
+    lines.append(f"state-dir = {toml_string(str(spec.state_dir))}")
     own = {"identity-key": spec.private_key, "roster": spec.roster, "policy": spec.policy}
     for key, path in own.items():
         if path is not None:
-            lines.append(f"{key} = {toml_string(str(Path(path).resolve()))}")
+            lines.append(f"{key} = {toml_string(str(path))}")
     node_config.write_text("\n".join(lines) + "\n")
     command = [
         flower_command("flower-supernode"),
@@ -347,7 +368,8 @@ def _wait_for_runner(runner: ManagedProcess, timeout: float) -> None:
         wait_for_log(runner, CLIENTAPP_READY, timeout)
     except ProcessError as err:
         raise RunnerError(
-            f"the SuperNode started, but its ClientApp runner cannot take tasks: {err}"
+            f"the SuperNode started, but its ClientApp runner cannot take tasks: {err}",
+            err.log_text,
         ) from None
 
 
@@ -360,11 +382,13 @@ def start_supernode(
     ``wait``, returns once the site can take a message (:func:`wait_until_serving`). Returns the
     processes started, SuperNode first. Raises :class:`ProcessError` (with the log's end) when
     the SuperLink refuses the SuperNode or the SuperNode its runner. With
-    ``isolation='subprocess'`` logs :func:`open_runtime_api_warning`."""
+    ``isolation='subprocess'`` logs :func:`open_runtime_api_warning`. Relative paths in
+    ``spec`` are taken from the current working directory (:meth:`SuperNodeSpec.absolute`)."""
     if spec.isolation not in ISOLATION_MODES:
         raise ProcessError(
             f"isolation={spec.isolation!r}: allowed values are {', '.join(ISOLATION_MODES)}"
         )
+    spec = spec.absolute()
     warning = open_runtime_api_warning(spec)
     if warning is not None:
         log.warning(warning)
