@@ -18,6 +18,10 @@ Researcher::
     fl-imaging engine=deployment engine.superlink=10.0.0.5:9093 engine.root_certificates=ca.crt \\
         engine.num_sites=2 data=folders data.sites=[hospital-a,hospital-b] experiment=quick
 
+Researcher, after the run (its result files, as the coordinator wrote them)::
+
+    fl-imaging-deploy pull 4711 --superlink 10.0.0.5:9093 --ca ca.crt --out results
+
 Everything on this machine (loopback), printing the ``fl-imaging`` command to run::
 
     fl-imaging-deploy local --sites /data/a /data/b /data/c     # or: --demo 3
@@ -157,6 +161,47 @@ def _cmd_register(args: argparse.Namespace) -> int:
     for key, node_id in ids.items():
         print(f"{key}: SuperNode {node_id} registered")
     return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from fl_imaging.deploy.pull import pull_results
+    from fl_imaging.review.result_transfer import ResultTransferError
+
+    out = args.out or Path(f"run-{args.run_id}")
+    receiver = pull_results(args.run_id, args.superlink, args.ca, out)
+    try:
+        names = receiver.finish()
+    except ResultTransferError as err:
+        print(f"fl-imaging-deploy: error: {err}", file=sys.stderr)
+        return 1
+    print(f"run {args.run_id}: {len(names)} file(s) in {out}, SHA-256 checked: {', '.join(names)}")
+    for reason in receiver.withheld:
+        print(f"not sent by the coordinator: {reason}", file=sys.stderr)
+    return 0
+
+
+def _add_pull(sub: argparse._SubParsersAction) -> None:
+    """The ``pull`` subcommand: a finished run's result files, from the SuperLink."""
+    pull = sub.add_parser(
+        "pull",
+        help="researcher: fetch a finished run's result files from the SuperLink",
+        description="Fetch the result files (metrics.csv, summary.txt, report.html, model.pt, "
+        "...) a deployed run's ServerApp sent over its log, with `flwr log RUN_ID --show`, "
+        "check each against the coordinator's manifest (size, SHA-256) and write them into "
+        "--out. Exit 1 naming the file when any did not arrive intact.",
+    )
+    pull.add_argument("run_id", type=int, help="the Flower run id (fl-imaging logs it; flwr ls)")
+    pull.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    pull.add_argument(
+        "--ca",
+        type=Path,
+        default=None,
+        help="the coordinator's ca.crt (without: plain text, loopback trials only)",
+    )
+    pull.add_argument(
+        "--out", type=Path, default=None, help="folder for the files (default: run-RUN_ID)"
+    )
+    pull.set_defaults(run=_cmd_pull)
 
 
 def _check_site_files(args: argparse.Namespace) -> None:
@@ -417,6 +462,7 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--skip-check", action="store_true", help="do not run inspect first")
     local.add_argument("--database", type=Path, default=None, help=_DATABASE_HELP)
     local.set_defaults(run=_cmd_local)
+    _add_pull(sub)
     return parser
 
 
