@@ -180,6 +180,11 @@ def _receive_results(
     (``flwr log --show``). Logs what arrived; raises :class:`DeploymentError` naming what did
     not (``fl-imaging-deploy pull`` fetches them later)."""
     if not results.complete:
+        log.info(
+            "the stream ended before the result files all arrived: reading the rest from the "
+            "SuperLink's log of run %d (flwr log --show)",
+            run_id,
+        )
         try:
             results.feed_all(run_log(run_id, env, superlink).splitlines())
         except ProcessError as err:

@@ -23,6 +23,7 @@ import base64
 import hashlib
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,15 +117,20 @@ def send_results(
     run_dir: Path,
     write: Callable[[str], object] | None = None,
     max_file_bytes: int = MAX_FILE_BYTES,
+    rate: float | None = None,
 ) -> tuple[int, int, list[str]]:
     """Write :func:`result_lines` of ``run_dir`` with ``write`` (default: stderr, which Flower
-    keeps as the ServerApp's log), one call per line with its newline. Returns the number of
-    files sent, the bytes of text written, and the reasons of the files withheld."""
+    keeps as the ServerApp's log), one call per line with its newline, at most ``rate`` bytes
+    of text per second (None: at once). Returns the number of files sent, the bytes of text
+    written, and the reasons of the files withheld."""
     write = write or sys.stderr.write
     files, written, withheld = 0, 0, []
+    start = time.monotonic()
     for line in result_lines(run_dir, max_file_bytes):
         write(line + "\n")
         written += len(line) + 1
+        if rate and (ahead := written / rate - (time.monotonic() - start)) > 0:
+            time.sleep(ahead)
         data = json.loads(line[len(RESULT_MARKER) :])
         if data["kind"] == "manifest":
             files = len(data["files"])

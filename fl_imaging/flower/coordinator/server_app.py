@@ -11,6 +11,7 @@ test round in :mod:`fl_imaging.evaluation.final_scoring`, the evaluations after 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from flwr.app import Context
@@ -99,14 +100,24 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
         raise write_error
 
 
+#: Bytes of result lines per second the ServerApp writes, and the seconds it waits after them:
+#: Flower uploads the ServerApp's output every 0.2 s in one request, and when the ServerApp
+#: returns it waits about 4 s for the upload in flight, then drops what is left. Paced, each
+#: request stays small (one 64 MiB file written at once was cut off there).
+RESULT_RATE = 4 * 2**20
+RESULT_SETTLE_S = 2.0
+
+
 def _send_result_files(run_dir: Path) -> None:
     """Send ``run_dir``'s result files to the researcher over the run's log
-    (:func:`~fl_imaging.review.result_transfer.send_results`); say what was sent or withheld."""
+    (:func:`~fl_imaging.review.result_transfer.send_results`), paced by :data:`RESULT_RATE`;
+    say what was sent or withheld."""
     try:
-        files, written, withheld = send_results(run_dir)
+        files, written, withheld = send_results(run_dir, rate=RESULT_RATE)
     except OSError as err:
         log.warning("the result files in %s could not be sent to the researcher: %s", run_dir, err)
         return
+    time.sleep(RESULT_SETTLE_S)
     log.info(
         "sent %d result file(s) to the researcher over the run's log (%.1f MiB of lines)",
         files,
