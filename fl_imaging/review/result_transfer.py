@@ -194,7 +194,10 @@ class ResultReceiver:
             self.feed(line)
 
     def _chunk(self, data: dict[str, Any]) -> None:
-        name = Path(str(data["file"])).name  # never a path outside out_dir
+        name = str(data["file"])
+        if name not in RESULT_FILES:  # never another file, never a path outside out_dir
+            self.problems.append(f"{name[:80]}: not a result file; not written")
+            return
         if name in self.written:
             return  # a second copy of the log (the stream, then `flwr log --show`)
         incoming = self._incoming.setdefault(

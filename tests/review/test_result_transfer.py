@@ -117,3 +117,21 @@ def test_a_file_over_the_limit_is_named_not_cut(tmp_path: Path) -> None:
     (reason,) = receiver.withheld
     assert "model.pt is 168 KiB, over the 48 KiB" in reason and "coordinator's run" in reason
     assert not (tmp_path / "researcher" / "model.pt").exists()
+
+
+def test_only_result_files_are_written(tmp_path: Path) -> None:
+    line = RESULT_MARKER + json.dumps(
+        {
+            "kind": "chunk",
+            "file": "../.bashrc",
+            "size": 1,
+            "sha256": "0",
+            "part": 0,
+            "parts": 1,
+            "data": "eA==",
+        }
+    )
+    receiver = _received(tmp_path, [line])
+    with pytest.raises(ResultTransferError, match=r"\.\./\.bashrc: not a result file"):
+        receiver.finish()
+    assert not (tmp_path / ".bashrc").exists() and not (tmp_path / "researcher").exists()
