@@ -169,11 +169,11 @@ def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
         raise DeploymentError(
             f"run {run_id} failed on the SuperLink (status {status}); its log is above"
         )
-    _receive_results(results, int(run_id), env, engine.superlink)
+    _receive_results(results, int(run_id), env, engine.superlink, engine.root_certificates)
 
 
 def _receive_results(
-    results: ResultReceiver, run_id: int, env: dict[str, str], superlink: str
+    results: ResultReceiver, run_id: int, env: dict[str, str], superlink: str, ca: str | None
 ) -> None:
     """Finish receiving the result files of ``run_id`` into the run folder: when the stream
     ended before they all arrived, read the rest from the log the SuperLink keeps
@@ -194,7 +194,8 @@ def _receive_results(
     except ResultTransferError as err:
         raise DeploymentError(
             f"{err}\nFetch them again once the run has finished: fl-imaging-deploy pull "
-            f"{run_id} --superlink {superlink} --ca CA_CERT --out {results.out_dir}"
+            f"{run_id} --superlink {superlink}{f' --ca {ca}' if ca else ''} "
+            f"--out {results.out_dir}"
         ) from None
     log.info(
         "results from the coordinator in %s: %d file(s), each as the coordinator wrote it "
