@@ -10,6 +10,7 @@ run twice what one run shows.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,6 +88,15 @@ class DeployedRun:
     intruder_answers: list[tuple[str, Answer | Exception]]
     addresses: list[str]
     site_logs: dict[str, str]
+
+    @property
+    def run_id(self) -> int:
+        """The Flower run id, from the command's line ``run N started on the SuperLink``
+        (in its main.log)."""
+        text = (self.folder / "main.log").read_text()
+        match = re.search(r"run (\d+) started on the SuperLink", text)
+        assert match, self.output[-2000:]
+        return int(match.group(1))
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,10 @@ Researcher::
     fl-imaging engine=deployment engine.superlink=10.0.0.5:9093 engine.root_certificates=ca.crt \\
         engine.num_sites=2 data=folders data.sites=[hospital-a,hospital-b] experiment=quick
 
+Researcher, after the run (its result files, as the coordinator wrote them)::
+
+    fl-imaging-deploy pull 4711 --superlink 10.0.0.5:9093 --ca ca.crt --out results
+
 Everything on this machine (loopback), printing the ``fl-imaging`` command to run::
 
     fl-imaging-deploy local --sites /data/a /data/b /data/c     # or: --demo 3
@@ -174,6 +178,49 @@ def _cmd_register(args: argparse.Namespace) -> int:
     for key, node_id in ids.items():
         print(f"{key}: SuperNode {node_id} registered")
     return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from fl_imaging.deploy.pull import pull_results
+    from fl_imaging.review.result_transfer import ResultTransferError
+
+    out = args.out or Path(f"run-{args.run_id}")
+    receiver = pull_results(args.run_id, args.superlink, args.ca, out)
+    try:
+        names = receiver.finish()
+    except ResultTransferError as err:
+        print(f"fl-imaging-deploy: error: {err}", file=sys.stderr)
+        return 1
+    print(f"run {args.run_id}: {len(names)} file(s) in {out}, SHA-256 checked: {', '.join(names)}")
+    for reason in receiver.withheld:
+        print(f"not sent by the coordinator: {reason}", file=sys.stderr)
+    return 0
+
+
+def _add_pull(sub: argparse._SubParsersAction) -> None:
+    """The ``pull`` subcommand: a finished run's result files, from the SuperLink."""
+    pull = _sub(
+        sub,
+        "pull",
+        "researcher: fetch a finished run's result files from the SuperLink",
+        "fl-imaging-deploy pull 4821 --superlink 10.0.0.5:9093 --ca certs/ca.crt --out run-4821",
+        note="Fetches the result files (metrics.csv, summary.txt, report.html, model.pt, ...) a "
+        "deployed run's ServerApp sent over its log,\nwith `flwr log RUN_ID --show`, checks each "
+        "against the coordinator's manifest (size, SHA-256) and writes them into --out.\nExit 1 "
+        "naming the file when any did not arrive intact.",
+    )
+    pull.add_argument("run_id", type=int, help="the Flower run id (fl-imaging logs it; flwr ls)")
+    pull.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    pull.add_argument(
+        "--ca",
+        type=Path,
+        default=None,
+        help="the coordinator's ca.crt (without: plain text, loopback trials only)",
+    )
+    pull.add_argument(
+        "--out", type=Path, default=None, help="folder for the files (default: run-RUN_ID)"
+    )
+    pull.set_defaults(run=_cmd_pull, check=_check_pull)
 
 
 def _check_site_files(args: argparse.Namespace) -> None:
@@ -513,6 +560,14 @@ def _check_local(args: argparse.Namespace) -> None:
         free_port_or_fail("--port", "127.0.0.1", args.port, "Give another --port, or none.")
 
 
+def _check_pull(args: argparse.Namespace) -> None:
+    if args.ca is not None:
+        args.ca = certificate_file("--ca", args.ca, "Give the CA certificate, certs/ca.crt.")
+    if args.out is not None:
+        args.out = writable_folder("--out", args.out, _folder_fix("--out"))
+    reachable_or_fail("--superlink", args.superlink, _REACH_FIX)
+
+
 def _check_service(args: argparse.Namespace) -> None:
     # the role's own flags are checked by _cmd_service, with the role's checks
     if args.out is not None:
@@ -745,6 +800,7 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--database", type=Path, default=None, help=_DATABASE_HELP)
     local.set_defaults(run=_cmd_local, check=_check_local)
     _add_service_parser(sub)
+    _add_pull(sub)
     return parser
 
 

@@ -7,8 +7,9 @@ ServerApp and ClientApp and whose run config holds the whole resolved experiment
 connection: address and CA certificate), then submits the app with ``flwr run --stream`` and
 logs the run's log as it comes (:mod:`fl_imaging.console.flower_output`: ``main.log`` gets
 every line, the console the ServerApp's own and its progress). The ServerApp runs on the
-SuperLink's host and writes the usual result files into ``run_dir`` there (on one machine: the
-researcher's run folder).
+SuperLink's host and writes the usual result files into ``run_dir`` there, then sends them in
+its log (:mod:`fl_imaging.review.result_transfer`): they are written into the researcher's run
+folder as they arrive, each checked against its SHA-256.
 Runtime dependency installation is off: every machine runs the toolkit it has installed.
 """
 
@@ -25,8 +26,10 @@ from pathlib import Path
 from fl_imaging.config import RunConfig, config_to_yaml
 from fl_imaging.console.flower_output import log_flower_output, readable_line
 from fl_imaging.deploy.flower_home import CONNECTION, cli_home, toml_string
-from fl_imaging.deploy.processes import flower_command
+from fl_imaging.deploy.processes import ProcessError, flower_command
+from fl_imaging.deploy.pull import run_log
 from fl_imaging.flower.protocol import CONFIG_KEY
+from fl_imaging.review.result_transfer import ResultReceiver, ResultTransferError
 
 __all__ = ["DeploymentError", "run_deployment_engine", "write_app_dir"]
 
@@ -133,9 +136,12 @@ def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
     )
     run_id = ""
     output: list[str] = []
+    results = ResultReceiver(run_dir)  # the result files the ServerApp sends in its log
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
+            if results.feed(line):
+                continue
             output.append(line)
             log_flower_output(line)  # main.log; the console shows our lines and Flower's errors
             if not run_id and (match := _RUN_STARTED.search(line)):
@@ -163,9 +169,40 @@ def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
         raise DeploymentError(
             f"run {run_id} failed on the SuperLink (status {status}); its log is above"
         )
-    if not (run_dir / "metrics.csv").is_file():
-        log.warning(
-            "no metrics.csv in %s: the ServerApp writes its results on the SuperLink's host, "
-            "into the same path there",
-            run_dir,
+    _receive_results(results, int(run_id), env, engine.superlink, engine.root_certificates)
+
+
+def _receive_results(
+    results: ResultReceiver, run_id: int, env: dict[str, str], superlink: str, ca: str | None
+) -> None:
+    """Finish receiving the result files of ``run_id`` into the run folder: when the stream
+    ended before they all arrived, read the rest from the log the SuperLink keeps
+    (``flwr log --show``). Logs what arrived; raises :class:`DeploymentError` naming what did
+    not (``fl-imaging-deploy pull`` fetches them later)."""
+    if not results.complete:
+        log.info(
+            "the stream ended before the result files all arrived: reading the rest from the "
+            "SuperLink's log of run %d (flwr log --show)",
+            run_id,
         )
+        try:
+            results.feed_all(run_log(run_id, env, superlink).splitlines())
+        except ProcessError as err:
+            log.warning("%s", err)
+    try:
+        names = results.finish()
+    except ResultTransferError as err:
+        raise DeploymentError(
+            f"{err}\nFetch them again once the run has finished: fl-imaging-deploy pull "
+            f"{run_id} --superlink {superlink}{f' --ca {ca}' if ca else ''} "
+            f"--out {results.out_dir}"
+        ) from None
+    log.info(
+        "results from the coordinator in %s: %d file(s), each as the coordinator wrote it "
+        "(SHA-256 checked): %s",
+        results.out_dir,
+        len(names),
+        ", ".join(names),
+    )
+    for reason in results.withheld:
+        log.warning("not sent by the coordinator: %s", reason)

@@ -11,6 +11,7 @@ test round in :mod:`fl_imaging.evaluation.final_scoring`, the evaluations after 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from flwr.app import Context
@@ -25,6 +26,7 @@ from fl_imaging.flower.coordinator.federation import FederationPlan, plan_federa
 from fl_imaging.flower.coordinator.polling import QuickPollGrid, StopRequested
 from fl_imaging.flower.coordinator.training_rounds import train_rounds
 from fl_imaging.flower.protocol import resolve_config
+from fl_imaging.review.result_transfer import send_results
 from fl_imaging.review.results import write_run_files
 from strategies import RecordingStrategy
 
@@ -98,6 +100,33 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
         raise write_error
 
 
+#: Bytes of result lines per second the ServerApp writes, and the seconds it waits after them:
+#: Flower uploads the ServerApp's output every 0.2 s in one request, and when the ServerApp
+#: returns it waits about 4 s for the upload in flight, then drops what is left. Paced, each
+#: request stays small (one 64 MiB file written at once was cut off there).
+RESULT_RATE = 4 * 2**20
+RESULT_SETTLE_S = 2.0
+
+
+def _send_result_files(run_dir: Path) -> None:
+    """Send ``run_dir``'s result files to the researcher over the run's log
+    (:func:`~fl_imaging.review.result_transfer.send_results`), paced by :data:`RESULT_RATE`;
+    say what was sent or withheld."""
+    try:
+        files, written, withheld = send_results(run_dir, rate=RESULT_RATE)
+    except OSError as err:
+        log.warning("the result files in %s could not be sent to the researcher: %s", run_dir, err)
+        return
+    time.sleep(RESULT_SETTLE_S)
+    log.info(
+        "sent %d result file(s) to the researcher over the run's log (%.1f MiB of lines)",
+        files,
+        written / 2**20,
+    )
+    for reason in withheld:
+        log.warning("not sent to the researcher: %s", reason)
+
+
 def build_server_app(
     config: RunConfig | None = None,
     site_names: list[str] | None = None,
@@ -121,7 +150,11 @@ def build_server_app(
         run_plan = plan or plan_federation(cfg, names)
         run_plan.flower_run = int(context.run_id)  # what each site's own record names
         polling = QuickPollGrid(grid, stop=run_plan.stop, max_in_flight=max_in_flight)
-        run_federation(polling, cfg, names, run_plan)
+        try:
+            run_federation(polling, cfg, names, run_plan)
+        finally:
+            if config is None:  # deployment: the researcher's copy travels in the log
+                _send_result_files(Path(cfg.run_dir))
         if config is None:  # deployment: a site that never trained fails the run's status
             run_plan.raise_if_sites_failed()
 

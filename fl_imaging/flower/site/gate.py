@@ -7,7 +7,8 @@ and, for training, the rounds it took part in this Flower run, counted from its 
 (:func:`~fl_imaging.site.policy.check_rounds`). After it, the reply's metrics are cut to what
 the policy releases (:func:`~fl_imaging.site.policy.release_metrics`) and one record is
 appended to the site's record: the request's summary and the SHA-256 of the reply's content,
-or the refusal.
+or the refusal; the metrics the reply carries go to the site's CSV of the run
+(:mod:`fl_imaging.review.site_metrics`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 
 from fl_imaging.config import RunConfig
 from fl_imaging.flower.protocol import SERVER_ROUND, SiteRefusal, content_sha256
+from fl_imaging.review.site_metrics import append_sent_metrics, sent_metrics_path
 from fl_imaging.review.site_record import request_summary
 from fl_imaging.secagg.arithmetic import SECAGG
 from fl_imaging.site.policy import check_request, check_rounds, release_metrics
@@ -47,6 +49,25 @@ def _released(setup: SiteSetup, reply: Message) -> Message:
     records = {k: v for k, v in reply.content.items() if k != "metrics"}
     reply.content = RecordDict({**records, "metrics": MetricRecord(metrics)})
     return reply
+
+
+def _note_sent_metrics(
+    setup: SiteSetup, flower_run: int, rnd: int, kind: str, reply: Message
+) -> None:
+    """Append the numbers of ``reply``'s metrics to the site's CSV of ``flower_run``; a file
+    that cannot be written is logged, the reply still goes."""
+    if not reply.has_content() or "metrics" not in reply.content.metric_records:
+        return
+    numbers = {
+        k: v
+        for k, v in reply.content["metrics"].items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    path = sent_metrics_path(setup.folder, flower_run)
+    try:
+        append_sent_metrics(path, rnd, kind, numbers)
+    except OSError as err:
+        log.warning("[site %s] cannot write what it sent to %s: %s", setup.name, path, err)
 
 
 def gated_reply(
@@ -84,4 +105,5 @@ def gated_reply(
         reply_sha256=content_sha256(reply.content) if reply.has_content() else None,
         **({"patient_epsilon": float(epsilon)} if epsilon is not None else {}),
     )
+    _note_sent_metrics(setup, flower_run, int(fields["round"]), kind, reply)
     return reply
