@@ -40,6 +40,8 @@ READY = {
     "superlink": re.compile(r"SuperLink on \S+ \(TLS, SuperNode authentication\)"),
     "supernode": re.compile(r"SuperNode \S+ connected to"),
 }
+#: The researcher's line naming the run's id on the SuperLink (the page's RUN_ID).
+RUN_STARTED = re.compile(r"run (\d+) started on the SuperLink")
 #: A policy each hospital keeps (--policy site.yaml): it accepts the quick run.
 POLICY = "accept:\n  tasks: [segmentation]\nmax_rounds: 50\n"
 
@@ -107,6 +109,10 @@ class Deployment:
         SuperLink listens on it, a SuperNode gets a free ``--port`` and its demo folder."""
         host, port = self.address.split(":")
         argv = [arg.replace("10.0.0.5:9093", self.address) for arg in argv]
+        if "RUN_ID" in argv:
+            started = (RUN_STARTED.search(out) for out in self.outputs.values())
+            run_id = next(match[1] for match in started if match)
+            argv = [run_id if arg == "RUN_ID" else arg for arg in argv]
         if argv[:2] == ["fl-imaging-deploy", "superlink"]:
             argv = _replace_value(_replace_value(argv, "--host", host), "--port", port)
         if argv[:2] == ["fl-imaging-deploy", "supernode"]:
@@ -153,7 +159,8 @@ class Deployment:
 def test_the_how_to_runs_as_written(tmp_path: Path) -> None:
     steps = page_steps()
     commands = [argv[:2] for _, argv in steps]
-    assert ["fl-imaging-deploy", "supernode"] in commands and commands[-1][0] == "fl-imaging"
+    assert ["fl-imaging-deploy", "supernode"] in commands
+    assert ["fl-imaging-deploy", "pull"] in commands
     sites = make_demo_data(
         tmp_path / "data", num_sites=2, cases_per_site=6, shape=(24, 24, 24), dicom_sites=()
     )
@@ -178,10 +185,17 @@ def test_the_how_to_runs_as_written(tmp_path: Path) -> None:
     assert len(procs) == 1 + len(SERVING)
     research = next(out for step, out in deployment.outputs.items() if "researcher" in step)
     assert "finished:completed" in research and "round 2/2" in research
+    # the researcher's run folder got the coordinator's files; pull fetched them again, equal
+    pulled = next(out for step, out in deployment.outputs.items() if " pull " in step)
+    assert "SHA-256 checked" in pulled, pulled
+    results = deployment.root / "researcher" / "results"
+    for name in ("metrics.csv", "summary.txt", "report.html", "model.pt", "audit.jsonl"):
+        copies = [p for p in deployment.root.rglob(name) if "results" not in p.parts]
+        assert copies and all(p.read_bytes() == (results / name).read_bytes() for p in copies)
     registered = next(out for step, out in deployment.outputs.items() if " register " in step)
     assert "registered" in registered
-    metrics = list(tmp_path.rglob("metrics.csv"))
-    assert len(metrics) == 1, metrics
+    metrics = [p for p in tmp_path.rglob("metrics.csv") if "results" not in p.parts]
+    assert metrics
     trained = {(r.round, r.site) for r in read_metrics(metrics[0]) if r.metric == "train_loss"}
     assert trained == {(rnd, site) for rnd in (1, 2) for site in (*SERVING, "all")}
     for name in SERVING:  # each site kept its state where the page says, relative to its folder
