@@ -13,9 +13,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-
-from fl_imaging.config import RunConfig, config_from_yaml
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 __all__ = [
     "CONFIG_KEY",
@@ -40,12 +38,12 @@ __all__ = [
     "error_reason",
     "raise_if_refused",
     "refusal_of",
-    "resolve_config",
     "site_errors",
     "site_reply",
 ]
 
-#: run_config key holding the whole resolved experiment config as YAML (deployment engine).
+#: run_config key holding the whole resolved experiment config as YAML (``fl-imaging``; the
+#: other run_config keys: :mod:`fl_imaging.flower.app_config`).
 CONFIG_KEY = "fl-imaging-config"
 #: ConfigRecord in every reply that names the site which sent it.
 SITE_RECORD = "site"
@@ -71,20 +69,6 @@ EVAL_SPLIT = "split"
 FINETUNE_EPOCHS = "finetune-epochs"
 #: Train-config key of FedProx's proximal weight (sent by Flower's FedProx).
 PROXIMAL_MU = "proximal-mu"
-
-
-def resolve_config(bound: RunConfig | None, context: Context) -> RunConfig:
-    """Return the config an app was built with (simulation) or the one sent in run_config
-    (deployment). Raises ValueError when neither exists."""
-    if bound is not None:
-        return bound
-    text = context.run_config.get(CONFIG_KEY)
-    if not isinstance(text, str):
-        raise ValueError(
-            f"run_config has no '{CONFIG_KEY}': start runs with `fl-imaging`, which sends the "
-            "experiment config along."
-        )
-    return config_from_yaml(text)
 
 
 def site_reply(
