@@ -14,10 +14,10 @@ import logging
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import Strategy
 
 from fl_imaging.compression.codec import COMPRESSED, COMPRESSION, Codec, decompress_arrays
+from fl_imaging.flower.internals import ErrorCode
 from fl_imaging.flower.protocol import ReplySites
 from strategies.arrays import to_record
 from strategies.wrapper import SentArraysWrapper

@@ -12,7 +12,7 @@ DP-FedAvg requires.
 
 from __future__ import annotations
 
-from flwr.serverapp import PrivacyConfig, RdpAccountant
+from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
@@ -20,7 +20,6 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
-from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
 from fl_imaging.config import DPConfig, DPMode, StrategyConfig
 from strategies.wrapper import wrapper_chain

@@ -19,9 +19,9 @@ import logging
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fl_imaging.compression.codec import COMPRESSED, COMPRESSION, Codec, compress_arrays
+from fl_imaging.flower.internals import KEY_CLIPPING_NORM
 
 __all__ = ["RESIDUAL", "compress_reply", "residual_of"]
 

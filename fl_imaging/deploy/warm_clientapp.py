@@ -22,7 +22,8 @@ in ``flwr/supercore/constant.py``), which cost seconds per message on loopback; 
 retries after ``--pull-backoff`` seconds (default 0.05), doubling up to 0.5 s.
 
 It uses Flower's internal Runtime API client (``flwr.supercore.runtime``), which may change in
-another Flower release: the toolkit pins flwr 1.41. A ClientApp that raises is answered with an
+another Flower release: like every internal, it comes through :mod:`fl_imaging.flower.internals`,
+which checks the installed flwr's version. A ClientApp that raises is answered with an
 error reply, as ``flwr-clientapp`` does; the runner goes on with the next task.
 
 A SuperNode started with ``--superexec-auth-secret-file FILE`` (``fl-imaging-deploy`` does so)
@@ -47,7 +48,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from flwr.supercore.runtime import RuntimeHttpClient
+    from fl_imaging.flower.internals import RuntimeHttpClient
 
 __all__ = ["SIGNED_METHODS", "RefusedError", "main", "serve"]
 
@@ -77,13 +78,13 @@ def _unauthorized(exc: BaseException) -> bool:
 def _http_client(address: str, token: str | None, secret: bytes | None = None) -> RuntimeHttpClient:
     """Flower's Runtime API client for ``address``: with the task ``token`` (a task's calls), or
     without (``AcquireTask``), then signed with ``secret`` when given."""
-    from flwr.supercore.interceptors import (
+    from fl_imaging.flower.internals import (
+        RuntimeHttpClient,
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
         SuperExecAuthHttpInterceptor,
+        make_simple_http_retry_invoker,
     )
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
 
     interceptors: list = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
     retry = make_simple_http_retry_invoker()
@@ -115,18 +116,20 @@ def _pull_task_input(client, backoff: float, backoff_cap: float):  # type: ignor
     context, run, app bundle and message, with the message's objects pulled again after
     ``backoff`` seconds (doubling up to ``backoff_cap``) while the SuperNode still fetches them."""
     from flwr.app import Message
-    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-    from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+
+    from fl_imaging.flower.internals import (
+        Node,
         PullAppMessagesRequest,
         PullTaskInputRequest,
-    )
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        TaskIdentity,
+        context_from_proto,
+        fab_from_proto,
         make_confirm_message_received_fn_protobuf,
         make_pull_object_fn_protobuf,
+        pull_and_inflate_object_from_tree,
+        run_from_proto,
     )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.task_identity import TaskIdentity
+    from fl_imaging.flower.protocol import with_metadata
 
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id = res.task_id
@@ -151,8 +154,9 @@ def _pull_task_input(client, backoff: float, backoff_cap: float):  # type: ignor
         initial_backoff=backoff,
         backoff_cap=max(backoff, backoff_cap),
     )
-    message.metadata.__dict__["_message_id"] = tree.object_id
-    return message, context, run, fab
+    # As flwr-clientapp does, the message is named by its object tree's id (what a reply
+    # answers); built anew with Flower's public Message and Metadata, not written in place.
+    return with_metadata(message, message_id=tree.object_id), context, run, fab
 
 
 class _Runner:
@@ -160,7 +164,7 @@ class _Runner:
     objects again after ``pull_backoff`` seconds while they are not there yet."""
 
     def __init__(self, address: str, pull_backoff: float = PULL_BACKOFF) -> None:
-        from flwr.clientapp.utils import get_load_client_app_fn
+        from fl_imaging.flower.internals import get_load_client_app_fn
 
         self.address = address
         self.pull_backoff = pull_backoff
@@ -171,11 +175,16 @@ class _Runner:
     def run_task(self, token: str) -> None:
         """Run the task of ``token``: pull its input, call the ClientApp, push the reply."""
         from flwr.app import Error, Message
-        from flwr.cli.install import install_from_fab
-        from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
-        from flwr.supercore.heartbeat import HeartbeatSender
-        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+        from fl_imaging.flower.internals import (
+            ErrorCode,
+            HeartbeatSender,
+            SendTaskHeartbeatRequest,
+            SubStatus,
+            install_from_fab,
+            push_message,
+            push_task_output,
+        )
 
         client = _http_client(self.address, token)
 
@@ -246,8 +255,8 @@ def serve(
     hold yet are pulled again after ``pull_backoff`` seconds (doubling, at most 0.5 s). Raises
     :class:`RefusedError` when the SuperNode refuses the runner's requests (401)."""
     import httpx
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-    from flwr.supercore.constant import TaskType
+
+    from fl_imaging.flower.internals import AcquireTaskRequest, TaskType
 
     runner = _Runner(runtime_api_address, pull_backoff)
     acquirer = _http_client(runtime_api_address, None, secret)
@@ -332,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     secret = None
     if args.superexec_auth_secret_file is not None:
-        from flwr.supercore.auth import load_superexec_auth_secret
+        from fl_imaging.flower.internals import load_superexec_auth_secret
 
         try:  # Flower's own reader, as flower-supernode reads the same file
             secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
@@ -350,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("imported %s in %.1f s", module, time.perf_counter() - start)
     signal.signal(signal.SIGTERM, _stop)
     if args.parent_pid is not None:
-        from flwr.supercore.app_utils import start_parent_process_monitor
+        from fl_imaging.flower.internals import start_parent_process_monitor
 
         start_parent_process_monitor(args.parent_pid)
     try:

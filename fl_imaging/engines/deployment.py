@@ -1,16 +1,24 @@
 """Run a federation on a running SuperLink (``engine=deployment``) through ``flwr run``.
 
-The researcher's machine needs no site data and no SuperLink: it writes a Flower app folder into
-the run folder (``flower-app/pyproject.toml``, whose components point at this toolkit's
-ServerApp and ClientApp and whose run config holds the whole resolved experiment as YAML under
-``fl-imaging-config``) and a private Flower home (``flower-home/config.toml`` with one SuperLink
-connection: address and CA certificate), then submits the app with ``flwr run --stream`` and
-logs the run's log as it comes (:mod:`fl_imaging.console.flower_output`: ``main.log`` gets
+The researcher's machine needs no site data and no SuperLink: it submits this project, the
+Flower App of the root ``pyproject.toml`` (``[tool.flwr.app]``; the bundle ships the code and
+``conf/``), with ``flwr run <project> fl-imaging --stream --run-config flower-run-config.toml``:
+that file, written into the run folder, holds the whole resolved experiment as YAML under
+``fl-imaging-config`` (:mod:`fl_imaging.flower.app_config`), so every side runs exactly the
+config checked here. A private Flower home (``flower-home/config.toml``: one SuperLink
+connection, address and CA certificate) keeps the researcher's own Flower settings untouched.
+The run's log is logged as it comes (:mod:`fl_imaging.console.flower_output`: ``main.log`` gets
 every line, the console the ServerApp's own and its progress). The ServerApp runs on the
-SuperLink's host and writes the usual result files into ``run_dir`` there, then sends them in
-its log (:mod:`fl_imaging.review.result_transfer`): they are written into the researcher's run
-folder as they arrive, each checked against its SHA-256.
-Runtime dependency installation is off: every machine runs the toolkit it has installed.
+SuperLink's host and writes the usual result files into ``run_dir`` there (on one machine: the
+researcher's run folder), then sends them in its log (:mod:`fl_imaging.review.result_transfer`):
+they are written into the researcher's run folder as they arrive, each checked against its
+SHA-256.
+
+An installed copy of the toolkit without its project folder (``pip install`` of the wheel) has
+no ``pyproject.toml`` to submit: then a bundle of one file is written into the run folder
+(``flower-app/pyproject.toml``, the same ``[tool.flwr.app]``), and each SuperLink and SuperNode
+imports the toolkit it has installed.
+Runtime dependency installation is off: every machine runs the dependencies it has installed.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import os
 import re
 import signal
 import subprocess
+import tomllib
 from pathlib import Path
 
 from fl_imaging.config import RunConfig, config_to_yaml
@@ -28,15 +37,23 @@ from fl_imaging.console.flower_output import log_flower_output, readable_line
 from fl_imaging.deploy.flower_home import CONNECTION, cli_home, toml_string
 from fl_imaging.deploy.processes import ProcessError, flower_command
 from fl_imaging.deploy.pull import run_log
+from fl_imaging.flower.app_config import APP_CONFIG
 from fl_imaging.flower.protocol import CONFIG_KEY
 from fl_imaging.review.result_transfer import ResultReceiver, ResultTransferError
 
-__all__ = ["DeploymentError", "run_deployment_engine", "write_app_dir"]
+__all__ = [
+    "DeploymentError",
+    "project_app_dir",
+    "run_deployment_engine",
+    "write_app_dir",
+    "write_run_config",
+]
 
 log = logging.getLogger("fl_imaging.engine")
 
 APP_DIR = "flower-app"
 HOME_DIR = "flower-home"
+RUN_CONFIG_FILE = "flower-run-config.toml"
 _RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 
 
@@ -44,21 +61,35 @@ class DeploymentError(RuntimeError):
     """The SuperLink refused the run, or the run failed; the message says what to check."""
 
 
-def write_app_dir(run_dir: Path, cfg: RunConfig) -> Path:
-    """Write the Flower app folder ``run_dir/flower-app`` for ``cfg`` and return it.
+def project_app_dir() -> Path | None:
+    """The project folder of this toolkit when it is a Flower App (a source checkout or an
+    editable install: ``pyproject.toml`` with ``[tool.flwr.app]`` above ``fl_imaging/``), else
+    None (an installed wheel)."""
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file():
+        return None
+    with pyproject.open("rb") as handle:
+        app = tomllib.load(handle).get("tool", {}).get("flwr", {}).get("app", {})
+    return root if app.get("components") else None
 
-    Its ``pyproject.toml`` names the ServerApp and ClientApp of this toolkit (imported from the
-    environment of each SuperLink and SuperNode, not shipped) and declares the run config key
-    ``fl-imaging-config`` with the resolved config as YAML: Flower refuses run config keys an app
-    does not declare, and accepts only scalars, so the config travels as one string.
-    """
+
+def write_app_dir(run_dir: Path) -> Path:
+    """Write the one-file Flower App ``run_dir/flower-app`` (for an installed toolkit without
+    its project folder) and return it: the ``[tool.flwr.app]`` of the root ``pyproject.toml``
+    (components and run config keys), no code (each side imports the toolkit installed)."""
     app_dir = run_dir / APP_DIR
     app_dir.mkdir(parents=True, exist_ok=True)
-    text = f"""# Written by fl-imaging for one run: submitted with `flwr run` (engine=deployment).
+    keys = "\n".join(
+        f"{key} = {toml_string(value) if isinstance(value, str) else value}"
+        for key, value in APP_CONFIG.items()
+    )
+    text = f"""# Written by fl-imaging (engine=deployment) for an installed toolkit without its
+# project folder; the project's own pyproject.toml declares the same app.
 [project]
-name = "fl-imaging-run"
-version = "1.0.0"
-description = "fl-imaging experiment (config in [tool.flwr.app.config])"
+name = "fl-imaging"
+version = "0.1.0"
+description = "fl-imaging experiment (config in --run-config)"
 license = "Apache-2.0"
 dependencies = []
 
@@ -70,10 +101,19 @@ serverapp = "fl_imaging.flower.coordinator.server_app:app"
 clientapp = "fl_imaging.flower.site.client_app:app"
 
 [tool.flwr.app.config]
-{CONFIG_KEY} = {toml_string(config_to_yaml(cfg))}
+{keys}
 """
     (app_dir / "pyproject.toml").write_text(text)
     return app_dir
+
+
+def write_run_config(run_dir: Path, cfg: RunConfig) -> Path:
+    """Write ``run_dir/flower-run-config.toml`` (what ``flwr run --run-config`` reads): the
+    resolved ``cfg`` as YAML under ``fl-imaging-config``; return its path."""
+    path = run_dir / RUN_CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{CONFIG_KEY} = {toml_string(config_to_yaml(cfg))}\n")
+    return path
 
 
 def _run_status(run_id: str, env: dict[str, str]) -> str:
@@ -113,10 +153,12 @@ def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
     """
     run_dir = Path(cfg.run_dir).resolve()
     engine = cfg.engine
-    app_dir = write_app_dir(run_dir, cfg)
+    app_dir = project_app_dir() or write_app_dir(run_dir)
+    run_config = write_run_config(run_dir, cfg)
     ca = Path(engine.root_certificates) if engine.root_certificates else None
     env = cli_home(run_dir / HOME_DIR, engine.superlink, ca)
     command = [flower_command("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+    command += ["--run-config", str(run_config)]
     log.info(
         "deployment engine: submitting to the SuperLink at %s (%s), %d round(s), %s site(s) "
         "expected",

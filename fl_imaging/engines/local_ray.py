@@ -80,7 +80,8 @@ class LocalRay:
     def __init__(self, engine: EngineConfig) -> None:
         prepare_ray_environment(engine.verbose)
         import ray  # noqa: F401  (imported here, not beside other imports in the thread)
-        from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+        from fl_imaging.flower.internals import RayBackend
 
         self.temp_dir = tempfile.mkdtemp(prefix="flimg-ray-")
         self.num_cpus = engine.num_cpus or os.cpu_count() or 1

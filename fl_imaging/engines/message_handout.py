@@ -60,7 +60,7 @@ def hand_out_messages(
 def sites_asked_only_when_addressed() -> Iterator[None]:
     """While inside, Flower's simulation engine hands out messages with
     :func:`hand_out_messages`; Flower's loop is restored on leaving."""
-    from flwr.server.superlink.fleet.vce import vce_api
+    from fl_imaging.flower.internals import vce_api
 
     flower_loop = vce_api.add_messages_to_queue
     vce_api.add_messages_to_queue = hand_out_messages  # type: ignore[assignment]

@@ -48,7 +48,7 @@ def busy_actors_stopped_first(stop: threading.Event) -> Iterator[None]:
     the actors still training a site, waits (at most :data:`WORKERS_WAIT_S` seconds) until
     Flower's worker threads have ended, then shuts Ray down as Flower does. Flower's own errors
     about the actors stopped on purpose are not logged. Flower's method is restored on leaving."""
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    from fl_imaging.flower.internals import RayBackend
 
     flower_terminate = RayBackend.terminate
     stopping = threading.Event()

@@ -123,7 +123,7 @@ def _run_flower(
     SuperNodes) on Ray with ``backend_config``; Ctrl-C and SIGTERM stop it through
     ``plan.stop`` (``stop_ray`` when it must be forced), and a failure of Flower's runtime
     becomes a :class:`SimulationError`."""
-    from flwr.simulation import run_simulation
+    from fl_imaging.flower.internals import run_simulation
 
     engine = plan.cfg.engine
     # On a cluster, the first signal lets the messages in flight finish (see stop_on_signal)

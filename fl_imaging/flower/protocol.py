@@ -13,9 +13,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-
-from fl_imaging.config import RunConfig, config_from_yaml
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 __all__ = [
     "CONFIG_KEY",
@@ -40,12 +38,13 @@ __all__ = [
     "error_reason",
     "raise_if_refused",
     "refusal_of",
-    "resolve_config",
     "site_errors",
     "site_reply",
+    "with_metadata",
 ]
 
-#: run_config key holding the whole resolved experiment config as YAML (deployment engine).
+#: run_config key holding the whole resolved experiment config as YAML (``fl-imaging``; the
+#: other run_config keys: :mod:`fl_imaging.flower.app_config`).
 CONFIG_KEY = "fl-imaging-config"
 #: ConfigRecord in every reply that names the site which sent it.
 SITE_RECORD = "site"
@@ -71,20 +70,6 @@ EVAL_SPLIT = "split"
 FINETUNE_EPOCHS = "finetune-epochs"
 #: Train-config key of FedProx's proximal weight (sent by Flower's FedProx).
 PROXIMAL_MU = "proximal-mu"
-
-
-def resolve_config(bound: RunConfig | None, context: Context) -> RunConfig:
-    """Return the config an app was built with (simulation) or the one sent in run_config
-    (deployment). Raises ValueError when neither exists."""
-    if bound is not None:
-        return bound
-    text = context.run_config.get(CONFIG_KEY)
-    if not isinstance(text, str):
-        raise ValueError(
-            f"run_config has no '{CONFIG_KEY}': start runs with `fl-imaging`, which sends the "
-            "experiment config along."
-        )
-    return config_from_yaml(text)
 
 
 def site_reply(
@@ -223,3 +208,36 @@ class ReplySites:
     def of_node(self, node_id: int) -> str:
         """The name node ``node_id`` gave in its replies so far, or ``node-<id>``."""
         return self.names.get(int(node_id), f"node-{node_id}")
+
+
+#: The fields of a message's metadata, as Flower's public ``Metadata`` constructor takes them.
+_METADATA_FIELDS = (
+    "run_id",
+    "message_id",
+    "src_node_id",
+    "dst_node_id",
+    "reply_to_message_id",
+    "group_id",
+    "created_at",
+    "ttl",
+    "message_type",
+    "src_task_id",
+    "dst_task_id",
+)
+
+
+def with_metadata(message: Message, **fields: object) -> Message:
+    """A copy of ``message`` (the same content, or the same error) whose metadata has
+    ``fields`` replaced (e.g. ``src_node_id=3``), the rest copied, built with Flower's public
+    ``Metadata`` and ``Message`` constructors; Flower's metadata has no setter for the message's
+    id or sender. Raises TypeError for a name that is not a metadata field."""
+    old = message.metadata
+    unknown = set(fields) - set(_METADATA_FIELDS)
+    if unknown:
+        raise TypeError(f"not metadata fields: {', '.join(sorted(unknown))}")
+    values = {name: getattr(old, name) for name in _METADATA_FIELDS} | fields
+    metadata = Metadata(**values)  # type: ignore[arg-type]
+    metadata.delivered_at = old.delivered_at
+    if message.has_error():
+        return Message(error=message.error, metadata=metadata)
+    return Message(content=message.content, metadata=metadata)

@@ -43,9 +43,9 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from fl_imaging.config import StrategyConfig
+from fl_imaging.flower.internals import bytes_to_public_key
 from fl_imaging.flower.protocol import (
     NUM_EXAMPLES,
     UNIT_WEIGHT,

@@ -66,14 +66,14 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
-from flwr.supercore.primitives.asymmetric import (
+
+from fl_imaging.flower.internals import (
     bytes_to_private_key,
     bytes_to_public_key,
     generate_key_pairs,
     private_key_to_bytes,
     public_key_to_bytes,
 )
-
 from fl_imaging.flower.protocol import NUM_EXAMPLES, SiteRefusal
 from fl_imaging.secagg.arithmetic import (
     KEYS_ACTION,

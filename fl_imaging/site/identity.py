@@ -27,7 +27,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.supercore.primitives.asymmetric import sign_message, verify_signature
+
+from fl_imaging.flower.internals import sign_message, verify_signature
 
 __all__ = [
     "IdentityError",

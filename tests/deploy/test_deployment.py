@@ -45,7 +45,8 @@ from fl_imaging.deploy.roles import (
     superlink_command,
     wait_until_serving,
 )
-from fl_imaging.engines.deployment import write_app_dir
+from fl_imaging.engines.deployment import project_app_dir, write_app_dir, write_run_config
+from fl_imaging.flower.app_config import APP_CONFIG
 from fl_imaging.flower.protocol import CONFIG_KEY, SITE_NAME, SITE_RECORD
 from strategies import build_strategy
 from strategies.availability import NotEnoughSites, SiteAvailability
@@ -101,20 +102,29 @@ def test_superlink_state_is_in_memory_unless_a_database_file_is_given(tmp_path: 
     assert database(kept) == str(tmp_path.resolve() / "state.db")
 
 
-def test_app_dir_declares_the_config_key_and_carries_the_whole_config(tmp_path: Path) -> None:
+def test_the_project_is_the_flower_app_and_the_run_config_carries_the_whole_config(
+    tmp_path: Path,
+) -> None:
     from flwr.cli.config_utils import load_and_validate
 
-    cfg = check_overrides(["experiment=quick", "engine=deployment", "seed=7"])
-    app = write_app_dir(tmp_path, cfg)
-    config, _ = load_and_validate(app / "pyproject.toml")  # Flower's own check, as flwr run
-    components = config["tool"]["flwr"]["app"]["components"]
-    assert components == {
+    root = project_app_dir()
+    assert root == Path(__file__).resolve().parents[2]
+    config, _ = load_and_validate(root / "pyproject.toml")  # Flower's own check, as flwr run
+    app = config["tool"]["flwr"]["app"]
+    assert app["components"] == {
         "serverapp": "fl_imaging.flower.coordinator.server_app:app",
         "clientapp": "fl_imaging.flower.site.client_app:app",
     }
-    with (app / "pyproject.toml").open("rb") as handle:
-        text = tomllib.load(handle)["tool"]["flwr"]["app"]["config"][CONFIG_KEY]
-    assert config_from_yaml(text) == cfg
+    assert app["config"] == APP_CONFIG
+    # The one-file app for an installed toolkit without its project folder declares the same.
+    fallback, _ = load_and_validate(write_app_dir(tmp_path) / "pyproject.toml")
+    assert fallback["tool"]["flwr"]["app"]["components"] == app["components"]
+    assert fallback["tool"]["flwr"]["app"]["config"] == APP_CONFIG
+    cfg = check_overrides(["experiment=quick", "engine=deployment", "seed=7"])
+    with write_run_config(tmp_path, cfg).open("rb") as handle:
+        sent = tomllib.load(handle)
+    assert set(sent) == {CONFIG_KEY}
+    assert config_from_yaml(sent[CONFIG_KEY]) == cfg
 
 
 # ---------------------------------------------------------------- sites that come and go

@@ -67,6 +67,8 @@ def test_three_sites_two_rounds_each_site_reads_only_its_folder(
     assert "round 2/2  train loss" in log and "[flwr.run_output][INFO]" in log
     for name in ("metrics.csv", "summary.txt", "model.pt", "curves.png", "config.yaml"):
         assert (out / name).is_file(), name
+    # The project itself was submitted (its bundle), the config in a run config file.
+    assert (out / "flower-run-config.toml").is_file() and not (out / "flower-app").exists()
     rows = read_metrics(out / "metrics.csv")
     names = list(federation.specs)
     assert {r.site for r in rows} == {*names, "all"}

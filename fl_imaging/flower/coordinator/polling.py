@@ -14,8 +14,9 @@ arrived meanwhile (a site killed by the same Ctrl-C answers with an error).
 
 It also names the sender of the error replies the SuperLink writes itself: for a SuperNode that
 stopped sending heartbeats, Flower 1.41 answers "Node Unavailable" with the SuperLink (node 1) as
-sender, so every such reply would look as if the same node had failed. The wrapper sets the
-sender back to the node the message was sent to (the metadata field Flower fills the same way).
+sender, so every such reply would look as if the same node had failed. The wrapper names as
+sender the node the message was sent to (the field Flower fills so for a site's own reply): a
+copy of the reply built with Flower's public Message and Metadata constructors.
 
 In a simulation of many sites it sends a round's messages in waves (``max_in_flight``):
 Flower's in-memory state looks through every undelivered message for each site every 0.1 s, so
@@ -37,17 +38,26 @@ from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fl_imaging.console.events import REPLY, SENT, Progress, emit
+from fl_imaging.flower.internals import Run
 from fl_imaging.flower.packed_arrays import PackCache, pack_content, unpack_content
-from fl_imaging.flower.protocol import ReplySites, error_reason
+from fl_imaging.flower.protocol import ReplySites, error_reason, with_metadata
 
 __all__ = ["QuickPollGrid", "StopRequested"]
 
 
 class StopRequested(RuntimeError):
     """The run was asked to stop while a round was in flight; that round is abandoned."""
+
+
+def _sender_named(reply: Message, destination: dict[str, int]) -> Message:
+    """``reply``, or for an error reply a copy naming as sender the node its message went to
+    (``destination``: message id -> node; see the module's doc)."""
+    node = destination.get(reply.metadata.reply_to_message_id)
+    if reply.has_error() and node is not None and node != reply.metadata.src_node_id:
+        return with_metadata(reply, src_node_id=node)
+    return reply
 
 
 class QuickPollGrid(Grid):
@@ -134,11 +144,8 @@ class QuickPollGrid(Grid):
                 if waiting:
                     continue
                 break
-            received = list(self.pull_messages(pending))
+            received = [_sender_named(r, destination) for r in self.pull_messages(pending)]
             for reply in received:
-                node = destination.get(reply.metadata.reply_to_message_id)
-                if reply.has_error() and node is not None:
-                    reply.metadata.__dict__["_src_node_id"] = node
                 self._report(REPLY, reply, reply.metadata.src_node_id)
             replies += received
             pending -= {m.metadata.reply_to_message_id for m in received}

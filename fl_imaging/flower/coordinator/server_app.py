@@ -22,10 +22,10 @@ from fl_imaging.console.events import RUN_FINISHED, RUN_STARTED, Progress, emit
 from fl_imaging.console.record_lines import stream_records
 from fl_imaging.evaluation.final_scoring import score_test_cases
 from fl_imaging.evaluation.site_evaluations import evaluate_across_sites
+from fl_imaging.flower.app_config import resolve_config
 from fl_imaging.flower.coordinator.federation import FederationPlan, plan_federation
 from fl_imaging.flower.coordinator.polling import QuickPollGrid, StopRequested
 from fl_imaging.flower.coordinator.training_rounds import train_rounds
-from fl_imaging.flower.protocol import resolve_config
 from fl_imaging.review.result_transfer import send_results
 from fl_imaging.review.results import write_run_files
 from strategies import RecordingStrategy

@@ -21,6 +21,7 @@ from fl_imaging.config import RunConfig
 from fl_imaging.config.devices import device_metrics
 from fl_imaging.console.events import EPOCH, Progress, progress_extra
 from fl_imaging.console.site_lines import send_site_lines
+from fl_imaging.flower.app_config import resolve_config
 from fl_imaging.flower.packed_arrays import packed_arrays_mod
 from fl_imaging.flower.protocol import (
     EVAL_SPLIT,
@@ -31,7 +32,6 @@ from fl_imaging.flower.protocol import (
     NUM_EXAMPLES,
     PROXIMAL_MU,
     SERVER_ROUND,
-    resolve_config,
     site_errors,
     site_reply,
 )
