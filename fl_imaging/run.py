@@ -139,9 +139,25 @@ def _sites_checked_and_run(cfg: RunConfig, local_ray: LocalRay | None) -> Path:
 
         run_simulation_engine(cfg, site_names, plan, local_ray)
         plan.raise_if_sites_failed()
-    log.info(
-        "results in %s: metrics.csv, curves.png, model.pt, config.yaml, summary.txt, "
-        "audit.jsonl, report.html",
-        run_dir,
-    )
+    log.info("results in %s: %s", run_dir, ", ".join(_result_files(run_dir)))
     return run_dir
+
+
+#: The run folder's main files, in the order the closing line names them.
+_MAIN_RESULTS = (
+    "metrics.csv",
+    "curves.png",
+    "model.pt",
+    "config.yaml",
+    "summary.txt",
+    "audit.jsonl",
+    "report.html",
+    "cross_site.csv",
+    "contributions.csv",
+)
+
+
+def _result_files(run_dir: Path) -> list[str]:
+    """The main result files ``run_dir`` holds now (a deployment's researcher may lack one the
+    coordinator did not send), in :data:`_MAIN_RESULTS` order."""
+    return [name for name in _MAIN_RESULTS if (run_dir / name).is_file()]
