@@ -2,7 +2,9 @@
 
 The researcher's machine needs no site data and no SuperLink: it submits this project, the
 Flower App of the root ``pyproject.toml`` (``[tool.flwr.app]``; the bundle ships the code and
-``conf/``), with ``flwr run <project> fl-imaging --stream --run-config flower-run-config.toml``:
+``conf/``; copied first into ``run_dir/flower-app`` with just the files the bundle holds, see
+:func:`stage_project_app`), with ``flwr run <app> fl-imaging --stream --run-config
+flower-run-config.toml``:
 that file, written into the run folder, holds the whole resolved experiment as YAML under
 ``fl-imaging-config`` (:mod:`fl_imaging.flower.app_config`), so every side runs exactly the
 config checked here. A private Flower home (``flower-home/config.toml``: one SuperLink
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tomllib
@@ -107,6 +110,30 @@ clientapp = "fl_imaging.flower.site.client_app:app"
     return app_dir
 
 
+def stage_project_app(project: Path, run_dir: Path) -> Path:
+    """Copy what the Flower App bundle of ``project`` holds (its ``pyproject.toml`` and the files
+    its ``fab-include`` patterns match) into ``run_dir/flower-app`` and return that folder.
+
+    ``flwr run`` builds the bundle from the folder it is given, and Flower 1.41 walks every file
+    below it before it applies the patterns: in a checkout with its ``.venv``, ``runs/`` and
+    demo data that is about 56,000 files and 3 s per submission, against 0.1 s for the copy.
+    The bundle is the same (the same patterns, over the same files). The engine removes the
+    folder once the SuperLink has the run."""
+    with (project / "pyproject.toml").open("rb") as handle:
+        app = tomllib.load(handle)["tool"]["flwr"]["app"]
+    staged = run_dir / APP_DIR
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    shutil.copy2(project / "pyproject.toml", staged / "pyproject.toml")
+    for pattern in app.get("fab-include", []):
+        for source in project.glob(pattern):
+            if source.is_file() and "__pycache__" not in source.parts:
+                target = staged / source.relative_to(project)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+    return staged
+
+
 def write_run_config(run_dir: Path, cfg: RunConfig) -> Path:
     """Write ``run_dir/flower-run-config.toml`` (what ``flwr run --run-config`` reads): the
     resolved ``cfg`` as YAML under ``fl-imaging-config``; return its path."""
@@ -153,7 +180,8 @@ def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
     """
     run_dir = Path(cfg.run_dir).resolve()
     engine = cfg.engine
-    app_dir = project_app_dir() or write_app_dir(run_dir)
+    project = project_app_dir()
+    app_dir = stage_project_app(project, run_dir) if project else write_app_dir(run_dir)
     run_config = write_run_config(run_dir, cfg)
     ca = Path(engine.root_certificates) if engine.root_certificates else None
     env = cli_home(run_dir / HOME_DIR, engine.superlink, ca)
@@ -182,6 +210,8 @@ def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
+            if project and app_dir.is_dir() and "Successfully started run" in line:
+                shutil.rmtree(app_dir, ignore_errors=True)  # the SuperLink has the bundle
             if results.feed(line):
                 continue
             output.append(line)

@@ -45,7 +45,12 @@ from fl_imaging.deploy.roles import (
     superlink_command,
     wait_until_serving,
 )
-from fl_imaging.engines.deployment import project_app_dir, write_app_dir, write_run_config
+from fl_imaging.engines.deployment import (
+    project_app_dir,
+    stage_project_app,
+    write_app_dir,
+    write_run_config,
+)
 from fl_imaging.flower.app_config import APP_CONFIG
 from fl_imaging.flower.protocol import CONFIG_KEY, SITE_NAME, SITE_RECORD
 from strategies import build_strategy
@@ -125,6 +130,23 @@ def test_the_project_is_the_flower_app_and_the_run_config_carries_the_whole_conf
         sent = tomllib.load(handle)
     assert set(sent) == {CONFIG_KEY}
     assert config_from_yaml(sent[CONFIG_KEY]) == cfg
+
+
+def test_the_staged_app_bundles_the_same_files_as_the_project(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    def files(app: Path) -> dict[str, bytes]:
+        with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))) as fab:
+            return {name: fab.read(name) for name in fab.namelist() if not name.startswith(".")}
+
+    root = project_app_dir()
+    assert root is not None
+    staged = files(stage_project_app(root, tmp_path))
+    assert staged == files(root)
+    assert "fl_imaging/flower/coordinator/server_app.py" in staged and "conf/config.yaml" in staged
 
 
 # ---------------------------------------------------------------- sites that come and go

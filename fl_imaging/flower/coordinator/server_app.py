@@ -103,9 +103,12 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
 #: Bytes of result lines per second the ServerApp writes, and the seconds it waits after them:
 #: Flower uploads the ServerApp's output every 0.2 s in one request, and when the ServerApp
 #: returns it waits about 4 s for the upload in flight, then drops what is left. Paced, each
-#: request stays small (one 64 MiB file written at once was cut off there).
+#: request stays small (one 64 MiB file written at once was cut off there). The wait is
+#: :data:`RESULT_SETTLE_S` (more than two uploads) plus a second per :data:`RESULT_RATE` bytes
+#: written, at most :data:`RESULT_SETTLE_MAX_S` (64 MiB paced and 2 s of wait arrived whole).
 RESULT_RATE = 4 * 2**20
-RESULT_SETTLE_S = 2.0
+RESULT_SETTLE_S = 0.5
+RESULT_SETTLE_MAX_S = 2.0
 
 
 def _send_result_files(run_dir: Path) -> None:
@@ -117,7 +120,7 @@ def _send_result_files(run_dir: Path) -> None:
     except OSError as err:
         log.warning("the result files in %s could not be sent to the researcher: %s", run_dir, err)
         return
-    time.sleep(RESULT_SETTLE_S)
+    time.sleep(min(RESULT_SETTLE_S + written / RESULT_RATE, RESULT_SETTLE_MAX_S))
     log.info(
         "sent %d result file(s) to the researcher over the run's log (%.1f MiB of lines)",
         files,
