@@ -118,7 +118,7 @@ def stage_project_app(project: Path, run_dir: Path) -> Path:
     below it before it applies the patterns: in a checkout with its ``.venv``, ``runs/`` and
     demo data that is about 56,000 files and 3 s per submission, against 0.1 s for the copy.
     The bundle is the same (the same patterns, over the same files). The engine removes the
-    folder once the SuperLink has the run."""
+    folder when `flwr run` ends."""
     with (project / "pyproject.toml").open("rb") as handle:
         app = tomllib.load(handle)["tool"]["flwr"]["app"]
     staged = run_dir / APP_DIR
@@ -210,8 +210,6 @@ def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            if project and app_dir.is_dir() and "Successfully started run" in line:
-                shutil.rmtree(app_dir, ignore_errors=True)  # the SuperLink has the bundle
             if results.feed(line):
                 continue
             output.append(line)
@@ -227,6 +225,9 @@ def run_deployment_engine(cfg: RunConfig, site_names: list[str]) -> None:
             log.warning("stopping run %s on the SuperLink (Ctrl-C)", run_id)
             _stop_run(run_id, env)
         raise
+    finally:
+        if project:  # the staged copy of the app: flwr run has sent its bundle
+            shutil.rmtree(app_dir, ignore_errors=True)
     if code != 0 or not run_id:
         tail = "".join(readable_line(line) + "\n" for line in output[-20:])
         raise DeploymentError(
