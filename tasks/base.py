@@ -20,6 +20,7 @@ import abc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from monai.transforms import Compose
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from fl_imaging.config import OptimizerName, TaskConfig
 from fl_imaging.data.readers import IMAGE_READERS
+from tasks.definitions import instantiate
 
 __all__ = ["IMAGE_READERS", "ORIENTATION_LABELS", "ImagingTask", "TrainResult", "build_optimizer"]
 
@@ -135,9 +137,16 @@ class ImagingTask(abc.ABC):
         return model
 
     @abc.abstractmethod
+    def network_definition(self) -> dict[str, Any]:
+        """The task's network as a MONAI bundle config item (:mod:`tasks.definitions`):
+        ``{"_target_": ..., **kwargs}``, JSON-serialisable. :meth:`network` builds it, and an
+        exported bundle's ``network_def`` is this dict, so MONAI rebuilds the same layers."""
+
     def network(self) -> nn.Module:
-        """Return the task's freshly initialised MONAI network as configured (CPU, training
-        mode), before any DP-SGD conversion; same output as :meth:`build_model`."""
+        """Return the task's freshly initialised MONAI network (:meth:`network_definition`,
+        built; CPU, training mode), before any DP-SGD conversion; same output as
+        :meth:`build_model`."""
+        return instantiate(self.network_definition())
 
     @abc.abstractmethod
     def load_transforms(self) -> Compose:
@@ -152,15 +161,27 @@ class ImagingTask(abc.ABC):
         """
 
     @abc.abstractmethod
+    def inference_preprocessing_definition(self) -> list[dict[str, Any]]:
+        """The image part of :meth:`load_transforms` (no label) as MONAI bundle config items
+        (:mod:`tasks.definitions`), keeping MONAI's metadata so that a prediction can be mapped
+        back to the input's grid (``Invertd``). An exported bundle's ``preprocessing`` is this
+        list.
+
+        Returns:
+            Definitions of dict transforms mapping ``{"image": path}`` to a dict whose
+            ``image`` is a ``MetaTensor`` ``(C_in, *spatial)`` float32 carrying its affine and
+            the applied operations.
+        """
+
     def inference_transforms(self) -> Compose:
-        """The image part of :meth:`load_transforms` (no label), keeping MONAI's metadata so that
-        a prediction can be mapped back to the input's grid (``Invertd``).
+        """:meth:`inference_preprocessing_definition`, built and composed.
 
         Returns:
             A ``Compose`` mapping ``{"image": path}`` to a dict whose ``image`` is a
             ``MetaTensor`` ``(C_in, *spatial)`` float32 carrying its affine and the applied
             operations.
         """
+        return Compose(instantiate(self.inference_preprocessing_definition()))
 
     @abc.abstractmethod
     def train_transforms(self) -> Compose:

@@ -4,26 +4,21 @@ ROC-AUC."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from monai.metrics import ROCAUCMetric
-from monai.networks.nets import DenseNet, ResNet
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
-    NormalizeIntensityd,
-    Orientationd,
     RandFlipd,
-    Resized,
-    Spacingd,
 )
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fl_imaging.config import ModelName
 from tasks.base import IMAGE_READERS, ORIENTATION_LABELS, ImagingTask
+from tasks.definitions import instantiate
 
 __all__ = ["ClassificationTask"]
 
@@ -47,8 +42,8 @@ class ClassificationTask(ImagingTask):
 
     main_metric = "accuracy"
 
-    def network(self) -> nn.Module:
-        """Return a freshly initialised MONAI ``ResNet`` or ``DenseNet`` (``cfg.model.name``).
+    def network_definition(self) -> dict[str, Any]:
+        """The MONAI ``ResNet`` or ``DenseNet`` of ``cfg.model.name``, as a bundle config item.
 
         ResNet: basic blocks, one per stage, the 4 stage widths of ``cfg.model.channels``, a
         3-wide stride-1 stem. DenseNet: ``init_features = growth_rate = channels[0]``, one
@@ -56,57 +51,78 @@ class ClassificationTask(ImagingTask):
         the network's default normalisation when set.
 
         Returns:
-            An ``nn.Module`` (CPU, training mode) mapping images ``(B, C_in, *spatial)``
-            float32 to logits ``(B, K)`` float32 (no softmax); it ends in global pooling, so
-            any spatial size large enough for its downsampling works (training and evaluation
-            use ``cfg.roi_size``).
+            ``{"_target_": "monai.networks.nets.ResNet" | "...DenseNet", **kwargs}``; the
+            network it builds maps images ``(B, C_in, *spatial)`` float32 to logits ``(B, K)``
+            float32 (no softmax); it ends in global pooling, so any spatial size large enough
+            for its downsampling works (training and evaluation use ``cfg.roi_size``).
         """
         cfg = self.cfg
         channels = list(cfg.model.channels)
+        norm = {"norm": cfg.model.norm} if cfg.model.norm else {}
         if cfg.model.name == ModelName.resnet:
-            return ResNet(
-                block="basic",
-                layers=[1, 1, 1, 1],
-                block_inplanes=channels,
-                spatial_dims=cfg.spatial_dims,
-                n_input_channels=cfg.in_channels,
-                num_classes=cfg.num_classes,
-                conv1_t_size=3,
-                conv1_t_stride=1,
-                **({"norm": cfg.model.norm} if cfg.model.norm else {}),
-            )
-        return DenseNet(
-            spatial_dims=cfg.spatial_dims,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.num_classes,
-            init_features=channels[0],
-            growth_rate=channels[0],
-            block_config=tuple(2 for _ in channels),
-            dropout_prob=cfg.model.dropout,
-            **({"norm": cfg.model.norm} if cfg.model.norm else {}),
-        )
+            return {
+                "_target_": "monai.networks.nets.ResNet",
+                "block": "basic",
+                "layers": [1, 1, 1, 1],
+                "block_inplanes": channels,
+                "spatial_dims": cfg.spatial_dims,
+                "n_input_channels": cfg.in_channels,
+                "num_classes": cfg.num_classes,
+                "conv1_t_size": 3,
+                "conv1_t_stride": 1,
+                **norm,
+            }
+        return {
+            "_target_": "monai.networks.nets.DenseNet",
+            "spatial_dims": cfg.spatial_dims,
+            "in_channels": cfg.in_channels,
+            "out_channels": cfg.num_classes,
+            "init_features": channels[0],
+            "growth_rate": channels[0],
+            "block_config": [2] * len(channels),
+            "dropout_prob": cfg.model.dropout,
+            **norm,
+        }
 
-    def _image_steps(self) -> list:
+    def _image_step_definitions(self) -> list[dict[str, Any]]:
         """Decoding, RAS orientation (3D), optional resampling, resizing to ``roi_size`` and
-        z-score intensity of the image.
+        z-score intensity of the image, as bundle config items.
 
         Returns:
-            The list of MONAI dict transforms on ``image`` (not yet composed), ending in an
-            image ``(C_in, *roi_size)``.
+            The list of MONAI dict transform definitions on ``image`` (not yet built), ending
+            in an image ``(C_in, *roi_size)``.
         """
-        steps: list = [
-            LoadImaged(keys="image", reader=list(IMAGE_READERS), image_only=True),
-            EnsureChannelFirstd(keys="image"),
+        steps: list[dict[str, Any]] = [
+            {
+                "_target_": "LoadImaged",
+                "keys": "image",
+                "reader": list(IMAGE_READERS),
+                "image_only": True,
+            },
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
         ]
         if self.cfg.spatial_dims == 3:
-            steps.append(Orientationd(keys="image", axcodes="RAS", labels=ORIENTATION_LABELS))
+            steps.append(
+                {
+                    "_target_": "Orientationd",
+                    "keys": "image",
+                    "axcodes": "RAS",
+                    "labels": [list(axis) for axis in ORIENTATION_LABELS],
+                }
+            )
         if self.cfg.spacing is not None:
-            steps.append(Spacingd(keys="image", pixdim=tuple(self.cfg.spacing)))
+            steps.append(
+                {"_target_": "Spacingd", "keys": "image", "pixdim": list(self.cfg.spacing)}
+            )
         steps += [
-            Resized(keys="image", spatial_size=tuple(self.cfg.roi_size)),
-            NormalizeIntensityd(keys="image", channel_wise=True),
+            {"_target_": "Resized", "keys": "image", "spatial_size": list(self.cfg.roi_size)},
+            {"_target_": "NormalizeIntensityd", "keys": "image", "channel_wise": True},
         ]
         return steps
+
+    def _image_steps(self) -> list:
+        """The transforms of :meth:`_image_step_definitions`, built."""
+        return instantiate(self._image_step_definitions())
 
     def load_transforms(self) -> Compose:
         """Deterministic loading of a case: what the dataset cache keeps.
@@ -125,14 +141,17 @@ class ClassificationTask(ImagingTask):
             ]
         )
 
-    def inference_transforms(self) -> Compose:
-        """The image part of :meth:`load_transforms`, for prediction on new images.
+    def inference_preprocessing_definition(self) -> list[dict[str, Any]]:
+        """The image part of :meth:`load_transforms`, as bundle config items.
 
         Returns:
-            A ``Compose`` mapping ``{"image": path}`` to ``image``: a ``MetaTensor``
+            Definitions mapping ``{"image": path}`` to ``image``: a ``MetaTensor``
             ``(C_in, *roi_size)`` float32 keeping its metadata.
         """
-        return Compose([*self._image_steps(), EnsureTyped(keys="image", dtype=torch.float32)])
+        return [
+            *self._image_step_definitions(),
+            {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
+        ]
 
     def train_transforms(self) -> Compose:
         """Random flip of a loaded sample, for training.

@@ -3,24 +3,20 @@ sliding-window inference."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.data import decollate_batch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
-from monai.networks.nets import SegResNet, UNet
 from monai.transforms import (
     AsDiscrete,
     CastToTyped,
     Compose,
-    EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
-    NormalizeIntensityd,
-    Orientationd,
     RandFlipd,
     RandSpatialCropd,
-    Spacingd,
     SpatialPadd,
 )
 from torch import nn
@@ -28,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from fl_imaging.config import ModelName
 from tasks.base import IMAGE_READERS, ORIENTATION_LABELS, ImagingTask
+from tasks.definitions import instantiate
 
 __all__ = ["SegmentationTask"]
 
@@ -50,8 +47,8 @@ class SegmentationTask(ImagingTask):
 
     main_metric = "dice"
 
-    def network(self) -> nn.Module:
-        """Return a freshly initialised MONAI ``UNet`` or ``SegResNet`` (``cfg.model.name``).
+    def network_definition(self) -> dict[str, Any]:
+        """The MONAI ``UNet`` or ``SegResNet`` of ``cfg.model.name``, as a bundle config item.
 
         UNet: one level per ``cfg.model.channels`` entry, stride 2 between levels,
         ``num_res_units`` residual units, ``dropout``; SegResNet: ``init_filters =
@@ -59,64 +56,89 @@ class SegmentationTask(ImagingTask):
         default normalisation when set.
 
         Returns:
-            An ``nn.Module`` (CPU, training mode) mapping images ``(B, C_in, *spatial)``
-            float32 to logits ``(B, K, *spatial)`` float32 (no softmax), same spatial size.
-            Each spatial size it sees (``cfg.roi_size`` for the sliding windows) must be a
-            multiple of ``2 ** (len(channels) - 1)``.
+            ``{"_target_": "monai.networks.nets.UNet" | "...SegResNet", **kwargs}``; the
+            network it builds maps images ``(B, C_in, *spatial)`` float32 to logits
+            ``(B, K, *spatial)`` float32 (no softmax), same spatial size. Each spatial size it
+            sees (``cfg.roi_size`` for the sliding windows) must be a multiple of
+            ``2 ** (len(channels) - 1)``.
 
         Raises:
             ValueError: for SegResNet with MONAI's default group norm (``cfg.model.norm``
                 unset) when ``channels[0]`` is not a multiple of 8: MONAI ignores the
-                ``num_groups`` argument passed here unless ``norm_name`` is set.
+                ``num_groups`` argument passed here unless ``norm_name`` is set (raised when
+                the network is built).
         """
         cfg = self.cfg
-        channels = tuple(cfg.model.channels)
+        channels = list(cfg.model.channels)
+        norm = {"norm": cfg.model.norm} if cfg.model.norm else {}
         if cfg.model.name == ModelName.segresnet:
-            return SegResNet(
-                spatial_dims=cfg.spatial_dims,
-                init_filters=channels[0],
-                in_channels=cfg.in_channels,
-                out_channels=cfg.num_classes,
-                dropout_prob=cfg.model.dropout or None,
-                blocks_down=(1,) * len(channels),
-                blocks_up=(1,) * (len(channels) - 1),
-                num_groups=min(8, channels[0]),
-                **({"norm": cfg.model.norm} if cfg.model.norm else {}),
-            )
-        return UNet(
-            spatial_dims=cfg.spatial_dims,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.num_classes,
-            channels=channels,
-            strides=(2,) * (len(channels) - 1),
-            num_res_units=cfg.model.num_res_units,
-            dropout=cfg.model.dropout,
-            **({"norm": cfg.model.norm} if cfg.model.norm else {}),
-        )
+            return {
+                "_target_": "monai.networks.nets.SegResNet",
+                "spatial_dims": cfg.spatial_dims,
+                "init_filters": channels[0],
+                "in_channels": cfg.in_channels,
+                "out_channels": cfg.num_classes,
+                "dropout_prob": cfg.model.dropout or None,
+                "blocks_down": [1] * len(channels),
+                "blocks_up": [1] * (len(channels) - 1),
+                "num_groups": min(8, channels[0]),
+                **norm,
+            }
+        return {
+            "_target_": "monai.networks.nets.UNet",
+            "spatial_dims": cfg.spatial_dims,
+            "in_channels": cfg.in_channels,
+            "out_channels": cfg.num_classes,
+            "channels": channels,
+            "strides": [2] * (len(channels) - 1),
+            "num_res_units": cfg.model.num_res_units,
+            "dropout": cfg.model.dropout,
+            **norm,
+        }
 
-    def _image_steps(self, keys: list[str]) -> list:
+    def _image_step_definitions(self, keys: list[str]) -> list[dict[str, Any]]:
         """Decoding, RAS orientation, optional resampling and z-score intensity of ``keys``
-        (``image`` first); labels are resampled with nearest-neighbour interpolation.
+        (``image`` first), as bundle config items; labels are resampled with
+        nearest-neighbour interpolation.
 
         Args:
             keys: ``["image"]`` or ``["image", "label"]``.
 
         Returns:
-            The list of MONAI dict transforms (not yet composed); each key becomes
+            The list of MONAI dict transform definitions (not yet built); each key becomes
             channel-first ``(C, *spatial)``, oriented to ``"RAS"[:spatial_dims]``.
         """
-        modes = ("bilinear", "nearest")[: len(keys)]
-        steps: list = [
-            LoadImaged(keys=keys, reader=list(IMAGE_READERS), image_only=True),
-            EnsureChannelFirstd(keys=keys),
-            Orientationd(
-                keys=keys, axcodes="RAS"[: self.cfg.spatial_dims], labels=ORIENTATION_LABELS
-            ),
+        modes = ["bilinear", "nearest"][: len(keys)]
+        steps: list[dict[str, Any]] = [
+            {
+                "_target_": "LoadImaged",
+                "keys": keys,
+                "reader": list(IMAGE_READERS),
+                "image_only": True,
+            },
+            {"_target_": "EnsureChannelFirstd", "keys": keys},
+            {
+                "_target_": "Orientationd",
+                "keys": keys,
+                "axcodes": "RAS"[: self.cfg.spatial_dims],
+                "labels": [list(axis) for axis in ORIENTATION_LABELS],
+            },
         ]
         if self.cfg.spacing is not None:
-            steps.append(Spacingd(keys=keys, pixdim=tuple(self.cfg.spacing), mode=modes))
-        steps.append(NormalizeIntensityd(keys="image", channel_wise=True))
+            steps.append(
+                {
+                    "_target_": "Spacingd",
+                    "keys": keys,
+                    "pixdim": list(self.cfg.spacing),
+                    "mode": modes,
+                }
+            )
+        steps.append({"_target_": "NormalizeIntensityd", "keys": "image", "channel_wise": True})
         return steps
+
+    def _image_steps(self, keys: list[str]) -> list:
+        """The transforms of :meth:`_image_step_definitions` for ``keys``, built."""
+        return instantiate(self._image_step_definitions(keys))
 
     def load_transforms(self) -> Compose:
         """Deterministic loading of a case: what the dataset cache keeps.
@@ -138,18 +160,19 @@ class SegmentationTask(ImagingTask):
             ]
         )
 
-    def inference_transforms(self) -> Compose:
-        """The image part of :meth:`load_transforms`, for prediction on new images.
+    def inference_preprocessing_definition(self) -> list[dict[str, Any]]:
+        """The image part of :meth:`load_transforms`, as bundle config items.
 
         Returns:
-            A ``Compose`` mapping ``{"image": path}`` to ``image``: a ``MetaTensor``
+            Definitions mapping ``{"image": path}`` to ``image``: a ``MetaTensor``
             ``(C_in, *spatial)`` float32 (oriented, resampled, z-scored as in
             :meth:`load_transforms`) keeping its metadata, so that ``Invertd`` can map logits
             ``(K, *spatial)`` back to the file's grid.
         """
-        return Compose(
-            [*self._image_steps(["image"]), CastToTyped(keys="image", dtype=torch.float32)]
-        )
+        return [
+            *self._image_step_definitions(["image"]),
+            {"_target_": "CastToTyped", "keys": "image", "dtype": "$torch.float32"},
+        ]
 
     def train_transforms(self) -> Compose:
         """Random patch and flip of a loaded sample, for training.

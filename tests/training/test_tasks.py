@@ -190,3 +190,42 @@ def test_models_follow_the_configured_size() -> None:
     assert res(torch.zeros(2, 1, 16, 16, 16)).shape == (2, 2)
     two_d = _task("classification", spatial_dims=2, roi_size=[16, 16]).build_model()
     assert two_d(torch.zeros(2, 1, 16, 16)).shape == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "channels"),
+    [
+        ("segmentation", "unet", [8, 16]),
+        ("segmentation", "segresnet", [8, 16]),
+        ("classification", "densenet", [8, 16]),
+        ("classification", "resnet", [8, 16, 32, 64]),
+    ],
+)
+def test_definitions_are_json_that_monai_builds_into_the_task_network(name, model, channels):
+    """A task's network and inference transforms round-trip through JSON and MONAI's own
+    ConfigParser into the same layers and transforms (what an exported bundle relies on)."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    from fl_imaging.config import ModelConfig, TaskConfig
+
+    task = build_task(TaskConfig(name=name, model=ModelConfig(name=model, channels=channels)))
+    parser = ConfigParser(
+        json.loads(
+            json.dumps(
+                {
+                    "network_def": task.network_definition(),
+                    "preprocessing": task.inference_preprocessing_definition(),
+                }
+            )
+        )
+    )
+    rebuilt = parser.get_parsed_content("network_def")
+    ours = task.network()
+    assert type(rebuilt) is type(ours)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in ours.state_dict().items()
+    }
+    steps = parser.get_parsed_content("preprocessing")
+    assert [type(s) for s in steps] == [type(s) for s in task.inference_transforms().transforms]
