@@ -27,9 +27,10 @@ from monai.transforms import Compose
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fl_imaging.config import OptimizerName, TaskConfig
+from fl_imaging.config import ConfigError, OptimizerName, TaskConfig
 from fl_imaging.data.readers import IMAGE_READERS
 from tasks.definitions import instantiate
+from tasks.targets import resolve_class, target_definition
 
 __all__ = ["IMAGE_READERS", "ORIENTATION_LABELS", "ImagingTask", "TrainResult", "build_optimizer"]
 
@@ -62,13 +63,29 @@ def build_optimizer(model: nn.Module, cfg: TaskConfig) -> torch.optim.Optimizer:
     Args:
         model: the network whose ``parameters()`` the optimizer updates.
         cfg: task config; ``cfg.optimizer`` gives ``name`` (``sgd``: SGD with ``momentum``;
-            ``adamw``: AdamW; ``adam``: Adam), ``lr`` and ``weight_decay``.
+            ``adamw``: AdamW; ``adam``: Adam), ``lr`` and ``weight_decay``; or a ``_target_``
+            (any ``torch.optim`` class, given ``lr`` and ``weight_decay`` where it takes them,
+            and ``args``).
 
     Returns:
         A new ``torch.optim.Optimizer`` with fresh state (no momentum or Adam moments yet).
+
+    Raises:
+        ConfigError: for a ``_target_`` that is not a ``torch.optim.Optimizer`` or arguments
+            it does not take (:mod:`tasks.targets`).
     """
     opt = cfg.optimizer
     params = model.parameters()
+    if opt._target_:
+        definition = target_definition(
+            opt._target_,
+            "optimizer",
+            opt.args,
+            {"lr": opt.lr, "weight_decay": opt.weight_decay},
+            "task.optimizer._target_",
+        )
+        cls = resolve_class(definition.pop("_target_"), "optimizer", "task.optimizer._target_")
+        return cls(params, **{k: v for k, v in definition.items() if k != "params"})
     if opt.name == OptimizerName.sgd:
         return torch.optim.SGD(
             params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
@@ -136,11 +153,46 @@ class ImagingTask(abc.ABC):
             log.debug("%s", conversion.message())
         return model
 
-    @abc.abstractmethod
     def network_definition(self) -> dict[str, Any]:
         """The task's network as a MONAI bundle config item (:mod:`tasks.definitions`):
         ``{"_target_": ..., **kwargs}``, JSON-serialisable. :meth:`network` builds it, and an
-        exported bundle's ``network_def`` is this dict, so MONAI rebuilds the same layers."""
+        exported bundle's ``network_def`` is this dict, so MONAI rebuilds the same layers.
+
+        With ``cfg.model._target_`` it is that class (checked by :mod:`tasks.targets`) with
+        ``cfg.model.args`` and, where its constructor takes them and ``args`` leaves them
+        out, ``spatial_dims``, ``in_channels`` / ``n_input_channels`` and ``out_channels`` /
+        ``num_classes`` from the task; else :meth:`builtin_network_definition`.
+
+        Raises:
+            ConfigError: for a ``_target_`` that cannot be built (see :mod:`tasks.targets`),
+                or ``args`` whose channels contradict ``in_channels`` / ``num_classes``.
+        """
+        model = self.cfg.model
+        if not model._target_:
+            return self.builtin_network_definition()
+        cfg = self.cfg
+        defaults = {
+            "spatial_dims": cfg.spatial_dims,
+            "in_channels": cfg.in_channels,
+            "n_input_channels": cfg.in_channels,
+            "out_channels": cfg.num_classes,
+            "num_classes": cfg.num_classes,
+        }
+        for name in ("in_channels", "n_input_channels", "out_channels", "num_classes"):
+            if name in model.args and model.args[name] != defaults[name]:
+                task_key = "task.in_channels" if "in" in name else "task.num_classes"
+                raise ConfigError(
+                    f"task.model.args.{name}={model.args[name]} contradicts "
+                    f"{task_key}={defaults[name]}: set {task_key} instead (the data and the "
+                    "metrics follow it) and leave it out of task.model.args"
+                )
+        return target_definition(
+            model._target_, "network", model.args, defaults, "task.model._target_"
+        )
+
+    @abc.abstractmethod
+    def builtin_network_definition(self) -> dict[str, Any]:
+        """The network named by ``cfg.model.name``, as :meth:`network_definition` returns it."""
 
     def network(self) -> nn.Module:
         """Return the task's freshly initialised MONAI network (:meth:`network_definition`,
@@ -202,15 +254,36 @@ class ImagingTask(abc.ABC):
         """
         return Compose([])
 
-    @abc.abstractmethod
     def loss_function(self) -> nn.Module:
-        """The loss taking ``(prediction_logits, target)``.
+        """The loss taking ``(prediction_logits, target)``: ``cfg.loss._target_`` when set
+        (with ``cfg.loss.args`` and the task's :meth:`loss_defaults` where it takes them),
+        else :meth:`default_loss`.
 
         Returns:
             An ``nn.Module`` called as ``loss_fn(logits, target)``, with ``logits`` as
             :meth:`build_model`'s output and ``target`` as a batch's ``label`` (class indices);
             it returns a scalar (0-d) float tensor, the mean over the batch.
+
+        Raises:
+            ConfigError: for a ``_target_`` that cannot be built (:mod:`tasks.targets`).
         """
+        loss = self.cfg.loss
+        if not loss._target_:
+            return self.default_loss()
+        return instantiate(
+            target_definition(
+                loss._target_, "loss", loss.args, self.loss_defaults(), "task.loss._target_"
+            )
+        )
+
+    def loss_defaults(self) -> dict[str, Any]:
+        """Arguments a ``task.loss._target_`` gets where it takes them and ``args`` leaves them
+        out (none here; segmentation: ``to_onehot_y`` and ``softmax``)."""
+        return {}
+
+    @abc.abstractmethod
+    def default_loss(self) -> nn.Module:
+        """The task's own loss, as :meth:`loss_function` returns it."""
 
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:

@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader
 from fl_imaging.config import ModelName
 from tasks.base import IMAGE_READERS, ORIENTATION_LABELS, ImagingTask
 from tasks.definitions import instantiate
+from tasks.intensity import intensity_definitions
+from tasks.targets import transform_definitions
 
 __all__ = ["ClassificationTask"]
 
@@ -42,7 +44,7 @@ class ClassificationTask(ImagingTask):
 
     main_metric = "accuracy"
 
-    def network_definition(self) -> dict[str, Any]:
+    def builtin_network_definition(self) -> dict[str, Any]:
         """The MONAI ``ResNet`` or ``DenseNet`` of ``cfg.model.name``, as a bundle config item.
 
         ResNet: basic blocks, one per stage, the 4 stage widths of ``cfg.model.channels``, a
@@ -116,7 +118,10 @@ class ClassificationTask(ImagingTask):
             )
         steps += [
             {"_target_": "Resized", "keys": "image", "spatial_size": list(self.cfg.roi_size)},
-            {"_target_": "NormalizeIntensityd", "keys": "image", "channel_wise": True},
+            *intensity_definitions(self.cfg.transforms),
+            *transform_definitions(
+                self.cfg.transforms.preprocessing, "task.transforms.preprocessing"
+            ),
         ]
         return steps
 
@@ -161,7 +166,16 @@ class ClassificationTask(ImagingTask):
             spatial axis with probability 0.5 and casting ``label`` to a 0-d int64 tensor (a
             DataLoader stacks it to ``(B,)``).
         """
-        return Compose([RandFlipd(keys="image", prob=0.5, spatial_axis=0), self._label_as_long()])
+        augmentation = transform_definitions(
+            self.cfg.transforms.augmentation, "task.transforms.augmentation"
+        )
+        return Compose(
+            [
+                RandFlipd(keys="image", prob=0.5, spatial_axis=0),
+                *instantiate(augmentation),
+                self._label_as_long(),
+            ]
+        )
 
     def eval_transforms(self) -> Compose:
         """Transforms after :meth:`load_transforms` for evaluation (labels as long).
@@ -177,7 +191,7 @@ class ClassificationTask(ImagingTask):
         """``label`` as an int64 tensor without metadata (same shape)."""
         return EnsureTyped(keys="label", dtype=torch.long, track_meta=False)
 
-    def loss_function(self) -> nn.Module:
+    def default_loss(self) -> nn.Module:
         """PyTorch's ``nn.CrossEntropyLoss()`` (MONAI has no classification loss of its own).
 
         Returns:

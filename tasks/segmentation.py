@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader
 from fl_imaging.config import ModelName
 from tasks.base import IMAGE_READERS, ORIENTATION_LABELS, ImagingTask
 from tasks.definitions import instantiate
+from tasks.intensity import intensity_definitions
+from tasks.targets import transform_definitions
 
 __all__ = ["SegmentationTask"]
 
@@ -47,7 +49,7 @@ class SegmentationTask(ImagingTask):
 
     main_metric = "dice"
 
-    def network_definition(self) -> dict[str, Any]:
+    def builtin_network_definition(self) -> dict[str, Any]:
         """The MONAI ``UNet`` or ``SegResNet`` of ``cfg.model.name``, as a bundle config item.
 
         UNet: one level per ``cfg.model.channels`` entry, stride 2 between levels,
@@ -133,7 +135,12 @@ class SegmentationTask(ImagingTask):
                     "mode": modes,
                 }
             )
-        steps.append({"_target_": "NormalizeIntensityd", "keys": "image", "channel_wise": True})
+        steps += intensity_definitions(self.cfg.transforms)
+        steps += transform_definitions(
+            self.cfg.transforms.preprocessing,
+            "task.transforms.preprocessing",
+            {"allow_missing_keys": True} if "label" not in keys else None,
+        )
         return steps
 
     def _image_steps(self, keys: list[str]) -> list:
@@ -193,8 +200,15 @@ class SegmentationTask(ImagingTask):
                 SpatialPadd(keys=keys, spatial_size=roi),
                 RandSpatialCropd(keys=keys, roi_size=roi, random_size=False),
                 RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+                *instantiate(self._augmentation_definitions()),
                 CastToTyped(keys="label", dtype=torch.long),
             ]
+        )
+
+    def _augmentation_definitions(self) -> list[dict[str, Any]]:
+        """``cfg.transforms.augmentation``, checked (:mod:`tasks.targets`)."""
+        return transform_definitions(
+            self.cfg.transforms.augmentation, "task.transforms.augmentation"
         )
 
     def eval_transforms(self) -> Compose:
@@ -207,7 +221,7 @@ class SegmentationTask(ImagingTask):
         """
         return Compose([CastToTyped(keys="label", dtype=torch.long)])
 
-    def loss_function(self) -> nn.Module:
+    def default_loss(self) -> nn.Module:
         """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``.
 
         Returns:
@@ -218,6 +232,11 @@ class SegmentationTask(ImagingTask):
             plus the mean voxel-wise cross-entropy, with equal weights.
         """
         return DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def loss_defaults(self) -> dict[str, Any]:
+        """For a ``task.loss._target_``: the labels are class indices and the network gives
+        logits, so ``to_onehot_y=True`` and ``softmax=True`` where the loss takes them."""
+        return {"to_onehot_y": True, "softmax": True}
 
     def predict_logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits ``(B, num_classes, *spatial)`` for images ``(B, C, *spatial)``.

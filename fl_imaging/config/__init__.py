@@ -34,6 +34,8 @@ from fl_imaging.config.schema import (
     DPSGDConfig,
     EngineConfig,
     EngineName,
+    IntensityPreset,
+    LossConfig,
     ModelConfig,
     ModelName,
     OptimizerConfig,
@@ -49,7 +51,9 @@ from fl_imaging.config.schema import (
     TaskName,
     TrackingBackend,
     TrackingConfig,
+    TransformsConfig,
     UpdateValidationConfig,
+    model_label,
 )
 
 __all__ = [
@@ -68,6 +72,8 @@ __all__ = [
     "DataName",
     "EngineConfig",
     "EngineName",
+    "LossConfig",
+    "IntensityPreset",
     "ModelConfig",
     "ModelName",
     "OptimizerConfig",
@@ -83,7 +89,9 @@ __all__ = [
     "TaskName",
     "TrackingBackend",
     "TrackingConfig",
+    "TransformsConfig",
     "UpdateValidationConfig",
+    "model_label",
     "config_dir",
     "config_from_yaml",
     "config_to_yaml",

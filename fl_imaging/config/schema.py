@@ -24,6 +24,8 @@ __all__ = [
     "DataName",
     "EngineConfig",
     "EngineName",
+    "IntensityPreset",
+    "LossConfig",
     "MODEL_NORMS",
     "ModelConfig",
     "ModelName",
@@ -41,7 +43,9 @@ __all__ = [
     "TaskName",
     "TrackingBackend",
     "TrackingConfig",
+    "TransformsConfig",
     "UpdateValidationConfig",
+    "model_label",
 ]
 
 #: Allowed values of ``task.model.norm`` (MONAI's names of normalisation layers).
@@ -133,6 +137,19 @@ class ModelConfig:
     #: Normalisation layers: None = the MONAI network's own default (instance norm without
     #: parameters in the U-Net, batch norm in the DenseNet); "batch" or "instance".
     norm: str | None = None
+    #: Any MONAI (or torch) network instead of ``name``: its import path, e.g.
+    #: ``monai.networks.nets.SwinUNETR``; ``args`` are its keyword arguments (``spatial_dims``,
+    #: ``in_channels``, ``out_channels`` / ``num_classes`` come from the task where it takes
+    #: them). ``name``, ``channels``, ``num_res_units``, ``dropout`` and ``norm`` are then unused.
+    _target_: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def model_label(model: ModelConfig) -> str:
+    """What a run's network is, in a few characters: the class name of ``model._target_``
+    (``SwinUNETR``) when set, else ``model.name`` (``unet``); for run names and site policies
+    (``accept.models`` lists such labels)."""
+    return model._target_.rsplit(".", 1)[-1] if model._target_ else model.name.value
 
 
 @dataclass
@@ -141,6 +158,46 @@ class OptimizerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
+    #: Any ``torch.optim`` optimizer instead of ``name`` (e.g. ``torch.optim.RMSprop``), built
+    #: with ``lr`` and ``weight_decay`` where it takes them, plus ``args``.
+    _target_: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """The training loss (``task.loss``): None = the task's (segmentation: MONAI's DiceCELoss;
+    classification: cross-entropy), else the import path of a loss module, e.g.
+    ``monai.losses.DiceFocalLoss``, with ``args`` (segmentation losses that take them get
+    ``to_onehot_y=True`` and ``softmax=True``, since the network gives logits and the labels
+    are class indices)."""
+
+    _target_: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+class IntensityPreset(enum.StrEnum):
+    """How image intensities are normalised (``task.transforms.intensity``)."""
+
+    zscore = "zscore"  # per channel over every voxel (any modality; the default)
+    ct = "ct"  # CT: Hounsfield units clipped to task.transforms.hu_window, scaled to [0, 1]
+    mr = "mr"  # MR: per channel over the non-zero voxels (the body or brain, not the air)
+    none = "none"  # as stored
+
+
+@dataclass
+class TransformsConfig:
+    """The transform chain around the task's fixed steps (decode, RAS orientation, optional
+    spacing): ``intensity`` (a preset), ``hu_window`` (``ct``: [lower, upper] HU), and MONAI dict
+    transforms as ``_target_`` items, e.g. ``{_target_: RandGaussianNoised, keys: image, prob:
+    0.2}``: ``preprocessing`` after the intensity step (deterministic: cached, and part of an
+    exported bundle's inference transforms), ``augmentation`` after the task's crop and flip
+    (training only)."""
+
+    intensity: IntensityPreset = IntensityPreset.zscore
+    hu_window: list[float] = field(default_factory=lambda: [-175.0, 250.0])
+    preprocessing: list[dict[str, Any]] = field(default_factory=list)
+    augmentation: list[dict[str, Any]] = field(default_factory=list)
 
 
 class DPSGDAccountant(enum.StrEnum):
@@ -180,6 +237,8 @@ class TaskConfig:
     class_names: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    transforms: TransformsConfig = field(default_factory=TransformsConfig)
     local_epochs: int = 1
     batch_size: int = 4
     roi_size: list[int] = field(default_factory=lambda: [32, 32, 32])

@@ -29,6 +29,7 @@ from fl_imaging.config import (
     DPMode,
     RunConfig,
     config_from_yaml,
+    model_label,
 )
 
 __all__ = [
@@ -143,7 +144,7 @@ def run_name(cfg: RunConfig, overrides: list[str]) -> str:
     ``overrides`` given on the command line (Hydra's form: ``key=value``, ``+key=value``,
     ``~key``; e.g. from :func:`run_overrides`). The overrides that would make it longer than
     :data:`MAX_LENGTH` characters are counted, not shown."""
-    head = SEPARATOR.join((_strategy(cfg), _data(cfg), cfg.task.model.name.value))
+    head = SEPARATOR.join((_strategy(cfg), _data(cfg), model_label(cfg.task.model)))
     chosen = sorted((o for o in overrides if _shown(_key(o))), key=lambda o: (_key(o), o))
     words = [_override(o) for o in chosen]
     room = MAX_LENGTH - len(head) - len(SEPARATOR)

@@ -43,7 +43,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from fl_imaging.config import DPMode, DPSGDAccountant, RunConfig, config_to_yaml
+from fl_imaging.config import DPMode, DPSGDAccountant, RunConfig, config_to_yaml, model_label
 from fl_imaging.flower.protocol import NUM_EXAMPLES, SiteRefusal
 
 __all__ = [
@@ -196,7 +196,7 @@ def check_request(policy: SitePolicy, cfg: RunConfig, *, training: bool, masked:
     checks = (
         ("accept.tasks", accept.tasks, cfg.task.name.value, "task"),
         ("accept.strategies", accept.strategies, cfg.strategy.name, "strategy"),
-        ("accept.models", accept.models, cfg.task.model.name.value, "model"),
+        ("accept.models", accept.models, model_label(cfg.task.model), "model"),
     )
     for key, allowed, value, what in checks:
         if allowed and value not in allowed:

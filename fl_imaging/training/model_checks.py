@@ -18,6 +18,7 @@ from fl_imaging.config import ConfigError, DPMode, RunConfig
 from tasks import build_task
 
 __all__ = [
+    "check_configured_parts",
     "check_dp_sgd_model",
     "check_fedbn",
     "check_model",
@@ -43,10 +44,11 @@ def norm_state_keys(model: nn.Module) -> list[str]:
 
 
 def check_model(cfg: RunConfig) -> None:
-    """Build ``cfg``'s model once and run every check on it: :func:`check_fedbn` (with FedBN
-    on), :func:`warn_dp_running_statistics` and :func:`check_dp_sgd_model`. Raises
-    :class:`ConfigError` as they do."""
+    """Build ``cfg``'s model once and run every check on it: :func:`check_configured_parts`,
+    :func:`check_fedbn` (with FedBN on), :func:`warn_dp_running_statistics` and
+    :func:`check_dp_sgd_model`. Raises :class:`ConfigError` as they do."""
     dp_sgd = cfg.task.dp_sgd.enabled
+    check_configured_parts(cfg)
     if not cfg.strategy.fedbn and cfg.strategy.dp.mode == DPMode.none and not dp_sgd:
         return
     model = build_task(cfg.task).build_model()
@@ -55,6 +57,64 @@ def check_model(cfg: RunConfig) -> None:
     warn_dp_running_statistics(cfg, model)
     if dp_sgd:
         check_dp_sgd_model(cfg)
+
+
+def check_configured_parts(cfg: RunConfig) -> None:
+    """With a ``_target_`` network, loss or optimizer, or extra transforms in the config: build
+    them all (:mod:`tasks.targets` checks what each names) and pass one random image of
+    ``task.roi_size`` through the network and the loss, so that a network that does not fit
+    the task (a size it cannot take, the wrong output) stops the run before any site's data is
+    read. Nothing is done for the built-in parts. Raises :class:`ConfigError` saying what to
+    change."""
+    task_cfg = cfg.task
+    parts = task_cfg.transforms
+    if not (
+        task_cfg.model._target_
+        or task_cfg.loss._target_
+        or task_cfg.optimizer._target_
+        or parts.preprocessing
+        or parts.augmentation
+    ):
+        return
+    from tasks.base import build_optimizer
+
+    task = build_task(task_cfg)
+    task.inference_transforms()
+    task.train_transforms()
+    model = task.network()
+    build_optimizer(model, task_cfg)
+    loss_fn = task.loss_function()
+    sample = torch.randn(1, task_cfg.in_channels, *task_cfg.roi_size)
+    what = task_cfg.model._target_ or f"the {task_cfg.model.name.value}"
+    try:
+        with torch.no_grad():
+            logits = model.eval()(sample)
+    except Exception as err:  # any layer may refuse the input: say which network and size
+        raise ConfigError(
+            f"{what} cannot take an image of task.roi_size={list(task_cfg.roi_size)} with "
+            f"task.in_channels={task_cfg.in_channels}: {type(err).__name__}: {err}; change "
+            "task.roi_size (many networks need multiples of 16 or 32) or task.model.args"
+        ) from None
+    if not isinstance(logits, torch.Tensor) or logits.shape[:2] != (1, task_cfg.num_classes):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(
+            f"{what} gives {shape} for one image; the task needs logits with "
+            f"task.num_classes={task_cfg.num_classes} channels first, (1, "
+            f"{task_cfg.num_classes}, ...): check task.model.args"
+        )
+    target = (
+        torch.zeros(1, 1, *logits.shape[2:], dtype=torch.long)
+        if logits.dim() > 2
+        else torch.zeros(1, dtype=torch.long)
+    )
+    try:
+        loss_fn(logits, target)
+    except Exception as err:  # a loss that does not fit logits and class indices
+        raise ConfigError(
+            f"task.loss._target_={task_cfg.loss._target_ or 'the task default'} cannot score "
+            f"logits {tuple(logits.shape)} against class indices {tuple(target.shape)}: "
+            f"{type(err).__name__}: {err}; check task.loss.args"
+        ) from None
 
 
 def check_dp_sgd_model(cfg: RunConfig) -> None:
