@@ -30,7 +30,14 @@ from torch.utils.data import DataLoader
 from fl_imaging.config import ConfigError, OptimizerName, TaskConfig
 from fl_imaging.data.readers import IMAGE_READERS
 from tasks.definitions import instantiate
-from tasks.targets import resolve_class, target_definition
+from tasks.intensity import intensity_definitions
+from tasks.targets import (
+    check_arguments,
+    filled_arguments,
+    resolve_class,
+    target_definition,
+    transform_definitions,
+)
 
 __all__ = ["IMAGE_READERS", "ORIENTATION_LABELS", "ImagingTask", "TrainResult", "build_optimizer"]
 
@@ -76,16 +83,12 @@ def build_optimizer(model: nn.Module, cfg: TaskConfig) -> torch.optim.Optimizer:
     """
     opt = cfg.optimizer
     params = model.parameters()
-    if opt._target_:
-        definition = target_definition(
-            opt._target_,
-            "optimizer",
-            opt.args,
-            {"lr": opt.lr, "weight_decay": opt.weight_decay},
-            "task.optimizer._target_",
-        )
-        cls = resolve_class(definition.pop("_target_"), "optimizer", "task.optimizer._target_")
-        return cls(params, **{k: v for k, v in definition.items() if k != "params"})
+    if opt._target_:  # built here, not from a definition: the parameters are no config value
+        check_arguments(opt.args, "task.optimizer.args")
+        cls = resolve_class(opt._target_, "optimizer", "task.optimizer._target_")
+        defaults = {"lr": opt.lr, "weight_decay": opt.weight_decay}
+        kwargs = filled_arguments(cls, opt.args, defaults, "task.optimizer.args")
+        return cls(params, **{k: v for k, v in kwargs.items() if k != "params"})
     if opt.name == OptimizerName.sgd:
         return torch.optim.SGD(
             params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
@@ -244,6 +247,33 @@ class ImagingTask(abc.ABC):
             training DataLoader stacks (``image`` float32, ``label`` int64, see the subclasses).
             Seed it with ``Compose.set_random_state`` for reproducible augmentation.
         """
+
+    def configured_image_step_definitions(self, *, with_label: bool) -> list[dict[str, Any]]:
+        """The configured end of the deterministic image steps: the intensity preset
+        (:mod:`tasks.intensity`) then ``cfg.transforms.preprocessing``, as bundle config items.
+
+        Args:
+            with_label: whether the samples hold a ``label`` key; without one (inference),
+                each preprocessing transform gets ``allow_missing_keys=True`` where it takes it.
+
+        Returns:
+            Definitions of dict transforms on ``image`` (and the keys the user named).
+        """
+        return [
+            *intensity_definitions(self.cfg.transforms),
+            *transform_definitions(
+                self.cfg.transforms.preprocessing,
+                "task.transforms.preprocessing",
+                None if with_label else {"allow_missing_keys": True},
+            ),
+        ]
+
+    def configured_augmentation(self) -> list:
+        """``cfg.transforms.augmentation``, checked (:mod:`tasks.targets`) and built: the random
+        transforms each task adds after its own crop and flip, for training only."""
+        return instantiate(
+            transform_definitions(self.cfg.transforms.augmentation, "task.transforms.augmentation")
+        )
 
     def eval_transforms(self) -> Compose:
         """Transforms applied after :meth:`load_transforms` for evaluation samples.

@@ -19,8 +19,6 @@ from torch.utils.data import DataLoader
 from fl_imaging.config import ModelName
 from tasks.base import IMAGE_READERS, ORIENTATION_LABELS, ImagingTask
 from tasks.definitions import instantiate
-from tasks.intensity import intensity_definitions
-from tasks.targets import transform_definitions
 
 __all__ = ["ClassificationTask"]
 
@@ -118,10 +116,8 @@ class ClassificationTask(ImagingTask):
             )
         steps += [
             {"_target_": "Resized", "keys": "image", "spatial_size": list(self.cfg.roi_size)},
-            *intensity_definitions(self.cfg.transforms),
-            *transform_definitions(
-                self.cfg.transforms.preprocessing, "task.transforms.preprocessing"
-            ),
+            # the same steps load (with the label) and infer: as the task always had them
+            *self.configured_image_step_definitions(with_label=True),
         ]
         return steps
 
@@ -166,13 +162,10 @@ class ClassificationTask(ImagingTask):
             spatial axis with probability 0.5 and casting ``label`` to a 0-d int64 tensor (a
             DataLoader stacks it to ``(B,)``).
         """
-        augmentation = transform_definitions(
-            self.cfg.transforms.augmentation, "task.transforms.augmentation"
-        )
         return Compose(
             [
                 RandFlipd(keys="image", prob=0.5, spatial_axis=0),
-                *instantiate(augmentation),
+                *self.configured_augmentation(),
                 self._label_as_long(),
             ]
         )

@@ -25,8 +25,6 @@ from torch.utils.data import DataLoader
 from fl_imaging.config import ModelName
 from tasks.base import IMAGE_READERS, ORIENTATION_LABELS, ImagingTask
 from tasks.definitions import instantiate
-from tasks.intensity import intensity_definitions
-from tasks.targets import transform_definitions
 
 __all__ = ["SegmentationTask"]
 
@@ -135,13 +133,7 @@ class SegmentationTask(ImagingTask):
                     "mode": modes,
                 }
             )
-        steps += intensity_definitions(self.cfg.transforms)
-        steps += transform_definitions(
-            self.cfg.transforms.preprocessing,
-            "task.transforms.preprocessing",
-            {"allow_missing_keys": True} if "label" not in keys else None,
-        )
-        return steps
+        return steps + self.configured_image_step_definitions(with_label="label" in keys)
 
     def _image_steps(self, keys: list[str]) -> list:
         """The transforms of :meth:`_image_step_definitions` for ``keys``, built."""
@@ -200,15 +192,9 @@ class SegmentationTask(ImagingTask):
                 SpatialPadd(keys=keys, spatial_size=roi),
                 RandSpatialCropd(keys=keys, roi_size=roi, random_size=False),
                 RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-                *instantiate(self._augmentation_definitions()),
+                *self.configured_augmentation(),
                 CastToTyped(keys="label", dtype=torch.long),
             ]
-        )
-
-    def _augmentation_definitions(self) -> list[dict[str, Any]]:
-        """``cfg.transforms.augmentation``, checked (:mod:`tasks.targets`)."""
-        return transform_definitions(
-            self.cfg.transforms.augmentation, "task.transforms.augmentation"
         )
 
     def eval_transforms(self) -> Compose:
