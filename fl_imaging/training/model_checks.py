@@ -89,6 +89,11 @@ def check_configured_parts(cfg: RunConfig) -> None:
     try:
         with torch.no_grad():
             logits = model.eval()(sample)
+    except ImportError as err:  # MONAI's optional imports fail only when a layer runs
+        raise ConfigError(
+            f"{what} needs a package that is not installed: {err}; install it into this "
+            "environment (pip install NAME) on the coordinator and on every site"
+        ) from None
     except Exception as err:  # any layer may refuse the input: say which network and size
         raise ConfigError(
             f"{what} cannot take an image of task.roi_size={list(task_cfg.roi_size)} with "

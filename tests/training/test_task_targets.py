@@ -148,8 +148,11 @@ def test_a_network_that_cannot_take_the_crop_stops_the_run_before_the_data(tmp_p
             "+task.model.args.depths=[1,1,1,1]",
         ]
     )
-    with pytest.raises(ConfigError, match=r"cannot take an image of task.roi_size=\[20, 20, 20\]"):
+    with pytest.raises(
+        ConfigError, match=r"cannot take an image of task.roi_size=\[20, 20, 20\]"
+    ) as err:
         check_model(cfg)
+    assert "ImportError" not in str(err.value)  # the size, not a missing package
 
 
 def test_extra_preprocessing_is_applied_and_kept_for_inference() -> None:
@@ -163,3 +166,24 @@ def test_extra_preprocessing_is_applied_and_kept_for_inference() -> None:
     assert type(steps[-2]).__name__ == "ScaleIntensityd"
     out = steps[-2]({"image": torch.tensor(np.array([[[2.0, 4.0]]]))})  # no label at inference
     assert out["image"].flatten().tolist() == [0.0, 1.0]
+
+
+def test_a_network_missing_an_optional_package_is_named_as_such(monkeypatch) -> None:
+    """MONAI imports some packages only when a layer first runs (einops for SwinUNETR): the
+    message names the missing package, not the crop size."""
+    from monai.networks.nets import BasicUNet
+    from monai.utils import OptionalImportError
+
+    def forward(self, x):  # noqa: ANN001, ANN202
+        raise OptionalImportError("from einops import rearrange (No module named 'einops')")
+
+    monkeypatch.setattr(BasicUNet, "forward", forward)
+    cfg = check_overrides(
+        [
+            "experiment=quick",
+            "task.model._target_=monai.networks.nets.BasicUNet",
+            "+task.model.args.features=[4,4,8,8,16,4]",
+        ]
+    )
+    with pytest.raises(ConfigError, match="needs a package that is not installed: from einops"):
+        check_model(cfg)
