@@ -23,6 +23,7 @@ from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.dicom_io import write_dicom_series
 from fl_imaging.data.inspect import inspect_site
 from fl_imaging.data.sites import SiteDataError, find_cases
+from fl_imaging.deploy.roles import SiteCheckError, check_site_folder
 from tasks import build_task
 
 MODALITIES = ["t1", "t1c", "t2", "flair"]
@@ -196,3 +197,29 @@ def test_a_federated_run_trains_and_predicts_on_modality_folders(
     (source / "flair" / "site2-case001.nii.gz").unlink()
     assert predict_cli([str(run), str(source), "--output", str(tmp_path / "again")]) == 1
     assert "case site2-case001: modality flair is missing" in capsys.readouterr().err
+
+
+def test_classification_reads_modalities_with_labels_csv_only(tmp_path: Path) -> None:
+    (site,) = make_demo_data(
+        tmp_path / "cls",
+        task="classification",
+        num_sites=1,
+        cases_per_site=4,
+        shape=(8, 8, 8),
+        dicom_sites=(),
+        modalities=("t1", "t2"),
+    )
+    cases = find_cases(site, TaskName.classification, modalities=["t1", "t2"])
+    assert [c.label for c in cases] == [0, 1, 0, 1]
+    assert all(len(c.image) == 2 for c in cases)
+    (site / "labels.csv").unlink()
+    with pytest.raises(SiteDataError, match="sub-folders of images/ are modalities"):
+        find_cases(site, TaskName.classification, modalities=["t1", "t2"])
+
+
+def test_a_deployed_sites_data_check_knows_its_modalities(demo: list[Path]) -> None:
+    """``fl-imaging-deploy supernode --modalities`` checks the folder with them."""
+    report = check_site_folder(demo[1], modalities=",".join(MODALITIES))
+    assert "ready to join" in report
+    with pytest.raises(SiteCheckError, match="not one of the modalities"):
+        check_site_folder(demo[1], modalities="t1,t2")
