@@ -2,12 +2,14 @@
 
     fl-imaging-data inspect DIR [--task segmentation|classification] [--num-classes N]
                                 [--spatial-dims 2|3] [--in-channels C] [--class-names A,B]
-                                [--images-only] [--json]
+                                [--modalities T1,T2,...] [--images-only] [--json]
 
 DIR is a site folder (images/, labels/ or labels.csv, split.csv), a folder of images to predict
 on (with --images-only: no labels needed), or a public dataset in its download layout (an MSD
 task folder, a MedMNIST .npz or a folder of them, class folders), checked through the adapter
-that reads it, with the task, classes and dimensionality taken from the dataset unless given.
+that reads it, with the task, classes and dimensionality taken from the dataset unless given. With
+--modalities (the run's data.modalities), cases are read from images/MODALITY/CASE_ID.nii.gz
+(or DICOM series folders), one folder per modality, and checked stacked as channels.
 
 Prints one line per case (id, format, shape, spacing, orientation, dtype, intensity range, label
 values), then a summary and every problem, each naming its file. A site is checked with the
@@ -125,6 +127,13 @@ def _parser() -> argparse.ArgumentParser:
         "comma-separated (default: the folder names, sorted)",
     )
     inspect.add_argument(
+        "--modalities",
+        default="",
+        help="multi-modal cases: the modality folders of images/ in channel order, "
+        "comma-separated, as data.modalities (e.g. t1,t1c,t2,flair; default: one file per "
+        "case); --in-channels defaults to their number",
+    )
+    inspect.add_argument(
         "--images-only",
         action="store_true",
         help="check the images of a folder without labels (a folder to predict on)",
@@ -150,12 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fl-imaging-data``; returns the exit code."""
     args = _parser().parse_args(argv)
     names = [n.strip() for n in args.class_names.split(",") if n.strip()] or None
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     dims = DEFAULT_DIMS if args.spatial_dims is None else args.spatial_dims
-    channels = DEFAULT_CHANNELS if args.in_channels is None else args.in_channels
+    default_channels = len(modalities) or DEFAULT_CHANNELS
+    channels = default_channels if args.in_channels is None else args.in_channels
     task = TaskName(args.task or DEFAULT_TASK)
     if args.images_only:
-        report = inspect_images(args.folder, spatial_dims=dims, in_channels=channels, task=task)
-    elif dataset_layout(args.folder) is not None:
+        report = inspect_images(
+            args.folder, spatial_dims=dims, in_channels=channels, task=task, modalities=modalities
+        )
+    elif dataset_layout(args.folder) is not None and not modalities:
         report = inspect_dataset(
             args.folder,
             task=TaskName(args.task) if args.task else None,
@@ -172,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             class_names=names,
             spatial_dims=dims,
             in_channels=channels,
+            modalities=modalities,
         )
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))

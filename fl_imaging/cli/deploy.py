@@ -262,7 +262,9 @@ def _cmd_supernode(args: argparse.Namespace) -> int:
     _check_site_files(args)
     if not args.skip_check:
         print(f"checking {args.data_dir} (fl-imaging-data inspect) ...", flush=True)
-        check_site_folder(args.data_dir, args.task, args.num_classes, args.class_names)
+        check_site_folder(
+            args.data_dir, args.task, args.num_classes, args.class_names, args.modalities
+        )
     spec = SuperNodeSpec(
         data_dir=args.data_dir,
         superlink=args.superlink,
@@ -369,7 +371,9 @@ def _cmd_service(args: argparse.Namespace) -> int:
         _check_site_files(role)
         if not role.skip_check:
             print(f"checking {role.data_dir} (fl-imaging-data inspect) ...", file=sys.stderr)
-            check_site_folder(role.data_dir, role.task, role.num_classes, role.class_names)
+            check_site_folder(
+                role.data_dir, role.task, role.num_classes, role.class_names, role.modalities
+            )
     for folder in args.writable:
         if not folder.is_dir():
             raise ValueError(f"{folder} (--writable) is not a folder: create it first")
@@ -750,6 +754,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     node.add_argument(
         "--class-names", default="", help="comma-separated class names, for the data check"
+    )
+    node.add_argument(
+        "--modalities",
+        default="",
+        help="multi-modal cases: the consortium's data.modalities, comma-separated (e.g. "
+        "t1,t1c,t2,flair: images/MODALITY/CASE_ID.nii.gz), for the data check",
     )
     node.add_argument("--skip-check", action="store_true", help="do not run inspect first")
     node.add_argument(

@@ -3,7 +3,9 @@
     fl-imaging-predict RUN_DIR INPUT [--output DIR] [--explain] [--device DEVICE]
 
 RUN_DIR is the folder of a finished ``fl-imaging`` run (config.yaml, model.pt). INPUT is a site
-folder, a folder of images (NIfTI, 2D images, DICOM series folders) or one image. Segmentation
+folder, a folder of images (NIfTI, 2D images, DICOM series folders) or one image; for a run on
+multi-modal cases (data.modalities), a folder with one sub-folder per modality
+(MODALITY/CASE_ID.nii.gz), or a site folder whose images/ has them. Segmentation
 masks are written as NIfTI in each input's geometry; classification as predictions.csv.
 --explain adds a saliency map beside each prediction, in the input's geometry (NIfTI and a PNG
 overlay): Grad-CAM of the predicted class, or the occlusion sensitivity of the predicted

@@ -13,6 +13,7 @@ from fl_imaging.config.schema import (
     MODEL_NORMS,
     NORM_OUTLIER_ACTIONS,
     CompressionMode,
+    DataName,
     DPMode,
     ModelName,
     PartitionName,
@@ -21,7 +22,34 @@ from fl_imaging.config.schema import (
     TaskName,
 )
 
-__all__ = ["config_problems"]
+__all__ = ["config_problems", "in_channels_problem"]
+
+
+def in_channels_problem(modalities: list[str] | tuple[str, ...], in_channels: int) -> str | None:
+    """One sentence when ``task.in_channels`` differs from the number of ``modalities``
+    (``data.modalities``, stacked as channels), naming both values and the override to set;
+    None when they agree or no modality is listed."""
+    if not modalities or len(modalities) == in_channels:
+        return None
+    return (
+        f"data.modalities lists {len(modalities)} modalities ({', '.join(modalities)}), stacked "
+        f"as {len(modalities)} channels, but task.in_channels={in_channels}: set "
+        f"task.in_channels={len(modalities)}"
+    )
+
+
+def _modalities_problems(modalities: list[str]) -> list[str]:
+    """``data.modalities``: folder names (no path separator, not hidden), each listed once."""
+    problems = [
+        f"data.modalities: {m!r} is not a folder name; name each modality by its folder under "
+        "images/, e.g. [t1,t1c,t2,flair]"
+        for m in modalities
+        if not m or "/" in m or "\\" in m or m.startswith(".") or m != m.strip()
+    ]
+    repeated = sorted({m for m in modalities if modalities.count(m) > 1})
+    if repeated:
+        problems.append(f"data.modalities lists {', '.join(repeated)} more than once")
+    return problems
 
 
 def config_problems(run: RunConfig) -> list[str]:
@@ -48,6 +76,15 @@ def config_problems(run: RunConfig) -> list[str]:
         )
     if task.in_channels < 1:
         problems.append(f"task.in_channels={task.in_channels}: must be 1 or more")
+    problems += _modalities_problems(list(data.modalities))
+    if data.modalities and data.name not in (DataName.demo, DataName.folders):
+        problems.append(
+            f"data.modalities={list(data.modalities)} with data={data.name.value}: multi-modal "
+            "cases are read from site folders (data=folders) or written by the demo (data=demo); "
+            "a public dataset is read in its own layout: set data.modalities=[]"
+        )
+    if (channels := in_channels_problem(list(data.modalities), task.in_channels)) is not None:
+        problems.append(channels)
     if task.sw_batch_size < 1 or not 0.0 <= task.sw_overlap < 1.0:
         problems.append(
             f"task.sw_batch_size={task.sw_batch_size}, task.sw_overlap={task.sw_overlap}: the "

@@ -274,6 +274,9 @@ class DataConfig:
     root: str | None = None
     sites: list[str] = field(default_factory=list)
     num_sites: int = 3
+    #: Multi-modal cases: the folders of images/ (``images/MODALITY/CASE_ID.nii.gz``), one
+    #: per modality, stacked as channels in this order; empty: one image file per case.
+    modalities: list[str] = field(default_factory=list)
     cases_per_site: int = 16
     shape: list[int] = field(default_factory=lambda: [32, 32, 32])
     dicom_sites: list[int] = field(default_factory=lambda: [0])

@@ -61,6 +61,33 @@ def _case(
     return image.astype(np.float32), label
 
 
+def _modality_contrast(index: int) -> tuple[float, float]:
+    """The demo's synthetic contrast of modality ``index`` (0-based): (structure contrast,
+    background level), in units of the texture. Every modality shows the structure, each with its
+    own sign and strength (bright, dark, faint ...), like T1, T2, FLAIR."""
+    contrasts = ((0.5, 0.0), (-0.3, 0.35), (0.25, 0.1), (0.4, 0.2))
+    contrast, level = contrasts[index % len(contrasts)]
+    return contrast * (1.0 + 0.1 * (index // len(contrasts))), level
+
+
+def _modality_images(
+    rng: np.random.Generator, label: np.ndarray, count: int, profile: dict
+) -> list[np.ndarray]:
+    """``count`` co-registered contrasts of one case with mask ``label``: each its own texture
+    and noise, on the same grid, with the structure at :func:`_modality_contrast`."""
+    shape = label.shape
+    images = []
+    for m in range(count):
+        coarse = rng.normal(size=tuple(max(2, s // 8) for s in shape))
+        texture = zoom(coarse, [s / c for s, c in zip(shape, coarse.shape, strict=True)], order=1)
+        contrast, level = _modality_contrast(m)
+        texture = 0.25 + level + 0.1 * texture[: shape[0], : shape[1], : shape[2]]
+        noise = rng.normal(0.0, profile["noise"], shape)
+        signal = np.clip(texture + contrast * label + noise, 0.0, None)
+        images.append(profile["scale"] * signal ** profile["gamma"] + profile["offset"])
+    return [image.astype(np.float32) for image in images]
+
+
 def make_demo_data(
     root: Path,
     *,
@@ -72,6 +99,7 @@ def make_demo_data(
     dicom_sites: tuple[int, ...] = (0,),
     seed: int = 0,
     test_cases: int = 0,
+    modalities: tuple[str, ...] = (),
 ) -> list[Path]:
     """Write (or reuse) the demo federation under ``root`` and return its site folders.
 
@@ -80,6 +108,9 @@ def make_demo_data(
     Classification: ``labels.csv`` where class 1 cases hold the structure and class 0 cases do not.
     With ``test_cases`` > 0, each site's ``split.csv`` holds its last ``test_cases`` cases out
     as test cases (the others are split into training and validation when loaded).
+    With ``modalities``, each case is one image per modality, ``images/MODALITY/CASE.nii.gz``
+    (or a DICOM series folder at a DICOM site), all on the case's grid, each modality with its
+    own synthetic contrast of the structure (:func:`_modality_contrast`).
     The same arguments always give the same voxels; a folder already holding a demo made with the
     same arguments is reused as it is (``root/demo.json`` records them).
     """
@@ -96,6 +127,8 @@ def make_demo_data(
         "seed": seed,
         "test_cases": test_cases,
     }
+    if modalities:  # recorded only when set, so that single-image demos are reused as before
+        args["modalities"] = list(modalities)
     sites = [root / f"site-{k + 1}" for k in range(num_sites)]
     marker = root / "demo.json"
     if marker.is_file() and json.loads(marker.read_text()) == args:
@@ -115,7 +148,18 @@ def make_demo_data(
             case_id = f"site{k + 1}-case{c:03d}"
             label_value = c % 2 if task == "classification" else 1
             image, mask = _case(rng, shape, with_structure=bool(label_value), profile=profile)
-            if k in dicom_sites:
+            if modalities:
+                contrasts = _modality_images(rng, mask, len(modalities), profile)
+                for modality, volume in zip(modalities, contrasts, strict=True):
+                    folder = site / "images" / modality
+                    folder.mkdir(exist_ok=True)
+                    if k in dicom_sites:
+                        write_dicom_series(
+                            volume, affine, folder / case_id, patient_id=case_id, seed=seed
+                        )
+                    else:
+                        nib.save(nib.Nifti1Image(volume, affine), folder / f"{case_id}.nii.gz")
+            elif k in dicom_sites:
                 write_dicom_series(
                     image, affine, site / "images" / case_id, patient_id=case_id, seed=seed
                 )
@@ -138,7 +182,8 @@ def make_demo_data(
     (root / "DEMO_README.txt").write_text(
         "Synthetic demo data written by fl-imaging (not patient data).\n"
         f"{num_sites} sites x {cases_per_site} cases, {task}, shape {list(shape)}, "
-        f"spacing {list(spacing)} mm, seed {seed}.\n"
+        + (f"modalities {list(modalities)}, " if modalities else "")
+        + f"spacing {list(spacing)} mm, seed {seed}.\n"
         f"Sites stored as DICOM series: {[f'site-{k + 1}' for k in sorted(dicom_sites)]}; "
         "the others as NIfTI.\n"
     )

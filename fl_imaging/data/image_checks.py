@@ -55,6 +55,9 @@ class CaseReport:
     #: Segmentation: number of voxels of each class 0..num_classes-1 in the label.
     label_voxels: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: A multi-modal case: its files, one per modality in channel order (``image`` is the
+    #: first); empty for a single-file case.
+    images: list[str] = field(default_factory=list)
 
 
 @cache

@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from fl_imaging.data.sites import SiteDataError, case_id_of, is_image_file, nhdr_data_files
+from fl_imaging.data.sites import (
+    SiteDataError,
+    case_id_of,
+    collect_modalities,
+    is_image_file,
+    nhdr_data_files,
+)
 
-__all__ = ["find_images", "is_series"]
+__all__ = ["find_images", "find_modality_images", "is_series"]
 
 
 def is_series(folder: Path) -> bool:
@@ -63,3 +70,28 @@ def find_images(source: Path) -> tuple[list[tuple[str, Path]], list[str]]:
             f"{folder}: no NIfTI or NRRD file, 2D image or DICOM series folder found"
         )
     return sorted(found.items()), problems
+
+
+def find_modality_images(
+    source: Path, modalities: Sequence[str]
+) -> tuple[list[tuple[str, tuple[str, ...]]], list[str]]:
+    """List the multi-modal cases under ``source``: a folder holding one sub-folder per modality
+    of ``modalities`` (``MODALITY/CASE_ID.nii.gz`` or a DICOM series ``MODALITY/CASE_ID/``), or a
+    site folder whose ``images/`` does.
+
+    Returns the (case id, one path per modality in ``modalities`` order) pairs, sorted by case
+    id, and the problems (:func:`~fl_imaging.data.sites.collect_modalities`: a case missing a
+    modality, an unknown folder ...). Raises :class:`SiteDataError` when ``source`` is not a
+    folder or holds no complete case.
+    """
+    if not source.is_dir():
+        raise SiteDataError(
+            f"{source} is not a folder: give a folder with one sub-folder per modality "
+            f"({', '.join(f'{m}/' for m in modalities)}) holding CASE_ID.nii.gz files"
+        )
+    folder = source / "images" if (source / "images").is_dir() else source
+    problems: list[str] = []
+    cases = collect_modalities(folder, list(modalities), source.name, {}, problems, set())
+    if not cases and not problems:
+        raise SiteDataError(f"{folder}: no case found in {', '.join(modalities)}")
+    return sorted(cases.items()), problems

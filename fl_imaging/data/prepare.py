@@ -59,6 +59,7 @@ def site_folders(cfg: RunConfig) -> list[Path]:
             dicom_sites=tuple(data.dicom_sites),
             seed=data.partition.seed,
             test_cases=round(data.test_fraction * data.cases_per_site),
+            modalities=tuple(data.modalities),
         )
     elif data.name != DataName.folders:
         folders = simulated_sites(cfg)
@@ -145,6 +146,7 @@ def checked_cases(
         in_channels=cfg.task.in_channels,
         val_fraction=cfg.data.val_fraction,
         seed=cfg.seed if seed is None else seed,
+        modalities=list(cfg.data.modalities),
     )
     problems = report.all_problems
     bad = {c.case_id for c in report.cases if c.problems}

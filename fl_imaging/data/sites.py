@@ -5,6 +5,9 @@ A site folder holds::
     images/CASE_ID.nii.gz | CASE_ID.nii   NIfTI volumes (or NRRD: CASE_ID.nrrd | CASE_ID.nhdr)
     images/CASE_ID/                       one DICOM series per folder (any file names)
     images/CASE_ID.png | .jpg             2D images (2D tasks)
+    images/MODALITY/CASE_ID.nii.gz        multi-modal cases (``data.modalities``): one folder per
+    images/MODALITY/CASE_ID/              modality, each holding every case (file or DICOM series),
+                                          stacked as channels in ``data.modalities`` order
     labels/CASE_ID.nii.gz                 segmentation masks (NIfTI or NRRD), paired with images
                                           by case id
     labels.csv                            classification labels: ``case_id,label[,split]``
@@ -21,6 +24,7 @@ and the file, and nothing is skipped silently.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +44,7 @@ __all__ = [
     "SiteDataError",
     "SiteScan",
     "case_id_of",
+    "collect_modalities",
     "find_cases",
     "is_image_file",
     "load_site",
@@ -62,17 +67,21 @@ class SiteDataError(ValueError):
 
 @dataclass(frozen=True)
 class Case:
-    """One case: ``image`` is a NIfTI file or a DICOM series folder; ``label`` a mask path
-    (segmentation) or a class index (classification); ``split`` train/val/test or None."""
+    """One case: ``image`` is a NIfTI file or a DICOM series folder, or for a multi-modal case
+    (``data.modalities``) a tuple of them, one per modality in channel order; ``label`` a mask
+    path (segmentation) or a class index (classification); ``split`` train/val/test or None."""
 
     case_id: str
-    image: str
+    image: str | tuple[str, ...]
     label: str | int
     split: str | None = None
 
-    def as_dict(self) -> dict[str, str | int]:
-        """Return the MONAI dictionary form ``{"image": ..., "label": ..., "case_id": ...}``."""
-        return {"image": self.image, "label": self.label, "case_id": self.case_id}
+    def as_dict(self) -> dict[str, str | int | list[str]]:
+        """Return the MONAI dictionary form ``{"image": ..., "label": ..., "case_id": ...}``;
+        a multi-modal ``image`` is a list of paths, which MONAI's ``LoadImaged`` stacks as
+        channels."""
+        image = list(self.image) if isinstance(self.image, tuple) else self.image
+        return {"image": image, "label": self.label, "case_id": self.case_id}
 
 
 @dataclass
@@ -96,12 +105,12 @@ class SiteScan:
 
     ``cases``: the complete cases (image and label), sorted by case id; ``problems``: one
     sentence per problem, naming the file; ``unlabelled``: (case id, image) of the images that
-    have no label, so that they can still be checked and listed.
+    have no label, so that they can still be checked and listed (a multi-modal case: its paths).
     """
 
     cases: list[Case]
     problems: list[str]
-    unlabelled: list[tuple[str, Path]] = field(default_factory=list)
+    unlabelled: list[tuple[str, Path | tuple[str, ...]]] = field(default_factory=list)
 
 
 def case_id_of(path: Path) -> str:
@@ -155,6 +164,64 @@ def _collect_images(folder: Path, images: dict[str, Path], problems: list[str]) 
                 f"image (.png, .jpg ...) nor a DICOM series folder; move it out of {folder}"
             )
     return added
+
+
+def collect_modalities(
+    images_dir: Path,
+    modalities: Sequence[str],
+    site: str,
+    images: dict[str, Path],
+    problems: list[str],
+    partial: set[str],
+) -> dict[str, tuple[str, ...]]:
+    """Multi-modal layout: ``images/MODALITY/`` per modality of ``modalities``, each holding the
+    cases as files or DICOM series folders. Returns {case id: one path per modality, in
+    ``modalities`` order} for the cases that have every modality, and adds each case's first
+    file to ``images`` (for the label pairing); the ids of cases missing a modality go to
+    ``partial``. Problems: an images/ entry that is not one of the modality folders, a missing
+    modality folder, a case missing a modality (naming the expected path), and
+    what :func:`_collect_images` finds in each folder."""
+    found: dict[str, dict[str, Path]] = {}
+    listed = ", ".join(modalities)
+    for entry in sorted(images_dir.iterdir()):
+        if entry.name.startswith(".") or entry.name in modalities:
+            continue
+        what = "modality folder" if entry.is_dir() else "file"
+        problems.append(
+            f"[site {site}] {entry}: {what} {entry.name!r} is not one of the modalities "
+            f"data.modalities=[{listed}]; with data.modalities set, images/ holds one folder per "
+            "modality: add it to data.modalities or move it out of images/"
+        )
+    for modality in modalities:
+        folder = images_dir / modality
+        if not folder.is_dir():
+            problems.append(
+                f"[site {site}] {folder} is missing: modality {modality} (data.modalities="
+                f"[{listed}]) needs a folder images/{modality}/ holding every case as "
+                f"images/{modality}/CASE_ID.nii.gz or a DICOM series folder "
+                f"images/{modality}/CASE_ID/"
+            )
+            continue
+        paths: dict[str, Path] = {}
+        _collect_images(folder, paths, problems)
+        for case_id, path in paths.items():
+            found.setdefault(case_id, {})[modality] = path
+    complete: dict[str, tuple[str, ...]] = {}
+    for case_id, paths in sorted(found.items()):
+        missing = [m for m in modalities if m not in paths and (images_dir / m).is_dir()]
+        for modality in missing:
+            problems.append(
+                f"[site {site}] case {case_id}: modality {modality} is missing: expected "
+                f"{images_dir / modality / case_id}.nii.gz (or a DICOM series folder "
+                f"{images_dir / modality / case_id}/); add it, or move the case's other "
+                "modalities out"
+            )
+        if len(paths) < len(modalities):
+            partial.add(case_id)
+        else:
+            complete[case_id] = tuple(str(paths[m]) for m in modalities)
+            images[case_id] = paths[modalities[0]]
+    return complete
 
 
 def _read_csv(path: Path, site: str, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
@@ -215,17 +282,21 @@ def _csv_column(
 
 
 def find_cases(
-    root: Path, task: TaskName, site: str | None = None, class_names: list[str] | None = None
+    root: Path,
+    task: TaskName,
+    site: str | None = None,
+    class_names: list[str] | None = None,
+    modalities: Sequence[str] = (),
 ) -> list[Case]:
     """List the cases of a site folder without decoding any image.
 
     Takes the site folder, the task name (``segmentation`` or ``classification``), a site name
-    for messages and, for class sub-folders, the class names in index order; returns the cases
-    sorted by case id. Raises :class:`SiteDataError` listing every problem found by
-    :func:`scan_site`.
+    for messages, for class sub-folders the class names in index order and, for multi-modal
+    cases, the modalities (``data.modalities``); returns the cases sorted by case id. Raises
+    :class:`SiteDataError` listing every problem found by :func:`scan_site`.
     """
     site = site or root.name
-    scan = scan_site(root, task, site, class_names)
+    scan = scan_site(root, task, site, class_names, modalities)
     if scan.problems:
         raise SiteDataError(
             f"[site {site}] {len(scan.problems)} problem(s) in {root}:\n  - "
@@ -235,11 +306,18 @@ def find_cases(
 
 
 def scan_site(
-    root: Path, task: TaskName, site: str | None = None, class_names: list[str] | None = None
+    root: Path,
+    task: TaskName,
+    site: str | None = None,
+    class_names: list[str] | None = None,
+    modalities: Sequence[str] = (),
 ) -> SiteScan:
     """List a site folder's complete cases and every problem of its layout, without decoding.
 
-    Classification labels come from ``labels.csv`` or, without it, from class sub-folders of
+    With ``modalities`` (``data.modalities``), images are read from ``images/MODALITY/`` and a
+    case's ``image`` is a tuple of one path per modality (:func:`collect_modalities` says what
+    is refused; a case missing a modality is named and left out). Classification labels come
+    from ``labels.csv`` or, without it, from class sub-folders of
     ``images/``: class k is ``class_names[k]`` when given, else the k-th folder name in sorted
     order. Returns a :class:`SiteScan`. Problems: an unknown file in ``images/`` or ``labels/``
     (a DICOM SEG named as such, with how to convert it), a missing ``labels/`` folder, a
@@ -262,13 +340,25 @@ def scan_site(
     images: dict[str, Path] = {}
     problems: list[str] = []
     labels: dict[str, str | int] = {}
+    stacked: dict[str, tuple[str, ...]] = {}
+    partial: set[str] = set()
     class_folders = task != TaskName.segmentation and not (root / "labels.csv").is_file()
-    if class_folders:
+    if modalities:
+        if class_folders:
+            raise SiteDataError(
+                f"[site {site}] {root / 'labels.csv'} is missing: with data.modalities set, "
+                "the sub-folders of images/ are modalities, so classification needs its labels "
+                "in labels.csv (columns case_id,label)"
+            )
+        stacked = collect_modalities(images_dir, list(modalities), site, images, problems, partial)
+    elif class_folders:
         _scan_class_folders(images_dir, class_names, images, labels, problems)
     else:
         _collect_images(images_dir, images, problems)
     if not images and not problems:
         raise SiteDataError(f"[site {site}] {images_dir} is empty: no NIfTI file or DICOM folder")
+    paths: dict[str, str | tuple[str, ...]] = {c: str(p) for c, p in images.items()}
+    paths.update(stacked)
 
     splits: dict[str, str] = {}
     split_file = root / "split.csv"
@@ -287,7 +377,7 @@ def scan_site(
                 "NRRD), named like the image, in labels/; to check images that have no labels "
                 "(a folder to predict on) use fl-imaging-data inspect --images-only"
             )
-        for case_id in sorted(set(labels) - set(images)):
+        for case_id in sorted(set(labels) - set(images) - partial):
             problems.append(f"{labels[case_id]}: label without an image (no images/{case_id}*)")
     elif not class_folders:
         labels_csv = root / "labels.csv"
@@ -318,9 +408,9 @@ def scan_site(
             problems.append(f"split of case {case_id} is {split!r}: use one of {', '.join(SPLITS)}")
     complete = sorted(set(images) & set(labels))
     return SiteScan(
-        [Case(c, str(images[c]), labels[c], splits.get(c)) for c in complete],
+        [Case(c, paths[c], labels[c], splits.get(c)) for c in complete],
         problems,
-        [(c, images[c]) for c in unlabelled],
+        [(c, Path(paths[c]) if isinstance(paths[c], str) else paths[c]) for c in unlabelled],
     )
 
 
@@ -411,6 +501,7 @@ def load_site(
     name: str | None = None,
     cases: list[Case] | None = None,
     class_names: list[str] | None = None,
+    modalities: Sequence[str] = (),
 ) -> SiteData:
     """Find a site's cases (or take ``cases``, already checked) and split them.
 
@@ -420,7 +511,7 @@ def load_site(
     training and one validation case.
     """
     name = name or root.name
-    cases = find_cases(root, task, name, class_names) if cases is None else cases
+    cases = find_cases(root, task, name, class_names, modalities) if cases is None else cases
     site = SiteData(name=name, root=root)
     unassigned = [c for c in cases if c.split is None]
     rng = np.random.default_rng(seed)

@@ -185,9 +185,14 @@ def register_site_keys(
 
 
 def check_site_folder(
-    data_dir: Path, task: str = "segmentation", num_classes: int = 2, class_names: str = ""
+    data_dir: Path,
+    task: str = "segmentation",
+    num_classes: int = 2,
+    class_names: str = "",
+    modalities: str = "",
 ) -> str:
-    """Run ``fl-imaging-data inspect`` on ``data_dir``; returns its report. Raises
+    """Run ``fl-imaging-data inspect`` on ``data_dir`` (with ``modalities``, comma-separated,
+    as ``--modalities``: multi-modal cases); returns its report. Raises
     :class:`SiteCheckError` with the report when the folder is not ready."""
     command = [
         sys.executable,
@@ -202,6 +207,8 @@ def check_site_folder(
     ]
     if class_names:
         command += ["--class-names", class_names]
+    if modalities:
+        command += ["--modalities", modalities]
     done = subprocess.run(
         command, capture_output=True, text=True, env=flower_env(Path.home() / ".flwr")
     )

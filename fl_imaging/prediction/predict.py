@@ -6,6 +6,10 @@ run's task (spatial dimensions, channels; DICOM series geometry and SOP class; f
 that cannot be predicted on stops the command before anything is written, with a message naming
 the file.
 
+A run trained on multi-modal cases (``data.modalities``) predicts on a folder holding one
+sub-folder per modality, ``MODALITY/CASE_ID.nii.gz`` (or a site folder whose ``images/`` does),
+each case's modalities checked and stacked as in training.
+
 Segmentation: one mask per image, ``<case id>.nii.gz`` (uint8 class indices), in the input's own
 grid and orientation: the model sees the image through the task's transforms and MONAI's
 ``Invertd`` maps the logits back before the arg-max. Classification: ``predictions.csv`` with
@@ -28,7 +32,8 @@ from monai.transforms import Invertd
 from fl_imaging.config import ConfigError, RunConfig, TaskName, config_from_yaml
 from fl_imaging.config.devices import site_device
 from fl_imaging.data.image_checks import check_image
-from fl_imaging.data.image_folder import find_images
+from fl_imaging.data.image_folder import find_images, find_modality_images
+from fl_imaging.data.modalities import check_modalities
 from fl_imaging.data.nifti_io import save_nifti
 from fl_imaging.data.sites import SiteDataError
 from fl_imaging.prediction.explain import Explainer
@@ -86,20 +91,34 @@ def load_run(run_dir: Path) -> LoadedRun:
     return LoadedRun(cfg, model.eval())
 
 
-def check_inputs(run: LoadedRun, source: Path) -> list[tuple[str, Path]]:
-    """Find the images under ``source`` (:func:`~fl_imaging.data.image_folder.find_images`) and
-    check each against the run's task before anything is predicted: the checks of
-    ``fl-imaging-data inspect`` (file content, DICOM series geometry and SOP class, decoding,
-    spatial dimensions and channels as in the run's config, no NaN).
+def check_inputs(run: LoadedRun, source: Path) -> list[tuple[str, Path | tuple[str, ...]]]:
+    """Find the images under ``source`` (:func:`~fl_imaging.data.image_folder.find_images`; a
+    multi-modal run: :func:`~fl_imaging.data.image_folder.find_modality_images` with its
+    ``data.modalities``) and check each against the run's task before anything is predicted:
+    the checks of ``fl-imaging-data inspect`` (file content, DICOM series geometry and SOP
+    class, decoding, spatial dimensions and channels as in the run's config, no NaN; a
+    multi-modal case: every modality present, one format, one grid).
 
-    Returns the (case id, image) pairs. Raises :class:`PredictionError` listing every problem.
+    Returns the (case id, image) pairs, the image a tuple of one path per modality for a
+    multi-modal run. Raises :class:`PredictionError` listing every problem.
     """
-    images, problems = find_images(source)
-    task = run.cfg.task
+    task, modalities = run.cfg.task, list(run.cfg.data.modalities)
+    images: list[tuple[str, Path | tuple[str, ...]]] = []
+    if modalities:
+        stacked, problems = find_modality_images(source, modalities)
+        images += stacked
+    else:
+        single, problems = find_images(source)
+        images += single
     for case_id, path in images:
-        report, _ = check_image(
-            case_id, path, spatial_dims=task.spatial_dims, in_channels=task.in_channels
-        )
+        if isinstance(path, tuple):
+            report, _ = check_modalities(
+                case_id, path, modalities, site=source.name, spatial_dims=task.spatial_dims
+            )
+        else:
+            report, _ = check_image(
+                case_id, path, spatial_dims=task.spatial_dims, in_channels=task.in_channels
+            )
         problems += report.problems
     if problems:
         shown = problems[:MAX_SHOWN] + (
@@ -108,9 +127,15 @@ def check_inputs(run: LoadedRun, source: Path) -> list[tuple[str, Path]]:
         raise PredictionError(
             f"{len(problems)} problem(s) in {source}, nothing predicted:\n  - "
             + "\n  - ".join(shown)
-            + f"\nfl-imaging-data inspect --images-only {source} shows them again."
+            + f"\nfl-imaging-data inspect --images-only {_modalities_option(modalities)}{source} "
+            "shows them again."
         )
     return images
+
+
+def _modalities_option(modalities: list[str]) -> str:
+    """``--modalities A,B `` for a multi-modal run's inspect command, else nothing."""
+    return f"--modalities {','.join(modalities)} " if modalities else ""
 
 
 def predict_folder(
@@ -143,9 +168,10 @@ def predict_folder(
     names = list(run.cfg.task.class_names) or [str(k) for k in range(run.cfg.task.num_classes)]
     explainer = Explainer(cpu_task, run.cfg.task, run.model) if explain else None  # a CPU copy
     model = run.model if target.type == "cpu" else copy.deepcopy(run.model).to(target)
-    for index, (case_id, path) in enumerate(images, start=1):
+    for index, (case_id, given) in enumerate(images, start=1):
+        path = Path(given[0]) if isinstance(given, tuple) else given
         try:
-            sample = transform({"image": str(path)})
+            sample = transform({"image": list(given) if isinstance(given, tuple) else str(given)})
         except Exception as err:  # MONAI wraps the reader's error; name the file
             root = err
             while root.__cause__ is not None:
@@ -170,7 +196,7 @@ def predict_folder(
                 predicted = torch.tensor(best)
                 row: dict[str, str | float | int] = {
                     "case_id": case_id,
-                    "image": str(path),
+                    "image": ";".join(given) if isinstance(given, tuple) else str(path),
                     "predicted": best,
                     "predicted_name": names[best],
                 }

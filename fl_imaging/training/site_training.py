@@ -304,7 +304,7 @@ def site_cases(cfg: RunConfig, site: SiteRef) -> list[Case]:
         cases, _ = checked_cases(site.folder, cfg, seed=cfg.seed + site.index)
     else:
         names = list(cfg.task.class_names) or None
-        cases = find_cases(site.folder, cfg.task.name, site.name, names)
+        cases = find_cases(site.folder, cfg.task.name, site.name, names, list(cfg.data.modalities))
     excluded = excluded_of(cfg.data.excluded_cases, site.name)
     if excluded:
         log.info(
