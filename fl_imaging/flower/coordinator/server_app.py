@@ -83,7 +83,15 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
     assert recorder.global_arrays is not None
     plan.model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
     notes = "\n".join(
-        n for n in (plan.stopped, plan.absence_note(), *ending, plan.records.note()) if n
+        n
+        for n in (
+            plan.initial_model.line() if plan.initial_model else "",
+            plan.stopped,
+            plan.absence_note(),
+            *ending,
+            plan.records.note(),
+        )
+        if n
     )
     write_run_files(
         plan.run_dir,
