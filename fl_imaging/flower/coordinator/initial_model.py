@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fl_imaging.common.atomic import write_atomically
 from fl_imaging.config import ConfigError
 from fl_imaging.review.results import WeightsFileError, load_weights
 
@@ -38,6 +39,13 @@ class InitialModel:
     def record(self) -> dict[str, str]:
         """The audit log's ``initial_model`` field: ``{"path": ..., "sha256": ...}``."""
         return {"path": str(self.path), "sha256": self.sha256}
+
+    def copy_to(self, path: Path) -> Path:
+        """Write the initial weights file's bytes, unchanged, to ``path`` (atomically): an
+        evaluation-only run's ``model.pt`` is the model it scored, byte for byte. Returns
+        ``path``; raises ``OSError``."""
+        data = self.path.read_bytes()
+        return write_atomically(path, lambda handle: handle.write(data))
 
     def line(self) -> str:
         """summary.txt's line on the warm start."""

@@ -103,6 +103,8 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
         plan.main_metric,
         notes,
     )
+    if cfg.engine.rounds == 0 and plan.initial_model is not None:  # evaluation only
+        plan.initial_model.copy_to(plan.run_dir / "model.pt")  # the scored file, byte for byte
     plan.records.finish(plan, ending)  # run_end record, report.html, tracked files
     if write_error is not None:
         raise write_error
