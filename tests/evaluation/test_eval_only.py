@@ -93,17 +93,22 @@ def _page_commands() -> list[list[str]]:
     return [shlex.split(line, comments=True) for line in lines]
 
 
+@pytest.mark.slow
 def test_the_warm_start_page_commands_run_as_written(tmp_path: Path) -> None:
     commands = _page_commands()
     assert [c[0] for c in commands] == ["fl-imaging", "fl-imaging", "fl-imaging-eval"]
     for words in commands:
         run_cli(words[0], *words[1:], cwd=tmp_path, timeout=240)
     public, tuned = tmp_path / "runs" / "public", tmp_path / "runs" / "fine-tuned"
-    scored = (
-        sorted((tmp_path / "runs" / "eval").iterdir())[-1]
-        if (tmp_path / "runs" / "eval").is_dir()
-        else tmp_path / "runs" / "eval"
-    )
+    scored = tmp_path / "runs" / "eval"
     assert (tuned / "model.pt").is_file()
     assert (scored / "model.pt").read_bytes() == (public / "model.pt").read_bytes()
     assert {r["site"] for r in _rows(scored) if r["metric"] == "test_dice"} >= {"site-1", "site-2"}
+    assert not [r for r in _rows(scored) if r["metric"] == "train_loss"]
+    assert (scored / "report.html").is_file()
+    start = json.loads((tuned / "audit.jsonl").read_text().splitlines()[0])
+    assert start["initial_model"]["path"] == str(public / "model.pt")  # relative, from cwd
+    frozen = torch.load(public / "model.pt", weights_only=True)
+    final = torch.load(tuned / "model.pt", weights_only=True)
+    assert torch.allclose(final["model.0.residual.weight"], frozen["model.0.residual.weight"])
+    assert not torch.equal(final["model.2.0.conv.weight"], frozen["model.2.0.conv.weight"])
