@@ -79,6 +79,7 @@ def run(cfg: RunConfig) -> Path:
     check_tracking(cfg)
     check_model(cfg)
     cfg = replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
+    cfg = _absolute_init(cfg)  # the ServerApp may run elsewhere (Ray, a SuperLink's host)
     cfg = replace(cfg, site=absolute_site_paths(cfg))  # Ray's workers run elsewhere
     check_site_policies(cfg)  # a simulated site's policy file that cannot be used stops here
     local_ray = None
@@ -93,6 +94,20 @@ def run(cfg: RunConfig) -> Path:
     finally:
         if local_ray is not None:
             local_ray.stop()
+
+
+def _absolute_init(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``task.model.init`` made absolute, from the folder the command was started
+    in (Hydra's ``runtime.cwd`` inside a Hydra job, which may have changed the working folder
+    with ``hydra.job.chdir=true``; else the working folder); as it was without one."""
+    init = cfg.task.model.init
+    if not init:
+        return cfg
+    from hydra.core.hydra_config import HydraConfig
+
+    start = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
+    model = replace(cfg.task.model, init=str(start / Path(init).expanduser()))
+    return replace(cfg, task=replace(cfg.task, model=model))
 
 
 def _sites_checked_and_run(cfg: RunConfig, local_ray: LocalRay | None) -> Path:

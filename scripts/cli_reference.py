@@ -42,6 +42,7 @@ COMMANDS = {
     "fl-imaging-deploy": "fl_imaging.cli.deploy",
     "fl-imaging-bench": "fl_imaging.cli.bench",
     "fl-imaging-audit": "fl_imaging.cli.audit",
+    "fl-imaging-eval": "fl_imaging.cli.eval",
 }
 
 _MARKERS = re.compile(

@@ -38,6 +38,7 @@ from tasks.targets import (
     target_definition,
     transform_definitions,
 )
+from tasks.trainable import freeze_except
 
 __all__ = ["IMAGE_READERS", "ORIENTATION_LABELS", "ImagingTask", "TrainResult", "build_optimizer"]
 
@@ -68,7 +69,8 @@ def build_optimizer(model: nn.Module, cfg: TaskConfig) -> torch.optim.Optimizer:
     """Return the optimizer named in ``cfg.optimizer`` over ``model``'s parameters.
 
     Args:
-        model: the network whose ``parameters()`` the optimizer updates.
+        model: the network whose trainable parameters (``requires_grad``) the optimizer
+            updates.
         cfg: task config; ``cfg.optimizer`` gives ``name`` (``sgd``: SGD with ``momentum``;
             ``adamw``: AdamW; ``adam``: Adam), ``lr`` and ``weight_decay``; or a ``_target_``
             (any ``torch.optim`` class, given ``lr`` and ``weight_decay`` where it takes them,
@@ -82,7 +84,7 @@ def build_optimizer(model: nn.Module, cfg: TaskConfig) -> torch.optim.Optimizer:
             it does not take (:mod:`tasks.targets`).
     """
     opt = cfg.optimizer
-    params = model.parameters()
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen ones stay as they are
     if opt._target_:  # built here, not from a definition: the parameters are no config value
         check_arguments(opt.args, "task.optimizer.args")
         cls = resolve_class(opt._target_, "optimizer", "task.optimizer._target_")
@@ -143,17 +145,22 @@ class ImagingTask(abc.ABC):
             logits (no softmax): ``(B, K, *spatial)`` for segmentation, ``(B, K)`` for
             classification.
 
+        With ``cfg.model.trainable``, only the parameters those patterns match keep
+        ``requires_grad`` (:func:`tasks.trainable.freeze_except`).
+
         Raises:
-            ConfigError: with DP-SGD, for a layer Opacus cannot train (named).
+            ConfigError: with DP-SGD, for a layer Opacus cannot train (named); for a
+                ``trainable`` pattern that matches no parameter.
         """
         model = self.network()
-        if not self.cfg.dp_sgd.enabled:
-            return model
-        from tasks.private_model import private_network  # Opacus only when DP-SGD is on
+        if self.cfg.dp_sgd.enabled:
+            from tasks.private_model import private_network  # Opacus only when DP-SGD is on
 
-        model, conversion = private_network(model)
-        if conversion.message():
-            log.debug("%s", conversion.message())
+            model, conversion = private_network(model)
+            if conversion.message():
+                log.debug("%s", conversion.message())
+        if self.cfg.model.trainable:  # the others frozen: tasks.trainable
+            freeze_except(model, self.cfg.model.trainable)
         return model
 
     def network_definition(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ COMMANDS = {
     "fl-imaging-deploy": "fl_imaging.cli.deploy",
     "fl-imaging-bench": "fl_imaging.cli.bench",
     "fl-imaging-audit": "fl_imaging.cli.audit",
+    "fl-imaging-eval": "fl_imaging.cli.eval",
 }
 
 #: Seconds a command may run unless the test says otherwise: a quick federation takes 15-25 s

@@ -117,11 +117,11 @@ def config_problems(run: RunConfig) -> list[str]:
     for name, value in (
         ("task.local_epochs", task.local_epochs),
         ("task.batch_size", task.batch_size),
-        ("engine.rounds", engine.rounds),
         ("engine.cpus_per_client", engine.cpus_per_client),
     ):
         if value < 1:
             problems.append(f"{name}={value}: must be 1 or more")
+    problems += _evaluation_only_problems(run)
     if (problem := device_spec_problem(task.device)) is not None:
         problems.append(problem)
     if not engine.gpus_per_client >= 0:
@@ -194,6 +194,44 @@ def config_problems(run: RunConfig) -> list[str]:
     if any(not str(key).strip() for key in tracking.tags):
         problems.append(
             "tracking.tags: every tag needs a name, e.g. +tracking.tags.site_group=north"
+        )
+    return problems
+
+
+def _evaluation_only_problems(run: RunConfig) -> list[str]:
+    """What an evaluation-only run (``engine.rounds=0``: no training round, the given model
+    scored on every site's test cases, ``fl-imaging-eval``) needs: a model to score
+    (``task.model.init``), the test round (``engine.test``), and nothing that trains at the
+    sites (fine-tuning, cross-site evaluation's site models, contributions); a negative
+    ``engine.rounds`` is refused."""
+    engine = run.engine
+    if engine.rounds < 0:
+        return [f"engine.rounds={engine.rounds}: must be 1 or more (0: evaluation only)"]
+    if engine.rounds > 0:
+        return []
+    only = "engine.rounds=0 is an evaluation-only run (fl-imaging-eval)"
+    problems = []
+    if not run.task.model.init:
+        problems.append(f"{only}: give the model it scores, task.model.init=PATH")
+    if run.resume:
+        problems.append(f"{only}: it resumes nothing; leave resume= out")
+    if not engine.test:
+        problems.append(
+            f"{only}: it scores the model on the sites' test cases; set engine.test=true"
+        )
+    trains = [
+        f"{key}={value}"
+        for key, value, on in (
+            ("engine.finetune_epochs", engine.finetune_epochs, engine.finetune_epochs > 0),
+            ("engine.cross_site", engine.cross_site, engine.cross_site),
+            ("engine.contributions", engine.contributions, engine.contributions),
+        )
+        if on
+    ]
+    if trains:
+        problems.append(
+            f"{only}: no site trains in it, but {', '.join(trains)} needs models trained at the "
+            "sites; leave them out or train at least one round"
         )
     return problems
 

@@ -143,6 +143,15 @@ class ModelConfig:
     #: them). ``name``, ``channels``, ``num_res_units``, ``dropout`` and ``norm`` are then unused.
     _target_: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
+    #: Warm start: the weights the run starts from instead of random ones: a ``state_dict``
+    #: file (``.pt``), a run folder (its ``model.pt``) or a MONAI bundle folder (its
+    #: ``models/model.pt``); checked against the network before any round. A relative path is
+    #: taken from the folder the command runs in. ``resume=`` wins over it.
+    init: str | None = None
+    #: The parameters the sites train, as fnmatch patterns over the network's parameter names
+    #: (``model.named_parameters()``, e.g. ``model.2.*``); the others stay as they are
+    #: (frozen). Empty: every parameter.
+    trainable: list[str] = field(default_factory=list)
 
 
 def model_label(model: ModelConfig) -> str:

@@ -141,8 +141,9 @@ def site_privacy_problems(cfg: RunConfig, site: str, num_train: int) -> list[str
 def check_sites_privacy(cfg: RunConfig, sites: Sequence[tuple[str, int]]) -> None:
     """Refuse a DP-SGD run before training when any site's accounting would be dishonest
     (:func:`site_privacy_problems`); ``sites`` holds (name, training cases). Raises
-    :class:`ConfigError` listing every problem; does nothing without ``task.dp_sgd.enabled``."""
-    if not cfg.task.dp_sgd.enabled:
+    :class:`ConfigError` listing every problem; does nothing without ``task.dp_sgd.enabled``
+    or in an evaluation-only run (``engine.rounds=0``: no site trains, nothing is spent)."""
+    if not cfg.task.dp_sgd.enabled or cfg.engine.rounds == 0:
         return
     problems = [p for name, n in sites for p in site_privacy_problems(cfg, name, n)]
     if problems:

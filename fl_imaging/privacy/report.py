@@ -27,6 +27,7 @@ __all__ = [
     "privacy_lines",
     "secure_aggregation_line",
     "spent_sites",
+    "trained_parameters_line",
 ]
 
 AGGREGATE = "all"
@@ -99,8 +100,12 @@ def patient_privacy_lines(rows: Sequence[_Row], cfg: RunConfig) -> list[str]:
         "whoever receives the model"
     )
     if not values["epsilon"]:
-        return [head, "  no site reported its privacy spent (no training round finished)"]
-    lines = [head]
+        return [
+            head,
+            trained_parameters_line(cfg),
+            "  no site reported its privacy spent (no training round finished)",
+        ]
+    lines = [head, trained_parameters_line(cfg)]
     for site in sorted(values["epsilon"]):
         get = {m: v[site][1] for m, v in values.items() if site in v}
         lines.append(
@@ -117,6 +122,32 @@ def patient_privacy_lines(rows: Sequence[_Row], cfg: RunConfig) -> list[str]:
             + (", ".join(training) or "none")
         )
     return lines
+
+
+#: How many parameter names :func:`trained_parameters_line` shows.
+_SHOWN_NAMES = 12
+
+
+def trained_parameters_line(cfg: RunConfig) -> str:
+    """The patient-level lines' part on what DP-SGD trained: every parameter, or (with
+    ``task.model.trainable``) the parameters those patterns match, counted and named, the others
+    being the initial model's, unchanged at the sites. Builds the network once for the names."""
+    patterns = list(cfg.task.model.trainable)
+    if not patterns:
+        return "  trained with DP-SGD: every parameter of the network"
+    from tasks import build_task  # the names need the network (torch, MONAI)
+
+    params = list(build_task(cfg.task).build_model().named_parameters())
+    trained = [(n, p) for n, p in params if p.requires_grad]
+    names = [n for n, _ in trained]
+    shown = ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
+    values = sum(p.numel() for _, p in trained)
+    total = sum(p.numel() for _, p in params)
+    return (
+        f"  trained with DP-SGD: {len(trained)} of {len(params)} parameter tensors ({values} of "
+        f"{total} values), those matching task.model.trainable={patterns}: {shown}; the "
+        "others are the initial model's, unchanged at every site (no patient's data reaches them)"
+    )
 
 
 def client_privacy_line(rows: Sequence[_Row], cfg: RunConfig) -> str:

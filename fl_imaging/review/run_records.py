@@ -62,6 +62,8 @@ class RunState(Protocol):
     interrupted: bool
     run_key: str
     flower_run: int
+    #: The warm start (``task.model.init``): has ``record()`` (path, sha256); None without.
+    initial_model: Any
 
     @property
     def checkpoint(self) -> _Resumed | None: ...
@@ -248,6 +250,7 @@ class RunRecords:
             differential_privacy=cfg.strategy.dp.mode.value,
             update_checks=None if cfg.strategy.secagg.enabled else asdict(cfg.strategy.validation),
             model_sha256=arrays_sha256(self.previous),
+            initial_model=plan.initial_model.record() if plan.initial_model else None,
             tracking=self.tracker.info if self.tracker else None,
         )
 

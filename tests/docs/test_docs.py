@@ -37,6 +37,7 @@ SIBLINGS = {
     "fl-imaging-deploy": "fl_imaging.cli.deploy",
     "fl-imaging-bench": "fl_imaging.cli.bench",
     "fl-imaging-audit": "fl_imaging.cli.audit",
+    "fl-imaging-eval": "fl_imaging.cli.eval",
 }
 
 _FENCE = re.compile(r"^```(?P<lang>[\w-]*)\n(?P<body>.*?)^```\s*$", re.S | re.M)

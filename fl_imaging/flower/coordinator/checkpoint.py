@@ -63,7 +63,15 @@ __all__ = [
 ]
 
 #: Config keys that may differ between a run and the run resuming it.
-RESUMABLE_CHANGES = ("engine.rounds", "run_dir", "resume", "engine.verbose", "engine.round_timeout")
+#: (``task.model.init`` too: a resumed run starts from its checkpoint, whatever init says.)
+RESUMABLE_CHANGES = (
+    "engine.rounds",
+    "run_dir",
+    "resume",
+    "engine.verbose",
+    "engine.round_timeout",
+    "task.model.init",
+)
 #: Sections a resumed run may set differently: where it is tracked changes nothing it computes.
 RESUMABLE_SECTIONS = ("tracking.", "site.")
 

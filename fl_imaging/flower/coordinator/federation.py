@@ -27,6 +27,7 @@ from fl_imaging.flower.coordinator.checkpoint import (
     restore_strategy_state,
     save_checkpoint,
 )
+from fl_imaging.flower.coordinator.initial_model import InitialModel, load_initial_model
 from fl_imaging.flower.protocol import RUN_KEY
 from fl_imaging.privacy.report import spent_sites
 from fl_imaging.review.results import AGGREGATE_SITE, MetricRow, SitesFailed, progress_line
@@ -81,6 +82,8 @@ class FederationPlan:
     site_names: list[str]
     main_metric: str
     checkpoint: Checkpoint | None = None
+    #: The warm start the run began from (``task.model.init``; None: random weights, or resumed).
+    initial_model: InitialModel | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     stopped: str = ""
@@ -195,10 +198,13 @@ class FederationPlan:
 def plan_federation(cfg: RunConfig, site_names: list[str]) -> FederationPlan:
     """Build and check the server side of ``cfg``: the seeded model, the strategy chain for
     ``engine.num_sites`` sites (or as many as ``site_names``) and, with ``cfg.resume``, the
-    checkpoint (config compared, strategy state, rows and model restored).
+    checkpoint (config compared, strategy state, rows and model restored), else with
+    ``task.model.init`` the initial weights (checked against the network,
+    :mod:`.initial_model`).
 
     Raises :class:`~strategies.registry.StrategyError` for a strategy that cannot run and
-    :class:`~fl_imaging.config.ConfigError` for a run that cannot be resumed.
+    :class:`~fl_imaging.config.ConfigError` for a run that cannot be resumed or initial weights
+    that cannot be read or do not fit.
     """
     names = list(site_names)
     num_sites = cfg.engine.num_sites or len(names)
@@ -206,6 +212,20 @@ def plan_federation(cfg: RunConfig, site_names: list[str]) -> FederationPlan:
     task = build_task(cfg.task)
     model = task.build_model()
     checkpoint = load_checkpoint(Path(cfg.resume)) if cfg.resume else None
+    init = cfg.task.model.init
+    initial = None
+    if init and checkpoint is not None:
+        log.info(
+            "resume=%s wins over task.model.init=%s: the run goes on from the checkpoint's "
+            "weights, not from the initial model",
+            cfg.resume,
+            init,
+        )
+    elif init:
+        initial = load_initial_model(model, init)  # checked against the network, once
+        log.info(
+            "starting from %s (task.model.init)", initial.line().removeprefix("initial model: ")
+        )
     arrays = ArrayRecord(model.state_dict())
     if checkpoint is not None:
         check_resumable(checkpoint, cfg)
@@ -236,7 +256,7 @@ def plan_federation(cfg: RunConfig, site_names: list[str]) -> FederationPlan:
         restore_strategy_state(strategy, checkpoint.strategy)
         strategy.rows = list(checkpoint.rows)
         strategy.failures = list(checkpoint.failures)
-    plan = FederationPlan(cfg, model, strategy, names, task.main_metric, checkpoint)
+    plan = FederationPlan(cfg, model, strategy, names, task.main_metric, checkpoint, initial)
     if checkpoint is not None and checkpoint.run_key:
         plan.run_key = checkpoint.run_key
     strategy.on_round_end = plan.after_round

@@ -83,7 +83,15 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
     assert recorder.global_arrays is not None
     plan.model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
     notes = "\n".join(
-        n for n in (plan.stopped, plan.absence_note(), *ending, plan.records.note()) if n
+        n
+        for n in (
+            plan.initial_model.line() if plan.initial_model else "",
+            plan.stopped,
+            plan.absence_note(),
+            *ending,
+            plan.records.note(),
+        )
+        if n
     )
     write_run_files(
         plan.run_dir,
@@ -95,6 +103,8 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
         plan.main_metric,
         notes,
     )
+    if cfg.engine.rounds == 0 and plan.initial_model is not None:  # evaluation only
+        plan.initial_model.copy_to(plan.run_dir / "model.pt")  # the scored file, byte for byte
     plan.records.finish(plan, ending)  # run_end record, report.html, tracked files
     if write_error is not None:
         raise write_error

@@ -17,7 +17,8 @@ from fl_imaging.flower.coordinator.federation import FederationPlan, PatientBudg
 from fl_imaging.flower.coordinator.polling import StopRequested
 from fl_imaging.flower.protocol import EVALUATE_GLOBAL, LOCAL_EPOCHS, SiteRefused
 from fl_imaging.review.results import RunFolderError
-from strategies import NotEnoughSites
+from strategies import NotEnoughSites, SiteAvailability
+from strategies.wrapper import wrapper_chain
 
 __all__ = ["train_rounds"]
 
@@ -33,6 +34,9 @@ def train_rounds(grid: Grid, plan: FederationPlan) -> tuple[bool, RunFolderError
     reachable = True
     write_error: RunFolderError | None = None
     try:
+        if cfg.engine.rounds == 0:  # evaluation only: no site is asked to train
+            _wait_for_sites(grid, plan)
+            return reachable, write_error
         recorder.start(
             grid=grid,
             initial_arrays=recorder.global_arrays,
@@ -72,3 +76,19 @@ def train_rounds(grid: Grid, plan: FederationPlan) -> tuple[bool, RunFolderError
     except StopRequested:
         plan.note_interrupted()
     return reachable, write_error
+
+
+def _wait_for_sites(grid: Grid, plan: FederationPlan) -> None:
+    """An evaluation-only run (``engine.rounds=0``): no training round; wait, as a round would,
+    for ``engine.min_sites`` (or every expected site) to be connected before the test round
+    (:meth:`~strategies.availability.SiteAvailability.wait_for_sites`). Raises
+    :class:`~strategies.NotEnoughSites` after ``engine.wait_timeout`` seconds."""
+    log.info(
+        "evaluation only (engine.rounds=0): no training round; every site scores %s",
+        plan.initial_model.path if plan.initial_model else "the initial model",
+    )
+    waiting = next(
+        (n for n in wrapper_chain(plan.strategy) if isinstance(n, SiteAvailability)), None
+    )
+    if waiting is not None:
+        waiting.wait_for_sites(grid, 1)
