@@ -159,6 +159,7 @@ _MAIN_RESULTS = (
 
 
 def _result_files(run_dir: Path) -> list[str]:
-    """The main result files (and the MONAI bundle's folder) ``run_dir`` holds now (a deployment's researcher may lack one the
-    coordinator did not send), in :data:`_MAIN_RESULTS` order."""
+    """The main result files (and the MONAI bundle's folder) ``run_dir`` holds now (a
+    deployment's researcher may lack one the coordinator did not send), in
+    :data:`_MAIN_RESULTS` order."""
     return [name for name in _MAIN_RESULTS if (run_dir / name).exists()]

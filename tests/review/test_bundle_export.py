@@ -23,6 +23,7 @@ from local_runs import local_run
 
 from fl_imaging.cli.predict import main as predict_cli
 from fl_imaging.config import validate_config
+from fl_imaging.config.compose import check_overrides
 from fl_imaging.review.audit import verify_run
 from fl_imaging.review.bundle_export import (
     BUNDLE_FILES,
@@ -39,7 +40,9 @@ DOCS_PAGE = REPO / "docs" / "how-to" / "monai-bundles.md"
 SMOKE = ["experiment=smoke", "engine.rounds=1"]
 
 #: Only the folders that hold MONAI, torch and what they read with: fl-imaging is not there.
-PACKAGE_DIRS = sorted({str(Path(m.__file__).resolve().parents[1]) for m in (monai, torch, nibabel, np, opacus)})
+PACKAGE_DIRS = sorted(
+    {str(Path(m.__file__).resolve().parents[1]) for m in (monai, torch, nibabel, np, opacus)}
+)
 
 
 def _monai_only(script: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -85,7 +88,9 @@ def test_monai_alone_runs_the_bundle_as_fl_imaging_predict_does(
     bundle = tmp_path / "bundle"
     shutil.copytree(smoke_run / "bundle", bundle)  # away from the run folder
     image = _one_volume(smoke_run, bundle / "images")
-    assert predict_cli([str(smoke_run), str(bundle / "images"), "--output", str(tmp_path / "p")]) == 0
+    assert (
+        predict_cli([str(smoke_run), str(bundle / "images"), "--output", str(tmp_path / "p")]) == 0
+    )
     expected = nibabel.load(tmp_path / "p" / image.name)
     # the docs' snippet, verbatim, then MONAI's own loader and a strict load of the weights
     check = textwrap.dedent(
@@ -99,6 +104,13 @@ def test_monai_alone_runs_the_bundle_as_fl_imaging_predict_does(
         fresh.load_state_dict(state, strict=True)
         assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
         print("monai.bundle.load:", type(net).__name__)
+        monai.bundle.ckpt_export(
+            net_id="network_def", filepath="model.ts", ckpt_file="models/model.pt",
+            meta_file="configs/metadata.json", config_file="configs/inference.json",
+        )
+        x = torch.randn(1, 1, 24, 24, 24)
+        with torch.no_grad():
+            assert torch.allclose(torch.jit.load("model.ts")(x), net.eval()(x), atol=1e-5)
         """
     )
     done = _monai_only(RUN_SNIPPET + check, cwd=bundle)
@@ -189,7 +201,12 @@ def test_a_dp_sgd_run_exports_its_converted_network_and_its_epsilon(tmp_path: Pa
 def test_weights_that_the_definition_does_not_take_are_refused(tmp_path: Path) -> None:
     cfg = validate_config({"task": {"model": {"channels": [4, 8], "norm": "batch"}}})
     private = validate_config(
-        {"task": {"model": {"channels": [4, 8], "norm": "batch"}, "dp_sgd": {"enabled": True, "noise_multiplier": 1.0}}}
+        {
+            "task": {
+                "model": {"channels": [4, 8], "norm": "batch"},
+                "dp_sgd": {"enabled": True, "noise_multiplier": 1.0},
+            }
+        }
     )
     model = build_task(private.task).build_model()  # GroupNorm weights, no running statistics
     with pytest.raises(BundleExportError, match="does not take the run's weights"):
@@ -203,3 +220,44 @@ def test_the_docs_page_holds_the_snippet_the_bundle_runs() -> None:
     blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     assert RUN_SNIPPET in blocks
     assert "Run a bundle as a task" not in page  # the other half of the page, merged later
+
+
+def test_tracking_mlflow_logs_the_model_that_mlflow_loads_and_runs(tmp_path: Path) -> None:
+    import mlflow.pytorch
+    from mlflow import MlflowClient
+
+    store = tmp_path / "mlruns"
+    run = local_run(
+        tmp_path / "run",
+        *SMOKE,
+        f"data.root={tmp_path / 'demo'}",
+        "tracking=mlflow",
+        f"tracking.uri={store}",
+    )
+    info = json.loads((run / "tracking.json").read_text())
+    assert info["status"] == "FINISHED" and "failed" not in info
+    assert info["model_uri"].startswith("models:/")
+    client = MlflowClient(tracking_uri=info["tracking_uri"])
+    bundle = {a.path for a in client.list_artifacts(info["run_id"], "bundle/configs")}
+    assert bundle == {"bundle/configs/inference.json", "bundle/configs/metadata.json"}
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    try:
+        loaded = mlflow.pytorch.load_model(info["model_uri"])
+        image = torch.randn(1, 1, 24, 24, 24)  # the graph MLflow saved (pt2), not our class
+        state = torch.load(run / "model.pt", weights_only=True)
+        assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+        # the docs' snippet, verbatim, with the URI of tracking.json
+        page = DOCS_PAGE.read_text()
+        snippet = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "mlflow" in b)
+        scope: dict = {"model_uri": info["model_uri"]}
+        exec(snippet, scope)
+        assert scope["logits"].shape == (1, 2, 32, 32, 32)
+        trained = build_task(check_overrides(SMOKE).task).build_model()
+        trained.load_state_dict(state)
+        with torch.no_grad():
+            want = trained.eval()(torch.zeros(1, 1, 32, 32, 32)).numpy()
+            np.testing.assert_allclose(loaded(image), trained(image), atol=1e-5)
+        np.testing.assert_allclose(scope["logits"], want, atol=1e-5)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert not (REPO / "mlflow.db").exists() and not (REPO / "mlruns").exists()

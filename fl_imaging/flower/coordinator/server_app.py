@@ -108,9 +108,7 @@ def _export_bundle(plan: FederationPlan) -> None:
     audit's ``run_end`` record hashes its files. Raises :class:`RunFolderError` when the folder
     cannot be written."""
     try:
-        export_bundle(
-            plan.run_dir, plan.cfg, plan.strategy.rows, plan.model, list(plan.site_names)
-        )
+        export_bundle(plan.run_dir, plan.cfg, plan.strategy.rows, plan.model, list(plan.site_names))
     except OSError as err:
         raise RunFolderError(
             f"could not write the MONAI bundle into {plan.run_dir / 'bundle'} ({err}): free "
