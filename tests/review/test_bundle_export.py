@@ -261,3 +261,44 @@ def test_tracking_mlflow_logs_the_model_that_mlflow_loads_and_runs(tmp_path: Pat
     finally:
         mlflow.set_tracking_uri(None)
     assert not (REPO / "mlflow.db").exists() and not (REPO / "mlruns").exists()
+
+
+def test_a_classification_bundle_gives_the_tasks_probabilities(tmp_path: Path) -> None:
+    from monai.bundle import ConfigParser
+    from PIL import Image
+
+    cfg = validate_config(
+        {
+            "task": {
+                "name": "classification",
+                "spatial_dims": 2,
+                "roi_size": [32, 32],
+                "num_classes": 3,
+                "class_names": ["ct", "mr", "xr"],
+                "model": {"name": "densenet", "channels": [4, 8]},
+            }
+        }
+    )
+    task = build_task(cfg.task)
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    export_bundle(tmp_path, cfg, [], model, ["a", "b"])
+    image = tmp_path / "scan.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 36), dtype=np.uint8)).save(image)
+    parser = ConfigParser()
+    parser.read_config(str(tmp_path / "bundle" / "configs" / "inference.json"))
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(tmp_path / "bundle" / "models" / "model.pt"), strict=True)
+    sample = parser.get_parsed_content("preprocessing")({"image": str(image)})
+    with torch.no_grad():
+        pred = parser.get_parsed_content("inferer")(sample["image"][None], net.eval())[0]
+        prob = parser.get_parsed_content("postprocessing")({**sample, "pred": pred})["pred"]
+        want = torch.softmax(
+            model(task.inference_transforms()({"image": str(image)})["image"][None]), 1
+        )
+    assert parser["inferer"] == {"_target_": "SimpleInferer"}
+    np.testing.assert_allclose(np.asarray(prob), want[0].numpy(), atol=1e-6)
+    meta = json.loads((tmp_path / "bundle" / "configs" / "metadata.json").read_text())
+    pred_format = meta["network_data_format"]["outputs"]["pred"]
+    assert pred_format["channel_def"] == {"0": "ct", "1": "mr", "2": "xr"}
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32]
