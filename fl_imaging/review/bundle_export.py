@@ -421,7 +421,9 @@ def _readme(cfg: RunConfig, metadata: dict[str, Any]) -> str:
     )
 
 
-def _check_weights(definition: dict[str, Any], weights: dict[str, torch.Tensor], where: Path):
+def _check_weights(
+    definition: dict[str, Any], weights: dict[str, torch.Tensor], where: Path
+) -> None:
     """Build ``definition`` with MONAI's ``ConfigParser``, as a bundle's reader does, and load
     ``weights`` into it strictly; raise :class:`BundleExportError` when they do not fit."""
     from monai.bundle import ConfigParser
