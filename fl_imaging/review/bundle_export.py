@@ -10,7 +10,7 @@ MONAI's bundle layout (``monai.bundle``, the model zoo's format)::
       configs/inference.json   network_def, preprocessing, inferer, postprocessing, dataset_dir,
                                output_dir: what ``monai.bundle.ConfigParser`` reads
       models/model.pt          the final weights (a ``state_dict`` of ``network_def``)
-      docs/README.md           what the model is and how to run it with MONAI alone
+      docs/ README.md          what the model is and how to run it with MONAI alone
 
 ``network_def`` and ``preprocessing`` are the task's own bundle config items
 (:meth:`tasks.base.ImagingTask.network_definition`,
@@ -59,12 +59,14 @@ __all__ = [
 
 #: The bundle's folder inside the run folder.
 BUNDLE_FOLDER = "bundle"
+#: The bundle's README, in its ``docs/`` folder.
+README = "README.md"
 #: The bundle's files, relative to the run folder (what the audit hashes and a deployment sends).
 BUNDLE_FILES = (
     f"{BUNDLE_FOLDER}/configs/metadata.json",
     f"{BUNDLE_FOLDER}/configs/inference.json",
     f"{BUNDLE_FOLDER}/models/model.pt",
-    f"{BUNDLE_FOLDER}/docs/README.md",
+    f"{BUNDLE_FOLDER}/docs/{README}",
 )
 #: The JSON schema MONAI's model zoo checks ``metadata.json`` against
 #: (``monai.bundle.verify_metadata`` downloads it).
@@ -76,8 +78,8 @@ METADATA_SCHEMA = (
 BUNDLE_VERSION = "1.0.0"
 AGGREGATE = "all"
 #: Python that runs the bundle with MONAI alone, from the bundle's folder, on the NIfTI images
-#: in its ``images/`` folder (docs/README.md and docs/how-to/monai-bundles.md hold it; a test
-#: runs it verbatim where fl-imaging cannot be imported).
+#: in its ``images/`` folder (the bundle's README and docs/how-to/monai-bundles.md hold it; a
+#: test runs it verbatim where fl-imaging cannot be imported).
 RUN_SNIPPET = """\
 import torch
 from monai.bundle import ConfigParser
@@ -363,7 +365,8 @@ def bundle_metadata(
 
 
 def _readme(cfg: RunConfig, metadata: dict[str, Any]) -> str:
-    """``docs/README.md``: what the bundle holds and the Python that runs it with MONAI."""
+    """The bundle's ``docs/`` :data:`README`: what the bundle holds and the Python that runs
+    it with MONAI."""
     info = metadata["fl_imaging"]
     privacy = "\n".join(f"- {line.strip()}" for line in info["privacy"]["statement"])
     segmentation = cfg.task.name == TaskName.segmentation
@@ -472,7 +475,7 @@ def export_bundle(
         ConfigParser.export_config_file(metadata, staging / "configs" / "metadata.json", indent=2)
         ConfigParser.export_config_file(config, staging / "configs" / "inference.json", indent=2)
         torch.save(weights, staging / "models" / "model.pt")
-        (staging / "docs" / "README.md").write_text(_readme(cfg, metadata))
+        (staging / "docs" / README).write_text(_readme(cfg, metadata))
         for path in staging.rglob("*"):
             if path.is_file():
                 with path.open("rb") as handle:
