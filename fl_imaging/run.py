@@ -163,6 +163,7 @@ _MAIN_RESULTS = (
     "metrics.csv",
     "curves.png",
     "model.pt",
+    "bundle/",
     "config.yaml",
     "summary.txt",
     "audit.jsonl",
@@ -173,6 +174,7 @@ _MAIN_RESULTS = (
 
 
 def _result_files(run_dir: Path) -> list[str]:
-    """The main result files ``run_dir`` holds now (a deployment's researcher may lack one the
-    coordinator did not send), in :data:`_MAIN_RESULTS` order."""
-    return [name for name in _MAIN_RESULTS if (run_dir / name).is_file()]
+    """The main result files (and the MONAI bundle's folder) ``run_dir`` holds now (a
+    deployment's researcher may lack one the coordinator did not send), in
+    :data:`_MAIN_RESULTS` order."""
+    return [name for name in _MAIN_RESULTS if (run_dir / name).exists()]

@@ -11,9 +11,9 @@ hash of the resumed run's last record, which the first record, ``resume``, names
 Events: ``resume`` (the run folder resumed and its last record's hash), ``run_start`` (config
 hash, code version, sites, settings), ``round`` (sites asked and answering, each update's verdict,
 failures, privacy spent, the new global model's hash), ``test_round``, ``run_end`` (why the run
-stopped; SHA-256 of ``model.pt``, ``metrics.csv`` and ``config.yaml``). Each record is appended
-with one ``write`` and ``fsync``: a crash leaves at most a cut-off last line, which
-:func:`verify_run` names as such.
+stopped; SHA-256 of ``model.pt``, ``metrics.csv``, ``config.yaml`` and the MONAI bundle's
+files). Each record is appended with one ``write`` and ``fsync``: a crash leaves at most a
+cut-off last line, which :func:`verify_run` names as such.
 
 Tamper-evident, not tamper-proof: a changed, removed or inserted record, or a replaced result
 file, no longer matches the chain; but whoever can rewrite the whole file can rebuild a
@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fl_imaging.review.bundle_export import BUNDLE_FILES
 
 __all__ = [
     "AUDIT_FILE",
@@ -65,6 +67,7 @@ HASHED_FILES = (
     "config.yaml",
     "cross_site.csv",
     "contributions.csv",
+    *BUNDLE_FILES,
 )
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_imaging.common.atomic import write_atomically
+from fl_imaging.review.bundle_export import BUNDLE_FILES
 
 __all__ = [
     "CHUNK_BYTES",
@@ -58,6 +59,7 @@ RESULT_FILES = (
     "audit.jsonl",
     "report.html",
     "model.pt",
+    *BUNDLE_FILES,
 )
 
 #: Bytes of a file per line (64 KiB of base64 text).

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fl_imaging.common.atomic import reason_of, write_atomically
-from fl_imaging.config import config_to_yaml
+from fl_imaging.config import TaskName, config_to_yaml
 from fl_imaging.review.audit import (
     AUDIT_FILE,
     GENESIS,
@@ -318,17 +318,25 @@ class RunRecords:
             raise RunFolderError(
                 f"could not write {plan.run_dir / 'report.html'}: {reason_of(err)}"
             ) from None
-        self._close_tracker(status, plan)
+        self._close_tracker(status, plan, final=True)
 
-    def _close_tracker(self, status: str, plan: RunState) -> None:
-        """Send the rows not sent yet (test round, last evaluation) and the files, close the
-        tracked run; a failure here is added to summary.txt, already written."""
+    def _close_tracker(self, status: str, plan: RunState, final: bool = False) -> None:
+        """Send the rows not sent yet (test round, last evaluation) and the files (with
+        ``final``: and the final model, as an MLflow model), close the tracked run; a failure
+        here is added to summary.txt, already written."""
         if self.tracker is None:
             return
         failed_before = self.tracker.failed
         self.tracker.log_rows(plan.strategy.rows)
         tags = {"audit_last_hash": self.audit.last_hash} if self.audit else {}
-        self.tracker.finish(_TRACKING_STATUS[status], tags)
+        task = plan.cfg.task
+        self.tracker.finish(
+            _TRACKING_STATUS[status],
+            tags,
+            model=plan.model if final else None,
+            input_shape=(1, task.in_channels, *task.roi_size),
+            any_size=task.name == TaskName.segmentation,
+        )
         if self.tracker.failed and not failed_before:  # too late for the summary: add it
             summary = plan.run_dir / "summary.txt"
             text = (summary.read_text() if summary.is_file() else "") + self.tracker.note() + "\n"

@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
 from fl_imaging.common.atomic import reason_of, write_atomically
@@ -29,6 +29,10 @@ from fl_imaging.config import ConfigError, RunConfig, TrackingBackend
 from fl_imaging.review.results import AGGREGATE_SITE, MetricRow
 from fl_imaging.review.run_name import folder_name, run_name, run_overrides
 from fl_imaging.review.tracking_store import DESCRIPTION_TAG, metric_key, mlflow_store
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 __all__ = [
     "TRACKING_FILE",
@@ -63,6 +67,17 @@ class Backend(Protocol):
 
     def log_files(self, paths: Sequence[Path]) -> None:
         """Send the run's files."""
+
+    def log_model(
+        self,
+        model: torch.nn.Module,
+        example: np.ndarray,
+        shapes: tuple[tuple[int, ...], tuple[int, ...]],
+        bundle: Path | None,
+    ) -> str:
+        """Send the final model (in eval mode, on the CPU), with ``example`` as one input
+        batch, the input and output shapes of its signature (``-1``: any size) and the MONAI
+        bundle's folder; returns where the model is (a model URI, or "")."""
 
     def finish(self, status: str, tags: dict[str, str]) -> None:
         """Close the run with ``status`` (FINISHED, FAILED, KILLED) and last ``tags``."""
@@ -234,14 +249,51 @@ class RunTracker:
         if new and self._safely(stage, lambda: self.backend.log_rows(new)):
             self.sent = len(rows)
 
-    def finish(self, status: str, tags: dict[str, str] | None = None) -> None:
-        """Send the run folder's files (:func:`run_files`) and close the run with ``status``."""
+    def finish(
+        self,
+        status: str,
+        tags: dict[str, str] | None = None,
+        model: torch.nn.Module | None = None,
+        input_shape: Sequence[int] = (),
+        any_size: bool = False,
+    ) -> None:
+        """Send the run folder's files (:func:`run_files`), then, with ``model`` (the run's
+        final network), that model and the MONAI bundle (``bundle/``, when written) with a zero
+        input of ``input_shape`` (``(1, C_in, *roi_size)``) as its example (``any_size``: the
+        network takes any spatial size, as a segmentation network does, and its signature
+        says so); its URI goes to ``tracking.json`` (``model_uri``). Close the run with
+        ``status``."""
         files = run_files(self.run_dir)
         self._safely("sending the run's files", lambda: self.backend.log_files(files))
+        if model is not None:
+            self._safely("sending the model", lambda: self._log_model(model, input_shape, any_size))
         self._safely("closing the run", lambda: self.backend.finish(status, tags or {}))
         # What the tracking side holds: a run whose tracking failed was never closed there.
         self.info["status"] = f"{status} (tracking failed: not sent)" if self.failed else status
         self._write_info()
+
+    def _log_model(
+        self, model: torch.nn.Module, input_shape: Sequence[int], any_size: bool
+    ) -> None:
+        import copy
+
+        import numpy as np
+        import torch
+
+        bundle = self.run_dir / "bundle"
+        copied = copy.deepcopy(model).cpu().eval()  # the example must not move batch-norm stats
+        example = np.zeros(tuple(input_shape), dtype=np.float32)
+        with torch.no_grad():
+            output = tuple(copied(torch.from_numpy(example)).shape)
+        spatial = len(input_shape) - 2
+        free = (-1,) * spatial if any_size else tuple(input_shape[2:])
+        shapes = (
+            (-1, int(input_shape[1]), *free),
+            (-1, output[1], *free) if any_size else (-1, *output[1:]),
+        )
+        uri = self.backend.log_model(copied, example, shapes, bundle if bundle.is_dir() else None)
+        if uri:
+            self.info["model_uri"] = uri
 
     def note(self) -> str:
         """The summary's line on tracking: where the run is, or why tracking stopped."""

@@ -15,6 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
 from fl_imaging.review.results import MetricRow
 from fl_imaging.review.tracking_store import DESCRIPTION_TAG, metric_key
 
@@ -22,6 +25,14 @@ if TYPE_CHECKING:
     from fl_imaging.review.tracking_store import MlflowStore
 
 __all__ = ["MlflowBackend", "TensorBoardBackend"]
+
+
+def _monai() -> list[str]:
+    """The pip requirement of the MONAI that builds the logged networks."""
+    import monai
+
+    return [f"monai=={monai.__version__}"]
+
 
 #: MLflow's limits per ``log_batch`` call (metrics, params).
 _METRICS_PER_BATCH, _PARAMS_PER_BATCH = 1000, 100
@@ -113,6 +124,45 @@ class MlflowBackend:
         for path in paths:
             self.client.log_artifact(self.run_id, str(path))
 
+    def log_model(
+        self,
+        model: torch.nn.Module,
+        example: np.ndarray,
+        shapes: tuple[tuple[int, ...], tuple[int, ...]],
+        bundle: Path | None,
+    ) -> str:
+        """Log ``model`` (the run's final network, in eval mode on the CPU) as the MLflow model
+        ``model`` (``mlflow.pytorch.log_model``) with ``example`` (one input batch
+        ``(1, C_in, *roi_size)`` float32) as its input example and a signature of float32
+        tensors of ``shapes`` (input, output; ``-1``: any size), and the MONAI bundle's folder
+        ``bundle`` (when given) as artifacts under ``bundle/``. Returns the model's URI
+        (``models:/...``), which ``mlflow.pytorch.load_model`` and ``mlflow.pyfunc.load_model``
+        take."""
+        import mlflow
+        import mlflow.pytorch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        inputs, outputs = (Schema([TensorSpec(np.dtype(np.float32), s)]) for s in shapes)
+
+        if bundle is not None:
+            self.client.log_artifacts(self.run_id, str(bundle), "bundle")
+        before = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.store.uri)
+        try:
+            with mlflow.start_run(run_id=self.run_id):  # the fluent API logs models
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    input_example=example,
+                    signature=ModelSignature(inputs=inputs, outputs=outputs),
+                    # named, not inferred: inference loads the model again in a subprocess
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", *_monai()],
+                )
+        finally:
+            mlflow.set_tracking_uri(before)
+        return str(info.model_uri)
+
     def finish(self, status: str, tags: dict[str, str]) -> None:
         """Set ``tags`` and end the run with ``status`` (FINISHED, FAILED, KILLED)."""
         for key, value in tags.items():
@@ -172,6 +222,20 @@ class TensorBoardBackend:
         listing = "\n\n".join(str(p) for p in paths)
         self.writer.add_text("files", f"The run's files (not copied here):\n\n{listing}")
         self.writer.flush()
+
+    def log_model(
+        self,
+        model: torch.nn.Module,
+        example: np.ndarray,
+        shapes: tuple[tuple[int, ...], tuple[int, ...]],
+        bundle: Path | None,
+    ) -> str:
+        """TensorBoard keeps no models: write where the MONAI bundle ``bundle`` is (when given)
+        as text ``model``; returns "" (no model URI). The other arguments are not used."""
+        if bundle is not None:
+            self.writer.add_text("model", f"The final model, as a MONAI bundle: {bundle}")
+            self.writer.flush()
+        return ""
 
     def finish(self, status: str, tags: dict[str, str]) -> None:
         """Write the final status and ``tags`` as text, and close the writer."""

@@ -43,7 +43,9 @@ def test_pull_fetches_the_coordinators_result_files(
         env=command_env(tmp_path),
     )
     assert f"{len(expected)} file(s) in {out}, SHA-256 checked" in pulled.stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    pulled_files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    assert sorted(pulled_files) == sorted(expected)
+    assert "bundle/models/model.pt" in expected  # the MONAI bundle travels too
     for name in expected:
         assert (out / name).read_bytes() == (run / name).read_bytes(), name
     unknown = run_cli(

@@ -26,8 +26,9 @@ from fl_imaging.flower.app_config import resolve_config
 from fl_imaging.flower.coordinator.federation import FederationPlan, plan_federation
 from fl_imaging.flower.coordinator.polling import QuickPollGrid, StopRequested
 from fl_imaging.flower.coordinator.training_rounds import train_rounds
+from fl_imaging.review.bundle_export import export_bundle
 from fl_imaging.review.result_transfer import send_results
-from fl_imaging.review.results import write_run_files
+from fl_imaging.review.results import RunFolderError, write_run_files
 from strategies import RecordingStrategy
 
 __all__ = ["app", "build_server_app", "run_federation"]
@@ -41,7 +42,8 @@ def run_federation(
     """Run the rounds of ``plan`` (default: :func:`plan_federation` of ``cfg`` and
     ``site_names``) over ``grid``, then the test round (``engine.test``) and the evaluations of
     :mod:`.site_evaluations`, and write metrics.csv, curves.png, model.pt, config.yaml,
-    summary.txt, audit.jsonl and report.html into ``cfg.run_dir`` (the checkpoint after every
+    summary.txt, the model as a MONAI bundle (``bundle/``), audit.jsonl and report.html into
+    ``cfg.run_dir`` (the checkpoint after every
     round; tracked with ``tracking=...``). A DP run whose next round would exceed
     ``strategy.dp.max_epsilon`` stops there with its results written; so does a run that waited
     ``engine.wait_timeout`` seconds for ``engine.min_sites`` connected sites. Returns the
@@ -105,9 +107,23 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
     )
     if cfg.engine.rounds == 0 and plan.initial_model is not None:  # evaluation only
         plan.initial_model.copy_to(plan.run_dir / "model.pt")  # the scored file, byte for byte
+    _export_bundle(plan)
     plan.records.finish(plan, ending)  # run_end record, report.html, tracked files
     if write_error is not None:
         raise write_error
+
+
+def _export_bundle(plan: FederationPlan) -> None:
+    """The final model as a MONAI bundle (:mod:`fl_imaging.review.bundle_export`), before the
+    audit's ``run_end`` record hashes its files. Raises :class:`RunFolderError` when the folder
+    cannot be written."""
+    try:
+        export_bundle(plan.run_dir, plan.cfg, plan.strategy.rows, plan.model, list(plan.site_names))
+    except OSError as err:
+        raise RunFolderError(
+            f"could not write the MONAI bundle into {plan.run_dir / 'bundle'} ({err}): free "
+            "space there or give a folder you can write to (hydra.run.dir=...)"
+        ) from None
 
 
 #: Bytes of result lines per second the ServerApp writes, and the seconds it waits after them:
