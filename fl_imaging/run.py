@@ -77,6 +77,7 @@ def run(cfg: RunConfig) -> Path:
 
     cfg = resolve_tracking(cfg)  # tracking.uri: a folder made absolute (default mlruns/)
     check_tracking(cfg)
+    cfg = _with_bundle(cfg)  # task=bundle: what the bundle defines wins, its digest named
     check_model(cfg)
     cfg = replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
     cfg = replace(cfg, site=absolute_site_paths(cfg))  # Ray's workers run elsewhere
@@ -93,6 +94,21 @@ def run(cfg: RunConfig) -> Path:
     finally:
         if local_ray is not None:
             local_ray.stop()
+
+
+def _with_bundle(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the settings of its MONAI bundle (``task.bundle``) and the digest of the
+    coordinator's copy (:func:`tasks.bundle_files.with_bundle_settings`); in a simulation the
+    path made absolute (Ray's workers run elsewhere), in a deployment kept as typed: each site
+    reads its own copy there. Unchanged without a bundle."""
+    if cfg.task.bundle is None:
+        return cfg
+    from tasks.bundle_files import with_bundle_settings
+
+    task = cfg.task
+    if cfg.engine.name == EngineName.simulation:
+        task = replace(task, bundle=str(Path(task.bundle or "").resolve()))
+    return replace(cfg, task=with_bundle_settings(task))
 
 
 def _sites_checked_and_run(cfg: RunConfig, local_ray: LocalRay | None) -> Path:
