@@ -85,7 +85,8 @@ def load_bundle_weights(model: nn.Module, files: BundleFiles) -> nn.Module:
     except (RuntimeError, TypeError, AttributeError) as err:
         raise ConfigError(
             f"bundle {files.root}: models/model.pt does not fit the bundle's network_def: "
-            f"{str(err).rstrip('.')}. Give the weights saved from this network (torch.save(net.state_dict()))"
+            f"{str(err).rstrip('.')}. Give the weights saved from this network "
+            "(torch.save(net.state_dict()))"
         ) from None
     return model
 

@@ -7,8 +7,8 @@ before any of the bundle's code runs."""
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
