@@ -153,6 +153,7 @@ def page_policy() -> str:
     return block.group(1)
 
 
+@pytest.mark.slow
 def test_the_pages_commands_run_a_bundle_that_starts_from_its_weights(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "my_bundle")
     digest = bundle_digest(bundle)
