@@ -77,6 +77,7 @@ def run(cfg: RunConfig) -> Path:
 
     cfg = resolve_tracking(cfg)  # tracking.uri: a folder made absolute (default mlruns/)
     check_tracking(cfg)
+    cfg = _with_bundle(cfg)  # task=bundle: what the bundle defines wins, its digest named
     check_model(cfg)
     cfg = replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
     cfg = _absolute_init(cfg)  # the ServerApp may run elsewhere (Ray, a SuperLink's host)
@@ -103,11 +104,32 @@ def _absolute_init(cfg: RunConfig) -> RunConfig:
     init = cfg.task.model.init
     if not init:
         return cfg
+    model = replace(cfg.task.model, init=str(_launch_folder() / Path(init).expanduser()))
+    return replace(cfg, task=replace(cfg.task, model=model))
+
+
+def _launch_folder() -> Path:
+    """The folder the command was started in: Hydra's ``runtime.cwd`` inside a Hydra job (which
+    may have changed the working folder with ``hydra.job.chdir=true``), else the working
+    folder."""
     from hydra.core.hydra_config import HydraConfig
 
-    start = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
-    model = replace(cfg.task.model, init=str(start / Path(init).expanduser()))
-    return replace(cfg, task=replace(cfg.task, model=model))
+    return Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
+
+
+def _with_bundle(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the settings of its MONAI bundle (``task.bundle``) and the digest of the
+    coordinator's copy (:func:`tasks.bundle_files.with_bundle_settings`); in a simulation the
+    path made absolute (Ray's workers run elsewhere), in a deployment kept as typed: each site
+    reads its own copy there. Unchanged without a bundle."""
+    if cfg.task.bundle is None:
+        return cfg
+    from tasks.bundle_files import with_bundle_settings
+
+    task = cfg.task
+    if cfg.engine.name == EngineName.simulation:
+        task = replace(task, bundle=str((_launch_folder() / (task.bundle or "")).resolve()))
+    return replace(cfg, task=with_bundle_settings(task))
 
 
 def _sites_checked_and_run(cfg: RunConfig, local_ray: LocalRay | None) -> Path:

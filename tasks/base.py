@@ -349,6 +349,11 @@ class ImagingTask(abc.ABC):
         """
         return ("image", "label")
 
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """A new optimizer over ``model``'s parameters: :func:`build_optimizer` of ``cfg``
+        (a bundle task: the bundle's own)."""
+        return build_optimizer(model, self.cfg)
+
     def train(
         self,
         model: nn.Module,
@@ -360,7 +365,7 @@ class ImagingTask(abc.ABC):
     ) -> TrainResult:
         """Train ``model`` in place for ``epochs`` passes over ``loader``.
 
-        Each call builds a new optimizer (:func:`build_optimizer`), so no optimizer state is
+        Each call builds a new optimizer (:meth:`optimizer`), so no optimizer state is
         kept from one call (round) to the next. The model is moved to :attr:`device` and put in
         training mode (it stays there).
 
@@ -381,7 +386,7 @@ class ImagingTask(abc.ABC):
             ``0.0`` without samples) and its number of samples.
         """
         model.to(self.device).train()
-        optimizer = build_optimizer(model, self.cfg)
+        optimizer = self.optimizer(model)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)  # off: no-op
         loss_fn = self.loss_function()
         total, count = 0.0, 0

@@ -47,6 +47,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -247,6 +248,11 @@ def _cmd_check_policy(args: argparse.Namespace) -> int:
 
     policy = load_policy(args.policy)
     cfg = check_overrides(list(args.overrides))
+    if cfg.task.bundle is not None:  # task=bundle: its files read as data, nothing of it run
+        from tasks.bundle_files import with_bundle_settings
+
+        cfg = replace(cfg, task=with_bundle_settings(cfg.task))
+        print(f"bundle {cfg.task.bundle} (SHA-256): {cfg.task.bundle_sha256}")
     print(f"config hash (task and strategy, SHA-256): {training_config_hash(cfg)}")
     try:
         check_request(policy, cfg, training=True, masked=cfg.strategy.secagg.enabled)

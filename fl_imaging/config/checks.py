@@ -74,6 +74,10 @@ def config_problems(run: RunConfig) -> list[str]:
             f"task.spacing={task.spacing}: every spacing (mm) must be positive, e.g. [1,1,1], "
             "or null to keep each image's own"
         )
+    if task.bundle is not None and not task.bundle.strip():
+        problems.append(
+            "task.bundle is empty: task=bundle needs the MONAI bundle folder, task.bundle=PATH"
+        )
     if task.in_channels < 1:
         problems.append(f"task.in_channels={task.in_channels}: must be 1 or more")
     problems += _modalities_problems(list(data.modalities))

@@ -263,6 +263,14 @@ class TaskConfig:
     #: Mixed precision (float16 autocast, gradient scaling) in training, evaluation and
     #: prediction; CUDA only: ignored, with a warning, on a CPU.
     amp: bool = False
+    #: A MONAI bundle folder (``configs/train.json``, ``configs/metadata.json``, optional
+    #: ``models/model.pt``) whose network, training preprocessing, loss, optimizer and start
+    #: weights the run uses (``task=bundle``, :mod:`tasks.bundle_task`); each site reads its
+    #: own copy at this path and runs it only if its policy lists its SHA-256. None: no bundle.
+    bundle: str | None = None
+    #: SHA-256 of the bundle (:func:`tasks.bundle_files.bundle_digest`) that the coordinator
+    #: names; None: filled in from the coordinator's copy when the run starts.
+    bundle_sha256: str | None = None
 
 
 @dataclass

@@ -80,6 +80,10 @@ def _composed(overrides: tuple[str, ...], run_dir: str, prepare: bool) -> RunCon
     from fl_imaging.config.compose import check_overrides
 
     cfg = replace(check_overrides(list(overrides)), run_dir=run_dir)
+    if cfg.task.bundle is not None:  # read as data: the site's policy decides what runs
+        from tasks.bundle_files import with_bundle_settings
+
+        cfg = replace(cfg, task=with_bundle_settings(cfg.task))
     if prepare and not (cfg.data.name == DataName.folders and not cfg.data.sites):
         from fl_imaging.data.prepare import prepare_sites
 

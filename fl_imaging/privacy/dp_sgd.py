@@ -37,7 +37,7 @@ from monai.data import DataLoader, list_data_collate
 
 from fl_imaging.config import ConfigError, DPSGDConfig, RunConfig
 from fl_imaging.training.site_training import SiteTrainer
-from tasks.base import ExtraLoss, TrainResult, build_optimizer
+from tasks.base import ExtraLoss, TrainResult
 
 if TYPE_CHECKING:
     from opacus.accountants.accountant import IAccountant
@@ -242,7 +242,7 @@ def private_fit(
     model = trainer.model.to(task.device).train()
     wrapped = GradSampleModule(model)
     optimizer = DPOptimizer(
-        build_optimizer(model, task.cfg),
+        task.optimizer(model),
         noise_multiplier=ledger.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         expected_batch_size=trainer.batch_size,

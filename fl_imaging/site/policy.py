@@ -21,6 +21,8 @@ with that reason. Keys (all optional; the defaults accept everything):
       strategies: [fedavg, fedprox]
       models: [unet]
       config_hashes: []   # SHA-256 of the run's task and strategy config (the refusal names it)
+      bundles: []         # SHA-256 of the MONAI bundles this site runs (task=bundle: bundle code
+                          # runs at the site, so an unlisted bundle is refused)
     release:              # what may leave the site besides the (masked) update
       losses: true        # train_loss, val_loss and every other loss
       case_counts: true   # how many cases a site trained or scored (false: the run must weigh
@@ -54,6 +56,7 @@ __all__ = [
     "ReleasePolicy",
     "SecureAggregationPolicy",
     "SitePolicy",
+    "check_bundle",
     "check_request",
     "check_rounds",
     "load_policy",
@@ -96,12 +99,14 @@ class DPSGDPolicy:
 @dataclass
 class AcceptPolicy:
     """``accept``: the tasks, strategies, models and config hashes the site takes part in
-    (empty: any)."""
+    (empty: any), and the SHA-256 digests of the MONAI bundles it runs (empty: none, except at
+    a simulated site without a policy file, whose owner runs the bundle on their own machine)."""
 
     tasks: list[str] = field(default_factory=list)
     strategies: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     config_hashes: list[str] = field(default_factory=list)
+    bundles: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -186,12 +191,23 @@ def _refuse(key: str, why: str, policy: SitePolicy) -> PolicyRefusal:
     return PolicyRefusal(f"policy {key}{where}: {why}")
 
 
-def check_request(policy: SitePolicy, cfg: RunConfig, *, training: bool, masked: bool) -> None:
+def check_request(
+    policy: SitePolicy,
+    cfg: RunConfig,
+    *,
+    training: bool,
+    masked: bool,
+    simulated: bool = False,
+) -> None:
     """Refuse a request of the run ``cfg`` that ``policy`` does not allow: a task, strategy,
-    model or config hash not accepted, more rounds than ``max_rounds``, a run without DP-SGD
-    when it is required, a case-weighted run when case counts may not leave, and (for a
-    training message, ``training``) a reply the coordinator did not ask to be masked
-    (``masked``) when secure aggregation is required. Raises :class:`PolicyRefusal`."""
+    model, config hash or bundle (:func:`check_bundle`; ``simulated``: whether this site is
+    simulated on the coordinator's machine) not accepted, more rounds than ``max_rounds``, a
+    run without DP-SGD when it is required, a case-weighted run when case counts may not
+    leave, and (for a training message, ``training``) a reply the coordinator did not ask to
+    be masked (``masked``) when secure aggregation is required. Raises
+    :class:`PolicyRefusal`."""
+    if cfg.task.bundle is not None:
+        check_bundle(policy, cfg, simulated=simulated)
     accept = policy.accept
     checks = (
         ("accept.tasks", accept.tasks, cfg.task.name.value, "task"),
@@ -236,6 +252,49 @@ def check_request(policy: SitePolicy, cfg: RunConfig, *, training: bool, masked:
             "under secure aggregation (strategy.secagg.enabled=true)",
             policy,
         )
+
+
+def check_bundle(policy: SitePolicy, cfg: RunConfig, *, simulated: bool) -> None:
+    """Refuse to run the MONAI bundle the run names (``task.bundle``, ``task.bundle_sha256``)
+    unless this site's copy is the one named and the policy accepts it. A bundle's configs
+    are code the site would run, so only its files' bytes are read here
+    (:func:`tasks.bundle_files.bundle_digest`), nothing of it is parsed.
+
+    Accepted when this site's copy at ``task.bundle`` has the digest the run names (or the run
+    names none) and that digest is listed in ``accept.bundles``; with no policy file, at a
+    simulated site only (``simulated``: its owner runs the bundle on their own machine).
+
+    Raises:
+        PolicyRefusal: naming ``accept.bundles`` and both digests when they differ, this copy's
+            digest when it is not listed, or the path when the site has no bundle there.
+    """
+    from fl_imaging.config import ConfigError
+    from tasks.bundle_files import bundle_digest  # reads bytes only: no torch, no MONAI
+
+    path = cfg.task.bundle
+    try:
+        digest = bundle_digest(str(path))
+    except (ConfigError, OSError) as err:
+        raise _refuse("accept.bundles", f"this site has no bundle to run: {err}", policy) from None
+    named = cfg.task.bundle_sha256
+    if named and named != digest:
+        raise _refuse(
+            "accept.bundles",
+            f"the run names the bundle {path} with SHA-256 {named}, but this site's copy has "
+            f"SHA-256 {digest}; refused (the coordinator and the site must hold the same bundle)",
+            policy,
+        )
+    if digest in policy.accept.bundles:
+        return
+    if simulated and not policy.source:
+        return
+    raise _refuse(
+        "accept.bundles",
+        f"the bundle {path} (SHA-256 {digest}) is not listed; a bundle is code this site would "
+        "run: review it and add its SHA-256 to accept.bundles (fl-imaging-deploy check-policy "
+        f"POLICY task=bundle task.bundle={path} prints it)",
+        policy,
+    )
 
 
 def _equal_weights(cfg: RunConfig) -> bool:

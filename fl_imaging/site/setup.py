@@ -97,7 +97,9 @@ def site_state_folder(root: Path, name: str, data_folder: Path) -> Path:
 class SiteSetup:
     """One site's own setup (see the module): its ``name``, state ``folder``, ``policy``, and
     where its identity comes from: ``identity_key`` and ``roster`` (a folder of ``NAME.pub``) in
-    a deployment, or ``simulated_sites`` (name -> state folder of every simulated site)."""
+    a deployment, or ``simulated_sites`` (name -> state folder of every simulated site);
+    ``simulated``: whether the site is simulated on the coordinator's machine (set from the
+    site's own node config, never from the coordinator's request)."""
 
     name: str
     folder: Path
@@ -105,6 +107,7 @@ class SiteSetup:
     identity_key: Path | None = None
     roster: Path | None = None
     simulated_sites: tuple[tuple[str, Path], ...] = ()
+    simulated: bool = False
 
     @classmethod
     def of(cls, node_config: dict, cfg: RunConfig, site: SiteRef) -> SiteSetup:
@@ -132,6 +135,7 @@ class SiteSetup:
             site_state_folder(root, site.name, site.folder),
             load_policy(policy),
             simulated_sites=sites,
+            simulated=True,
         )
 
     def ledger(self) -> SiteLedger:

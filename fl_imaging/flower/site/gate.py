@@ -89,7 +89,11 @@ def gated_reply(
     }
     try:
         check_request(
-            setup.policy, cfg, training=training, masked=SECAGG in msg.content.config_records
+            setup.policy,
+            cfg,
+            training=training,
+            masked=SECAGG in msg.content.config_records,
+            simulated=setup.simulated,
         )
         if training:
             check_rounds(setup.policy, record.rounds_trained(flower_run))
