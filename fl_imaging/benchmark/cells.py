@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fl_imaging.benchmark.plan import Cell
+from fl_imaging.benchmark.plan import PUBLIC, Cell
 from fl_imaging.config import RunConfig, config_to_yaml
 from fl_imaging.engines.interrupts import RunInterrupted
 from fl_imaging.review.report_page import write_report
@@ -54,15 +54,23 @@ def read_cell(folder: Path) -> dict:
 
 
 def _run_baseline(cfg: RunConfig, kind: str, folder: Path) -> None:
-    from fl_imaging.data.prepare import partition_summary, prepare_sites, write_partition_summary
+    from fl_imaging.data.prepare import (
+        partition_summary,
+        prepare_public_site,
+        prepare_sites,
+        write_partition_summary,
+    )
     from fl_imaging.training.baselines import train_local, train_pooled
 
     cfg, sites, reports = prepare_sites(cfg)
     write_partition_summary(partition_summary(sites, reports), folder / "partition.csv")
     threads = cfg.engine.num_cpus or torch.get_num_threads()
     torch.set_num_threads(threads)
-    if kind == "pooled":
-        rows, model = train_pooled(cfg, sites, finetune_epochs=cfg.engine.finetune_epochs)
+    if kind in ("pooled", PUBLIC):
+        train_sites = [prepare_public_site(cfg)] if kind == PUBLIC else None
+        rows, model = train_pooled(
+            cfg, sites, finetune_epochs=cfg.engine.finetune_epochs, train_sites=train_sites
+        )
         torch.save(model.state_dict(), folder / "model.pt")
     else:
         rows, models = train_local(cfg, sites)

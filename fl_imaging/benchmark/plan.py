@@ -1,21 +1,27 @@
 """The cells of a benchmark: setups x (strategies + baselines) x seeds, each with its overrides.
 
-A cell is one run: a federated run of one strategy, or a baseline (``pooled``: one model on every
-site's training cases; ``local``: each site alone). Every cell of a setup shares the setup's
-sites and split; a cell's overrides are the user's, then the setup's, then the strategy's,
-then its seed and the test round, so a later one wins.
+A cell is one run: a federated run of one strategy, or a baseline (``public``: one model on the
+public cases that ``data.public_fraction`` holds out of every site, whose weights then start
+every federated cell of its setup and seed; ``pooled``: one model on every site's training
+cases; ``local``: each site alone). Every cell of a setup shares the setup's sites and split; a
+cell's overrides are the user's, then the setup's, then the strategy's (the public baseline's:
+``bench.public_overrides``), then its seed and the test round, so a later one wins.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from fl_imaging.config import BenchConfig, ConfigError
 
-__all__ = ["BASELINES", "Cell", "plan_cells"]
+__all__ = ["BASELINES", "PUBLIC", "Cell", "cell_folder", "plan_cells"]
 
-#: Baselines a benchmark may ask for, in the order they are run and reported.
-BASELINES = ("pooled", "local")
+#: The baseline pretrained on the public share, which the federated cells start from.
+PUBLIC = "public"
+#: Baselines a benchmark may ask for, in the order they are run and reported (the public model
+#: first: the federated cells need its weights).
+BASELINES = (PUBLIC, "pooled", "local")
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,12 @@ class Cell:
         return f"{self.setup}/{self.method}/seed{self.seed}"
 
 
+def cell_folder(bench: BenchConfig, key: str) -> Path:
+    """The absolute folder of the cell ``key`` (``SETUP/METHOD/seedN``):
+    ``bench.out_dir/bench.name/cells/KEY``."""
+    return (Path(bench.out_dir) / (bench.name or "bench") / "cells" / key).resolve()
+
+
 def _check_label(label: str, what: str) -> None:
     if not label or "/" in label or label.startswith("."):
         raise ConfigError(f"bench.{what}: '{label}' cannot name a folder; use letters, digits, _-")
@@ -52,7 +64,9 @@ def _run_overrides(overrides: list[str]) -> list[str]:
 
 
 def plan_cells(bench: BenchConfig, user_overrides: list[str]) -> list[Cell]:
-    """Every cell of ``bench``, in run order: per setup, each seed's baselines then strategies.
+    """Every cell of ``bench``, in run order: per setup, each seed's baselines then strategies;
+    with the ``public`` baseline, every strategy of that setup and seed starts from its model
+    (``task.model.init``; a strategy's own ``task.model.init`` wins).
 
     ``user_overrides`` (the command line, e.g. ``experiment=hippocampus_iid``) come first in each
     cell, less those of the ``bench`` section (a benchmark given one more seed reuses its cells).
@@ -83,10 +97,15 @@ def plan_cells(bench: BenchConfig, user_overrides: list[str]) -> list[Cell]:
         for seed in bench.seeds:
             common = [*_run_overrides(user_overrides), *setup_overrides]
             tail = [f"seed={seed}", *test]
+            start: list[str] = []
             for baseline in BASELINES:
                 if baseline in bench.baselines:
-                    cells.append(Cell(setup, baseline, baseline, seed, tuple([*common, *tail])))
+                    own = list(bench.public_overrides) if baseline == PUBLIC else []
+                    cell = Cell(setup, baseline, baseline, seed, tuple([*common, *own, *tail]))
+                    cells.append(cell)
+                    if baseline == PUBLIC:
+                        start = [f"task.model.init={cell_folder(bench, cell.key) / 'model.pt'}"]
             for label, strategy_overrides in bench.strategies.items():
-                overrides = tuple([*common, *strategy_overrides, *tail])
+                overrides = tuple([*common, *start, *strategy_overrides, *tail])
                 cells.append(Cell(setup, label, "federated", seed, overrides))
     return cells

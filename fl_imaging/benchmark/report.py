@@ -350,7 +350,7 @@ def plot_convergence(
     for method, by_round in curves.items():
         rounds = sorted(by_round)
         means = [_mean(by_round[r]) for r in rounds]
-        style = "--" if method in ("pooled", "local") else "-"
+        style = "--" if method in ("public", "pooled", "local") else "-"
         ax.plot(rounds, means, style, marker="o", markersize=3, label=method, color=colours[method])
     ax.set_xlabel("round (pass of local epochs, for the baselines)")
     ax.set_ylabel(f"validation {metric} (mean over sites)")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fl_imaging.benchmark.all_test_cases import all_test_cases_metrics
 from fl_imaging.benchmark.cells import cell_status, read_cell, run_cell
-from fl_imaging.benchmark.plan import Cell, plan_cells
+from fl_imaging.benchmark.plan import PUBLIC, Cell, plan_cells
 from fl_imaging.benchmark.report import (
     SiteResult,
     plot_convergence,
@@ -46,6 +46,8 @@ PRESETS = (
     "smoke",
     "hippocampus_iid",
     "hippocampus_shift",
+    "hippocampus_dpsgd",
+    "hippocampus_dpsgd_warm",
     "adrenal3d_dirichlet",
     "mednist_dirichlet",
 )
@@ -66,6 +68,12 @@ def _checked(cell: Cell) -> RunConfig:
     cfg = check_overrides(list(cell.overrides))
     if cfg.strategy.fedbn:
         check_fedbn(cfg)
+    if cell.kind == PUBLIC and not cfg.data.public_fraction:
+        raise ConfigError(
+            f"bench cell {cell.key}: the public baseline pretrains on the cases that "
+            "data.public_fraction holds out of every site, and data.public_fraction is 0: set "
+            "it (e.g. data.public_fraction=0.2) or drop public from bench.baselines"
+        )
     if cfg.task.dp_sgd.enabled and cell.kind != "federated":  # baselines train without DP-SGD
         raise ConfigError(
             f"bench cell {cell.key}: the {cell.kind} baseline trains without DP-SGD, but its "

@@ -137,6 +137,14 @@ def config_problems(run: RunConfig) -> list[str]:
         problems.append(f"task.optimizer.lr={task.optimizer.lr}: must be positive")
     if not 0.0 < data.val_fraction < 1.0:
         problems.append(f"data.val_fraction={data.val_fraction}: must be between 0 and 1")
+    if not 0.0 <= data.public_fraction < 1.0:
+        problems.append(f"data.public_fraction={data.public_fraction}: must be in [0, 1)")
+    elif data.public_fraction and data.name in (DataName.demo, DataName.folders):
+        problems.append(
+            f"data.public_fraction={data.public_fraction} holds out cases of a public dataset "
+            f"(data=hippocampus, mednist, adrenal3d); data={data.name.value} has no pool to hold "
+            "them out from: keep it 0, or give the public model with task.model.init=PATH"
+        )
     if not 0.0 <= data.test_fraction < 1.0 or data.val_fraction + data.test_fraction >= 1.0:
         problems.append(
             f"data.test_fraction={data.test_fraction}: must be in [0, 1) and leave training "

@@ -304,6 +304,9 @@ class DataConfig:
     sites_dir: str = "data-sites"
     val_fraction: float = 0.25
     test_fraction: float = 0.0
+    #: Public datasets: share of the cases outside the test split held out as public data
+    #: (the ``public`` benchmark baseline pretrains on them; no site holds them). Seeded.
+    public_fraction: float = 0.0
     cache: bool = True
     exclude_bad_cases: bool = False
     #: Cases the sites leave out, as ``SITE/CASE_ID``: filled with the cases that failed the
@@ -459,6 +462,8 @@ class BenchConfig:
     setups: dict[str, list[str]] = field(default_factory=dict)
     strategies: dict[str, list[str]] = field(default_factory=dict)
     baselines: list[str] = field(default_factory=lambda: ["pooled", "local"])
+    #: Overrides of the ``public`` baseline only (e.g. a longer pretraining: engine.rounds=6).
+    public_overrides: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
     finetune_epochs: int = 1
     #: The method the summary's ratio column divides by (``vs <reference>``).

@@ -20,12 +20,13 @@ from fl_imaging.config import DataName, RunConfig
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.inspect import SiteReport, inspect_site
 from fl_imaging.data.shift import ScannerProfile
-from fl_imaging.data.simulated import simulated_sites
+from fl_imaging.data.simulated import public_site_folder, simulated_sites
 from fl_imaging.data.sites import Case, SiteData, SiteDataError, load_site
 
 __all__ = [
     "checked_cases",
     "partition_summary",
+    "prepare_public_site",
     "prepare_sites",
     "site_folders",
     "write_partition_summary",
@@ -119,6 +120,24 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteR
         cfg, data=replace(data, sites=[str(f) for f in folders], excluded_cases=excluded)
     )
     return resolved, sites, reports
+
+
+def prepare_public_site(cfg: RunConfig) -> SiteData:
+    """The public cases that ``data.public_fraction`` holds out of a public dataset, checked like
+    a site's and split into train and val by ``data.val_fraction``. Raises
+    :class:`SiteDataError` when there are none (``data.public_fraction`` 0, or not a public
+    dataset)."""
+    if cfg.data.name in (DataName.demo, DataName.folders):
+        raise SiteDataError(
+            f"data={cfg.data.name.value} has no public share: data.public_fraction holds out "
+            "cases of a public dataset (data=hippocampus, mednist, adrenal3d)"
+        )
+    folder = public_site_folder(cfg)
+    log.info("public share: %s", folder)
+    cases, _ = checked_cases(folder, cfg, seed=cfg.seed)
+    return load_site(
+        folder, cfg.task.name, val_fraction=cfg.data.val_fraction, seed=cfg.seed, cases=cases
+    )
 
 
 def excluded_of(entries: list[str], site: str) -> set[str]:

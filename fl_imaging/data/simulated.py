@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -35,18 +36,25 @@ from fl_imaging.data.readers import IMAGE_READERS
 from fl_imaging.data.shift import ScannerProfile, apply_scanner, scanner_profiles
 from fl_imaging.data.sites import Case, SiteDataError, case_id_of
 
-__all__ = ["load_pool", "simulated_sites"]
+__all__ = ["PUBLIC_FOLDER", "PUBLIC_SPLIT", "load_pool", "public_site_folder", "simulated_sites"]
 
 log = logging.getLogger("fl_imaging.data")
 _VERSION = 2  # bump when the partition code changes what a folder holds
 MARKER = "partition.json"
+#: Split name of the cases ``data.public_fraction`` holds out, and the folder they are written to
+#: next to the sites' (``site-1`` ...): a site folder in the same layout, held by no site.
+PUBLIC_SPLIT = "public"
+PUBLIC_FOLDER = "public"
 
 
 def load_pool(cfg: RunConfig) -> DatasetPool:
     """Read the public dataset named by ``cfg.data`` and check that it fits ``cfg.task``.
 
     Returns the pool, with ``data.test_fraction`` of the cases that have no official split moved
-    to ``test`` and, when ``data.max_cases`` is set, a seeded subset of that many cases. Raises
+    to ``test``, ``data.public_fraction`` of the cases a site would train on (the other unsplit
+    ones and the official ``train`` split) marked ``public`` (drawn
+    from their own seeded stream, so the test cases are the same with or without a public
+    share) and, when ``data.max_cases`` is set, a seeded subset of that many cases. Raises
     :class:`SiteDataError` when the dataset is missing or does not fit the task, saying which
     ``task.*`` values to set.
     """
@@ -73,8 +81,23 @@ def load_pool(cfg: RunConfig) -> DatasetPool:
     unsplit = [i for i, c in enumerate(cases) if c.split is None]
     n_test = round(data.test_fraction * len(unsplit))
     test = {unsplit[i] for i in rng.permutation(len(unsplit))[:n_test]}
+    # Public cases come from those a site would train on: unsplit (not test) or official train.
+    rest = [
+        i for i, c in enumerate(cases) if c.split == "train" or c.split is None and i not in test
+    ]
+    n_public = round(data.public_fraction * len(rest))
+    public_rng = np.random.default_rng([data.partition.seed, 7927])
+    public = {rest[i] for i in public_rng.permutation(len(rest))[:n_public]}
+    if data.public_fraction and not 0 < n_public < len(rest):
+        raise SiteDataError(
+            f"data.public_fraction={data.public_fraction} of {len(rest)} training cases of "
+            f"{pool.name} holds out {n_public}: choose a share that leaves both public cases and "
+            "cases for the sites"
+        )
+    split_of = {**dict.fromkeys(test, "test"), **dict.fromkeys(public, PUBLIC_SPLIT)}
     pool.cases = [
-        Case(c.case_id, c.image, c.label, "test") if i in test else c for i, c in enumerate(cases)
+        Case(c.case_id, c.image, c.label, split_of[i]) if i in split_of else c
+        for i, c in enumerate(cases)
     ]
     return pool
 
@@ -118,10 +141,32 @@ def _strata(pool: DatasetPool, cfg: RunConfig) -> list[int] | None:
 def simulated_sites(cfg: RunConfig) -> list[Path]:
     """Write (or reuse) the simulated site folders of ``cfg.data`` and return them in order.
 
-    The folder is ``data.sites_dir/<dataset>-<partition>-<N>sites-<hash of the arguments>``.
+    The folder is ``data.sites_dir/<dataset>-<partition>-<N>sites-<hash of the arguments>``;
+    with ``data.public_fraction`` it also holds the public cases as ``public/`` (see
+    :func:`public_site_folder`), which no site is given.
     Raises :class:`SiteDataError` (or a :class:`~fl_imaging.data.partition.PartitionError`) with
     what to change when the dataset or the partition cannot be made.
     """
+    return _simulated(cfg)[0]
+
+
+def public_site_folder(cfg: RunConfig) -> Path:
+    """The folder of the public cases that ``data.public_fraction`` holds out of a public
+    dataset (written with the sites' folders on first use): a site folder whose cases are split
+    into train and val by ``data.val_fraction``. Raises :class:`SiteDataError` when
+    ``data.public_fraction`` is 0."""
+    if not cfg.data.public_fraction:
+        raise SiteDataError(
+            "no public cases: data.public_fraction is 0; set e.g. data.public_fraction=0.2 to "
+            "hold out a share of the dataset as public data"
+        )
+    public = _simulated(cfg)[1]
+    assert public is not None  # public_fraction > 0 always writes it
+    return public
+
+
+def _simulated(cfg: RunConfig) -> tuple[list[Path], Path | None]:
+    """(site folders, public folder or None), written on first use."""
     data, part = cfg.data, cfg.data.partition
     pool = load_pool(cfg)
     args = {
@@ -138,13 +183,15 @@ def simulated_sites(cfg: RunConfig) -> list[Path]:
     slug = pool.name.split(":")[-1].lower()
     out = Path(data.sites_dir) / f"{slug}-{part.name}-{data.num_sites}sites-{digest}"
     folders = [out / f"site-{k + 1}" for k in range(data.num_sites)]
+    public_cases = [c for c in pool.cases if c.split == PUBLIC_SPLIT]
+    public = out / PUBLIC_FOLDER if public_cases else None
     marker = out / MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("args") == args:
         log.info("simulated sites of %s reused from %s", pool.name, out)
-        return folders
-    assignment = assign_sites(
-        [c.split for c in pool.cases], _strata(pool, cfg), data.num_sites, part
-    )
+        return folders, public
+    site_cases = [c for c in pool.cases if c.split != PUBLIC_SPLIT]
+    strata = _strata(replace(pool, cases=site_cases), cfg)
+    assignment = assign_sites([c.split for c in site_cases], strata, data.num_sites, part)
     profiles = (
         scanner_profiles(data.num_sites, part.shift_strength, part.seed)
         if part.name == PartitionName.shift
@@ -161,10 +208,19 @@ def simulated_sites(cfg: RunConfig) -> list[Path]:
     if out.exists():
         shutil.rmtree(out)
     for k, folder in enumerate(folders):
-        cases = [c for c, s in zip(pool.cases, assignment, strict=True) if s == k]
+        cases = [c for c, s in zip(site_cases, assignment, strict=True) if s == k]
         _write_site(folder, pool, cases, profiles[k], seed=part.seed * 1000 + k)
-    marker.write_text(json.dumps({"args": args, "assignment": assignment}, indent=1))
-    return folders
+    if public is not None:
+        log.info("public share: %d cases held out of every site, in %s", len(public_cases), public)
+        unsplit = [Case(c.case_id, c.image, c.label, None) for c in public_cases]
+        _write_site(public, pool, unsplit, ScannerProfile(), seed=0)
+    record = {
+        "args": args,
+        "assignment": assignment,
+        "public": [c.case_id for c in public_cases],
+    }
+    marker.write_text(json.dumps(record, indent=1))
+    return folders, public
 
 
 def _write_site(

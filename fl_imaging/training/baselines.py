@@ -60,9 +60,13 @@ def _test_rows(
 
 
 def train_pooled(
-    cfg: RunConfig, sites: list[SiteData], finetune_epochs: int = 0
+    cfg: RunConfig,
+    sites: list[SiteData],
+    finetune_epochs: int = 0,
+    train_sites: list[SiteData] | None = None,
 ) -> tuple[list[MetricRow], torch.nn.Module]:
-    """Train one model on the pooled training cases of ``sites``.
+    """Train one model on the pooled training cases of ``train_sites`` (default: ``sites``;
+    e.g. the public share that no site holds), scored on ``sites``.
 
     Runs ``cfg.engine.rounds`` passes of ``cfg.task.local_epochs`` epochs; after each pass the
     model is scored on every site's validation cases, and after the last on every site's test
@@ -74,7 +78,7 @@ def train_pooled(
     task = build_task(cfg.task, site_device(cfg.task, "pooled baseline"))
     pooled = SiteTrainer(
         "pooled",
-        [c for s in sites for c in s.train],
+        [c for s in (sites if train_sites is None else train_sites) for c in s.train],
         [],
         task,
         batch_size=cfg.task.batch_size,
