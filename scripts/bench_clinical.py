@@ -402,8 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     command = f"python scripts/bench_clinical.py {typed}".strip()
     where = args.machine or machine(args.gpus_per_site)
     notes = (
-        f"{args.shape}^3 voxels, {args.channels} channel(s), SegResNet {params / 1e6:.2f}M "
-        f"parameters, 3 sites x {args.cases} cases, batch 1, 1 local epoch; mean of round(s) "
+        f"{args.shape}^3 voxels, {args.channels} channel{'s' if args.channels > 1 else ''}, "
+        f"SegResNet {params / 1e6:.2f}M "
+        f"parameters, 3 sites x {args.cases} cases, batch 1, 1 local epoch; mean of rounds "
         f"{', '.join(map(str, runs[0].split.rounds))} of {args.rounds}"
     )
     write_csv(args.csv, runs, command, where, notes)
