@@ -4,8 +4,9 @@ Flower's strategies aggregate replies but keep no per-site record; this wrapper 
 none) sits around any strategy, hands it the replies unchanged, and keeps one
 :class:`~fl_imaging.review.results.MetricRow` per (round, site, metric), plus the aggregate as site
 ``all``: the sites' metrics, the update checks (norm, distance to the aggregate, accepted), the
-privacy spent (``epsilon``) and the round's duration. It also notes sites that failed to answer,
-keeps the latest global weights, and numbers rounds from ``offset + 1`` when a run is resumed.
+privacy spent (``epsilon``), the round's duration and its aggregation's seconds. It also notes
+sites that failed to answer, keeps the latest global weights, and numbers rounds from
+``offset + 1`` when a run is resumed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fl_imaging.flower.protocol import (
     raise_if_refused,
 )
 from fl_imaging.review.results import AGGREGATE_SITE, Failure, MetricRow
+from fl_imaging.training.site_costs import SITE_COST_METRICS
 from strategies.privacy import privacy_spent
 from strategies.validation import ACCEPTED, FLAGGED, IDLE, UpdateCheck
 from strategies.wrapper import StrategyWrapper
@@ -37,6 +39,9 @@ from strategies.wrapper import StrategyWrapper
 __all__ = ["RecordingStrategy", "array_bytes"]
 
 log = logging.getLogger("fl_imaging.server")
+
+#: Reply metrics with no aggregate row: the weight, and what describes one site only.
+_NOT_AGGREGATED = (UNIT_WEIGHT, *SITE_ONLY_METRICS, *SITE_COST_METRICS)
 
 
 def array_bytes(record: ArrayRecord) -> int:
@@ -197,7 +202,7 @@ class RecordingStrategy(StrategyWrapper):
 
     def _record_aggregate(self, server_round: int, metrics: MetricRecord | None) -> None:
         for key, value in (metrics or {}).items():
-            if isinstance(value, int | float) and key not in (UNIT_WEIGHT, *SITE_ONLY_METRICS):
+            if isinstance(value, int | float) and key not in _NOT_AGGREGATED:
                 self.rows.append(MetricRow(server_round, AGGREGATE_SITE, key, float(value)))
 
     def configure_train(
@@ -216,7 +221,10 @@ class RecordingStrategy(StrategyWrapper):
         rnd = server_round + self.offset
         replies = list(replies)
         self._record(rnd, replies, "train")
+        start = time.perf_counter()
         arrays, metrics = self.inner.aggregate_train(rnd, replies)
+        seconds = time.perf_counter() - start  # the chain: decoding, checks, unmasking, the mean
+        self.rows.append(MetricRow(rnd, AGGREGATE_SITE, "aggregation_seconds", seconds))
         self._record_aggregate(rnd, metrics)
         if arrays is None:
             self.skipped.append(rnd)

@@ -42,6 +42,7 @@ from fl_imaging.flower.site.queries import SITE_QUERIES, secagg_guard
 from fl_imaging.privacy.site_dp import patient_metrics, site_privacy
 from fl_imaging.site.setup import SiteSetup
 from fl_imaging.training.attacks import SimulatedAttack, site_attack
+from fl_imaging.training.site_costs import EVALUATE_SECONDS, FIT_SECONDS, timed_metrics
 from fl_imaging.training.site_training import (
     SiteRef,
     SiteTrainer,
@@ -125,12 +126,13 @@ def build_client_app(
         setup = SiteSetup.of(dict(context.node_config), cfg, site)
         privacy = site_privacy(setup, cfg, trainer, settings, int(msg.metadata.run_id))  # DP-SGD
         epochs = int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs))
-        result = (trainer.fit if privacy is None else privacy.fit)(
-            epochs,
-            seed=training_seed(cfg.seed, rnd, site.index),
-            extra_loss=proximal_term(global_state, mu) if mu > 0 else None,
-            log=_epoch_lines(site.name, int(context.node_id), rnd, epochs),
-        )
+        with timed_metrics(FIT_SECONDS) as costs:  # the site's own seconds and peak memory
+            result = (trainer.fit if privacy is None else privacy.fit)(
+                epochs,
+                seed=training_seed(cfg.seed, rnd, site.index),
+                extra_loss=proximal_term(global_state, mu) if mu > 0 else None,
+                log=_epoch_lines(site.name, int(context.node_id), rnd, epochs),
+            )
         if cfg.strategy.fedbn:
             save_local_norms(trainer.model, context)
         state = trainer.state() if result.num_samples else global_state  # 0: did not train
@@ -141,6 +143,7 @@ def build_client_app(
             NUM_EXAMPLES: result.num_samples,
             MALICIOUS: int(attack is not None),
             **device_metrics(trainer.task.device, trainer.task.amp),  # for the summary
+            **costs,
         }
         metrics = patient_metrics(privacy, metrics)
         return site_reply(msg, site.name, metrics, ArrayRecord(state), previous)
@@ -158,8 +161,9 @@ def build_client_app(
         global_state = msg.content["arrays"].to_torch_state_dict()
         trainer, _ = site_trainer(context, cfg, site, global_state)
         settings = msg.content.config_records.get("config", ConfigRecord())
-        metrics = _evaluation(trainer, settings, finetune_seed(cfg.seed, site.index))
-        return site_reply(msg, site.name, metrics)
+        with timed_metrics(EVALUATE_SECONDS) as costs:
+            metrics = _evaluation(trainer, settings, finetune_seed(cfg.seed, site.index))
+        return site_reply(msg, site.name, {**metrics, **costs})
 
     def for_site(handler: Callable[..., Message]) -> Callable[[Message, Context], Message]:
         def handle(msg: Message, context: Context) -> Message:
