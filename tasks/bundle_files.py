@@ -102,6 +102,8 @@ class BundleFiles:
         config: the training config's content (``{}`` without one).
         metadata: ``configs/metadata.json``'s content (``{}`` without one).
         weights: ``models/model.pt``, None when it has none.
+        inference: its inference config's content (``configs/inference.json|yaml|yml``),
+            None when it has none.
     """
 
     root: Path
@@ -109,6 +111,7 @@ class BundleFiles:
     config: dict[str, Any]
     metadata: dict[str, Any]
     weights: Path | None
+    inference: dict[str, Any] | None = None
 
     def has(self, item: str) -> bool:
         """Whether the training config defines ``item``, a MONAI config id (``train#loss``:
@@ -147,9 +150,8 @@ def bundle_files(bundle: Path | str) -> BundleFiles:
     """
     root = Path(bundle)
     _configs_folder(root)
-    train = next(
-        (p for s in CONFIG_SUFFIXES if (p := root / "configs" / f"train{s}").is_file()), None
-    )
+    train = _config_file(root, "train")
+    inference = _config_file(root, "inference")
     meta = root / "configs" / "metadata.json"
     weights = root / "models" / "model.pt"
     return BundleFiles(
@@ -158,6 +160,14 @@ def bundle_files(bundle: Path | str) -> BundleFiles:
         config=_read(train, root) if train else {},
         metadata=_read(meta, root) if meta.is_file() else {},
         weights=weights if weights.is_file() else None,
+        inference=_read(inference, root) if inference else None,
+    )
+
+
+def _config_file(root: Path, stem: str) -> Path | None:
+    """``root/configs/STEM`` with the first of :data:`CONFIG_SUFFIXES` that exists; None."""
+    return next(
+        (p for s in CONFIG_SUFFIXES if (p := root / "configs" / f"{stem}{s}").is_file()), None
     )
 
 

@@ -255,8 +255,8 @@ class BundleParts:
         """
         raise ConfigError(
             f"bundle {self.files.root}: fl-imaging does not predict with a bundle task; run the "
-            "bundle's own inference config with the trained model.pt (python -m monai.bundle "
-            "run --config_file configs/inference.json)"
+            "run folder's bundle/ (the bundle with the trained weights) with MONAI, as the "
+            "bundle documents its inference"
         )
 
 

@@ -21,6 +21,14 @@ as that same conversion, ``opacus.validators.ModuleValidator.fix`` around the ne
 ``state_dict`` matches the weights; before anything is written the definition is built with
 MONAI's ``ConfigParser`` and the weights loaded into it strictly.
 
+A run of a MONAI bundle as its task (``task=bundle``, :mod:`tasks.bundle_task`) exports that
+bundle fine-tuned instead: its own ``configs/inference.json`` (or, when it has none, its
+training config, whose ``network_def`` is the network) and ``configs/train.json``, its metadata
+with ``fl_imaging`` added (the provenance above and the source bundle's name, version and
+SHA-256) and a changelog entry, and the run's weights as ``models/model.pt``; the README then
+shows how MONAI builds the bundle's own network. Its other files (further configs, scripts,
+other weight formats) are not copied: they describe the source bundle's weights.
+
 The configs are written with MONAI's ``ConfigParser.export_config_file``; the bundle is made in
 a temporary folder beside ``bundle/`` and put in place whole (a reader never sees half a
 bundle).
@@ -50,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BUNDLE_FILES",
     "BUNDLE_FOLDER",
+    "NETWORK_SNIPPET",
     "RUN_SNIPPET",
     "BundleExportError",
     "bundle_metadata",
@@ -61,10 +70,13 @@ __all__ = [
 BUNDLE_FOLDER = "bundle"
 #: The bundle's README, in its ``docs/`` folder.
 README = "README.md"
-#: The bundle's files, relative to the run folder (what the audit hashes and a deployment sends).
+#: The bundle's files, relative to the run folder (what the audit hashes and a deployment sends);
+#: ``configs/train.json`` only when the run's task was a bundle (the source bundle's training
+#: config).
 BUNDLE_FILES = (
     f"{BUNDLE_FOLDER}/configs/metadata.json",
     f"{BUNDLE_FOLDER}/configs/inference.json",
+    f"{BUNDLE_FOLDER}/configs/train.json",
     f"{BUNDLE_FOLDER}/models/model.pt",
     f"{BUNDLE_FOLDER}/docs/{README}",
 )
@@ -102,6 +114,20 @@ with torch.no_grad():
         pred = inferer(sample["image"][None].to(device), net)[0].cpu()
         postprocess({**sample, "pred": pred})
 """
+#: Python that builds a fine-tuned bundle's own network with MONAI alone and loads the run's
+#: weights, from the bundle's folder (the README of a bundle run as the task holds it).
+NETWORK_SNIPPET = """\
+import torch
+from monai.bundle import ConfigParser
+
+parser = ConfigParser()
+parser.read_config("configs/inference.json")
+parser.read_meta("configs/metadata.json")
+parser["bundle_root"] = "."
+net = parser.get_parsed_content("network_def")
+net.load_state_dict(torch.load("models/model.pt", map_location="cpu", weights_only=True))
+net.eval()
+"""
 
 
 class _Row(Protocol):
@@ -123,16 +149,18 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _network_definition(cfg: RunConfig) -> dict[str, Any]:
-    """The task's ``network_def``; with DP-SGD on a network holding batch norm, wrapped in
-    Opacus' ``ModuleValidator.fix`` as :func:`tasks.private_model.private_network` converts it
-    (in-place activations, also switched there, have no weights and compute the same)."""
+def _network_definition(cfg: RunConfig, definition: Any = None) -> Any:
+    """The task's ``network_def`` (or ``definition``, another config's for the same network);
+    with DP-SGD on a network holding batch norm, wrapped in Opacus' ``ModuleValidator.fix`` as
+    :func:`tasks.private_model.private_network` converts it (in-place activations, also
+    switched there, have no weights and compute the same)."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
     from tasks import build_task
 
     task = build_task(cfg.task)
-    definition = task.network_definition()
+    if definition is None:
+        definition = task.network_definition()
     if not cfg.task.dp_sgd.enabled:
         return definition
     if not any(isinstance(m, _BatchNorm) for m in task.network().modules()):
@@ -369,6 +397,8 @@ def _readme(cfg: RunConfig, metadata: dict[str, Any]) -> str:
     it with MONAI."""
     info = metadata["fl_imaging"]
     privacy = "\n".join(f"- {line.strip()}" for line in info["privacy"]["statement"])
+    if "source_bundle" in info:
+        return _fine_tuned_readme(metadata, privacy)
     segmentation = cfg.task.name == TaskName.segmentation
     result = (
         "a mask `<case>_seg.nii.gz` (class indices, the input's grid) per image in `output_dir`"
@@ -424,23 +454,142 @@ def _readme(cfg: RunConfig, metadata: dict[str, Any]) -> str:
     )
 
 
+def _fine_tuned_readme(metadata: dict[str, Any], privacy: str) -> str:
+    """The README of a bundle run as the task, fine-tuned: its provenance and the Python that
+    builds its network with MONAI (:data:`NETWORK_SNIPPET`)."""
+    info = metadata["fl_imaging"]
+    source = info["source_bundle"]
+    return textwrap.dedent(
+        """\
+        # {name}
+
+        {description}
+
+        - fine-tuned from bundle {source} (version {source_version}, SHA-256 {sha})
+        - fl-imaging {version}, strategy {strategy}, {rounds} round(s), {sites} site(s)
+
+        ## Privacy
+
+        {privacy}
+
+        ## Files
+
+        - `configs/metadata.json`: the source bundle's metadata, and `fl_imaging`: the run's
+          provenance
+        - `configs/inference.json`: {inference}
+        - `configs/train.json`: the source bundle's training config
+        - `models/model.pt`: the federated weights (`torch.load(..., weights_only=True)`)
+
+        ## Run it with MONAI
+
+        MONAI {monai} and PyTorch are enough; fl-imaging is not needed. From the bundle's
+        folder, this builds the bundle's network with the federated weights; the rest of
+        `configs/inference.json` runs as the source bundle documents it:
+
+        ```python
+        {snippet}```
+        """
+    ).format(
+        name=metadata.get("name", source["name"]),
+        description=metadata["description"],
+        source=source["name"],
+        source_version=source["version"],
+        sha=source["sha256"],
+        version=info["version"],
+        strategy=info["strategy"],
+        rounds=info["rounds"],
+        sites=info["num_sites"],
+        privacy=privacy,
+        inference=(
+            "the source bundle's inference config"
+            if source["had_inference_config"]
+            else "the source bundle's training config (it had no inference config)"
+        ),
+        monai=metadata["monai_version"],
+        snippet=NETWORK_SNIPPET,
+    )
+
+
 def _check_weights(
-    definition: dict[str, Any], weights: dict[str, torch.Tensor], where: Path
+    config: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    where: Path,
+    meta: dict[str, Any],
+    bundle_root: Path | None = None,
 ) -> None:
-    """Build ``definition`` with MONAI's ``ConfigParser``, as a bundle's reader does, and load
-    ``weights`` into it strictly; raise :class:`BundleExportError` when they do not fit."""
+    """Build ``config``'s ``network_def`` with MONAI's ``ConfigParser``, as a bundle's reader
+    does (``meta`` as its metadata, ``bundle_root`` set when given), and load ``weights`` into
+    it strictly; raise :class:`BundleExportError` when they do not fit."""
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser({"network_def": copy.deepcopy(definition)})
+    parser = ConfigParser(copy.deepcopy(config))
+    parser.read_meta(copy.deepcopy(meta))
+    if bundle_root is not None:
+        parser["bundle_root"] = str(bundle_root)
     network = parser.get_parsed_content("network_def")
+    definition = config["network_def"]
+    target = definition.get("_target_") if isinstance(definition, dict) else definition
     try:
         network.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         first = (str(err).splitlines() or [""])[0]
         raise BundleExportError(
-            f"{where}: the bundle's network_def ({definition.get('_target_')}) does not take the "
-            f"run's weights ({first}); the model is in model.pt beside it"
+            f"{where}: the bundle's network_def ({target}) does not take the run's weights "
+            f"({first}); the model is in model.pt beside it"
         ) from None
+
+
+def _fine_tuned_bundle(
+    cfg: RunConfig, metadata: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], Path]:
+    """For a run whose task was the bundle ``cfg.task.bundle``: its configs to export (file
+    name -> content: ``inference.json``, its own or its training config, and ``train.json``;
+    each ``network_def`` converted as :func:`_network_definition` does), its metadata with the run's
+    ``metadata["fl_imaging"]`` added (and ``source_bundle``: name, version, SHA-256, whether
+    it had an inference config), the run's package versions, description and a changelog
+    entry; and the source bundle's folder."""
+    from tasks.bundle_files import bundle_digest, bundle_files
+
+    assert cfg.task.bundle is not None
+    files = bundle_files(cfg.task.bundle)
+    train = copy.deepcopy(files.config)
+    inference = copy.deepcopy(files.inference if files.inference is not None else files.config)
+    if "network_def" not in inference:
+        raise BundleExportError(
+            f"bundle {files.root}: its inference config has no network_def, so the fine-tuned "
+            "bundle would not rebuild the network; the model is in model.pt in the run folder"
+        )
+    for config in (train, inference):  # each its own network_def: its references are its own
+        config["network_def"] = _network_definition(cfg, config["network_def"])
+    source = copy.deepcopy(files.metadata)
+    source_version = str(source.get("version", "0.0.0"))
+    name = str(source.get("name", files.root.name))
+    version = f"{source_version}+fl-imaging"
+    info = {
+        **metadata["fl_imaging"],
+        "source_bundle": {
+            "name": name,
+            "version": source_version,
+            "sha256": cfg.task.bundle_sha256 or bundle_digest(files.root),
+            "had_inference_config": files.inference is not None,
+        },
+    }
+    merged = {
+        **source,
+        "version": version,
+        "changelog": {
+            version: f"federated fine-tuning: {metadata['changelog'][BUNDLE_VERSION]}",
+            **source.get("changelog", {}),
+        },
+        "monai_version": metadata["monai_version"],
+        "pytorch_version": metadata["pytorch_version"],
+        "numpy_version": metadata["numpy_version"],
+        "name": name,
+        "description": f"{metadata['description']}. Fine-tuned from bundle {name} "
+        f"{source_version}: {source.get('description', '')}".rstrip(": "),
+        "fl_imaging": info,
+    }
+    return {"inference.json": inference, "train.json": train}, merged, files.root
 
 
 def export_bundle(
@@ -452,8 +601,9 @@ def export_bundle(
 ) -> Path:
     """Write ``run_dir/bundle/`` (:data:`BUNDLE_FILES`) for ``model``, the run's final global
     model (a network as ``cfg.task``'s ``build_model`` makes it), with the provenance and
-    privacy of ``rows`` and ``site_names``. An earlier ``bundle/`` (a resumed run's) is
-    replaced whole. Returns the bundle's folder.
+    privacy of ``rows`` and ``site_names``; for a bundle run as the task, that bundle
+    fine-tuned (see the module). An earlier ``bundle/`` (a resumed run's) is replaced whole.
+    Returns the bundle's folder.
 
     Raises:
         BundleExportError: the task's network definition does not take ``model``'s weights.
@@ -465,15 +615,20 @@ def export_bundle(
     run_dir = Path(run_dir)
     target = run_dir / BUNDLE_FOLDER
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    config = inference_config(cfg)
-    _check_weights(config["network_def"], weights, target)
     metadata = bundle_metadata(cfg, rows, run_dir, site_names)
+    source: Path | None = None
+    if cfg.task.bundle:
+        configs, metadata, source = _fine_tuned_bundle(cfg, metadata)
+    else:
+        configs = {"inference.json": inference_config(cfg)}
+    _check_weights(configs["inference.json"], weights, target, metadata, source)
     staging = run_dir / f".{BUNDLE_FOLDER}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         for sub in ("configs", "models", "docs"):
             (staging / sub).mkdir(parents=True)
         ConfigParser.export_config_file(metadata, staging / "configs" / "metadata.json", indent=2)
-        ConfigParser.export_config_file(config, staging / "configs" / "inference.json", indent=2)
+        for name, content in configs.items():
+            ConfigParser.export_config_file(content, staging / "configs" / name, indent=2)
         torch.save(weights, staging / "models" / "model.pt")
         (staging / "docs" / README).write_text(_readme(cfg, metadata))
         for path in staging.rglob("*"):

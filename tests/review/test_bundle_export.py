@@ -8,18 +8,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import monai
 import nibabel
 import numpy as np
-import opacus
 import pytest
 import torch
 from local_runs import local_run
+from monai_only import monai_only
 
 from fl_imaging.cli.predict import main as predict_cli
 from fl_imaging.config import validate_config
@@ -27,6 +25,7 @@ from fl_imaging.config.compose import check_overrides
 from fl_imaging.review.audit import verify_run
 from fl_imaging.review.bundle_export import (
     BUNDLE_FILES,
+    NETWORK_SNIPPET,
     RUN_SNIPPET,
     BundleExportError,
     export_bundle,
@@ -38,35 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS_PAGE = REPO / "docs" / "how-to" / "monai-bundles.md"
 #: A 1-round run of the smoke preset (2 sites, 24^3 demo volumes, a U-Net with batch norm).
 SMOKE = ["experiment=smoke", "engine.rounds=1"]
-
-#: Only the folders that hold MONAI, torch and what they read with: fl-imaging is not there.
-PACKAGE_DIRS = sorted(
-    {str(Path(m.__file__).resolve().parents[1]) for m in (monai, torch, nibabel, np, opacus)}
-)
-
-
-def _monai_only(script: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``script`` with ``python -I -S`` (no site, no .pth files: neither fl-imaging's
-    editable install nor this checkout on the path) and only :data:`PACKAGE_DIRS` added, in
-    ``cwd``; first it checks that fl_imaging and tasks cannot be imported."""
-    prelude = textwrap.dedent(
-        f"""\
-        import importlib.util, sys
-        sys.path[:0] = {PACKAGE_DIRS!r}
-        assert importlib.util.find_spec("fl_imaging") is None, "fl_imaging is importable"
-        assert importlib.util.find_spec("tasks") is None, "tasks is importable"
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", prelude + script],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +83,7 @@ def test_monai_alone_runs_the_bundle_as_fl_imaging_predict_does(
             assert torch.allclose(torch.jit.load("model.ts")(x), net.eval()(x), atol=1e-5)
         """
     )
-    done = _monai_only(RUN_SNIPPET + check, cwd=bundle)
+    done = monai_only(RUN_SNIPPET + check, cwd=bundle)
     assert "monai.bundle.load: UNet" in done.stdout
     got = nibabel.load(bundle / "predictions" / image.name.replace(".nii.gz", "_seg.nii.gz"))
     assert got.shape == expected.shape
@@ -128,7 +98,9 @@ def test_the_bundle_is_hashed_by_the_audit_and_sent_with_the_results(
 ) -> None:
     run = Path(shutil.copytree(smoke_run, tmp_path / "run"))
     end = json.loads((run / "audit.jsonl").read_text().splitlines()[-1])
-    assert set(BUNDLE_FILES) <= set(end["files"])
+    written = {f for f in BUNDLE_FILES if (run / f).is_file()}  # train.json: bundle tasks only
+    assert written == set(BUNDLE_FILES) - {"bundle/configs/train.json"}
+    assert written <= set(end["files"])
     assert set(BUNDLE_FILES) <= set(RESULT_FILES)
     assert verify_run(run).ok
     (run / "bundle" / "configs" / "inference.json").write_text("{}")  # replaced
@@ -195,7 +167,7 @@ def test_a_dp_sgd_run_exports_its_converted_network_and_its_epsilon(tmp_path: Pa
         assert "GroupNorm" in kinds and "BatchNorm3d" not in kinds, kinds
         """
     )
-    _monai_only(script, cwd=run / "bundle")
+    monai_only(script, cwd=run / "bundle")
 
 
 def test_weights_that_the_definition_does_not_take_are_refused(tmp_path: Path) -> None:
@@ -219,7 +191,7 @@ def test_the_docs_page_holds_the_snippet_the_bundle_runs() -> None:
     page = DOCS_PAGE.read_text()
     blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     assert RUN_SNIPPET in blocks
-    assert "Run a bundle as a task" not in page  # the other half of the page, merged later
+    assert NETWORK_SNIPPET in blocks  # a bundle run as the task, exported back
 
 
 def test_tracking_mlflow_logs_the_model_that_mlflow_loads_and_runs(tmp_path: Path) -> None:

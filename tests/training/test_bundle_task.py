@@ -6,6 +6,7 @@ before any of the bundle's code runs."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from dataclasses import replace
@@ -17,12 +18,14 @@ import torch
 from cli_runs import run_cli
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from monai.bundle import ConfigParser
+from monai_only import monai_only
 
 from fl_imaging.config import ConfigError, RunConfig
 from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.flower.protocol import SiteError
 from fl_imaging.flower.site import client_app
+from fl_imaging.review.bundle_export import NETWORK_SNIPPET, export_bundle
 from fl_imaging.training.site_training import SiteTrainers
 from tasks import build_task
 from tasks.bundle_files import bundle_digest, with_bundle_settings
@@ -162,7 +165,15 @@ def test_the_pages_commands_run_a_bundle_that_starts_from_its_weights(tmp_path: 
     assert [c[0] for c in commands] == ["fl-imaging", "fl-imaging-deploy"]
     ran = run_cli(*commands[0], cwd=tmp_path, timeout=400)
     assert "the bundle's settings win: task.roi_size=[24, 24, 24] -> [16, 16, 16]" in ran.stdout
-    assert (tmp_path / "runs" / "bundle" / "model.pt").is_file()
+    run = tmp_path / "runs" / "bundle"
+    assert (run / "model.pt").is_file()
+    # exported back: the bundle's own configs (it has no inference config: its training config)
+    exported = run / "bundle"
+    assert (exported / "configs" / "train.json").is_file()
+    assert json.loads((exported / "configs" / "metadata.json").read_text())["fl_imaging"][
+        "source_bundle"
+    ] == {"name": "my_bundle", "version": "0.1.0", "sha256": digest, "had_inference_config": False}
+    monai_only(NETWORK_SNIPPET + SAME_WEIGHTS, cwd=exported)
     checked = run_cli(*commands[1], cwd=tmp_path)
     assert f"bundle my_bundle (SHA-256): {digest}" in checked.stdout
     assert "accepted by site.yaml" in checked.stdout
@@ -177,6 +188,48 @@ def test_the_pages_commands_run_a_bundle_that_starts_from_its_weights(tmp_path: 
     saved = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert start.keys() == saved.keys()
     assert all(torch.equal(start[k], saved[k]) for k in saved)
+
+
+#: Appended to :data:`NETWORK_SNIPPET`: the network MONAI built holds the run's weights.
+SAME_WEIGHTS = """
+run = torch.load("../model.pt", weights_only=True)
+mine = net.state_dict()
+assert run.keys() == mine.keys(), sorted(set(run) ^ set(mine))
+assert all(torch.equal(run[k], mine[k]) for k in run)
+"""
+
+
+def test_a_bundle_task_exports_that_bundle_fine_tuned_which_monai_alone_runs(
+    tmp_path: Path,
+) -> None:
+    bundle = make_bundle(tmp_path / "zoo_model", meta={**metadata(), "name": "zoo model"})
+    # its inference config names its own items: the export keeps them
+    inference = {"classes": 2, "network_def": {**NETWORK, "out_channels": "@classes"}}
+    ConfigParser.export_config_file(inference, str(bundle / "configs" / "inference.json"))
+    cfg = check_overrides(["task=bundle", f"task.bundle={bundle}"])
+    cfg = replace(cfg, task=with_bundle_settings(cfg.task))
+    model = build_task(cfg.task).build_model()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.5)  # the run's weights, not the bundle's
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(model.state_dict(), run / "model.pt")
+    exported = export_bundle(run, cfg, [], model, ["site-1", "site-2"])
+
+    configs = exported / "configs"
+    assert json.loads((configs / "inference.json").read_text()) == inference
+    meta = json.loads((configs / "metadata.json").read_text())
+    assert meta["network_data_format"] == metadata()["network_data_format"]
+    assert meta["name"] == "zoo model" and meta["version"] == "0.1.0+fl-imaging"
+    assert meta["fl_imaging"]["sites"] == ["site-1", "site-2"]
+    assert meta["fl_imaging"]["source_bundle"]["sha256"] == bundle_digest(bundle)
+    assert "fine-tuned from bundle zoo model" in (exported / "docs" / "README.md").read_text()
+    x = "torch.manual_seed(0); x = torch.rand(1, 1, 16, 16, 16)"
+    done = monai_only(f"{NETWORK_SNIPPET}{SAME_WEIGHTS}{x}\nprint(net(x).sum().item())", exported)
+    torch.manual_seed(0)
+    expected = model.eval()(torch.rand(1, 1, 16, 16, 16)).sum().item()
+    assert float(done.stdout.split()[-1]) == pytest.approx(expected, rel=1e-5)
 
 
 def _overrides(args: list[str], bundle: Path) -> list[str]:
