@@ -117,9 +117,11 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Read the weights ``save_weights`` wrote, with ``torch.load(weights_only=True)`` (no code
-    runs while loading), on the CPU. Raises :class:`WeightsFileError` naming ``path`` when it is
-    missing, truncated or damaged. (A changed byte inside a tensor's data is not found: torch's
-    reader does not check its zip checksums.)"""
+    runs while loading), on the CPU: a ``state_dict`` (parameter name -> tensor), also taken
+    from MONAI's checkpoint form ``{"model": state_dict, ...}`` (what its ``CheckpointSaver``
+    writes, and some model zoo bundles ship). Raises :class:`WeightsFileError` naming ``path``
+    when it is missing, truncated or damaged. (A changed byte inside a tensor's data is not
+    found: torch's reader does not check its zip checksums.)"""
     import torch
 
     if not path.is_file():
@@ -137,6 +139,8 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsFileError(
             f"{path}: the file is truncated or damaged (torch.load: {detail})"
         ) from None
+    if isinstance(weights, dict) and isinstance(weights.get("model"), dict):
+        weights = weights["model"]
     if not isinstance(weights, dict) or not all(
         isinstance(v, torch.Tensor) for v in weights.values()
     ):

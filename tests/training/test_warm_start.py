@@ -79,6 +79,17 @@ def test_a_mismatched_checkpoint_is_refused_with_the_exact_keys(tmp_path: Path) 
     )
 
 
+def test_a_monai_checkpoint_of_the_network_starts_the_run(tmp_path: Path) -> None:
+    weights = _weights(tmp_path)
+    saved = torch.load(weights, weights_only=True)
+    checkpoint = tmp_path / "checkpoint.pt"  # MONAI's CheckpointSaver form
+    torch.save({"model": saved, "epoch": torch.tensor(12)}, checkpoint)
+    cfg = check_overrides([*SMOKE, f"task.model.init={checkpoint}"])
+    plan = plan_federation(replace(cfg, run_dir=str(tmp_path / "run")), ["site-1", "site-2"])
+    start = plan.model.state_dict()
+    assert all(torch.equal(start[k], saved[k]) for k in saved)
+
+
 def test_a_file_that_is_no_torch_file_and_a_folder_without_weights_are_refused(
     tmp_path: Path,
 ) -> None:
