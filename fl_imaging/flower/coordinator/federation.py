@@ -223,9 +223,7 @@ def plan_federation(cfg: RunConfig, site_names: list[str]) -> FederationPlan:
         )
     elif init:
         initial = load_initial_model(model, init)  # checked against the network, once
-        log.info(
-            "starting from %s (task.model.init)", initial.line().removeprefix("initial model: ")
-        )
+        log.info("starting from %s", initial.line().removeprefix("initial model: "))
     arrays = ArrayRecord(model.state_dict())
     if checkpoint is not None:
         check_resumable(checkpoint, cfg)
