@@ -304,8 +304,6 @@ class DataConfig:
     sites_dir: str = "data-sites"
     val_fraction: float = 0.25
     test_fraction: float = 0.0
-    #: Public datasets: share of the cases outside the test split held out as public data
-    #: (the ``public`` benchmark baseline pretrains on them; no site holds them). Seeded.
     public_fraction: float = 0.0
     cache: bool = True
     exclude_bad_cases: bool = False
@@ -462,7 +460,6 @@ class BenchConfig:
     setups: dict[str, list[str]] = field(default_factory=dict)
     strategies: dict[str, list[str]] = field(default_factory=dict)
     baselines: list[str] = field(default_factory=lambda: ["pooled", "local"])
-    #: Overrides of the ``public`` baseline only (e.g. a longer pretraining: engine.rounds=6).
     public_overrides: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
     finetune_epochs: int = 1
