@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fl_imaging.benchmark.comparison import Difference  # noqa: E402
 from fl_imaging.review.results import AGGREGATE_SITE, MetricRow  # noqa: E402
 
 __all__ = [
@@ -259,11 +260,17 @@ def write_summary(
     folder: Path,
     header: str,
     reference: str = "pooled",
+    differences: Mapping[tuple[str, str], Difference] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``summary.csv`` and ``summary.md`` (``header`` on top: command, commit, machine)
     into ``folder``: one table per setup, the main figure of the method ``reference`` (default:
     the pooled baseline) as the reference (``vs <reference>``: the method's mean over sites
-    divided by the reference's). Returns both paths."""
+    divided by the reference's), and, from ``differences`` (setup, method) -> the paired
+    difference to the reference over seeds (:func:`fl_imaging.benchmark.comparison.
+    paired_differences`), its mean and 95 % interval (columns ``diff_mean``, ``diff_low``,
+    ``diff_high`` in the CSV). Returns both paths."""
+    differences = differences or {}
+    nothing = Difference(math.nan, math.nan, math.nan, 0)
     main = metrics[0]
     wholes = [f"whole_{m}" for m in metrics]
     columns = [
@@ -278,12 +285,15 @@ def write_summary(
         writer.writerow(
             ["setup", "method", "kind", "seeds"]
             + [f"{c}_{s}" for c in columns for s in ("mean", "std")]
+            + ["diff_mean", "diff_low", "diff_high"]
         )
         for row in summary:
             values = [row.figures.get(c, (math.nan, math.nan)) for c in columns]
+            diff = differences.get((row.setup, row.method), nothing)
             writer.writerow(
                 [row.setup, row.method, row.kind, row.seeds]
                 + [_num(v) for pair in values for v in pair]
+                + [_num(diff.mean), _num(diff.low), _num(diff.high)]
             )
     lines = [header.rstrip(), ""]
     titles = {
@@ -308,13 +318,15 @@ def write_summary(
         ]
         lines += [f"### {setup}", ""]
         head = ["method", "seeds", *(f"{c} (mean over sites)" for c in metrics[:1])]
-        head += [f"vs {reference}", *(titles.get(c, c) for c in shown if c != main)]
+        head += [f"vs {reference}", f"{main} - {reference} (95 % CI over seeds)"]
+        head += [titles.get(c, c) for c in shown if c != main]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for row in rows:
             ratio = row.figures[main][0] / reference_figure if reference_figure else math.nan
             cells = [row.method, str(row.seeds), _pm(row.figures[main])]
             cells.append("-" if math.isnan(ratio) else f"{ratio:.3f}")
+            cells.append(differences.get((row.setup, row.method), nothing).text())
             for c in shown:
                 if c == main:
                     continue

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fl_imaging.benchmark.all_test_cases import all_test_cases_metrics
 from fl_imaging.benchmark.cells import cell_status, read_cell, run_cell
+from fl_imaging.benchmark.comparison import paired_differences
 from fl_imaging.benchmark.plan import PUBLIC, Cell, plan_cells
 from fl_imaging.benchmark.report import (
     SiteResult,
@@ -173,7 +174,8 @@ def _report(
     write_results_csv(results, metrics, out / "results.csv")
     summary = summarise(results, metrics, whole)
     reference = cells[0][1].bench.reference if cells else "pooled"
-    _, md_path = write_summary(summary, metrics, out, _header(name, argv), reference)
+    differences = paired_differences(results, metrics[0], reference)
+    _, md_path = write_summary(summary, metrics, out, _header(name, argv), reference, differences)
     for setup, by_method in curves.items():
         title = f"{name}: {setup}"
         plot_convergence(by_method, metrics[0], title, out / f"convergence_{setup}.png")
