@@ -190,7 +190,9 @@ def test_the_how_to_runs_as_written(tmp_path: Path) -> None:
     assert "SHA-256 checked" in pulled, pulled
     results = deployment.root / "researcher" / "results"
     for name in ("metrics.csv", "summary.txt", "report.html", "model.pt", "audit.jsonl"):
-        copies = [p for p in deployment.root.rglob(name) if "results" not in p.parts]
+        copies = [  # bundle/models/model.pt is the bundle's own file
+            p for p in deployment.root.rglob(name) if not {"results", "bundle"} & set(p.parts)
+        ]
         assert copies and all(p.read_bytes() == (results / name).read_bytes() for p in copies)
     registered = next(out for step, out in deployment.outputs.items() if " register " in step)
     assert "registered" in registered
