@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fl_imaging.benchmark.plan import PUBLIC, Cell
+from fl_imaging.benchmark.plan import PUBLIC, TUNING, Cell
 from fl_imaging.config import RunConfig, config_to_yaml
 from fl_imaging.engines.interrupts import RunInterrupted
 from fl_imaging.review.report_page import write_report
@@ -118,7 +118,7 @@ def run_cell(cell: Cell, cfg: RunConfig, folder: Path) -> tuple[str, float, str]
     start = time.perf_counter()
     error = ""
     try:
-        if cell.kind == "federated":
+        if cell.kind in ("federated", TUNING):
             run(cfg)
         else:
             _run_baseline(cfg, cell.kind, folder)

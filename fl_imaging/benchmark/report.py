@@ -261,6 +261,8 @@ def write_summary(
     header: str,
     reference: str = "pooled",
     differences: Mapping[tuple[str, str], Difference] | None = None,
+    versus: tuple[str, Mapping[tuple[str, str], Difference]] | None = None,
+    tuned: Mapping[tuple[str, str], str] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``summary.csv`` and ``summary.md`` (``header`` on top: command, commit, machine)
     into ``folder``: one table per setup, the main figure of the method ``reference`` (default:
@@ -268,8 +270,13 @@ def write_summary(
     divided by the reference's), and, from ``differences`` (setup, method) -> the paired
     difference to the reference over seeds (:func:`fl_imaging.benchmark.comparison.
     paired_differences`), its mean and 95 % interval (columns ``diff_mean``, ``diff_low``,
-    ``diff_high`` in the CSV). Returns both paths."""
+    ``diff_high`` in the CSV); ``versus`` (a method, e.g. ``fedavg``, and its differences) the
+    same against that method (column ``METRIC - METHOD``; ``vs_mean``, ``vs_low``, ``vs_high``);
+    ``tuned`` (setup, method) -> the override the tuning protocol chose (column ``tuned on
+    validation``, ``tuned`` in the CSV). Returns both paths."""
     differences = differences or {}
+    tuned = tuned or {}
+    versus_method, versus_diffs = versus if versus else ("", {})
     nothing = Difference(math.nan, math.nan, math.nan, 0)
     main = metrics[0]
     wholes = [f"whole_{m}" for m in metrics]
@@ -285,15 +292,19 @@ def write_summary(
         writer.writerow(
             ["setup", "method", "kind", "seeds"]
             + [f"{c}_{s}" for c in columns for s in ("mean", "std")]
-            + ["diff_mean", "diff_low", "diff_high"]
+            + ["diff_mean", "diff_low", "diff_high", "vs", "vs_mean", "vs_low", "vs_high"]
+            + ["tuned"]
         )
         for row in summary:
             values = [row.figures.get(c, (math.nan, math.nan)) for c in columns]
             diff = differences.get((row.setup, row.method), nothing)
+            other = versus_diffs.get((row.setup, row.method), nothing)
             writer.writerow(
                 [row.setup, row.method, row.kind, row.seeds]
                 + [_num(v) for pair in values for v in pair]
-                + [_num(diff.mean), _num(diff.low), _num(diff.high)]
+                + [_num(diff.mean), _num(diff.low), _num(diff.high), versus_method]
+                + [_num(other.mean), _num(other.low), _num(other.high)]
+                + [tuned.get((row.setup, row.method), "")]
             )
     lines = [header.rstrip(), ""]
     titles = {
@@ -319,6 +330,11 @@ def write_summary(
         lines += [f"### {setup}", ""]
         head = ["method", "seeds", *(f"{c} (mean over sites)" for c in metrics[:1])]
         head += [f"vs {reference}", f"{main} - {reference} (95 % CI over seeds)"]
+        if versus_method:
+            head.append(f"{main} - {versus_method} (95 % CI over seeds)")
+        with_tuning = any((setup, r.method) in tuned for r in rows)
+        if with_tuning:
+            head.append("tuned on validation")
         head += [titles.get(c, c) for c in shown if c != main]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
@@ -327,6 +343,12 @@ def write_summary(
             cells = [row.method, str(row.seeds), _pm(row.figures[main])]
             cells.append("-" if math.isnan(ratio) else f"{ratio:.3f}")
             cells.append(differences.get((row.setup, row.method), nothing).text())
+            if versus_method:
+                cells.append(versus_diffs.get((row.setup, row.method), nothing).text())
+            if with_tuning:
+                cells.append(
+                    f"`{tuned[(setup, row.method)]}`" if (setup, row.method) in tuned else "-"
+                )
             for c in shown:
                 if c == main:
                     continue

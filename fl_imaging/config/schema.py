@@ -465,6 +465,18 @@ class BenchConfig:
     finetune_epochs: int = 1
     #: The method the summary's ratio column divides by (``vs <reference>``).
     reference: str = "pooled"
+    #: A second method every other one is compared with over seeds (paired difference of the
+    #: main metric and its 95 % interval), e.g. ``fedavg``; null, or a method the benchmark
+    #: does not run: no such column.
+    compare_with: str | None = "fedavg"
+    #: The tuning protocol (``fl_imaging/benchmark/tuning.py``): strategy label -> {override
+    #: key: grid}, e.g. ``{fedadam: {strategy.params.eta: [0.001, 0.01, 0.1]}}``. Each grid
+    #: value runs once per ``tune_seeds`` seed scored on the validation split only (no test
+    #: round); the value with the best final-round validation main metric (mean over sites,
+    #: then over tuning seeds; ties: the first in the grid) is then used for every seed.
+    tune: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    #: Training seeds of the tuning runs.
+    tune_seeds: list[int] = field(default_factory=lambda: [0])
 
 
 class TrackingBackend(enum.StrEnum):

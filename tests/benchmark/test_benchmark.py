@@ -153,7 +153,23 @@ def test_smoke_summary_tables_and_plots(smoke: Smoke) -> None:
     fedavg = [float(r["test_dice"]) for r in smoke.results if r["method"] == "fedavg"]
     dice_mean = next(float(r["dice_mean"]) for r in smoke.summary if r["method"] == "fedavg")
     assert dice_mean == pytest.approx(sum(fedavg) / len(fedavg), abs=1e-3)
+
+    # every method against FedAvg (bench.compare_with): the mean over seeds of the per-seed
+    # difference of the mean over sites
+    def seed_means(method: str) -> dict[int, float]:
+        rows = [r for r in smoke.results if r["method"] == method]
+        return {
+            s: sum(float(r["test_dice"]) for r in rows if int(r["seed"]) == s) / 2 for s in SEEDS
+        }
+
+    fedbn, base = seed_means("fedbn"), seed_means("fedavg")
+    row = next(r for r in smoke.summary if r["method"] == "fedbn")
+    assert row["vs"] == "fedavg"
+    assert float(row["vs_mean"]) == pytest.approx(
+        sum(fedbn[s] - base[s] for s in SEEDS) / 2, abs=1e-3
+    )
     markdown = (smoke.out / "summary.md").read_text()
+    assert "dice - fedavg (95 % CI over seeds)" in markdown
     assert all(f"| {method} |" in markdown for method in METHODS)
     for plot in ("convergence_demo.png", "per_site_demo.png"):
         assert (smoke.out / plot).stat().st_size > 1000
