@@ -343,9 +343,7 @@ def check_statistics(policy: SitePolicy) -> None:
     """Refuse a statistics query (``fl-imaging-data stats``) when ``statistics.allow`` is
     false. Raises :class:`PolicyRefusal`."""
     if not policy.statistics.allow:
-        raise _refuse(
-            "statistics.allow", "this site releases no statistics of its data", policy
-        )
+        raise _refuse("statistics.allow", "this site releases no statistics of its data", policy)
 
 
 def release_metrics(policy: SitePolicy, metrics: Mapping[str, float]) -> dict[str, float]:

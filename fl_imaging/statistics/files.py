@@ -197,7 +197,9 @@ def statistics_section(run_dir: Path) -> str:
     summary: dict[str, dict[str, str]] = defaultdict(dict)
     for row in rows:
         if row["statistic"] in ("case_count", "intensity_mean", "intensity_std"):
-            label = row["statistic"] + ("" if row["statistic"] == "case_count" else f" {row['key']}")
+            label = row["statistic"] + (
+                "" if row["statistic"] == "case_count" else f" {row['key']}"
+            )
             summary[row["site"]][label] = row["value"]
     columns = sorted({c for values in summary.values() for c in values})
     e = html.escape
