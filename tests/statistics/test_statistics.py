@@ -17,6 +17,7 @@ from fl_imaging.config.compose import check_overrides
 from fl_imaging.data.demo import make_demo_data
 from fl_imaging.flower.protocol import ReplySites
 from fl_imaging.flower.site.client_app import build_client_app
+from fl_imaging.review.report_page import render_report
 from fl_imaging.site.policy import PolicyError, load_policy
 from fl_imaging.statistics.coordinator import collect_statistics, moments, pool
 from fl_imaging.statistics.files import POOLED, STATS_CSV, write_statistics
@@ -161,3 +162,6 @@ def test_sites_answer_through_the_client_app_and_pooled_values_are_their_sums(
     means = [r for r in rows if r["site"] == POOLED and r["statistic"] == "intensity_mean"]
     assert float(means[0]["value"]) == pytest.approx(mean, rel=1e-5) and std > 0
     assert (tmp_path / "out" / "stats_intensity_histogram.png").stat().st_size > 1000
+    # a run folder holding stats.csv: its report.html has the section
+    page = render_report(tmp_path / "out")
+    assert 'id="federated-statistics"' in page and "stats_intensity_histogram" in page
