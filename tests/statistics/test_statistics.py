@@ -165,3 +165,22 @@ def test_sites_answer_through_the_client_app_and_pooled_values_are_their_sums(
     # a run folder holding stats.csv: its report.html has the section
     page = render_report(tmp_path / "out")
     assert 'id="federated-statistics"' in page and "stats_intensity_histogram" in page
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["engine=deployment"], "runs on the simulation engine"),
+        (["--intensity-range", "5", "1"], "high > low"),
+        (["task.modle=1"], "task.modle"),
+    ],
+)
+def test_stats_refuses_what_it_cannot_run_with_one_message(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fl_imaging.cli.data import main
+
+    assert main(["stats", "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fl-imaging-data stats: error: ") and message in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
