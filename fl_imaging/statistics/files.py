@@ -160,7 +160,7 @@ def _plot(name: str, request: StatsRequest, collected: SiteReleases) -> bytes:
             for site, values in sites.items():
                 total = sum(values) or 1.0
                 ax.stairs([v / total for v in values], edges, label=site)
-            ax.set_xlabel(_UNITS[name][0])
+            ax.set_xlabel(f"{_UNITS[name][0]} (outer bins open)")
             ax.set_ylabel(_UNITS[name][1])
         elif name == "intensity_moments":
             stats = [moments(v) for v in sites.values()]
