@@ -117,7 +117,14 @@ def test_sites_answer_through_the_client_app_and_pooled_values_are_their_sums(
     cfg = check_overrides([])
     cfg.data.sites = [str(demo[0]), str(demo[1]), str(third)]
     cfg.site.policies = {
-        "site-1": str(_policy(tmp_path, "statistics:\n  min_count: 2\n", "a.yaml")),
+        "site-1": str(  # what a training run must meet does not decide statistics
+            _policy(
+                tmp_path,
+                "statistics:\n  min_count: 2\ndp_sgd:\n  required: true\nmax_rounds: 1\n"
+                "accept:\n  config_hashes: [none]\n",
+                "a.yaml",
+            )
+        ),
         "site-2": str(_policy(tmp_path, "statistics:\n  min_count: 50\n", "b.yaml")),
         "site-3": str(_policy(tmp_path, "statistics:\n  allow: false\n", "c.yaml")),
     }
