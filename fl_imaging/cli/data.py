@@ -1,8 +1,11 @@
-"""The ``fl-imaging-data`` command: check a hospital's site folder before it joins.
+"""The ``fl-imaging-data`` command: check a hospital's site folder before it joins, and see how
+the sites of a run differ before training.
 
     fl-imaging-data inspect DIR [--task segmentation|classification] [--num-classes N]
                                 [--spatial-dims 2|3] [--in-channels C] [--class-names A,B]
                                 [--modalities T1,T2,...] [--images-only] [--json]
+    fl-imaging-data stats [--out DIR] [--bins N] [--intensity-range LOW HIGH]
+                          [--min-count N] [OVERRIDES ...]
 
 DIR is a site folder (images/, labels/ or labels.csv, split.csv), a folder of images to predict
 on (with --images-only: no labels needed), or a public dataset in its download layout (an MSD
@@ -15,13 +18,24 @@ Prints one line per case (id, format, shape, spacing, orientation, dtype, intens
 values), then a summary and every problem, each naming its file. A site is checked with the
 rules training applies (at least one training and one validation case). Exits 0 when the folder
 is ready, 1 when anything is wrong, 2 for a usage error.
+
+``stats`` asks every site of the run that ``fl-imaging OVERRIDES`` would start (the same Hydra
+overrides, e.g. ``experiment=quick``) for its data statistics, on the simulation engine through
+the run's own Flower apps: intensity histograms per modality over shared bins, intensity means
+and standard deviations, voxel spacing and volume size histograms, label volume per class or
+class counts, missing values; each site releases only what its own policy allows
+(``statistics.min_count`` of its site policy). Writes stats.csv, stats_withheld.csv, a PNG per
+statistic and statistics.html into DIR (default runs/stats-DATE_TIME; a run folder there gets
+the section in its report.html too) and prints DIR. Exits 0, or 2 for a problem to fix.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,6 +153,44 @@ def _parser() -> argparse.ArgumentParser:
         help="check the images of a folder without labels (a folder to predict on)",
     )
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    stats = sub.add_parser(
+        "stats",
+        help="federated statistics of the sites of a run, before training",
+        description="Every site of the run fl-imaging OVERRIDES would start computes its data "
+        "statistics and releases what its own site policy allows (statistics.min_count).",
+    )
+    stats.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default runs/stats-DATE_TIME; a run folder: its report.html gets "
+        "the statistics section)",
+    )
+    stats.add_argument(
+        "--bins", type=_at_least(1), default=20, help="intensity histogram bins (default 20)"
+    )
+    stats.add_argument(
+        "--intensity-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=(0.0, 1000.0),
+        help="stored intensities binned from LOW to HIGH; the first and last bins are open "
+        "(default 0 1000; CT: -1024 3072)",
+    )
+    stats.add_argument(
+        "--min-count",
+        type=_at_least(1),
+        default=1,
+        help="the smallest count asked for behind a released number; each site applies at "
+        "least its own statistics.min_count (default 1: the sites' own)",
+    )
+    stats.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="OVERRIDES",
+        help="fl-imaging's Hydra overrides: the run whose sites are asked (e.g. experiment=quick)",
+    )
     return parser
 
 
@@ -155,9 +207,56 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _stats(args: argparse.Namespace) -> int:
+    """``fl-imaging-data stats``: ask the run's sites, write the files, print the folder."""
+    from dataclasses import replace
+
+    from fl_imaging.config.compose import check_overrides
+    from fl_imaging.run import USER_ERRORS
+    from fl_imaging.statistics.request import StatsRequest, StatsRequestError, even_edges
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("fl_imaging").setLevel(logging.INFO)
+    out = args.out or Path("runs") / time.strftime("stats-%Y-%m-%d_%H-%M-%S")
+    try:
+        request = StatsRequest(
+            intensity_edges=tuple(even_edges(*args.intensity_range, args.bins)),
+            min_count=args.min_count,
+        )
+        cfg = replace(check_overrides(list(args.overrides)), run_dir=str(out))
+        from fl_imaging.statistics.federation import run_statistics
+
+        collected = run_statistics(cfg, request)
+    except (StatsRequestError, *USER_ERRORS) as err:
+        print(f"fl-imaging-data stats: error: {err}", file=sys.stderr)
+        return 2
+    from fl_imaging.statistics.files import write_statistics
+
+    try:
+        written = write_statistics(out, request, collected)
+        if (out / "report.html").is_file():  # a run folder: its report gets the section
+            from fl_imaging.review.report_page import write_report
+
+            written.append(write_report(out))
+    except OSError as err:
+        print(f"fl-imaging-data stats: error: cannot write into {out}: {err}", file=sys.stderr)
+        return 2
+    for site, why in collected.failures:
+        print(f"site {site}: no statistics: {why}", file=sys.stderr)
+    for site, released in sorted(collected.releases.items()):
+        print(
+            f"site {site}: {len(released.values)} statistic(s) released, "
+            f"{len(released.withheld)} withheld (min_count {released.min_count})"
+        )
+    print(f"statistics in {out}: {', '.join(p.name for p in written)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fl-imaging-data``; returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "stats":
+        return _stats(args)
     names = [n.strip() for n in args.class_names.split(",") if n.strip()] or None
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     dims = DEFAULT_DIMS if args.spatial_dims is None else args.spatial_dims

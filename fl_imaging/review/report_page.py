@@ -8,9 +8,10 @@ data, model and the user's overrides), the outcome and the audit chain's status
 ``summary.txt``), the per-round table with the sites asked and answering, each update's
 verdict, the curves, per-site results (validation and test round; devices by name, flags as
 yes/no), the privacy spent over rounds, the cross-site evaluation as a matrix of models by
-sites and the contributions when their files exist, failures, where the run is tracked, the
-summary and the config. Images are PNG data URIs; no script, style sheet, font or image is
-fetched from anywhere."""
+sites and the contributions when their files exist, the federated statistics of the sites'
+data when ``fl-imaging-data stats`` wrote them into the folder (``stats.csv``), failures,
+where the run is tracked, the summary and the config. Images are PNG data URIs; no script,
+style sheet, font or image is fetched from anywhere."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from fl_imaging.flower.protocol import MALICIOUS
 from fl_imaging.review.audit import AUDIT_FILE, AuditFileMissing, Verification, verify_run
 from fl_imaging.review.results import AGGREGATE_SITE, MetricRow, read_metrics
 from fl_imaging.review.run_name import run_folder_name
+from fl_imaging.statistics.files import statistics_section
 
 __all__ = ["REPORT_FILE", "render_report", "write_report"]
 
@@ -361,6 +363,9 @@ def render_report(run_dir: Path, main_metric: str | None = None) -> str:
         sections.append(("Cross-site evaluation", cross))
     if (run_dir / "contributions.csv").is_file():
         sections.append(("Site contributions", _csv_table(run_dir / "contributions.csv")))
+    statistics = statistics_section(run_dir)  # fl-imaging-data stats --out RUN_DIR
+    if statistics:
+        sections.append(("Federated statistics", statistics))
     sections.append(
         (
             "Failures",

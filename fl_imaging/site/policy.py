@@ -29,6 +29,11 @@ with that reason. Keys (all optional; the defaults accept everything):
                           # sites equally; every count is sent as 1)
       privacy_details: true  # DP-SGD noise, sample rate and steps (they reveal the case count)
     max_rounds: 50        # training rounds this site takes part in per run
+    statistics:           # fl-imaging-data stats (fl_imaging.statistics.site)
+      allow: true         # false: refuse every statistics query
+      min_count: 10       # release a statistic only when the cases behind it, and every
+                          # non-empty histogram bin, count at least this many (whatever the
+                          # coordinator asks for)
 
 Ours: no library has a per-site federated policy; the file is parsed by OmegaConf against the
 dataclasses below (so a wrong key or type names the key and the file).
@@ -56,9 +61,11 @@ __all__ = [
     "ReleasePolicy",
     "SecureAggregationPolicy",
     "SitePolicy",
+    "StatisticsPolicy",
     "check_bundle",
     "check_request",
     "check_rounds",
+    "check_statistics",
     "load_policy",
     "release_metrics",
     "training_config_hash",
@@ -119,6 +126,16 @@ class ReleasePolicy:
 
 
 @dataclass
+class StatisticsPolicy:
+    """``statistics``: whether the site answers statistics queries at all (``allow``) and the
+    fewest cases (or voxels, for a voxel histogram's bin) behind any number it releases
+    (``min_count``; the coordinator may ask for more, never for less)."""
+
+    allow: bool = True
+    min_count: int = 10
+
+
+@dataclass
 class SitePolicy:
     """One site's policy (see the module); ``source`` is the file it was read from ("" for the
     default, which accepts everything)."""
@@ -128,6 +145,7 @@ class SitePolicy:
     accept: AcceptPolicy = field(default_factory=AcceptPolicy)
     release: ReleasePolicy = field(default_factory=ReleasePolicy)
     max_rounds: int | None = None
+    statistics: StatisticsPolicy = field(default_factory=StatisticsPolicy)
     source: str = ""
 
 
@@ -147,7 +165,8 @@ def load_policy(path: Path | str | None) -> SitePolicy:
     except ConfigKeyError as err:
         raise PolicyError(
             f"site policy {path}: unknown key '{err.full_key or err.key}'; the keys are "
-            "secure_aggregation, dp_sgd, accept, release, max_rounds (docs/how-to/site-policy.md)"
+            "secure_aggregation, dp_sgd, accept, release, max_rounds, statistics "
+            "(docs/how-to/site-policy.md)"
         ) from None
     except ValidationError as err:
         raise PolicyError(
@@ -174,6 +193,8 @@ def _problems(policy: SitePolicy) -> list[str]:
         problems.append("dp_sgd.delta must lie between 0 and 1")
     if policy.max_rounds is not None and policy.max_rounds < 1:
         problems.append("max_rounds must be at least 1")
+    if policy.statistics.min_count < 1:
+        problems.append("statistics.min_count must be at least 1")
     return problems
 
 
@@ -316,6 +337,13 @@ def check_rounds(policy: SitePolicy, rounds_done: int) -> None:
             f"this site has trained in {rounds_done} round(s) of this run, the most it allows",
             policy,
         )
+
+
+def check_statistics(policy: SitePolicy) -> None:
+    """Refuse a statistics query (``fl-imaging-data stats``) when ``statistics.allow`` is
+    false. Raises :class:`PolicyRefusal`."""
+    if not policy.statistics.allow:
+        raise _refuse("statistics.allow", "this site releases no statistics of its data", policy)
 
 
 def release_metrics(policy: SitePolicy, metrics: Mapping[str, float]) -> dict[str, float]:

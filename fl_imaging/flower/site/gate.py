@@ -2,7 +2,9 @@
 
 Before the handler runs, the site checks the request against its policy
 (:func:`fl_imaging.site.policy.check_request`: accepted tasks, strategies, models and config
-hashes, DP-SGD required, case counts kept, secure aggregation required for a training reply)
+hashes, DP-SGD required, case counts kept, secure aggregation required for a training reply;
+a statistics query is decided by the policy's ``statistics`` section instead,
+:mod:`fl_imaging.statistics.site_query`)
 and, for training, the rounds it took part in this Flower run, counted from its own record
 (:func:`~fl_imaging.site.policy.check_rounds`). After it, the reply's metrics are cut to what
 the policy releases (:func:`~fl_imaging.site.policy.release_metrics`) and one record is
@@ -25,10 +27,15 @@ from fl_imaging.review.site_record import request_summary
 from fl_imaging.secagg.arithmetic import SECAGG
 from fl_imaging.site.policy import check_request, check_rounds, release_metrics
 from fl_imaging.site.setup import SiteSetup
+from fl_imaging.statistics.request import STATS_ACTION
 
 __all__ = ["gated_reply"]
 
 log = logging.getLogger("fl_imaging.client")
+
+#: The statistics query (``fl-imaging-data stats``): no model is trained or scored, so the
+#: policy's ``statistics`` section decides it, not the run's task, strategy or rounds.
+STATS_MESSAGE = f"query.{STATS_ACTION}"
 
 
 def _round_of(msg: Message) -> int:
@@ -88,13 +95,14 @@ def gated_reply(
         "asked": request_summary(config or {}),
     }
     try:
-        check_request(
-            setup.policy,
-            cfg,
-            training=training,
-            masked=SECAGG in msg.content.config_records,
-            simulated=setup.simulated,
-        )
+        if kind != STATS_MESSAGE:  # statistics: the policy's statistics section (site_query)
+            check_request(
+                setup.policy,
+                cfg,
+                training=training,
+                masked=SECAGG in msg.content.config_records,
+                simulated=setup.simulated,
+            )
         if training:
             check_rounds(setup.policy, record.rounds_trained(flower_run))
         reply = _released(setup, handler())

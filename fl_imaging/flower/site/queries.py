@@ -4,7 +4,8 @@ registers each as ``query.<action>`` in one loop.
 A handler takes ``(message, context, config, site)`` and returns the reply. Secure aggregation's
 stages (:mod:`fl_imaging.secagg.site`) need the message, the context and the site's
 guard (its identity and policy, :func:`secagg_guard`); cross-site evaluation and contribution
-scoring (:mod:`fl_imaging.evaluation.site_scoring`) the site's config and folder.
+scoring (:mod:`fl_imaging.evaluation.site_scoring`) and the site's statistics
+(:mod:`fl_imaging.statistics.site_query`) the site's config and folder.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from fl_imaging.evaluation.site_scoring import (
 )
 from fl_imaging.secagg.site import SECAGG_STAGES, SecAggGuard
 from fl_imaging.site.setup import SiteSetup
+from fl_imaging.statistics.request import STATS_ACTION
+from fl_imaging.statistics.site_query import statistics_reply
 from fl_imaging.training.site_training import SiteRef
 
 __all__ = ["SITE_QUERIES", "SiteQuery", "secagg_guard"]
@@ -47,4 +50,5 @@ SITE_QUERIES: dict[str, SiteQuery] = {
     **{action: _stage(stage) for action, stage in SECAGG_STAGES.items()},
     FINETUNE_ACTION: finetuned_model,
     SCORE_ACTION: score_models,
+    STATS_ACTION: statistics_reply,
 }
