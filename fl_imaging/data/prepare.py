@@ -22,6 +22,7 @@ from fl_imaging.data.inspect import SiteReport, inspect_site
 from fl_imaging.data.shift import ScannerProfile
 from fl_imaging.data.simulated import public_site_folder, simulated_sites
 from fl_imaging.data.sites import Case, SiteData, SiteDataError, load_site
+from fl_imaging.data.user_paths import named_os_errors
 
 __all__ = [
     "checked_cases",
@@ -63,7 +64,8 @@ def site_folders(cfg: RunConfig) -> list[Path]:
             modalities=tuple(data.modalities),
         )
     elif data.name != DataName.folders:
-        folders = simulated_sites(cfg)
+        with named_os_errors():  # the public dataset's folder and files, named
+            folders = simulated_sites(cfg)
     else:
         if not data.sites:
             raise SiteDataError(
