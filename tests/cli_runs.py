@@ -87,13 +87,15 @@ def run_cli(
     timeout: float = DEFAULT_TIMEOUT_S,
     expect: int | None = 0,
     prelude: str = "",
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run our ``command`` (``fl-imaging``, ``fl-imaging-audit`` ...) with ``args`` in ``cwd``
     (``env``: the whole environment; None: this process's), capturing its output as text.
     Returns the finished process (``returncode``, ``stdout``, ``stderr``). Fails the test
     (AssertionError with the output's tail) when the exit code is not ``expect`` (None: any),
     or when the command still runs after ``timeout`` seconds (its process group is killed).
-    ``prelude``: Python code run in the command's process before it (:func:`cli_command`)."""
+    ``prelude``: Python code run in the command's process before it (:func:`cli_command`);
+    ``preexec_fn`` runs in the child before the command starts."""
     argv = cli_command(command, *args, prelude=prelude)
     shown = f"{command} {' '.join(str(a) for a in args)}"
     proc = subprocess.Popen(
@@ -104,6 +106,7 @@ def run_cli(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=preexec_fn,
     )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)

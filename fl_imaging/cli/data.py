@@ -15,9 +15,11 @@ that reads it, with the task, classes and dimensionality taken from the dataset 
 (or DICOM series folders), one folder per modality, and checked stacked as channels.
 
 Prints one line per case (id, format, shape, spacing, orientation, dtype, intensity range, label
-values), then a summary and every problem, each naming its file. A site is checked with the
-rules training applies (at least one training and one validation case). Exits 0 when the folder
-is ready, 1 when anything is wrong, 2 for a usage error.
+values), then a summary, every problem, each naming its file, and every note (what was skipped:
+hidden files such as .DS_Store in a DICOM series folder). A site is checked with the rules
+training applies (at least one training and one validation case). A folder or file that cannot
+be read (permission denied, a file where a folder belongs) is named as a problem. Exits 0 when
+the folder is ready, 1 when anything is wrong, 2 for a usage error.
 
 ``stats`` asks every site of the run that ``fl-imaging OVERRIDES`` would start (the same Hydra
 overrides, e.g. ``experiment=quick``) for its data statistics, on the simulation engine through
@@ -42,6 +44,8 @@ from pathlib import Path
 from fl_imaging.config import TaskName
 from fl_imaging.data.inspect import SiteReport, inspect_images, inspect_site
 from fl_imaging.data.inspect_datasets import dataset_layout, inspect_dataset
+from fl_imaging.data.sites import SiteDataError
+from fl_imaging.data.user_paths import named_os_errors
 
 __all__ = ["format_report", "main"]
 
@@ -87,6 +91,7 @@ def format_report(report: SiteReport) -> str:
         f"formats {', '.join(formats) or '-'}; {len(problems)} problem(s)"
     )
     lines += [f"  PROBLEM {p}" for p in problems]
+    lines += [f"  NOTE {n}" for n in report.all_notes]
     ready = (
         "ready to predict on"
         if report.images_only
@@ -263,12 +268,35 @@ def main(argv: list[str] | None = None) -> int:
     default_channels = len(modalities) or DEFAULT_CHANNELS
     channels = default_channels if args.in_channels is None else args.in_channels
     task = TaskName(args.task or DEFAULT_TASK)
+    try:
+        with named_os_errors():
+            report = _report(args, task, names, modalities, dims, channels)
+    except SiteDataError as err:  # a path that could not be read outside the site's checks
+        print(f"fl-imaging-data: error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def _report(
+    args: argparse.Namespace,
+    task: TaskName,
+    names: list[str] | None,
+    modalities: list[str],
+    dims: int,
+    channels: int,
+) -> SiteReport:
+    """The report ``inspect`` prints for the parsed ``args``: a folder of images, a public
+    dataset in its own layout, or a site folder."""
     if args.images_only:
-        report = inspect_images(
+        return inspect_images(
             args.folder, spatial_dims=dims, in_channels=channels, task=task, modalities=modalities
         )
-    elif dataset_layout(args.folder) is not None and not modalities:
-        report = inspect_dataset(
+    if dataset_layout(args.folder) is not None and not modalities:
+        return inspect_dataset(
             args.folder,
             task=TaskName(args.task) if args.task else None,
             num_classes=args.num_classes,
@@ -276,21 +304,15 @@ def main(argv: list[str] | None = None) -> int:
             in_channels=args.in_channels,
             class_names=names,
         )
-    else:
-        report = inspect_site(
-            args.folder,
-            task,
-            num_classes=DEFAULT_CLASSES if args.num_classes is None else args.num_classes,
-            class_names=names,
-            spatial_dims=dims,
-            in_channels=channels,
-            modalities=modalities,
-        )
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
-    else:
-        print(format_report(report))
-    return 0 if report.ok else 1
+    return inspect_site(
+        args.folder,
+        task,
+        num_classes=DEFAULT_CLASSES if args.num_classes is None else args.num_classes,
+        class_names=names,
+        spatial_dims=dims,
+        in_channels=channels,
+        modalities=modalities,
+    )
 
 
 def entry() -> None:

@@ -5,6 +5,10 @@ MONAI's ``PydicomReader`` checks that the slices of a folder form one evenly spa
 reader sorts the slices and spreads them between the first and the last position, so a missing
 slice stretches the spacing without a word, and a segmentation object is read as a 4D image).
 
+Hidden files and folders of a series folder (names starting with ``.``: ``.DS_Store``,
+``._IM0001`` that macOS leaves) are no part of the series: they are skipped, as MONAI's reader
+skips them, and :func:`hidden_series_files` names them so that a check can say so.
+
 What is refused, per series folder (or single DICOM file), each problem naming the file:
 
 - a file that is not readable DICOM, or a folder mixing several series (SeriesInstanceUID);
@@ -29,6 +33,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from fl_imaging.data.errors import SiteDataError
+from fl_imaging.data.user_paths import files_under
+
 __all__ = [
     "DUPLICATE_TOLERANCE_MM",
     "GAP_TOLERANCE",
@@ -36,6 +43,7 @@ __all__ = [
     "describe_dicom",
     "dicom_files",
     "dicom_series_problems",
+    "hidden_series_files",
     "not_an_image_reason",
 ]
 
@@ -69,10 +77,19 @@ SEG_ADVICE = (
 
 
 def dicom_files(path: Path) -> list[Path]:
-    """The files of a series folder (all depths, sorted), or ``[path]`` for a single file."""
+    """The files of a series folder (all depths, sorted, hidden ones left out:
+    :func:`hidden_series_files`), or ``[path]`` for a single file. Raises
+    :class:`~fl_imaging.data.errors.SiteDataError` naming a folder that cannot be read."""
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file())
+    return files_under(path)[0]
+
+
+def hidden_series_files(path: Path) -> list[Path]:
+    """The hidden files and folders (``.DS_Store`` ...) of a series folder, which are skipped;
+    none for a single file. Raises :class:`~fl_imaging.data.errors.SiteDataError` as
+    :func:`dicom_files`."""
+    return [] if path.is_file() else files_under(path)[1]
 
 
 def _what(header: Dataset) -> str:
@@ -115,7 +132,10 @@ def not_an_image_reason(header: Dataset) -> str | None:
 def describe_dicom(path: Path) -> str | None:
     """Say what a DICOM file (or the first file of a folder) is, e.g. ``a DICOM object (Modality
     SEG, SOP Class Segmentation Storage)``; None when it is not readable DICOM."""
-    files = dicom_files(path) if path.exists() else []
+    try:
+        files = dicom_files(path) if path.exists() else []
+    except (SiteDataError, OSError):  # an unreadable folder is named where it is read
+        return None
     if not files:
         return None
     try:
@@ -131,9 +151,14 @@ def dicom_series_problems(path: Path) -> list[str]:
     Returns the problems, one sentence each naming the file(s) and what to do; an empty list when
     the series can be read as one regular volume.
     """
-    files = dicom_files(path)
+    try:
+        files = dicom_files(path)
+    except SiteDataError as err:
+        return [str(err)]
     if not files:
-        return [f"{path}: empty DICOM folder; put the series' files in it or remove it"]
+        hidden = hidden_series_files(path)
+        only = f" (only hidden files: {', '.join(p.name for p in hidden)})" if hidden else ""
+        return [f"{path}: empty DICOM folder{only}; put the series' files in it or remove it"]
     headers: list[tuple[Path, Dataset]] = []
     problems: list[str] = []
     for file in files:

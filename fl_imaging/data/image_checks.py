@@ -25,9 +25,11 @@ from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirst, LoadImage, Orientation
 from PIL import Image
 
-from fl_imaging.data.dicom_checks import dicom_series_problems
+from fl_imaging.data.dicom_checks import dicom_files, dicom_series_problems, hidden_series_files
+from fl_imaging.data.errors import SiteDataError
 from fl_imaging.data.readers import IMAGE_READERS
 from fl_imaging.data.sites import IMAGE_2D_SUFFIXES, NIFTI_SUFFIXES, NRRD_SUFFIXES
+from fl_imaging.data.user_paths import os_error_message
 
 #: World axes of RAS+, as the tasks give them to Orientationd (tasks.base.ORIENTATION_LABELS).
 ORIENTATION_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -39,7 +41,8 @@ __all__ = ["CaseReport", "check_image", "check_label", "file_content_problem", "
 class CaseReport:
     """What one case holds: shape (voxels, spatial axes only), channels, spacing (mm),
     orientation (axis codes, e.g. RAS), the stored dtype, the intensity range, the label values,
-    and its problems (empty when fine)."""
+    its problems (empty when fine) and its notes (what was skipped, e.g. hidden files of a
+    DICOM series folder: worth knowing, nothing to fix)."""
 
     case_id: str
     image: str
@@ -58,6 +61,7 @@ class CaseReport:
     #: A multi-modal case: its files, one per modality in channel order (``image`` is the
     #: first); empty for a single-file case.
     images: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @cache
@@ -106,7 +110,7 @@ def _format_of(path: Path) -> str:
 def _stored_dtype(path: Path, kind: str) -> str:
     """The dtype the file stores its voxels in (e.g. int16), read from the header."""
     if kind == "dicom":
-        first = path if path.is_file() else next(p for p in sorted(path.rglob("*")) if p.is_file())
+        first = dicom_files(path)[0]
         header = pydicom.dcmread(first, stop_before_pixels=True)
         signed = "int" if int(getattr(header, "PixelRepresentation", 0)) else "uint"
         return f"{signed}{int(getattr(header, 'BitsAllocated', 16))}"
@@ -195,6 +199,15 @@ def check_image(
     report = CaseReport(case_id, str(path), _format_of(path))
     if report.format == "dicom":
         report.problems += dicom_series_problems(path)
+        try:
+            hidden = hidden_series_files(path)
+        except SiteDataError:  # an unreadable folder: dicom_series_problems named it
+            hidden = []
+        if hidden:
+            report.notes.append(
+                f"{path}: skipped hidden file(s) {', '.join(p.name for p in hidden)} (not part "
+                "of the series)"
+            )
     elif (problem := file_content_problem(path)) is not None:
         report.problems.append(problem)
     if report.problems:
@@ -205,6 +218,9 @@ def check_image(
         root = err
         while root.__cause__ is not None:
             root = root.__cause__
+        if isinstance(root, OSError) and root.errno is not None:
+            report.problems.append(os_error_message(root, path))
+            return report, None
         reason = (str(root).strip().splitlines() or [type(root).__name__])[0]
         report.problems.append(f"{path}: cannot be read (unreadable or truncated): {reason}")
         return report, None

@@ -13,6 +13,7 @@ from fl_imaging.data.sites import (
     is_image_file,
     nhdr_data_files,
 )
+from fl_imaging.data.user_paths import folder_entries, is_hidden, named_os_errors
 
 __all__ = ["find_images", "find_modality_images", "is_series"]
 
@@ -26,8 +27,22 @@ def is_series(folder: Path) -> bool:
         and not p.name.startswith(".")
         and not is_image_file(p)
         and p.name not in detached
-        for p in folder.iterdir()
+        for p in folder_entries(folder)
     )
+
+
+def _entries_under(folder: Path) -> list[Path]:
+    """Every file and folder under ``folder``, all depths, sorted; hidden ones (and what they
+    hold) left out. Unlike ``Path.rglob``, a folder that cannot be read is named
+    (:class:`SiteDataError`), not skipped."""
+    found: list[Path] = []
+    for entry in folder_entries(folder):
+        if is_hidden(entry):
+            continue
+        found.append(entry)
+        if entry.is_dir():
+            found += _entries_under(entry)
+    return sorted(found)
 
 
 def find_images(source: Path) -> tuple[list[tuple[str, Path]], list[str]]:
@@ -37,8 +52,15 @@ def find_images(source: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     files and DICOM series folders (sub-folders holding image files, such as class folders, are
     searched too), or a single image file or DICOM series folder. Problems: a case id found twice
     (e.g. the same file name in two class folders), each naming both files. Raises
-    :class:`SiteDataError` when ``source`` does not exist or holds nothing to predict on.
+    :class:`SiteDataError` when ``source`` does not exist, cannot be read (naming the folder or
+    file) or holds nothing to predict on.
     """
+    with named_os_errors():
+        return _find_images(source)
+
+
+def _find_images(source: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """:func:`find_images` without its translation of ``OSError``."""
     if not source.exists():
         raise SiteDataError(
             f"{source} does not exist: give a site folder, a folder of images or an image"
@@ -49,9 +71,7 @@ def find_images(source: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     found: dict[str, Path] = {}
     series: set[Path] = set()
     problems: list[str] = []
-    for entry in sorted(folder.rglob("*")):
-        if entry.name.startswith(".") or any(p.name.startswith(".") for p in entry.parents):
-            continue
+    for entry in _entries_under(folder):
         if series.intersection(entry.parents):
             continue  # a file of a DICOM series already found
         if (entry.is_file() and is_image_file(entry)) or (entry.is_dir() and is_series(entry)):
@@ -82,8 +102,16 @@ def find_modality_images(
     Returns the (case id, one path per modality in ``modalities`` order) pairs, sorted by case
     id, and the problems (:func:`~fl_imaging.data.sites.collect_modalities`: a case missing a
     modality, an unknown folder ...). Raises :class:`SiteDataError` when ``source`` is not a
-    folder or holds no complete case.
+    folder, cannot be read or holds no complete case.
     """
+    with named_os_errors():
+        return _find_modality_images(source, modalities)
+
+
+def _find_modality_images(
+    source: Path, modalities: Sequence[str]
+) -> tuple[list[tuple[str, tuple[str, ...]]], list[str]]:
+    """:func:`find_modality_images` without its translation of ``OSError``."""
     if not source.is_dir():
         raise SiteDataError(
             f"{source} is not a folder: give a folder with one sub-folder per modality "

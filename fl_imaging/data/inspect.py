@@ -49,11 +49,19 @@ class SiteReport:
     images_only: bool = False
     #: For a public dataset checked in its own layout: what it holds (name, task, classes).
     dataset: str = ""
+    #: Classification by class sub-folders: the site's class folder names, sorted.
+    class_folders: list[str] = field(default_factory=list)
 
     @property
     def all_problems(self) -> list[str]:
         """Site-level problems followed by every case's problems."""
         return self.problems + [p for c in self.cases for p in c.problems]
+
+    @property
+    def all_notes(self) -> list[str]:
+        """Every case's notes: what was skipped (hidden files of a DICOM series ...), nothing
+        to fix."""
+        return [n for c in self.cases for n in c.notes]
 
     @property
     def ok(self) -> bool:
@@ -153,6 +161,7 @@ def inspect_site(
         report.problems.append(str(err))
         return report
     report.found, report.problems = scan.cases, scan.problems
+    report.class_folders = scan.class_folders
     report.cases = [
         inspect_case(case, task, num_classes, spatial_dims, in_channels, modalities, site)
         for case in scan.cases

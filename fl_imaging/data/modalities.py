@@ -66,6 +66,7 @@ def check_modalities(
         images=[str(p) for p in paths],
     )
     case.problems = [p for r in reports for p in r.problems]
+    case.notes = [n for r in reports for n in r.notes]
     formats = {r.format for r in reports}
     if len(formats) > 1:
         shown = ", ".join(f"{m} {r.format}" for m, r in zip(modalities, reports, strict=True))

@@ -22,6 +22,7 @@ from fl_imaging.data.inspect import SiteReport, inspect_site
 from fl_imaging.data.shift import ScannerProfile
 from fl_imaging.data.simulated import public_site_folder, simulated_sites
 from fl_imaging.data.sites import Case, SiteData, SiteDataError, load_site
+from fl_imaging.data.user_paths import named_os_errors
 
 __all__ = [
     "checked_cases",
@@ -63,7 +64,8 @@ def site_folders(cfg: RunConfig) -> list[Path]:
             modalities=tuple(data.modalities),
         )
     elif data.name != DataName.folders:
-        folders = simulated_sites(cfg)
+        with named_os_errors():  # the public dataset's folder and files, named
+            folders = simulated_sites(cfg)
     else:
         if not data.sites:
             raise SiteDataError(
@@ -115,11 +117,49 @@ def prepare_sites(cfg: RunConfig) -> tuple[RunConfig, list[SiteData], list[SiteR
             )
         )
         reports.append(report)
+    if not cfg.task.class_names:
+        check_class_folders_agree(reports)
     # Every site reads the same list, so that it trains on exactly the cases checked here.
     resolved = replace(
         cfg, data=replace(data, sites=[str(f) for f in folders], excluded_cases=excluded)
     )
     return resolved, sites, reports
+
+
+def check_class_folders_agree(reports: list[SiteReport]) -> None:
+    """Refuse sites whose class sub-folders give one class index two meanings (classification
+    without labels.csv and without ``task.class_names``): each site numbers its own folders in
+    sorted order, so ``normal/ tumour/`` at one site and ``cancer/ normal/`` at another would
+    make class 1 mean tumour at the first and normal at the second. A site lacking a class
+    whose numbering still agrees (``normal/`` beside ``normal/ tumour/``) is accepted. Takes the
+    sites' check reports; raises :class:`SiteDataError` naming every site's class list and the
+    shared list to set."""
+    lists = {r.site: r.class_folders for r in reports if r.class_folders}
+    named: dict[int, dict[str, str]] = {}  # class index -> {a name it has: the first site}
+    for site, names in lists.items():
+        for k, name in enumerate(names):
+            named.setdefault(k, {}).setdefault(name, site)
+    # a name at two indices leaves one of them with two names, so this finds every clash
+    for k, names in sorted(named.items()):
+        if len(names) > 1:
+            (one, one_site), (other, other_site) = list(names.items())[:2]
+            _refuse_class_lists(lists, k, (one_site, one), (other_site, other))
+
+
+def _refuse_class_lists(
+    lists: dict[str, list[str]], k: int, one: tuple[str, str], other: tuple[str, str]
+) -> None:
+    """Raise the :class:`SiteDataError` of :func:`check_class_folders_agree`: class ``k`` is
+    ``one`` = (site, name) at one site and ``other`` at another."""
+    union = sorted({n for names in lists.values() for n in names})
+    shown = "; ".join(f"site {site}: [{', '.join(names)}]" for site, names in lists.items())
+    raise SiteDataError(
+        f"the sites' class folders differ ({shown}): each site numbers its class folders in "
+        f"sorted order, so class {k} would be {one[1]!r} at site {one[0]} and {other[1]!r} at "
+        f"site {other[0]}. Give every site the same class folders, or set the shared class "
+        f"list task.class_names=[{','.join(union)}] (class k is its k-th name at every site; "
+        f"task.num_classes={len(union)})"
+    )
 
 
 def prepare_public_site(cfg: RunConfig) -> SiteData:
@@ -167,6 +207,8 @@ def checked_cases(
         seed=cfg.seed if seed is None else seed,
         modalities=list(cfg.data.modalities),
     )
+    for note in report.all_notes:
+        log.info("[site %s] note: %s", report.site, note)
     problems = report.all_problems
     bad = {c.case_id for c in report.cases if c.problems}
     if problems and (not cfg.data.exclude_bad_cases or not report.found):
@@ -175,11 +217,17 @@ def checked_cases(
             if len(problems) > MAX_SHOWN
             else []
         )
+        # with no case found (a folder that cannot be read, a split file to fix ...), leaving
+        # cases out cannot help: only fixing the folder can
+        instead = (
+            ", or set data.exclude_bad_cases=true to train without these cases."
+            if report.found
+            else "; data.exclude_bad_cases cannot help here: no case could be listed."
+        )
         raise SiteDataError(
             f"[site {report.site}] {len(problems)} problem(s) in {folder}:\n  - "
             + "\n  - ".join(shown)
-            + "\nFix them (fl-imaging-data inspect shows them again), or set "
-            "data.exclude_bad_cases=true to train without these cases."
+            + f"\nFix them (fl-imaging-data inspect shows them again){instead}"
         )
     for problem in problems:
         log.warning("[site %s] excluded (data.exclude_bad_cases=true): %s", report.site, problem)

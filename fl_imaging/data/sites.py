@@ -33,6 +33,8 @@ import numpy as np
 
 from fl_imaging.config import TaskName
 from fl_imaging.data.dicom_checks import SEG_ADVICE, describe_dicom
+from fl_imaging.data.errors import SiteDataError
+from fl_imaging.data.user_paths import named_os_errors
 
 __all__ = [
     "IMAGE_2D_SUFFIXES",
@@ -44,6 +46,7 @@ __all__ = [
     "SiteDataError",
     "SiteScan",
     "case_id_of",
+    "class_folder_names",
     "collect_modalities",
     "find_cases",
     "is_image_file",
@@ -58,11 +61,8 @@ NRRD_SUFFIXES = (".nrrd", ".nhdr")
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, *NRRD_SUFFIXES)
 #: 2D image files read by MONAI's PILReader.
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: The values a ``split`` column (labels.csv, split.csv) may hold, in any case.
 SPLITS = ("train", "val", "test")
-
-
-class SiteDataError(ValueError):
-    """A site folder that cannot be trained on as it is; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -105,12 +105,15 @@ class SiteScan:
 
     ``cases``: the complete cases (image and label), sorted by case id; ``problems``: one
     sentence per problem, naming the file; ``unlabelled``: (case id, image) of the images that
-    have no label, so that they can still be checked and listed (a multi-modal case: its paths).
+    have no label, so that they can still be checked and listed (a multi-modal case: its paths);
+    ``class_folders``: for classification by class sub-folders, the names of the site's class
+    folders, sorted (empty with labels.csv), so that sites can be compared.
     """
 
     cases: list[Case]
     problems: list[str]
     unlabelled: list[tuple[str, Path | tuple[str, ...]]] = field(default_factory=list)
+    class_folders: list[str] = field(default_factory=list)
 
 
 def case_id_of(path: Path) -> str:
@@ -323,13 +326,37 @@ def scan_site(
     (a DICOM SEG named as such, with how to convert it), a missing ``labels/`` folder, a
     duplicated case id, an image without a label, a label without an image, a row of
     ``labels.csv`` or ``split.csv`` naming no image or repeating a case, a class label that is
-    not an integer, an unknown class folder, an unknown split. A missing or empty folder raises
-    :class:`SiteDataError` at once, since nothing else can be checked.
+    not an integer, an unknown class folder. A missing or empty folder, a site path that is a
+    file, and a split value other than train / val / test (a file error, not a bad case) raise
+    :class:`SiteDataError` at once; so does a folder or file that cannot be read (permission
+    denied, a file where a folder belongs: :func:`~fl_imaging.data.user_paths.named_os_errors`).
     """
     site = site or root.name
+    with named_os_errors(f"[site {site}] "):
+        return _scan_site(root, task, site, class_names, modalities)
+
+
+def _scan_site(
+    root: Path,
+    task: TaskName,
+    site: str,
+    class_names: list[str] | None,
+    modalities: Sequence[str],
+) -> SiteScan:
+    """:func:`scan_site` without its translation of ``OSError``."""
     images_dir = root / "images"
+    if root.is_file():
+        raise SiteDataError(
+            f"[site {site}] {root} is a file, not a folder: a site is a folder holding images/ "
+            "(and labels/ or labels.csv); give the site's folder"
+        )
     if not root.is_dir():
         raise SiteDataError(f"[site {site}] site folder {root} does not exist: check the path")
+    if images_dir.exists() and not images_dir.is_dir():
+        raise SiteDataError(
+            f"[site {site}] {images_dir} is a file, not a folder: images/ is the folder holding "
+            "the site's images (the layout: docs/how-to/check-a-folder.md)"
+        )
     if not images_dir.is_dir():
         raise SiteDataError(
             f"[site {site}] {images_dir} is missing: put the site's NIfTI files or DICOM series "
@@ -342,6 +369,13 @@ def scan_site(
     labels: dict[str, str | int] = {}
     stacked: dict[str, tuple[str, ...]] = {}
     partial: set[str] = set()
+    found_classes: list[str] = []
+    for name in ("labels.csv", "split.csv"):
+        if (root / name).exists() and not (root / name).is_file():
+            raise SiteDataError(
+                f"[site {site}] {root / name} is a folder, not a file: {name} must be a CSV "
+                "file (the layout: docs/how-to/check-a-folder.md); move the folder away"
+            )
     class_folders = task != TaskName.segmentation and not (root / "labels.csv").is_file()
     if modalities:
         if class_folders:
@@ -352,7 +386,7 @@ def scan_site(
             )
         stacked = collect_modalities(images_dir, list(modalities), site, images, problems, partial)
     elif class_folders:
-        _scan_class_folders(images_dir, class_names, images, labels, problems)
+        found_classes = _scan_class_folders(images_dir, class_names, images, labels, problems)
     else:
         _collect_images(images_dir, images, problems)
     if not images and not problems:
@@ -361,14 +395,23 @@ def scan_site(
     paths.update(stacked)
 
     splits: dict[str, str] = {}
+    unknown_splits: list[str] = []
     split_file = root / "split.csv"
     if split_file.is_file():
         rows = _read_csv(split_file, site, ("case_id", "split"))
-        for case_id, (_, split) in _csv_column(split_file, rows, "split", images, problems).items():
+        for case_id, (line, split) in _csv_column(
+            split_file, rows, "split", images, problems
+        ).items():
             splits[case_id] = split.lower()
+            unknown_splits += _unknown_split(split_file, line, case_id, split)
 
     if task == TaskName.segmentation:
         labels_dir = root / "labels"
+        if labels_dir.exists() and not labels_dir.is_dir():
+            raise SiteDataError(
+                f"[site {site}] {labels_dir} is a file, not a folder: labels/ is the folder "
+                "holding one mask per image, named like the image"
+            )
         if labels_dir.is_dir():
             _collect_labels(labels_dir, labels, problems)
         else:
@@ -399,19 +442,38 @@ def scan_site(
                     f"{split_file} says {splits[case_id]!r}; keep one"
                 )
             splits[case_id] = split.lower()
+            unknown_splits += _unknown_split(labels_csv, line, case_id, split)
+    if unknown_splits:
+        raise SiteDataError(
+            f"[site {site}] {len(unknown_splits)} unknown split value(s):\n  - "
+            + "\n  - ".join(unknown_splits)
+        )
     unlabelled = sorted(set(images) - set(labels))
     if not (task == TaskName.segmentation and not (root / "labels").is_dir()):
         for case_id in unlabelled:
             problems.append(f"{images[case_id]}: image without a label (case id {case_id})")
-    for case_id, split in sorted(splits.items()):
-        if split not in SPLITS:
-            problems.append(f"split of case {case_id} is {split!r}: use one of {', '.join(SPLITS)}")
     complete = sorted(set(images) & set(labels))
     return SiteScan(
         [Case(c, paths[c], labels[c], splits.get(c)) for c in complete],
         problems,
         [(c, Path(paths[c]) if isinstance(paths[c], str) else paths[c]) for c in unlabelled],
+        found_classes,
     )
+
+
+def _unknown_split(path: Path, line: int, case_id: str, value: str) -> list[str]:
+    """One sentence when ``value`` (line ``line`` of ``path``, case ``case_id``) is not one of
+    :data:`SPLITS` (in any case), else none."""
+    if value.lower() in SPLITS:
+        return []
+    hint = {"validation": "val", "valid": "val", "training": "train", "testing": "test"}
+    better = hint.get(value.lower())
+    instead = f" ({value!r} is written {better!r} here)" if better else ""
+    return [
+        f"{path} line {line}: case {case_id} has split {value!r}, which is not one of "
+        f"{', '.join(SPLITS)}{instead}; write one of them, or leave the split empty to let "
+        "training split the case"
+    ]
 
 
 def _collect_labels(labels_dir: Path, labels: dict[str, str | int], problems: list[str]) -> None:
@@ -449,8 +511,9 @@ def _scan_class_folders(
     images: dict[str, Path],
     labels: dict[str, str | int],
     problems: list[str],
-) -> None:
-    """Classification without labels.csv: ``images/CLASS/`` holds the cases of each class."""
+) -> list[str]:
+    """Classification without labels.csv: ``images/CLASS/`` holds the cases of each class.
+    Returns the class folder names, sorted."""
     folders = sorted(p for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = [p for p in images_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
     series = [
@@ -490,6 +553,23 @@ def _scan_class_folders(
             continue
         for case_id in _collect_images(folder, images, problems):
             labels[case_id] = names.index(folder.name)
+    return [p.name for p in folders]
+
+
+def class_folder_names(root: Path, task: TaskName, modalities: Sequence[str] = ()) -> list[str]:
+    """The class sub-folders of ``root/images`` (sorted, hidden ones left out) when the site's
+    classification labels come from them (no labels.csv, no ``data.modalities``); else none.
+    Raises :class:`SiteDataError` naming a folder that cannot be read."""
+    images = root / "images"
+    with named_os_errors(f"[site {root.name}] "):
+        if (
+            task == TaskName.segmentation
+            or modalities
+            or (root / "labels.csv").is_file()
+            or not images.is_dir()
+        ):
+            return []
+        return sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def load_site(
@@ -518,6 +598,12 @@ def load_site(
     order = rng.permutation(len(unassigned))
     n_val = max(1, round(val_fraction * len(unassigned))) if unassigned else 0
     val_ids = {unassigned[i].case_id for i in order[:n_val]}
+    unknown = sorted({c.split for c in cases if c.split is not None and c.split not in SPLITS})
+    if unknown:
+        raise SiteDataError(
+            f"[site {name}] {root}: unknown split value(s) {', '.join(map(repr, unknown))}; a "
+            f"case's split is one of {', '.join(SPLITS)} (labels.csv or split.csv)"
+        )
     for case in cases:
         split = case.split or ("val" if case.case_id in val_ids else "train")
         getattr(site, split).append(case)

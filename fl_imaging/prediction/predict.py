@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from monai.transforms import Invertd
 
 from fl_imaging.config import ConfigError, RunConfig, TaskName, config_from_yaml
@@ -36,6 +37,7 @@ from fl_imaging.data.image_folder import find_images, find_modality_images
 from fl_imaging.data.modalities import check_modalities
 from fl_imaging.data.nifti_io import save_nifti
 from fl_imaging.data.sites import SiteDataError
+from fl_imaging.data.user_paths import named_os_errors, read_text
 from fl_imaging.prediction.explain import Explainer
 from fl_imaging.review.results import WeightsFileError, load_weights
 from tasks import build_task
@@ -65,17 +67,34 @@ def load_run(run_dir: Path) -> LoadedRun:
     """Read ``run_dir/config.yaml`` and ``run_dir/model.pt`` as written by ``fl-imaging``.
 
     Raises :class:`PredictionError` when either is missing, ``model.pt`` is truncated or
-    damaged, or the weights do not fit the model the config describes.
+    damaged, or the weights do not fit the model the config describes;
+    :class:`~fl_imaging.data.errors.SiteDataError` naming a file or folder that cannot be read
+    (permission denied, ``RUN_DIR`` a file, ``config.yaml`` not UTF-8 text).
     """
     config, weights = run_dir / "config.yaml", run_dir / "model.pt"
-    for path in (config, weights):
-        if not path.is_file():
+    if run_dir.is_file():
+        raise PredictionError(
+            f"{run_dir}: is a file, not a folder; give the folder of a finished fl-imaging run "
+            "(it holds config.yaml and model.pt)"
+        )
+    with named_os_errors():
+        for path in (config, weights):
+            if not path.is_file():
+                raise PredictionError(
+                    f"{path} not found: give the folder of a finished fl-imaging run "
+                    "(it holds config.yaml and model.pt)"
+                )
+        try:
+            cfg = config_from_yaml(read_text(config))
+        except (ConfigError, yaml.YAMLError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise PredictionError(
-                f"{path} not found: give the folder of a finished fl-imaging run "
-                "(it holds config.yaml and model.pt)"
-            )
-    cfg = config_from_yaml(config.read_text())
-    model = build_task(cfg.task).build_model()
+                f"{config}: not a config fl-imaging can use ({first}); copy config.yaml again "
+                "from the run folder fl-imaging wrote"
+            ) from None
+        model = build_task(cfg.task).build_model()
+        with open(weights, "rb"):  # an unreadable file is named here, not inside torch.load
+            pass
     try:
         state = load_weights(weights)
     except WeightsFileError as err:
@@ -120,6 +139,8 @@ def check_inputs(run: LoadedRun, source: Path) -> list[tuple[str, Path | tuple[s
                 case_id, path, spatial_dims=task.spatial_dims, in_channels=task.in_channels
             )
         problems += report.problems
+        for note in report.notes:
+            log.info("note: %s", note)
     if problems:
         shown = problems[:MAX_SHOWN] + (
             [f"... and {len(problems) - MAX_SHOWN} more"] if len(problems) > MAX_SHOWN else []
@@ -149,17 +170,23 @@ def predict_folder(
     Returns the files written: one mask per image (segmentation) or ``predictions.csv``
     (classification), and with ``explain`` each image's saliency map (NIfTI and PNG,
     :class:`~fl_imaging.prediction.explain.Explainer`). Raises :class:`PredictionError` listing
-    every
-    input that cannot be predicted on (nothing is written then) or naming a device this machine
-    lacks, :class:`SiteDataError` when ``source`` holds no image or an image cannot be decoded
-    after all.
+    every input that cannot be predicted on (nothing is written then), naming a device this
+    machine lacks, or naming ``output`` when it is an existing file; :class:`SiteDataError` when
+    ``source`` holds no image, an image cannot be decoded after all, or a path cannot be read or
+    ``output`` cannot be written (permission denied, a file where a folder belongs).
     """
+    if output.exists() and not output.is_dir():
+        raise PredictionError(
+            f"{output}: is a file, not a folder; the predictions are written into a folder: give "
+            "another --output (a new or an existing folder) or move the file away"
+        )
     images = check_inputs(run, source)
     try:
         target = site_device(replace(run.cfg.task, device=device or run.cfg.task.device), "predict")
     except ConfigError as err:
         raise PredictionError(f"{err} (fl-imaging-predict --device cpu predicts here)") from None
-    output.mkdir(parents=True, exist_ok=True)
+    with named_os_errors(action="written"):
+        output.mkdir(parents=True, exist_ok=True)
     task = build_task(run.cfg.task, target)
     cpu_task = build_task(run.cfg.task, torch.device("cpu"))
     transform = task.inference_transforms()
@@ -181,7 +208,7 @@ def predict_folder(
                 f"{path}: cannot be read for prediction ({reason}); "
                 "run fl-imaging-data inspect on its folder"
             ) from err
-        with torch.no_grad():
+        with torch.no_grad(), named_os_errors(action="written"):  # the mask or the map
             if run.cfg.task.name == TaskName.segmentation:
                 assert isinstance(task, SegmentationTask)
                 mask, predicted = _segment(
@@ -203,11 +230,12 @@ def predict_folder(
                 row.update({f"prob_{names[k]}": round(float(p), 6) for k, p in enumerate(prob)})
                 rows.append(row)
         if explainer is not None:  # the maps stay here, beside the predictions
-            written += explainer.write(sample, transform, predicted, case_id, path, output)
+            with named_os_errors(action="written"):
+                written += explainer.write(sample, transform, predicted, case_id, path, output)
         log.info("predicted %d/%d: %s", index, len(images), case_id)
     if rows:
         table = output / "predictions.csv"
-        with table.open("w", newline="") as handle:
+        with named_os_errors(action="written"), table.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)

@@ -21,7 +21,13 @@ from monai.transforms import Compose
 from fl_imaging.config import RunConfig
 from fl_imaging.config.devices import site_device
 from fl_imaging.data.prepare import checked_cases, excluded_of
-from fl_imaging.data.sites import Case, SiteDataError, find_cases, load_site
+from fl_imaging.data.sites import (
+    Case,
+    SiteDataError,
+    class_folder_names,
+    find_cases,
+    load_site,
+)
 from tasks import build_task
 from tasks.base import ExtraLoss, ImagingTask, TrainResult
 
@@ -298,13 +304,27 @@ def site_cases(cfg: RunConfig, site: SiteRef) -> list[Case]:
     """The cases ``site`` trains on: those of its folder, less its ``data.excluded_cases``
     (filled by the coordinator's check with ``data.exclude_bad_cases`` in simulation). A deployed
     site, whose folder the coordinator never sees, runs that check itself when
-    ``data.exclude_bad_cases`` is set. Logs what it leaves out; raises :class:`SiteDataError` as
-    the check does."""
+    ``data.exclude_bad_cases`` is set. A deployed site labelled by class folders needs
+    ``task.class_names``: it sees only its own folders, so the shared list in the config is
+    what makes class k mean the same at every site (its folders are checked against it).
+    Logs what it leaves out; raises :class:`SiteDataError` as the check does."""
+    modalities = list(cfg.data.modalities)
+    if not site.simulated and not cfg.task.class_names:
+        folders = class_folder_names(site.folder, cfg.task.name, modalities)
+        if folders:
+            raise SiteDataError(
+                f"[site {site.name}] {site.folder / 'images'} holds class folders "
+                f"[{', '.join(folders)}] but task.class_names is empty: in a deployment each "
+                "site sees only its own folders, so the shared class list in the config is "
+                "what makes class k mean the same at every site; the coordinator sets it "
+                f"(e.g. task.class_names=[{','.join(folders)}], every site's classes in index "
+                "order)"
+            )
     if cfg.data.exclude_bad_cases and not site.simulated:
         cases, _ = checked_cases(site.folder, cfg, seed=cfg.seed + site.index)
     else:
         names = list(cfg.task.class_names) or None
-        cases = find_cases(site.folder, cfg.task.name, site.name, names, list(cfg.data.modalities))
+        cases = find_cases(site.folder, cfg.task.name, site.name, names, modalities)
     excluded = excluded_of(cfg.data.excluded_cases, site.name)
     if excluded:
         log.info(

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from cli_runs import run_cli
+from file_access import no_root_override, unreadable
 from monai.transforms import LoadImage
 from PIL import Image
 
@@ -421,3 +422,88 @@ def test_fl_imaging_predict_as_a_command(seg_run: tuple[RunConfig, Path], tmp_pa
     proc = run_cli("fl-imaging-predict", run_dir, site, "--output", out, cwd=tmp_path)
     assert f"1 file(s) written to {out}" in proc.stdout
     assert [p.name for p in out.iterdir()] == [p.name for p in (site / "images").iterdir()]
+
+
+# ------------------------------------------------------------------------------------------
+# Paths that cannot be used as given (issue 30): each named, exit 1, no traceback
+# ------------------------------------------------------------------------------------------
+
+
+def test_an_output_that_is_an_existing_file_is_refused(
+    seg_run: tuple[RunConfig, Path], tmp_path: Path, capsys
+) -> None:
+    _, run_dir = seg_run
+    image, _ = _write_reoriented(tmp_path / "scan.nii.gz", ("R", "A", "S"))
+    taken = tmp_path / "masks"
+    taken.write_text("an earlier export")
+    assert predict_cli([str(run_dir), str(image), "--output", str(taken)]) == 1  # FileExistsError
+    err = capsys.readouterr().err
+    assert err == (
+        f"fl-imaging-predict: error: {taken}: is a file, not a folder; the predictions are "
+        "written into a folder: give another --output (a new or an existing folder) or move the "
+        "file away\n"
+    )
+    assert taken.read_text() == "an earlier export"
+    below = taken / "masks"  # a folder to make under a file: NotADirectoryError
+    assert predict_cli([str(run_dir), str(image), "--output", str(below)]) == 1
+    assert f"error: {taken}: is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_run_folder_that_is_a_file_or_a_config_that_is_not_text(tmp_path: Path, capsys) -> None:
+    image, _ = _write_reoriented(tmp_path / "scan.nii.gz", ("R", "A", "S"))
+    assert predict_cli([str(image), str(image)]) == 1
+    assert f"error: {image}: is a file, not a folder; give the folder of a finished" in (
+        capsys.readouterr().err
+    )
+    _, run_dir = _make_run(tmp_path / "run", SEGMENTATION)
+    config = run_dir / "config.yaml"
+    config.write_bytes(b"task:\n  name: \xff\xfe\n")
+    assert predict_cli([str(run_dir), str(image)]) == 1
+    assert f"error: {config}: not UTF-8 text (invalid start byte at byte 14)" in (
+        capsys.readouterr().err
+    )
+    config.write_text("task: [unclosed\n")
+    assert predict_cli([str(run_dir), str(image)]) == 1
+    assert f"error: {config}: not a config fl-imaging can use (while parsing" in (
+        capsys.readouterr().err
+    )
+
+
+def test_hidden_files_in_a_series_to_predict_on_are_skipped(
+    seg_run: tuple[RunConfig, Path], tmp_path: Path, capsys
+) -> None:
+    _, run_dir = seg_run
+    (site,) = make_demo_data(
+        tmp_path / "demo", num_sites=1, cases_per_site=1, shape=(14, 18, 10), seed=3
+    )
+    (series,) = sorted((site / "images").iterdir())
+    (series / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    out = tmp_path / "masks"
+    assert predict_cli([str(run_dir), str(series), "--output", str(out)]) == 0
+    assert "1 file(s) written" in capsys.readouterr().out
+    assert [p.name for p in out.iterdir()] == [f"{series.name}.nii.gz"]
+
+
+def test_an_unreadable_input_folder_is_named(
+    seg_run: tuple[RunConfig, Path], tmp_path: Path
+) -> None:
+    """As root too (:mod:`file_access`): the kernel's own permission check, in the command."""
+    _, run_dir = seg_run
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _write_reoriented(folder / "a.nii.gz", ("R", "A", "S"))
+    (folder / "more").mkdir()
+    with unreadable(folder / "more") as more:  # pathlib's rglob would skip it without a word
+        proc = run_cli(
+            "fl-imaging-predict",
+            run_dir,
+            folder,
+            "--output",
+            tmp_path / "out",
+            cwd=tmp_path,
+            expect=1,
+            preexec_fn=no_root_override,
+        )
+    assert proc.stderr.startswith(f"fl-imaging-predict: error: {more}: cannot be read: ")
+    assert "permission denied" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fl_imaging.data.datasets.pool import DatasetPool
 from fl_imaging.data.sites import IMAGE_2D_SUFFIXES, Case, SiteDataError, case_id_of, is_image_file
+from fl_imaging.data.user_paths import folder_entries
 
 __all__ = ["load_class_folders"]
 
@@ -41,8 +42,12 @@ def load_class_folders(root: Path, class_names: list[str] | None = None) -> Data
         problems.append(f"{root}: {len(names)} class folder(s); classification needs at least 2")
     cases: list[Case] = []
     for label, name in enumerate(names):
-        files = sorted(
-            p for p in folders.get(name, root / name).glob("*") if not p.name.startswith(".")
+        folder = folders.get(name, root / name)
+        # folder_entries, not glob: an unreadable class folder is named, not taken as empty
+        files = (
+            [p for p in folder_entries(folder) if not p.name.startswith(".")]
+            if name in folders
+            else []
         )
         if name in folders and not files:
             problems.append(f"{folders[name]}: empty class folder")
