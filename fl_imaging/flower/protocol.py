@@ -17,6 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord,
 
 __all__ = [
     "CONFIG_KEY",
+    "CONTROL",
+    "CONTROL_DELTA",
     "EVALUATE_GLOBAL",
     "EVAL_SPLIT",
     "FINETUNE_EPOCHS",
@@ -70,6 +72,11 @@ EVAL_SPLIT = "split"
 FINETUNE_EPOCHS = "finetune-epochs"
 #: Train-config key of FedProx's proximal weight (sent by Flower's FedProx).
 PROXIMAL_MU = "proximal-mu"
+#: SCAFFOLD (strategy=scaffold): the ArrayRecord of the global control variate ``c`` in a
+#: training message, and the one of a site's ``c_i+ - c_i`` in its reply, beside ``arrays``
+#: (one float32 array per trainable parameter, named and shaped as the parameter).
+CONTROL = "scaffold-control"
+CONTROL_DELTA = "scaffold-control-delta"
 
 
 def site_reply(

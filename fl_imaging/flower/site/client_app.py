@@ -24,6 +24,7 @@ from fl_imaging.console.site_lines import send_site_lines
 from fl_imaging.flower.app_config import resolve_config
 from fl_imaging.flower.packed_arrays import packed_arrays_mod
 from fl_imaging.flower.protocol import (
+    CONTROL_DELTA,
     EVAL_SPLIT,
     EVALUATE_GLOBAL,
     FINETUNE_EPOCHS,
@@ -35,6 +36,7 @@ from fl_imaging.flower.protocol import (
     site_errors,
     site_reply,
 )
+from fl_imaging.flower.site.control_variates import SITE_CONTROL, SiteControl
 from fl_imaging.flower.site.gate import gated_reply
 from fl_imaging.flower.site.local_norms import restore_local_norms, save_local_norms
 from fl_imaging.flower.site.outgoing_update import outgoing_update
@@ -42,6 +44,7 @@ from fl_imaging.flower.site.queries import SITE_QUERIES, secagg_guard
 from fl_imaging.privacy.site_dp import patient_metrics, site_privacy
 from fl_imaging.site.setup import SiteSetup
 from fl_imaging.training.attacks import SimulatedAttack, site_attack
+from fl_imaging.training.control_variates import local_step_size
 from fl_imaging.training.site_costs import EVALUATE_SECONDS, FIT_SECONDS, timed_metrics
 from fl_imaging.training.site_training import (
     SiteRef,
@@ -126,16 +129,24 @@ def build_client_app(
         setup = SiteSetup.of(dict(context.node_config), cfg, site)
         privacy = site_privacy(setup, cfg, trainer, settings, int(msg.metadata.run_id))  # DP-SGD
         epochs = int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs))
+        control = SiteControl.of(msg, context, trainer.model)  # SCAFFOLD, else None
+        extra_loss = proximal_term(global_state, mu) if mu > 0 else None
         with timed_metrics(FIT_SECONDS) as costs:  # the site's own seconds and peak memory
             result = (trainer.fit if privacy is None else privacy.fit)(
                 epochs,
                 seed=training_seed(cfg.seed, rnd, site.index),
-                extra_loss=proximal_term(global_state, mu) if mu > 0 else None,
+                extra_loss=control.correction if control is not None else extra_loss,
                 log=_epoch_lines(site.name, int(context.node_id), rnd, epochs),
             )
         if cfg.strategy.fedbn:
             save_local_norms(trainer.model, context)
         state = trainer.state() if result.num_samples else global_state  # 0: did not train
+        delta = None
+        if control is not None:
+            lr, note = local_step_size(trainer.task.optimizer(trainer.model))
+            if note and SITE_CONTROL not in context.state.array_records:  # once per run
+                log.warning("[site %s] %s", site.name, note)
+            delta = control.finish(context, global_state, state, lr)
         if attack is not None:
             state = attack.poison(global_state, state, rnd, site.name)
         metrics = {
@@ -146,7 +157,10 @@ def build_client_app(
             **costs,
         }
         metrics = patient_metrics(privacy, metrics)
-        return site_reply(msg, site.name, metrics, ArrayRecord(state), previous)
+        reply = site_reply(msg, site.name, metrics, ArrayRecord(state), previous)
+        if delta is not None:
+            reply.content[CONTROL_DELTA] = delta
+        return reply
 
     def train(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
         return outgoing_update(
