@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import (
 from fl_imaging.config import DPMode, StrategyConfig
 from fl_imaging.flower.protocol import UNIT_WEIGHT
 from strategies.centered_clipping import CenteredClipping
+from strategies.ditto import Ditto
 from strategies.geometric_median import GeometricMedian
 from strategies.norm_bounding import NormBoundedFedAvg
 from strategies.scaffold import Scaffold
@@ -62,6 +63,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "centeredclip": CenteredClipping,
     "normbound": NormBoundedFedAvg,
     "scaffold": Scaffold,
+    "ditto": Ditto,
 }
 
 #: Constructor arguments set from the engine config, never from ``strategy.params``

@@ -1,4 +1,4 @@
-"""The rules of ``strategy.tune_key`` and of what SCAFFOLD cannot combine with.
+"""The rules of ``strategy.tune_key`` and of what SCAFFOLD and Ditto cannot combine with.
 
 :func:`strategy_rule_problems` lists them for :func:`fl_imaging.config.checks.config_problems`,
 one message per broken rule, each naming the keys and the reason.
@@ -94,11 +94,24 @@ def _scaffold_problems(run: RunConfig) -> list[str]:
     return [message for on, message in refused if on]
 
 
+def _ditto_problems(run: RunConfig) -> list[str]:
+    problems: list[str] = []
+    if run.task.dp_sgd.enabled:
+        problems.append(
+            "strategy=ditto with task.dp_sgd.enabled=true: the personal model trains on the "
+            "site's patients without DP-SGD and its test scores leave the site, outside every "
+            "site's epsilon; use another strategy with DP-SGD"
+        )
+    return problems
+
+
 def strategy_rule_problems(run: RunConfig) -> list[str]:
-    """Every rule of ``strategy.tune_key`` and SCAFFOLD that ``run`` breaks."""
+    """Every rule of ``strategy.tune_key``, SCAFFOLD and Ditto that ``run`` breaks."""
     problems: list[str] = []
     if (problem := tune_key_problem(run.strategy)) is not None:
         problems.append(problem)
     if run.strategy.name == "scaffold":
         problems += _scaffold_problems(run)
+    if run.strategy.name == "ditto":
+        problems += _ditto_problems(run)
     return problems

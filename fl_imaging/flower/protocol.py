@@ -19,6 +19,8 @@ __all__ = [
     "CONFIG_KEY",
     "CONTROL",
     "CONTROL_DELTA",
+    "DITTO_EPOCHS",
+    "DITTO_LAMBDA",
     "EVALUATE_GLOBAL",
     "EVAL_SPLIT",
     "FINETUNE_EPOCHS",
@@ -77,6 +79,10 @@ PROXIMAL_MU = "proximal-mu"
 #: (one float32 array per trainable parameter, named and shaped as the parameter).
 CONTROL = "scaffold-control"
 CONTROL_DELTA = "scaffold-control-delta"
+#: Ditto (strategy=ditto): train-config keys of the personal model's regulariser ``lambda``
+#: and of its epochs of training per round.
+DITTO_LAMBDA = "ditto-lambda"
+DITTO_EPOCHS = "ditto-epochs"
 
 
 def site_reply(

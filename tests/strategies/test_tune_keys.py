@@ -20,6 +20,7 @@ EXPECTED = {
     "fedadagrad": ("params.eta", 0.01),
     "fedavgm": ("params.server_learning_rate", 1.0),
     "scaffold": ("params.server_learning_rate", 1.0),
+    "ditto": ("params.ditto_lambda", 0.1),
 }
 
 

@@ -40,6 +40,7 @@ from fl_imaging.flower.site.control_variates import SITE_CONTROL, SiteControl
 from fl_imaging.flower.site.gate import gated_reply
 from fl_imaging.flower.site.local_norms import restore_local_norms, save_local_norms
 from fl_imaging.flower.site.outgoing_update import outgoing_update
+from fl_imaging.flower.site.personal_model import personal_scores, train_personal_model
 from fl_imaging.flower.site.queries import SITE_QUERIES, secagg_guard
 from fl_imaging.privacy.site_dp import patient_metrics, site_privacy
 from fl_imaging.site.setup import SiteSetup
@@ -51,6 +52,7 @@ from fl_imaging.training.site_training import (
     SiteTrainer,
     SiteTrainers,
     finetune_seed,
+    personal_seed,
     process_trainers,
     proximal_term,
     training_seed,
@@ -147,6 +149,16 @@ def build_client_app(
             if note and SITE_CONTROL not in context.state.array_records:  # once per run
                 log.warning("[site %s] %s", site.name, note)
             delta = control.finish(context, global_state, state, lr)
+        personal = train_personal_model(  # Ditto: the personal model, after the global one
+            trainer, context, global_state, settings, seed=personal_seed(cfg.seed, rnd, site.index)
+        )
+        if personal is not None:
+            log.info(
+                "[site %s] round %d personal model (Ditto): loss %.4f",
+                site.name,
+                rnd,
+                personal.loss,
+            )
         if attack is not None:
             state = attack.poison(global_state, state, rnd, site.name)
         metrics = {
@@ -177,6 +189,8 @@ def build_client_app(
         settings = msg.content.config_records.get("config", ConfigRecord())
         with timed_metrics(EVALUATE_SECONDS) as costs:
             metrics = _evaluation(trainer, settings, finetune_seed(cfg.seed, site.index))
+            if settings.get(EVAL_SPLIT) == "test":  # Ditto: the personal model too
+                metrics.update(personal_scores(trainer, context))
         return site_reply(msg, site.name, {**metrics, **costs})
 
     def for_site(handler: Callable[..., Message]) -> Callable[[Message, Context], Message]:
