@@ -17,7 +17,10 @@ from typing import cast
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
+from fl_imaging.flower.protocol import CONTROL_DELTA
+
 __all__ = [
+    "SIDE_RECORDS",
     "Arrays",
     "cast_like",
     "clip_to_norm",
@@ -34,6 +37,10 @@ __all__ = [
 
 #: A model's arrays: name -> array (any shape, any dtype), in record order.
 Arrays = dict[str, np.ndarray]
+
+#: ArrayRecords a training reply may carry beside its model: SCAFFOLD's control variate
+#: change (strategies/scaffold.py), which only that strategy reads.
+SIDE_RECORDS = (CONTROL_DELTA,)
 
 
 def to_numpy(record: ArrayRecord) -> Arrays:
@@ -64,7 +71,8 @@ def to_record(arrays: Arrays) -> ArrayRecord:
 
 
 def reply_arrays(msg: Message) -> tuple[str, ArrayRecord]:
-    """Return ``(key, record)`` of the one ``ArrayRecord`` in a reply's content.
+    """Return ``(key, record)`` of the one model ``ArrayRecord`` in a reply's content (those of
+    :data:`SIDE_RECORDS`, which are no model, left aside).
 
     Args:
         msg: a reply ``Message`` with content (not an error reply).
@@ -75,7 +83,9 @@ def reply_arrays(msg: Message) -> tuple[str, ArrayRecord]:
     Raises:
         ValueError: when the reply holds none or several (Flower's strategies expect one).
     """
-    records = msg.content.array_records
+    records = {
+        key: record for key, record in msg.content.array_records.items() if key not in SIDE_RECORDS
+    }
     if len(records) != 1:
         raise ValueError(f"expected one ArrayRecord in the reply, found {len(records)}")
     key = next(iter(records))

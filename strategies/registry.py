@@ -30,8 +30,10 @@ from flwr.serverapp.strategy import (
 from fl_imaging.config import DPMode, StrategyConfig
 from fl_imaging.flower.protocol import UNIT_WEIGHT
 from strategies.centered_clipping import CenteredClipping
+from strategies.ditto import Ditto
 from strategies.geometric_median import GeometricMedian
 from strategies.norm_bounding import NormBoundedFedAvg
+from strategies.scaffold import Scaffold
 
 __all__ = [
     "STRATEGIES",
@@ -60,15 +62,19 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "geomedian": GeometricMedian,
     "centeredclip": CenteredClipping,
     "normbound": NormBoundedFedAvg,
+    "scaffold": Scaffold,
+    "ditto": Ditto,
 }
 
-#: Constructor arguments set from the engine config, never from ``strategy.params``.
+#: Constructor arguments set from the engine config, never from ``strategy.params``
+#: (``num_sites``: the federation's size, for SCAFFOLD's share ``|S| / N``).
 SAMPLING_PARAMS = (
     "fraction_train",
     "fraction_evaluate",
     "min_train_nodes",
     "min_evaluate_nodes",
     "min_available_nodes",
+    "num_sites",
 )
 
 
@@ -97,6 +103,9 @@ def _check_params(cfg: StrategyConfig, accepted: list[str]) -> None:
             raise StrategyError(
                 f"strategy.params.{key} is set from the engine: use engine.clients_per_round "
                 "instead."
+                if key != "num_sites"
+                else "strategy.params.num_sites is the federation's number of sites, set from "
+                "the run: leave it out."
             )
         if key not in accepted:
             raise StrategyError(
@@ -204,6 +213,7 @@ def build_aggregator(
         "min_train_nodes": needed,
         "min_evaluate_nodes": needed,
         "min_available_nodes": needed,
+        "num_sites": num_sites,
     }
     if cfg.dp.mode != DPMode.none:
         params.setdefault("weighted_by_key", UNIT_WEIGHT)

@@ -21,6 +21,7 @@ from fl_imaging.config.schema import (
     StrategyConfig,
     TaskName,
 )
+from fl_imaging.config.strategy_checks import strategy_rule_problems
 
 __all__ = ["config_problems", "in_channels_problem"]
 
@@ -198,6 +199,7 @@ def config_problems(run: RunConfig) -> list[str]:
     if engine.clients_per_round is not None and engine.clients_per_round < 1:
         problems.append(f"engine.clients_per_round={engine.clients_per_round}: must be 1 or more")
     problems.extend(_strategy_problems(run.strategy))
+    problems.extend(strategy_rule_problems(run))
     problems.extend(_site_evaluation_problems(run))
     problems.extend(_dp_sgd_problems(run))
     tracking = run.tracking

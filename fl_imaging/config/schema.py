@@ -380,6 +380,10 @@ class SecAggConfig:
 class StrategyConfig:
     name: str = "fedavg"
     params: dict[str, Any] = field(default_factory=dict)
+    #: The strategy's key hyperparameter, for a tuner: a dotted key under ``strategy.``
+    #: (e.g. ``params.proximal_mu``: ``strategy.params.proximal_mu``), set in
+    #: ``conf/strategy/NAME.yaml`` together with its default; None: the strategy has none.
+    tune_key: str | None = None
     #: L2 bound on each site's update, applied on top of any strategy (None: no bound).
     norm_bound: float | None = None
     validation: UpdateValidationConfig = field(default_factory=UpdateValidationConfig)

@@ -24,7 +24,7 @@ from fl_imaging.flower.protocol import (
     ReplySites,
     error_reason,
 )
-from fl_imaging.review.results import AGGREGATE_SITE, Failure, MetricRow
+from fl_imaging.review.results import AGGREGATE_SITE, TEST_PREFIXES, Failure, MetricRow
 
 __all__ = ["score_final_model", "score_test_cases"]
 
@@ -44,8 +44,9 @@ def score_final_model(
     ``timeout`` seconds.
 
     Returns the metric rows, recorded at ``server_round`` (per site ``test_<metric>``,
-    ``finetuned_<metric>`` and ``num_test``, and their average over sites weighted by test cases
-    as site ``all``), and the failures as (round, site, reason); ``sites`` names the replies.
+    ``finetuned_<metric>``, ``personal_<metric>`` (Ditto's personal models) and ``num_test``,
+    and their average over sites weighted by test cases as site ``all``), and the failures as
+    (round, site, reason); ``sites`` names the replies.
     """
     sites = sites or ReplySites()
     config = ConfigRecord({EVAL_SPLIT: "test", FINETUNE_EPOCHS: finetune_epochs})
@@ -71,7 +72,7 @@ def score_final_model(
         cases = float(metrics.pop(NUM_EXAMPLES, 0))
         rows.append(MetricRow(server_round, site, "num_test", cases))
         for name, value in metrics.items():
-            if name.startswith(("test_", "finetuned_")) and isinstance(value, int | float):
+            if name.startswith(TEST_PREFIXES) and isinstance(value, int | float):
                 rows.append(MetricRow(server_round, site, name, float(value)))
                 if not math.isnan(float(value)):  # e.g. AUC of a site with one class only
                     totals[name] = totals.get(name, 0.0) + cases * float(value)
@@ -101,6 +102,7 @@ def score_test_cases(grid: Grid, plan: FederationPlan) -> None:
     labels = {
         "test": "test (final model)",
         "finetuned": f"test after {epochs} epoch(s) of fine-tuning",
+        "personal": "test (each site's personal model, Ditto)",
     }
     for prefix, label in labels.items():
         values = {r.site: r.value for r in rows if r.metric == f"{prefix}_{plan.main_metric}"}

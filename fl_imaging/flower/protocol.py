@@ -17,6 +17,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord,
 
 __all__ = [
     "CONFIG_KEY",
+    "CONTROL",
+    "CONTROL_DELTA",
+    "DITTO_EPOCHS",
+    "DITTO_LAMBDA",
     "EVALUATE_GLOBAL",
     "EVAL_SPLIT",
     "FINETUNE_EPOCHS",
@@ -70,6 +74,15 @@ EVAL_SPLIT = "split"
 FINETUNE_EPOCHS = "finetune-epochs"
 #: Train-config key of FedProx's proximal weight (sent by Flower's FedProx).
 PROXIMAL_MU = "proximal-mu"
+#: SCAFFOLD (strategy=scaffold): the ArrayRecord of the global control variate ``c`` in a
+#: training message, and the one of a site's ``c_i+ - c_i`` in its reply, beside ``arrays``
+#: (one float32 array per trainable parameter, named and shaped as the parameter).
+CONTROL = "scaffold-control"
+CONTROL_DELTA = "scaffold-control-delta"
+#: Ditto (strategy=ditto): train-config keys of the personal model's regulariser ``lambda``
+#: and of its epochs of training per round.
+DITTO_LAMBDA = "ditto-lambda"
+DITTO_EPOCHS = "ditto-epochs"
 
 
 def site_reply(

@@ -30,7 +30,7 @@ from fl_imaging.config.devices import DEVICE_METRIC, MIXED_PRECISION_METRIC, dev
 from fl_imaging.evaluation.files import GLOBAL_MODEL, cross_site_matrix, read_cross_site
 from fl_imaging.flower.protocol import MALICIOUS
 from fl_imaging.review.audit import AUDIT_FILE, AuditFileMissing, Verification, verify_run
-from fl_imaging.review.results import AGGREGATE_SITE, MetricRow, read_metrics
+from fl_imaging.review.results import AGGREGATE_SITE, TEST_PREFIXES, MetricRow, read_metrics
 from fl_imaging.review.run_name import run_folder_name
 from fl_imaging.statistics.files import statistics_section
 
@@ -240,7 +240,7 @@ def _site_results(rows: list[MetricRow], sites: list[str]) -> str:
             if (row.site, row.metric) not in last or row.round >= last[(row.site, row.metric)][0]:
                 last[(row.site, row.metric)] = (row.round, row.value)
     metrics = sorted({m for _, m in last})
-    validation = [m for m in metrics if not m.startswith(("test_", "finetuned_", "num_test"))]
+    validation = [m for m in metrics if not m.startswith((*TEST_PREFIXES, "num_test"))]
     test = [m for m in metrics if m not in validation]
     parts = []
     for title, names in (("latest round (validation)", validation), ("test round", test)):

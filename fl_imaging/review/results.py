@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AGGREGATE_SITE",
+    "TEST_PREFIXES",
     "Failure",
     "MetricRow",
     "RunFolderError",
@@ -55,6 +56,9 @@ log = logging.getLogger("fl_imaging.server")
 
 #: Site name of the rows that hold the aggregate over the sites of a round.
 AGGREGATE_SITE = "all"
+#: Prefixes of the test round's metrics: the final global model (``test_``), after local
+#: fine-tuning (``finetuned_``), each site's personal model under Ditto (``personal_``).
+TEST_PREFIXES = ("test_", "finetuned_", "personal_")
 #: With more sites than this, the progress line and the console give a summary over the sites
 #: instead of one figure per site (summary.txt and metrics.csv keep every site).
 LISTED_SITES = 12

@@ -83,7 +83,7 @@ __all__ = [
 log = logging.getLogger("fl_imaging.server")
 
 #: Strategies whose aggregation needs only the weighted sum of the updates.
-SUMMABLE = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+SUMMABLE = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "ditto")
 
 
 def check_secure_aggregation(cfg: StrategyConfig, per_round: int) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "SiteTrainers",
     "build_site_trainer",
     "finetune_seed",
+    "personal_seed",
     "process_trainers",
     "proximal_term",
     "site_cases",
@@ -50,6 +51,12 @@ def training_seed(seed: int, rnd: int, site: int) -> int:
     """The seed of one site's local training in round (or pooled pass) ``rnd``: distinct for
     every (run seed, round, site index), the same in every engine and baseline."""
     return seed * 100_003 + rnd * 1_009 + site
+
+
+def personal_seed(seed: int, rnd: int, site: int) -> int:
+    """The seed of site ``site``'s training of its personal model (Ditto) in round ``rnd``:
+    distinct from its :func:`training_seed` of the same round."""
+    return training_seed(seed, rnd, site) + 50_021
 
 
 def finetune_seed(seed: int, site: int) -> int:

@@ -24,6 +24,7 @@ from fl_imaging.console.site_lines import send_site_lines
 from fl_imaging.flower.app_config import resolve_config
 from fl_imaging.flower.packed_arrays import packed_arrays_mod
 from fl_imaging.flower.protocol import (
+    CONTROL_DELTA,
     EVAL_SPLIT,
     EVALUATE_GLOBAL,
     FINETUNE_EPOCHS,
@@ -35,19 +36,23 @@ from fl_imaging.flower.protocol import (
     site_errors,
     site_reply,
 )
+from fl_imaging.flower.site.control_variates import SITE_CONTROL, SiteControl
 from fl_imaging.flower.site.gate import gated_reply
 from fl_imaging.flower.site.local_norms import restore_local_norms, save_local_norms
 from fl_imaging.flower.site.outgoing_update import outgoing_update
+from fl_imaging.flower.site.personal_model import personal_scores, train_personal_model
 from fl_imaging.flower.site.queries import SITE_QUERIES, secagg_guard
 from fl_imaging.privacy.site_dp import patient_metrics, site_privacy
 from fl_imaging.site.setup import SiteSetup
 from fl_imaging.training.attacks import SimulatedAttack, site_attack
+from fl_imaging.training.control_variates import local_step_size
 from fl_imaging.training.site_costs import EVALUATE_SECONDS, FIT_SECONDS, timed_metrics
 from fl_imaging.training.site_training import (
     SiteRef,
     SiteTrainer,
     SiteTrainers,
     finetune_seed,
+    personal_seed,
     process_trainers,
     proximal_term,
     training_seed,
@@ -126,16 +131,34 @@ def build_client_app(
         setup = SiteSetup.of(dict(context.node_config), cfg, site)
         privacy = site_privacy(setup, cfg, trainer, settings, int(msg.metadata.run_id))  # DP-SGD
         epochs = int(settings.get(LOCAL_EPOCHS, cfg.task.local_epochs))
+        control = SiteControl.of(msg, context, trainer.model)  # SCAFFOLD, else None
+        extra_loss = proximal_term(global_state, mu) if mu > 0 else None
         with timed_metrics(FIT_SECONDS) as costs:  # the site's own seconds and peak memory
             result = (trainer.fit if privacy is None else privacy.fit)(
                 epochs,
                 seed=training_seed(cfg.seed, rnd, site.index),
-                extra_loss=proximal_term(global_state, mu) if mu > 0 else None,
+                extra_loss=control.correction if control is not None else extra_loss,
                 log=_epoch_lines(site.name, int(context.node_id), rnd, epochs),
             )
         if cfg.strategy.fedbn:
             save_local_norms(trainer.model, context)
         state = trainer.state() if result.num_samples else global_state  # 0: did not train
+        delta = None
+        if control is not None:
+            lr, note = local_step_size(trainer.task.optimizer(trainer.model))
+            if note and SITE_CONTROL not in context.state.array_records:  # once per run
+                log.warning("[site %s] %s", site.name, note)
+            delta = control.finish(context, global_state, state, lr)
+        personal = train_personal_model(  # Ditto: the personal model, after the global one
+            trainer, context, global_state, settings, seed=personal_seed(cfg.seed, rnd, site.index)
+        )
+        if personal is not None:
+            log.info(
+                "[site %s] round %d personal model (Ditto): loss %.4f",
+                site.name,
+                rnd,
+                personal.loss,
+            )
         if attack is not None:
             state = attack.poison(global_state, state, rnd, site.name)
         metrics = {
@@ -146,7 +169,10 @@ def build_client_app(
             **costs,
         }
         metrics = patient_metrics(privacy, metrics)
-        return site_reply(msg, site.name, metrics, ArrayRecord(state), previous)
+        reply = site_reply(msg, site.name, metrics, ArrayRecord(state), previous)
+        if delta is not None:
+            reply.content[CONTROL_DELTA] = delta
+        return reply
 
     def train(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
         return outgoing_update(
@@ -163,6 +189,8 @@ def build_client_app(
         settings = msg.content.config_records.get("config", ConfigRecord())
         with timed_metrics(EVALUATE_SECONDS) as costs:
             metrics = _evaluation(trainer, settings, finetune_seed(cfg.seed, site.index))
+            if settings.get(EVAL_SPLIT) == "test":  # Ditto: the personal model too
+                metrics.update(personal_scores(trainer, context))
         return site_reply(msg, site.name, {**metrics, **costs})
 
     def for_site(handler: Callable[..., Message]) -> Callable[[Message, Context], Message]:
