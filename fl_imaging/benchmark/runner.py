@@ -20,7 +20,7 @@ import shlex
 import subprocess
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fl_imaging.benchmark.all_test_cases import all_test_cases_metrics
@@ -36,7 +36,13 @@ from fl_imaging.benchmark.report import (
     write_results_csv,
     write_summary,
 )
-from fl_imaging.benchmark.tuning import Choice, Trial, choose, write_tuning_csv
+from fl_imaging.benchmark.tuning import (
+    Choice,
+    Trial,
+    choose,
+    resolve_tune_keys,
+    write_tuning_csv,
+)
 from fl_imaging.config import ConfigError, DataName, RunConfig
 from fl_imaging.review.results import AGGREGATE_SITE, read_metrics
 from fl_imaging.review.tracking import check_tracking, resolve_tracking
@@ -276,6 +282,13 @@ def run_benchmark(overrides: list[str], only: str = "", list_only: bool = False)
             raise ConfigError(
                 f"no benchmark chosen: add experiment=NAME ({', '.join(PRESETS)}) or set bench.name"
             )
+        bench = resolve_tune_keys(
+            base.bench,
+            lambda label: (
+                check_overrides([*overrides, *base.bench.strategies[label]]).strategy.tune_key
+            ),
+        )
+        base = replace(base, bench=bench)
         trials = plan_trials(base.bench, overrides)
         # Until the trials have run, the tuned cells are checked with their first grid value.
         first: dict[tuple[str, str], str] = {}

@@ -19,13 +19,21 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fl_imaging.config import BenchConfig, ConfigError
 
-__all__ = ["Choice", "Trial", "choose", "grid_of", "override_text", "write_tuning_csv"]
+__all__ = [
+    "Choice",
+    "Trial",
+    "choose",
+    "grid_of",
+    "override_text",
+    "resolve_tune_keys",
+    "write_tuning_csv",
+]
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,31 @@ def override_text(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
+def resolve_tune_keys(bench: BenchConfig, tune_key_of: Callable[[str], str | None]) -> BenchConfig:
+    """``bench`` with every grid given alone (``{fedadam: [0.001, 0.01]}``) keyed by its
+    strategy's own setting: ``strategy.`` + ``tune_key_of(label)`` (the label's
+    ``strategy.tune_key``, e.g. ``params.eta``). Raises :class:`ConfigError` for a strategy
+    without a ``tune_key`` or a grid that is neither a list nor a mapping."""
+    resolved: dict[str, Any] = {}
+    for label, grid in bench.tune.items():
+        if isinstance(grid, Mapping):
+            resolved[label] = dict(grid)
+            continue
+        if not isinstance(grid, list | tuple):
+            raise ConfigError(
+                f"bench.tune.{label}: give a grid, e.g. [0.001,0.01,0.1] for the strategy's own "
+                f"strategy.tune_key, or {{KEY:[...]}}; got {grid!r}"
+            )
+        key = tune_key_of(label) if label in bench.strategies else None
+        if label in bench.strategies and key is None:
+            raise ConfigError(
+                f"bench.tune.{label}: this strategy has no strategy.tune_key to tune, so name "
+                f"the key: '+bench.tune.{label}={{task.optimizer.lr:[0.001,0.01]}}'"
+            )
+        resolved[label] = {f"strategy.{key}": list(grid)} if key else list(grid)
+    return replace(bench, tune=resolved)
+
+
 def grid_of(bench: BenchConfig, label: str) -> tuple[str, list[Any]] | None:
     """The (override key, grid values) that ``bench.tune`` gives the strategy ``label``, or
     None when it is not tuned. Raises :class:`ConfigError` for a label the benchmark does not
@@ -89,7 +122,13 @@ def grid_of(bench: BenchConfig, label: str) -> tuple[str, list[Any]] | None:
         )
     if label not in bench.tune:
         return None
-    grid = dict(bench.tune[label])
+    grid = bench.tune[label]
+    if not isinstance(grid, Mapping):
+        raise ConfigError(
+            f"bench.tune.{label}: name the key of the grid {grid!r}, e.g. "
+            f"'+bench.tune.{label}={{strategy.params.eta:[0.001,0.01]}}'"
+        )
+    grid = dict(grid)
     if len(grid) != 1:
         raise ConfigError(
             f"bench.tune.{label}: tune one key per strategy, e.g. "

@@ -474,11 +474,12 @@ class BenchConfig:
     #: does not run: no such column.
     compare_with: str | None = "fedavg"
     #: The tuning protocol (``fl_imaging/benchmark/tuning.py``): strategy label -> {override
-    #: key: grid}, e.g. ``{fedadam: {strategy.params.eta: [0.001, 0.01, 0.1]}}``. Each grid
+    #: key: grid}, e.g. ``{fedadam: {strategy.params.eta: [0.001, 0.01, 0.1]}}``, or the grid
+    #: alone for the strategy's own ``strategy.tune_key`` (``{fedadam: [0.001, 0.01]}``). Each grid
     #: value runs once per ``tune_seeds`` seed scored on the validation split only (no test
     #: round); the value with the best final-round validation main metric (mean over sites,
     #: then over tuning seeds; ties: the first in the grid) is then used for every seed.
-    tune: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    tune: dict[str, Any] = field(default_factory=dict)
     #: Training seeds of the tuning runs.
     tune_seeds: list[int] = field(default_factory=lambda: [0])
 

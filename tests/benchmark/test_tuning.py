@@ -12,7 +12,7 @@ import pytest
 from local_runs import sites_in_process
 
 from fl_imaging.benchmark.plan import TUNING, plan_cells, plan_trials
-from fl_imaging.benchmark.tuning import Trial, choose, override_text
+from fl_imaging.benchmark.tuning import Trial, choose, override_text, resolve_tune_keys
 from fl_imaging.cli.bench import main
 from fl_imaging.config import BenchConfig, ConfigError
 from fl_imaging.review.results import AGGREGATE_SITE, read_metrics
@@ -160,3 +160,30 @@ def test_override_text_reads_back_as_the_same_value() -> None:
     assert override_text("a.b", True) == "a.b=true"
     assert override_text("a.b", None) == "a.b=null"
     assert override_text("a.b", [8, 16]) == "a.b=[8,16]"
+
+
+def test_a_grid_alone_tunes_the_strategys_own_tune_key(tmp_path: Path, capsys) -> None:
+    """``+bench.tune.LABEL=[...]`` tunes ``strategy.<tune_key>`` of that strategy (FedProx:
+    ``params.proximal_mu``); a strategy without a tune_key must name the key."""
+    args = ["experiment=smoke", f"bench.out_dir={tmp_path}", "bench.seeds=[0]"]
+    fedprox = ["+bench.strategies.fedprox=['strategy=fedprox']", "+bench.tune.fedprox=[0.001,0.1]"]
+    assert main([*args, *fedprox, "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "new      demo/fedprox/tuning/strategy.params.proximal_mu=0.001/seed0" in listed
+    assert "new      demo/fedprox/tuning/strategy.params.proximal_mu=0.1/seed0" in listed
+    assert "tuning   demo/fedprox/seed0 (waits for its trials)" in listed
+    assert main([*args, "+bench.tune.fedbn=[0.1,0.2]", "--list"]) == 2
+
+
+def test_resolving_a_grid_alone_needs_a_tune_key() -> None:
+    bench = _bench(tune={"fedprox": [0.01, 0.1], "fedavg": {"task.optimizer.lr": [0.1, 1]}})
+    keys = {"fedprox": "params.proximal_mu", "fedavg": None}
+    resolved = resolve_tune_keys(bench, keys.get)
+    assert resolved.tune == {
+        "fedprox": {"strategy.params.proximal_mu": [0.01, 0.1]},
+        "fedavg": {"task.optimizer.lr": [0.1, 1]},
+    }
+    with pytest.raises(ConfigError, match="no strategy.tune_key"):
+        resolve_tune_keys(_bench(tune={"fedavg": [0.1, 1]}), keys.get)
+    with pytest.raises(ConfigError, match="give a grid"):
+        resolve_tune_keys(_bench(tune={"fedavg": 0.1}), keys.get)
