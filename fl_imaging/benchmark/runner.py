@@ -65,8 +65,12 @@ def _dataset_label(cfg: RunConfig) -> tuple[str, str]:
 
 
 def _checked(cell: Cell) -> RunConfig:
-    """The validated config of ``cell``; raises what ``fl-imaging`` would refuse before running."""
-    cfg = check_overrides(list(cell.overrides))
+    """The validated config of ``cell``; raises what ``fl-imaging`` would refuse before running
+    (a :class:`ConfigError` from its override list names the cell)."""
+    try:
+        cfg = check_overrides(list(cell.overrides))
+    except ConfigError as err:
+        raise ConfigError(f"bench cell {cell.key}: {err}") from None
     if cfg.strategy.fedbn:
         check_fedbn(cfg)
     if cell.kind == PUBLIC and not cfg.data.public_fraction:

@@ -143,3 +143,25 @@ def test_inspect_refuses_impossible_class_and_channel_counts(
         data_cli(["inspect", str(tmp_path), *option])
     assert stop.value.code == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "override"),
+    [
+        ("fl-imaging", "task.roi_size=[32,32"),
+        ("fl-imaging", "strategy.name='fedavg"),
+        ("fl-imaging-eval", "task.roi_size=[32,32"),
+    ],
+)
+def test_a_malformed_override_is_one_line_naming_it(tmp_path, command: str, override: str) -> None:
+    """A stray bracket or quote stops the command with exit 2 and one line naming the
+    override and how to write it, not Hydra's parser traceback."""
+    args = [override]
+    if command == "fl-imaging-eval":
+        (tmp_path / "model.pt").write_bytes(b"")  # a weights file: the override is refused first
+        args = [str(tmp_path / "model.pt"), override]
+    proc = run_cli(command, *args, cwd=tmp_path, expect=2)
+    assert "Traceback" not in proc.stderr
+    assert f"The override {override!r} cannot be read" in proc.stderr
+    assert "close every bracket and quote" in proc.stderr
+    assert not (tmp_path / "demo-data").exists()
