@@ -38,7 +38,7 @@ from fl_imaging.config import ConfigError, DataName, RunConfig
 from fl_imaging.review.results import AGGREGATE_SITE, read_metrics
 from fl_imaging.review.tracking import check_tracking, resolve_tracking
 from fl_imaging.run import USER_ERRORS, check_overrides
-from fl_imaging.training.model_checks import check_fedbn
+from fl_imaging.training.model_checks import build_network, check_fedbn
 
 __all__ = ["PRESETS", "run_benchmark"]
 
@@ -71,6 +71,7 @@ def _checked(cell: Cell) -> RunConfig:
         cfg = check_overrides(list(cell.overrides))
     except ConfigError as err:
         raise ConfigError(f"bench cell {cell.key}: {err}") from None
+    build_network(cfg)  # a network its settings cannot build stops the benchmark now
     if cfg.strategy.fedbn:
         check_fedbn(cfg)
     if cell.kind == PUBLIC and not cfg.data.public_fraction:

@@ -145,6 +145,27 @@ def test_inspect_refuses_impossible_class_and_channel_counts(
     assert words in capsys.readouterr().err
 
 
+def test_a_network_its_settings_cannot_build_is_refused_before_the_run(tmp_path) -> None:
+    """SegResNet's default group norm (8 groups) cannot take task.model.channels[0]=4: the
+    pre-run checks build the network once and refuse it, naming the model keys and the
+    constructor's reason, before any site's data is made (exit 2, no traceback)."""
+    demo = tmp_path / "demo"
+    proc = run_cli(
+        "fl-imaging",
+        "experiment=quick",
+        "task.model.name=segresnet",
+        "task.model.channels=[4,8]",
+        f"data.root={demo}",
+        cwd=tmp_path,
+        expect=2,
+    )
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert "the network cannot be built from task.model.name=segresnet" in proc.stderr
+    assert "task.model.channels=[4, 8]" in proc.stderr
+    assert "num_channels (4) must be divisible by num_groups (8)" in proc.stderr
+    assert not demo.exists()
+
+
 @pytest.mark.parametrize(
     ("command", "override"),
     [
