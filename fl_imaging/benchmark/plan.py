@@ -70,8 +70,8 @@ def plan_cells(bench: BenchConfig, user_overrides: list[str]) -> list[Cell]:
 
     ``user_overrides`` (the command line, e.g. ``experiment=hippocampus_iid``) come first in each
     cell, less those of the ``bench`` section (a benchmark given one more seed reuses its cells).
-    Raises :class:`ConfigError` when the benchmark names nothing to run or an unknown baseline,
-    or when a label cannot be a folder name.
+    Raises :class:`ConfigError` when the benchmark names nothing to run, an unknown baseline or
+    a reference that is none of its methods, or when a label cannot be a folder name.
     """
     if not bench.strategies and not bench.baselines:
         raise ConfigError(
@@ -91,6 +91,12 @@ def plan_cells(bench: BenchConfig, user_overrides: list[str]) -> list[Cell]:
     clash = set(bench.strategies) & set(BASELINES)
     if clash:
         raise ConfigError(f"bench.strategies: {', '.join(clash)} is the name of a baseline")
+    methods = [*bench.baselines, *bench.strategies]
+    if bench.reference not in methods:
+        raise ConfigError(
+            f"bench.reference={bench.reference}: not a method of this benchmark; allowed "
+            f"values: {', '.join(methods)} (bench.baselines and the labels of bench.strategies)"
+        )
     test = ["engine.test=true", f"engine.finetune_epochs={bench.finetune_epochs}"]
     cells: list[Cell] = []
     for setup, setup_overrides in setups.items():

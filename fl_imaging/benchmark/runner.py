@@ -39,6 +39,7 @@ from fl_imaging.review.results import AGGREGATE_SITE, read_metrics
 from fl_imaging.review.tracking import check_tracking, resolve_tracking
 from fl_imaging.run import USER_ERRORS, check_overrides
 from fl_imaging.training.model_checks import build_network, check_fedbn
+from strategies.registry import check_strategy_name
 
 __all__ = ["PRESETS", "run_benchmark"]
 
@@ -71,6 +72,7 @@ def _checked(cell: Cell) -> RunConfig:
         cfg = check_overrides(list(cell.overrides))
     except ConfigError as err:
         raise ConfigError(f"bench cell {cell.key}: {err}") from None
+    check_strategy_name(cfg.strategy)
     build_network(cfg)  # a network its settings cannot build stops the benchmark now
     if cfg.strategy.fedbn:
         check_fedbn(cfg)

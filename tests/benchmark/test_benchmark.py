@@ -309,7 +309,7 @@ def test_plan_runs_each_setup_and_seed_baselines_first() -> None:
 
 
 def test_plan_without_setups_has_one_default_setup() -> None:
-    cells = plan_cells(_bench(setups={}, baselines=[], seeds=[0]), [])
+    cells = plan_cells(_bench(setups={}, baselines=[], seeds=[0], reference="fedavg"), [])
     assert [c.key for c in cells] == ["default/fedavg/seed0", "default/dp/seed0"]
 
 
@@ -331,6 +331,8 @@ def test_plan_cell_overrides_leave_out_the_bench_section() -> None:
         ({"strategies": {"local": ["strategy=fedavg"]}}, "local is the name of a baseline"),
         ({"strategies": {"dp/0.3": ["strategy=dpfedavg"]}}, "cannot name a folder"),
         ({"setups": {"../up": []}}, "cannot name a folder"),
+        ({"reference": "fedavgg"}, r"bench.reference=fedavgg: not a method.*local, pooled, fedavg"),
+        ({"baselines": []}, r"bench.reference=pooled: not a method.*values: fedavg, dp "),
     ],
 )
 def test_plan_refuses(fields: dict, message: str) -> None:
