@@ -315,6 +315,35 @@ def test_a_wrong_input_exits_2_with_the_message(tmp_path: Path) -> None:
     assert "started" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("changed", "cause"),
+    [
+        (("--ca", "missing.crt"), "--ca missing.crt ({admin}/missing.crt): no such file"),
+        (
+            ("--key", "keys/garbage.key"),
+            "--key keys/garbage.key ({admin}/keys/garbage.key): is not an OpenSSH private key",
+        ),
+        (
+            ("--ca", "keys/hospital-a.key"),
+            "--ca keys/hospital-a.key ({admin}/keys/hospital-a."
+            "key): is a private key, not a certificate",
+        ),
+    ],
+    ids=["missing-ca", "garbage-key", "key-as-ca"],
+)
+def test_each_wrong_supernode_file_names_its_own_cause_as_a_command(
+    admin: Path, tls_listener: str, changed: tuple[str, str], cause: str
+) -> None:
+    """``fl-imaging-deploy supernode`` itself, against a TLS stand-in for the SuperLink: a
+    missing CA file, a garbage key and the key given as the CA each stop it with exit 2 and
+    their own cause (not "the SuperLink refused this SuperNode"); nothing starts."""
+    (admin / "keys" / "garbage.key").write_text("not a key\n")
+    done = run_cli("fl-imaging-deploy", *_supernode(tls_listener, *changed), cwd=admin, expect=2)
+    assert cause.format(admin=admin) in done.stderr
+    assert "refused this SuperNode" not in done.stderr and "Traceback" not in done.stderr
+    assert not (admin / "node-state" / "supernode.log").exists()
+
+
 @pytest.mark.slow
 def test_unregistered_key_is_named_as_such(federation: LocalFederation, tmp_path: Path) -> None:
     """A real SuperLink (the session's) refuses a key it never registered: the message says so
