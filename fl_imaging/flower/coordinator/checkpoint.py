@@ -275,8 +275,8 @@ def _flat(cfg: RunConfig) -> dict[str, Any]:
     return walk(plain, "")
 
 
-#: The keys that make the network, besides every ``task.model.*`` but the warm start: a
-#: checkpoint's weights fit only a network built from the same values.
+#: The keys that make the network, besides every ``task.model.*`` but the warm start and the
+#: trainable parameters: a checkpoint's weights fit only a network built from the same values.
 MODEL_KEYS = (
     "task.name",
     "task.spatial_dims",
@@ -286,17 +286,23 @@ MODEL_KEYS = (
 )
 
 
+#: ``task.model`` keys that do not change the network's weights (checked by
+#: :func:`check_resumable` with the rest of the config).
+_NOT_THE_NETWORK = ("task.model.init", "task.model.trainable")
+
+
 def check_same_model(checkpoint: Checkpoint, cfg: RunConfig) -> None:
     """Raise :class:`ConfigError` naming every key of the network (``task.model.*`` but
-    ``task.model.init``, and :data:`MODEL_KEYS`) in which ``cfg`` differs from the run that
-    wrote ``checkpoint`` (its resolved config), with both values; nothing when they agree.
+    ``task.model.init`` and ``task.model.trainable``, and :data:`MODEL_KEYS`) in which ``cfg``
+    differs from the run that wrote ``checkpoint`` (its resolved config), with both values;
+    nothing when they agree.
     Checked before ``cfg``'s own network is built, so a run folder of another model is named
     as such, not as the constructor's error."""
     before, now = _flat(config_from_yaml(checkpoint.config)), _flat(cfg)
     changed = sorted(
         k
         for k in set(before) | set(now)
-        if (k in MODEL_KEYS or (k.startswith("task.model.") and k != "task.model.init"))
+        if (k in MODEL_KEYS or (k.startswith("task.model.") and k not in _NOT_THE_NETWORK))
         and before.get(k) != now.get(k)
     )
     if changed:
@@ -304,7 +310,7 @@ def check_same_model(checkpoint: Checkpoint, cfg: RunConfig) -> None:
         raise ConfigError(
             f"resume={cfg.resume}: that run folder holds another model ({shown}): its "
             "weights fit only the network it was trained with; resume with the same model "
-            f"settings (its config.yaml), or start a new run without resume="
+            "settings (its config.yaml), or start a new run without resume="
         )
 
 
