@@ -74,11 +74,17 @@ def run(cfg: RunConfig) -> Path:
     from fl_imaging.config.devices import check_simulation_devices
     from fl_imaging.site.setup import absolute_site_paths, check_site_policies
     from fl_imaging.training.model_checks import check_model
+    from strategies.registry import check_strategy_name
 
     cfg = resolve_tracking(cfg)  # tracking.uri: a folder made absolute (default mlruns/)
     check_tracking(cfg)
     cfg = _with_bundle(cfg)  # task=bundle: what the bundle defines wins, its digest named
-    check_model(cfg)
+    if cfg.resume:  # a run folder of another model is named before this network is built
+        from fl_imaging.flower.coordinator.checkpoint import check_same_model, load_checkpoint
+
+        check_same_model(load_checkpoint(Path(cfg.resume)), cfg)
+    check_strategy_name(cfg.strategy)  # before any site's data is read
+    check_model(cfg)  # the network is built once here: one it cannot be stops the run
     cfg = replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
     cfg = _absolute_init(cfg)  # the ServerApp may run elsewhere (Ray, a SuperLink's host)
     cfg = replace(cfg, site=absolute_site_paths(cfg))  # Ray's workers run elsewhere

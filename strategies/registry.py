@@ -41,6 +41,7 @@ __all__ = [
     "StrategyError",
     "accepted_params",
     "build_aggregator",
+    "check_strategy_name",
     "sites_needed",
 ]
 
@@ -171,6 +172,16 @@ def sites_needed(num_sites: int, clients_per_round: int | None, min_sites: int |
     return min_sites
 
 
+def check_strategy_name(cfg: StrategyConfig) -> None:
+    """Raise :class:`StrategyError` naming ``strategy.name`` and every allowed value
+    (:data:`STRATEGIES`) when ``cfg.name`` is none of them."""
+    if cfg.name not in STRATEGIES:
+        raise StrategyError(
+            f"Unknown strategy '{cfg.name}'. Allowed values for strategy.name: "
+            f"{', '.join(STRATEGIES)}."
+        )
+
+
 def build_aggregator(
     cfg: StrategyConfig, *, num_sites: int, clients_per_round: int | None, min_sites: int | None
 ) -> Strategy:
@@ -185,11 +196,7 @@ def build_aggregator(
     parameter or a federation too small for the strategy; Flower's own ``ValueError`` for a
     parameter value it refuses.
     """
-    if cfg.name not in STRATEGIES:
-        raise StrategyError(
-            f"Unknown strategy '{cfg.name}'. Allowed values for strategy.name: "
-            f"{', '.join(STRATEGIES)}."
-        )
+    check_strategy_name(cfg)
     cls = STRATEGIES[cfg.name]
     params: dict[str, Any] = dict(cfg.params)
     accepted = accepted_params(cls)

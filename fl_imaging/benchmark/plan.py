@@ -76,8 +76,8 @@ def _run_overrides(overrides: list[str]) -> list[str]:
 
 def _check_bench(bench: BenchConfig) -> dict[str, list[str]]:
     """The setups of ``bench`` (``default`` when none); raises :class:`ConfigError` when the
-    benchmark names nothing to run, an unknown baseline, no seed, or a label that cannot be a
-    folder name."""
+    benchmark names nothing to run, an unknown baseline, no seed, a reference that is none of
+    its methods, or a label that cannot be a folder name."""
     if not bench.strategies and not bench.baselines:
         raise ConfigError(
             "bench: no strategies and no baselines to run; pick a benchmark preset, e.g. "
@@ -96,6 +96,12 @@ def _check_bench(bench: BenchConfig) -> dict[str, list[str]]:
     clash = set(bench.strategies) & set(BASELINES)
     if clash:
         raise ConfigError(f"bench.strategies: {', '.join(clash)} is the name of a baseline")
+    methods = [*bench.baselines, *bench.strategies]
+    if bench.reference not in methods:
+        raise ConfigError(
+            f"bench.reference={bench.reference}: not a method of this benchmark; allowed "
+            f"values: {', '.join(methods)} (bench.baselines and the labels of bench.strategies)"
+        )
     for label in bench.strategies:
         grid_of(bench, label)  # refuses a wrong bench.tune before anything runs
     return setups

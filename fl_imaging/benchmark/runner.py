@@ -47,7 +47,8 @@ from fl_imaging.config import ConfigError, DataName, RunConfig
 from fl_imaging.review.results import AGGREGATE_SITE, read_metrics
 from fl_imaging.review.tracking import check_tracking, resolve_tracking
 from fl_imaging.run import USER_ERRORS, check_overrides
-from fl_imaging.training.model_checks import check_fedbn
+from fl_imaging.training.model_checks import build_network, check_fedbn
+from strategies.registry import check_strategy_name
 
 __all__ = ["PRESETS", "run_benchmark"]
 
@@ -74,8 +75,14 @@ def _dataset_label(cfg: RunConfig) -> tuple[str, str]:
 
 
 def _checked(cell: Cell) -> RunConfig:
-    """The validated config of ``cell``; raises what ``fl-imaging`` would refuse before running."""
-    cfg = check_overrides(list(cell.overrides))
+    """The validated config of ``cell``; raises what ``fl-imaging`` would refuse before running
+    (a :class:`ConfigError` from its override list names the cell)."""
+    try:
+        cfg = check_overrides(list(cell.overrides))
+    except ConfigError as err:
+        raise ConfigError(f"bench cell {cell.key}: {err}") from None
+    check_strategy_name(cfg.strategy)
+    build_network(cfg)  # a network its settings cannot build stops the benchmark now
     if cfg.strategy.fedbn:
         check_fedbn(cfg)
     if cell.kind == PUBLIC and not cfg.data.public_fraction:

@@ -60,6 +60,7 @@ from fl_imaging.deploy.certs import (
 )
 from fl_imaging.deploy.inputs import (
     InputError,
+    ca_certificate_file,
     certificate_file,
     existing_folder,
     free_port_or_fail,
@@ -68,6 +69,7 @@ from fl_imaging.deploy.inputs import (
     reachable_or_fail,
     readable_file,
     site_private_key_file,
+    tls_verified_or_fail,
     writable_folder,
 )
 from fl_imaging.deploy.processes import ManagedProcess, ProcessError, stop_all
@@ -507,7 +509,7 @@ def _check_superlink(args: argparse.Namespace) -> None:
     fix = f"Create its files with `fl-imaging-deploy ca --out {typed} --host <SuperLink address>`."
     folder = existing_folder("--certs", typed, fix)
     args.server_certificate = ServerCertificate(
-        certificate_file("--certs", typed / "ca.crt", fix),
+        ca_certificate_file("--certs", typed / "ca.crt", fix),
         certificate_file("--certs", typed / "server.pem", fix),
         pem_private_key_file("--certs", typed / "server.key", fix),
     )
@@ -526,14 +528,15 @@ def _check_superlink(args: argparse.Namespace) -> None:
 
 def _check_register(args: argparse.Namespace) -> None:
     args.keys = [public_key_file("NAME.pub", key, _PUB_FIX) for key in args.keys]
-    args.ca = certificate_file("--ca", args.ca, "Give the CA certificate, certs/ca.crt.")
+    args.ca = ca_certificate_file("--ca", args.ca, "Give the CA certificate, certs/ca.crt.")
     if args.home is not None:
         args.home = writable_folder("--home", args.home, _folder_fix("--home"))
     reachable_or_fail("--superlink", args.superlink, _REACH_FIX)
+    tls_verified_or_fail("--superlink", args.superlink, args.ca, args.typed["ca"])
 
 
 def _check_supernode(args: argparse.Namespace) -> None:
-    args.ca = certificate_file("--ca", args.ca, _CA_FIX)
+    args.ca = ca_certificate_file("--ca", args.ca, _CA_FIX)
     args.key = site_private_key_file("--key", args.key, _KEY_FIX)
     args.data_dir = existing_folder(
         "--data-dir", args.data_dir, "Give this site's data folder (fl-imaging-data inspect)."
@@ -555,6 +558,7 @@ def _check_supernode(args: argparse.Namespace) -> None:
         "one host each need their own).",
     )
     reachable_or_fail("--superlink", args.superlink, _REACH_FIX)
+    tls_verified_or_fail("--superlink", args.superlink, args.ca, args.typed["ca"])
 
 
 def _check_check_policy(args: argparse.Namespace) -> None:
@@ -572,10 +576,12 @@ def _check_local(args: argparse.Namespace) -> None:
 
 def _check_pull(args: argparse.Namespace) -> None:
     if args.ca is not None:
-        args.ca = certificate_file("--ca", args.ca, "Give the CA certificate, certs/ca.crt.")
+        args.ca = ca_certificate_file("--ca", args.ca, "Give the CA certificate, certs/ca.crt.")
     if args.out is not None:
         args.out = writable_folder("--out", args.out, _folder_fix("--out"))
     reachable_or_fail("--superlink", args.superlink, _REACH_FIX)
+    if args.ca is not None:
+        tls_verified_or_fail("--superlink", args.superlink, args.ca, args.typed["ca"])
 
 
 def _check_service(args: argparse.Namespace) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from fl_imaging.config.devices import device_spec_problem
 from fl_imaging.config.schema import (
-    MODEL_NORMS,
-    NORM_OUTLIER_ACTIONS,
+    CHOICE_NULLS,
+    CHOICES,
     CompressionMode,
     DataName,
     DPMode,
@@ -23,7 +23,7 @@ from fl_imaging.config.schema import (
 )
 from fl_imaging.config.strategy_checks import strategy_rule_problems
 
-__all__ = ["config_problems", "in_channels_problem"]
+__all__ = ["choice_problems", "config_problems", "in_channels_problem"]
 
 
 def in_channels_problem(modalities: list[str] | tuple[str, ...], in_channels: int) -> str | None:
@@ -53,9 +53,25 @@ def _modalities_problems(modalities: list[str]) -> list[str]:
     return problems
 
 
+def choice_problems(run: RunConfig) -> list[str]:
+    """One message for each key of :data:`~fl_imaging.config.schema.CHOICES` whose value in
+    ``run`` is not one of its words, naming the key, the value and every allowed value (null
+    too, where the key may be null)."""
+    problems: list[str] = []
+    for key, allowed in CHOICES.items():
+        node: object = run
+        for part in key.split("."):
+            node = getattr(node, part)
+        if node in allowed or (node is None and key in CHOICE_NULLS):
+            continue
+        null = f"null ({CHOICE_NULLS[key]}), " if key in CHOICE_NULLS else ""
+        problems.append(f"{key}={node}: allowed values are {null}{', '.join(allowed)}")
+    return problems
+
+
 def config_problems(run: RunConfig) -> list[str]:
     """Every value rule ``run`` breaks, one message each (empty when none)."""
-    problems: list[str] = []
+    problems: list[str] = choice_problems(run)
     task, data, engine = run.task, run.data, run.engine
     if task.spatial_dims not in (2, 3):
         problems.append(f"task.spatial_dims={task.spatial_dims}: allowed values are 2 and 3")
@@ -181,11 +197,6 @@ def config_problems(run: RunConfig) -> list[str]:
     if part.min_cases < 1 or part.size_bins < 2 or part.shift_strength < 0:
         problems.append(
             "data.partition: min_cases must be >= 1, size_bins >= 2 and shift_strength >= 0"
-        )
-    if task.model.norm is not None and task.model.norm not in MODEL_NORMS:
-        problems.append(
-            f"task.model.norm={task.model.norm}: allowed values are null (the network's "
-            f"default), {', '.join(MODEL_NORMS)}"
         )
     if engine.finetune_epochs < 0:
         problems.append(f"engine.finetune_epochs={engine.finetune_epochs}: must be 0 or more")
@@ -343,11 +354,6 @@ def _dp_sgd_problems(run: RunConfig) -> list[str]:
 def _strategy_problems(strategy: StrategyConfig) -> list[str]:
     problems: list[str] = []
     checks = strategy.validation
-    if checks.norm_outliers not in NORM_OUTLIER_ACTIONS:
-        problems.append(
-            f"strategy.validation.norm_outliers={checks.norm_outliers}: allowed values are "
-            f"{', '.join(NORM_OUTLIER_ACTIONS)}"
-        )
     if not checks.norm_factor > 1.0:
         problems.append(
             f"strategy.validation.norm_factor={checks.norm_factor}: must be greater than 1"

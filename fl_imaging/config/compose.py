@@ -12,17 +12,42 @@ import re
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, open_dict
 
 from fl_imaging.config import ConfigError, RunConfig, config_dir, validate_config
 
-__all__ = ["check_overrides"]
+__all__ = ["check_overrides", "parse_overrides"]
+
+
+#: Where Hydra's override grammar is described, for a user whose override does not parse.
+_GRAMMAR_PAGE = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+
+
+def parse_overrides(overrides: list[str]) -> list[Override]:
+    """Hydra's parse of each of ``overrides`` (``key=value`` strings), in order. Raises
+    :class:`ConfigError` naming the first override Hydra's grammar cannot read (a stray bracket
+    or quote, say) and how to write it instead."""
+    parser = OverridesParser.create()
+    parsed: list[Override] = []
+    for override in overrides:
+        try:
+            parsed.extend(parser.parse_overrides([override]))
+        except OverrideParseException as err:
+            reason = str(err).splitlines()[0].strip()
+            raise ConfigError(
+                f"The override {override!r} cannot be read ({reason}): close every bracket "
+                "and quote (e.g. task.roi_size=[32,32] or strategy.name=fedavg, a value with "
+                f"spaces or commas quoted whole: key='a b'); the grammar: {_GRAMMAR_PAGE}"
+            ) from None
+    return parsed
 
 
 def _variants(overrides: list[str]) -> list[list[str]]:
-    """Each swept value once: the first value of every sweep, then one list per other value."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    """Each swept value once: the first value of every sweep, then one list per other value.
+    Raises :class:`ConfigError` for an override Hydra cannot parse."""
+    parsed = parse_overrides(overrides)
     base: list[str] = []
     sweeps: list[tuple[int, list[str]]] = []
     for override in parsed:
@@ -65,7 +90,7 @@ def check_overrides(overrides: list[str]) -> RunConfig:
     """Compose the config with ``overrides`` (each swept value separately) and validate it.
 
     Returns the validated config of the first variant; raises :class:`ConfigError` with a message
-    that names the key and the allowed keys or values.
+    that names the override Hydra cannot parse, or the key and the allowed keys or values.
     """
     first: RunConfig | None = None
     GlobalHydra.instance().clear()

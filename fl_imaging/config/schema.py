@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "CHOICES",
+    "CHOICE_NULLS",
+    "SECAGG_WEIGHTINGS",
     "AttackConfig",
     "AttackName",
     "BenchConfig",
@@ -53,6 +56,19 @@ MODEL_NORMS = ("batch", "instance")
 
 #: Allowed values of ``strategy.validation.norm_outliers``.
 NORM_OUTLIER_ACTIONS = ("flag", "reject")
+
+#: Allowed values of ``strategy.secagg.weighting`` (see :class:`SecAggConfig`).
+SECAGG_WEIGHTINGS = ("auto", "cases", "equal")
+
+#: Every string key whose value must be one of a few words (the schema's enums aside), with
+#: those words; :mod:`fl_imaging.config.checks` refuses any other value, naming them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task.model.norm": MODEL_NORMS,
+    "strategy.validation.norm_outliers": NORM_OUTLIER_ACTIONS,
+    "strategy.secagg.weighting": SECAGG_WEIGHTINGS,
+}
+#: What null means for a key of :data:`CHOICES` that may be null.
+CHOICE_NULLS = {"task.model.norm": "the network's default"}
 
 
 class TaskName(enum.StrEnum):

@@ -14,9 +14,11 @@ SuperNode's private key is an OpenSSH EC key, a public key an OpenSSH EC public 
 
 from __future__ import annotations
 
+import datetime
 import errno
 import os
 import socket
+import ssl
 import tempfile
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 __all__ = [
     "InputError",
     "absolute",
+    "ca_certificate_file",
     "certificate_file",
     "existing_folder",
     "free_port_or_fail",
@@ -36,6 +39,7 @@ __all__ = [
     "readable_file",
     "reachable_or_fail",
     "site_private_key_file",
+    "tls_verified_or_fail",
     "writable_folder",
 ]
 
@@ -98,6 +102,37 @@ def certificate_file(flag: str, typed: Path | str, fix: str) -> Path:
     if data.startswith((b"ecdsa-", b"ssh-")):
         raise _fail(flag, typed, "is a SuperNode's public key, not a certificate", fix)
     raise _fail(flag, typed, "is not a PEM certificate (no BEGIN CERTIFICATE block)", fix)
+
+
+def ca_certificate_file(flag: str, typed: Path | str, fix: str) -> Path:
+    """The absolute path of ``typed`` when it holds a CA's certificate (PEM X.509 with the
+    basic constraint ``CA:TRUE``, as ``fl-imaging-deploy ca`` writes ``ca.crt``) that is valid
+    now. Raises :class:`InputError` for what :func:`certificate_file` refuses, a certificate
+    that is not a CA's (the SuperLink's own ``server.pem``), and one expired or not yet valid."""
+    path = certificate_file(flag, typed, fix)
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise _fail(
+            flag,
+            typed,
+            "is a certificate, but not a CA's (no basic constraint CA:TRUE: the SuperLink's own "
+            "server.pem?), so it cannot verify the SuperLink",
+            fix,
+        )
+    now = datetime.datetime.now(datetime.UTC)
+    if cert.not_valid_after_utc < now:
+        day = cert.not_valid_after_utc.date().isoformat()
+        raise _fail(flag, typed, f"this CA certificate expired on {day}", fix)
+    if cert.not_valid_before_utc > now:
+        day = cert.not_valid_before_utc.isoformat(timespec="minutes")
+        raise _fail(
+            flag, typed, f"this CA certificate is valid only from {day} (check this clock)", fix
+        )
+    return path
 
 
 def site_private_key_file(flag: str, typed: Path | str, fix: str) -> Path:
@@ -210,3 +245,50 @@ def reachable_or_fail(flag: str, address: str, fix: str, timeout: float = 5.0) -
         raise InputError(
             f"{flag} {address}: the SuperLink does not answer ({reason}). {fix}"
         ) from None
+
+
+def tls_verified_or_fail(
+    flag: str, address: str, ca: Path, ca_typed: str, timeout: float = 5.0
+) -> None:
+    """Check that the server at ``address`` (``HOST:PORT``, reachable) completes a TLS
+    handshake whose certificate the CA certificate ``ca`` (``--ca ca_typed``) verifies for
+    ``HOST``, as a SuperNode's connection will (Python's ``ssl``, OpenSSL's verification).
+    Raises :class:`InputError` naming ``flag``: a certificate another CA signed, one that does
+    not list ``HOST``, a server that does not speak TLS or does not finish within ``timeout``
+    seconds."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return
+    except ssl.SSLCertVerificationError as err:
+        reason = err.verify_message or str(err)
+        if "mismatch" in reason:
+            problem = (
+                f"the SuperLink's certificate does not list the address {host} ({reason}). Ask "
+                f"the coordinator to issue it again with `fl-imaging-deploy ca --out certs "
+                f"--host {host} --force` (listing every address; a new CA, whose ca.crt every "
+                "site then needs), or use an address it lists"
+            )
+        else:
+            problem = (
+                f"the SuperLink's certificate does not verify against --ca {ca_typed} "
+                f"({reason}): that CA did not sign it. Ask the coordinator for the ca.crt in the "
+                "folder their `fl-imaging-deploy superlink --certs` uses"
+            )
+    except ssl.SSLError as err:
+        problem = (
+            f"what answers there does not speak TLS ({err.reason or err}): a SuperLink started "
+            "without TLS, or another service on that port. Check the address and port with "
+            "the coordinator"
+        )
+    except (TimeoutError, OSError) as err:
+        problem = (
+            f"the TLS handshake did not finish ({err.strerror or type(err).__name__}): another "
+            "service on that port, or the SuperLink is overloaded. Check the address and port"
+        )
+    raise InputError(f"{flag} {address}: {problem}.")

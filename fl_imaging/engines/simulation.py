@@ -128,7 +128,12 @@ def _run_flower(
     engine = plan.cfg.engine
     # On a cluster, the first signal lets the messages in flight finish (see stop_on_signal)
     with (
-        stop_on_signal(plan.stop, force=stop_ray, interrupt_main=not engine.ray_address),
+        stop_on_signal(
+            plan.stop,
+            force=stop_ray,
+            interrupt_main=not engine.ray_address,
+            on_signal=plan.note_signal,
+        ),
         busy_actors_stopped_first(plan.stop),
         sites_asked_only_when_addressed(),
     ):

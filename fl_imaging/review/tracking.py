@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -158,11 +159,115 @@ def _reachable(uri: str) -> None:
         ) from None
 
 
+#: The URI schemes MLflow 3 keeps runs under (its tracking store registry,
+#: ``mlflow/tracking/_tracking_service/utils.py``), a database's with an optional ``+DRIVER``;
+#: plugins add theirs as ``mlflow.tracking_store`` entry points.
+MLFLOW_SCHEMES = (
+    "file",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "http",
+    "https",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
+#: Database schemes MLflow opens through SQLAlchemy (sqlite is a local store: its folder is
+#: checked instead).
+_DATABASES = ("postgresql", "mysql", "mssql")
+#: What a tracking server is asked: only MLflow's REST API answers it (as JSON).
+MLFLOW_PROBE = "/api/2.0/mlflow/experiments/search"
+
+
+def _known_scheme(uri: str) -> str:
+    """The scheme of the MLflow tracking URI ``uri`` (``postgresql`` for
+    ``postgresql+psycopg2://``). Raises :class:`ConfigError` naming it and the schemes MLflow
+    serves when MLflow (and its installed plugins) keep no runs under it."""
+    from importlib.metadata import entry_points
+
+    scheme = urlparse(uri).scheme.split("+", 1)[0]
+    plugins = [ep.name for ep in entry_points(group="mlflow.tracking_store")]
+    if scheme in (*MLFLOW_SCHEMES, *plugins):
+        return scheme
+    raise ConfigError(
+        f"tracking.uri={uri}: MLflow keeps no runs under the scheme {scheme}://; give a folder "
+        "(the default: mlruns/), sqlite:///FILE.db, http(s)://HOST:PORT of an `mlflow server`, "
+        f"or a database URI (one of {', '.join(MLFLOW_SCHEMES)}), or run with tracking=none"
+    )
+
+
+def _database_driver(uri: str) -> None:
+    """Raise :class:`ConfigError` when SQLAlchemy (which MLflow opens a database store with)
+    has no dialect or no installed driver for the database URI ``uri``; its password is not
+    shown. The database itself is reached when the run opens it."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(uri)
+    except ArgumentError as err:
+        raise ConfigError(
+            f"tracking.uri: not a database URI MLflow can open ({err}); write it as "
+            "DIALECT[+DRIVER]://USER:PASSWORD@HOST:PORT/DATABASE, or run with tracking=none"
+        ) from None
+    shown = url.render_as_string(hide_password=True)
+    try:
+        url.get_dialect().import_dbapi()
+    except (ArgumentError, ImportError) as err:
+        raise ConfigError(
+            f"tracking.uri={shown}: MLflow cannot open this database here ({err}): install "
+            "the driver into this environment (e.g. pip install psycopg for postgresql, "
+            "pymysql for mysql+pymysql), or run with tracking=none"
+        ) from None
+
+
+def _answers_as_mlflow(uri: str) -> None:
+    """Ask the server at ``uri`` what only an MLflow tracking server answers (a search for one
+    experiment, :data:`MLFLOW_PROBE`) through MLflow's own client (its credentials and TLS
+    settings), once and within :data:`CHECK_TIMEOUT` seconds. Raises :class:`ConfigError`
+    naming the address and the answer when it is not MLflow's (a web server's 404 page, a
+    refusal of the credentials)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    bounded = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    before = {key: os.environ.get(key) for key in bounded}
+    os.environ.update(bounded)
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except MlflowException as err:
+        text = (str(err).strip().splitlines() or [""])[0]
+        code = re.search(r"error code (\d+)", text)
+        answer = f"HTTP {code.group(1)}" if code else text.split(". Response body")[0][:300]
+        status = int(code.group(1)) if code else err.get_http_status_code()
+        hint = (
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN) for it"
+            if status in (401, 403)
+            else "give the address of an `mlflow server` (http://HOST:PORT, the path it "
+            "serves under if any)"
+        )
+        raise ConfigError(
+            f"tracking.uri={uri}: the server there does not answer as an MLflow tracking "
+            f"server (asked MLflow's experiment search, {MLFLOW_PROBE}: {answer}); {hint}, or "
+            "run with tracking=none"
+        ) from None
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def check_tracking(cfg: RunConfig) -> None:
     """Check, before a run, that its tracking can work: the package is installed, a local store
-    or log folder can be written, an MLflow server (``http(s)://``) answers. Raises
-    :class:`ConfigError` naming the key and what to do; other URIs are checked when the run
-    opens them."""
+    or log folder can be written, ``tracking.uri`` has a scheme MLflow keeps runs under, an
+    ``http(s)://`` server answers and answers as MLflow, a database's driver is installed.
+    Raises :class:`ConfigError` naming the key and what to do. (A Databricks workspace, a
+    plugin's store and a database's server are reached when the run opens them.)"""
     tracking = cfg.tracking
     if tracking.backend == TrackingBackend.none:
         return
@@ -179,8 +284,13 @@ def check_tracking(cfg: RunConfig) -> None:
     store = mlflow_store(tracking.uri)
     if store.folder is not None:
         _writable(store.folder, "tracking.uri")
-    elif urlparse(store.uri).scheme in ("http", "https"):
+        return
+    scheme = _known_scheme(store.uri)
+    if scheme in ("http", "https"):
         _reachable(store.uri)
+        _answers_as_mlflow(store.uri)
+    elif scheme in _DATABASES:
+        _database_driver(store.uri)
 
 
 def run_files(run_dir: Path) -> list[Path]:

@@ -18,6 +18,7 @@ from fl_imaging.config import ConfigError, DPMode, RunConfig
 from tasks import build_task
 
 __all__ = [
+    "build_network",
     "check_configured_parts",
     "check_dp_sgd_model",
     "check_fedbn",
@@ -43,15 +44,54 @@ def norm_state_keys(model: nn.Module) -> list[str]:
     return keys
 
 
+def _model_settings(cfg: RunConfig) -> str:
+    """The ``task.model`` keys that make ``cfg``'s network, as ``key=value`` pairs."""
+    model = cfg.task.model
+    if model._target_:
+        return f"task.model._target_={model._target_}, task.model.args={dict(model.args)}"
+    return (
+        f"task.model.name={model.name.value}, task.model.channels={list(model.channels)}, "
+        f"task.model.norm={model.norm or 'null'}, task.model.num_res_units="
+        f"{model.num_res_units}, task.model.dropout={model.dropout}"
+    )
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The first cause of ``err`` (MONAI's config parser wraps a constructor's error)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def build_network(cfg: RunConfig) -> nn.Module:
+    """Build ``cfg``'s network once, as every site will (:meth:`tasks.base.MonaiTask.build_model`)
+    and return it (on the CPU). Raises :class:`ConfigError` naming the ``task.model`` keys and
+    the constructor's own reason when the network cannot be built from them (e.g. SegResNet's
+    group norm with ``task.model.channels[0]`` not a multiple of 8)."""
+    try:
+        return build_task(cfg.task).build_model()
+    except ConfigError:
+        raise
+    except Exception as err:  # any constructor may refuse its arguments: name the keys
+        cause = _innermost(err)
+        raise ConfigError(
+            f"the network cannot be built from {_model_settings(cfg)} "
+            f"(task.in_channels={cfg.task.in_channels}, task.num_classes="
+            f"{cfg.task.num_classes}): {type(cause).__name__}: {cause}; change these "
+            "task.model settings (e.g. task.model.channels or task.model.norm)"
+        ) from None
+
+
 def check_model(cfg: RunConfig) -> None:
-    """Build ``cfg``'s model once and run every check on it: :func:`check_configured_parts`,
-    :func:`check_fedbn` (with FedBN on), :func:`warn_dp_running_statistics` and
-    :func:`check_dp_sgd_model`. Raises :class:`ConfigError` as they do."""
+    """Build ``cfg``'s model once (:func:`build_network`) and run every check on it:
+    :func:`check_configured_parts`, :func:`check_fedbn` (with FedBN on),
+    :func:`warn_dp_running_statistics` and :func:`check_dp_sgd_model`. Raises
+    :class:`ConfigError` as they do."""
     dp_sgd = cfg.task.dp_sgd.enabled
+    model = build_network(cfg)
     check_configured_parts(cfg)
     if not cfg.strategy.fedbn and cfg.strategy.dp.mode == DPMode.none and not dp_sgd:
         return
-    model = build_task(cfg.task).build_model()
     if cfg.strategy.fedbn:
         check_fedbn(cfg, model)
     warn_dp_running_statistics(cfg, model)

@@ -255,6 +255,28 @@ def test_bench_without_a_benchmark_is_a_config_error(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+def test_bench_names_a_cell_whose_override_cannot_be_read(tmp_path: Path) -> None:
+    """A malformed override in a cell's list (here a strategy's, with a stray bracket) stops
+    ``fl-imaging-bench`` before any cell runs, with one line naming the cell and the override;
+    a malformed override on its own command line, likewise."""
+    proc = run_cli(
+        "fl-imaging-bench",
+        "experiment=smoke",
+        f"bench.out_dir={tmp_path}",
+        '+bench.strategies.bad=["task.roi_size=[32,32"]',
+        cwd=tmp_path,
+        expect=2,
+    )
+    assert "Traceback" not in proc.stderr
+    assert "bench cell demo/bad/seed0: The override 'task.roi_size=[32,32' cannot be read" in (
+        proc.stderr
+    )
+    proc = run_cli("fl-imaging-bench", "experiment=smoke", "bench.seeds=[0", cwd=tmp_path, expect=2)
+    assert "Traceback" not in proc.stderr
+    assert "The override 'bench.seeds=[0' cannot be read" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
 # --- plan of cells ------------------------------------------------------------------------------
 
 
@@ -303,7 +325,7 @@ def test_plan_runs_each_setup_and_seed_baselines_first() -> None:
 
 
 def test_plan_without_setups_has_one_default_setup() -> None:
-    cells = plan_cells(_bench(setups={}, baselines=[], seeds=[0]), [])
+    cells = plan_cells(_bench(setups={}, baselines=[], seeds=[0], reference="fedavg"), [])
     assert [c.key for c in cells] == ["default/fedavg/seed0", "default/dp/seed0"]
 
 
@@ -325,6 +347,8 @@ def test_plan_cell_overrides_leave_out_the_bench_section() -> None:
         ({"strategies": {"local": ["strategy=fedavg"]}}, "local is the name of a baseline"),
         ({"strategies": {"dp/0.3": ["strategy=dpfedavg"]}}, "cannot name a folder"),
         ({"setups": {"../up": []}}, "cannot name a folder"),
+        ({"reference": "fedavgg"}, r"bench.reference=fedavgg: not a method.*local, pooled, fedavg"),
+        ({"baselines": []}, r"bench.reference=pooled: not a method.*values: fedavg, dp "),
     ],
 )
 def test_plan_refuses(fields: dict, message: str) -> None:

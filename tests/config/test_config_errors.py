@@ -143,3 +143,46 @@ def test_inspect_refuses_impossible_class_and_channel_counts(
         data_cli(["inspect", str(tmp_path), *option])
     assert stop.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def test_a_network_its_settings_cannot_build_is_refused_before_the_run(tmp_path) -> None:
+    """SegResNet's default group norm (8 groups) cannot take task.model.channels[0]=4: the
+    pre-run checks build the network once and refuse it, naming the model keys and the
+    constructor's reason, before any site's data is made (exit 2, no traceback)."""
+    demo = tmp_path / "demo"
+    proc = run_cli(
+        "fl-imaging",
+        "experiment=quick",
+        "task.model.name=segresnet",
+        "task.model.channels=[4,8]",
+        f"data.root={demo}",
+        cwd=tmp_path,
+        expect=2,
+    )
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert "the network cannot be built from task.model.name=segresnet" in proc.stderr
+    assert "task.model.channels=[4, 8]" in proc.stderr
+    assert "num_channels (4) must be divisible by num_groups (8)" in proc.stderr
+    assert not demo.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "override"),
+    [
+        ("fl-imaging", "task.roi_size=[32,32"),
+        ("fl-imaging", "strategy.name='fedavg"),
+        ("fl-imaging-eval", "task.roi_size=[32,32"),
+    ],
+)
+def test_a_malformed_override_is_one_line_naming_it(tmp_path, command: str, override: str) -> None:
+    """A stray bracket or quote stops the command with exit 2 and one line naming the
+    override and how to write it, not Hydra's parser traceback."""
+    args = [override]
+    if command == "fl-imaging-eval":
+        (tmp_path / "model.pt").write_bytes(b"")  # a weights file: the override is refused first
+        args = [str(tmp_path / "model.pt"), override]
+    proc = run_cli(command, *args, cwd=tmp_path, expect=2)
+    assert "Traceback" not in proc.stderr
+    assert f"The override {override!r} cannot be read" in proc.stderr
+    assert "close every bracket and quote" in proc.stderr
+    assert not (tmp_path / "demo-data").exists()

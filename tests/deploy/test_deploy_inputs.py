@@ -6,8 +6,12 @@ the unregistered key, which only a real SuperLink can refuse."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import os
 import socket
+import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +46,49 @@ def admin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "data" / "hospital-a").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@contextlib.contextmanager
+def _tls_server(admin: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """A TLS server on the loopback address ``host`` with the SuperLink's certificate of
+    ``admin`` (signed by its CA; it lists 127.0.0.1 and localhost): it completes each handshake
+    and closes, a stand-in for a SuperLink; yields its HOST:PORT; its thread stops on leaving."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(admin / "certs" / "server.pem", admin / "certs" / "server.key")
+    done = threading.Event()
+    sock = socket.socket()
+    sock.bind((host, 0))
+    sock.listen()
+    sock.settimeout(0.2)
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            try:
+                conn.settimeout(5)
+                with context.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                conn.close()  # a client that refused the certificate
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"{host}:{sock.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        sock.close()
+
+
+@pytest.fixture
+def tls_listener(admin: Path) -> Iterator[str]:
+    """:func:`_tls_server` on 127.0.0.1 for the test: its HOST:PORT."""
+    with _tls_server(admin) as address:
+        yield address
 
 
 def _checked(*argv: str) -> argparse.Namespace:
@@ -103,6 +150,55 @@ def test_garbage_key_and_the_public_key_given_as_key(admin: Path, listener: str)
     assert "is a private key: send and register the .pub" in message
 
 
+def test_a_certificate_that_is_not_a_ca_and_an_expired_ca(admin: Path, listener: str) -> None:
+    """The SuperLink's own server.pem given as --ca, and a CA certificate past its date: each
+    refused with its own cause before anything starts."""
+    message = _refused(_supernode(listener, "--ca", "certs/server.pem"))
+    assert message.startswith("--ca certs/server.pem (") and "not a CA's" in message
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "old CA")])
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+    old = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(past)
+        .not_valid_after(past + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (admin / "old-ca.crt").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    message = _refused(_supernode(listener, "--ca", "old-ca.crt"))
+    assert "--ca old-ca.crt (" in message and "expired on 2020-01-31" in message
+
+
+def test_the_superlink_is_checked_over_tls_before_the_supernode_starts(
+    admin: Path, listener: str, tls_listener: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """What answers at --superlink is asked for its certificate before flower-supernode
+    starts: something that accepts connections but never answers a TLS handshake, a
+    certificate another CA signed, and one that does not list the address typed each get
+    their own cause; the right CA and address pass."""
+    message = _refused(_supernode(listener))
+    assert message.startswith(f"--superlink {listener}: the TLS handshake did not finish")
+    other = tmp_path_factory.mktemp("other-ca")
+    make_ca(other)
+    message = _refused(_supernode(tls_listener, "--ca", str(other / "ca.crt")))
+    assert f"does not verify against --ca {other / 'ca.crt'}" in message
+    assert "that CA did not sign it" in message
+    with _tls_server(admin, "127.0.0.2") as unlisted:  # loopback, not in the certificate
+        message = _refused(_supernode(unlisted))
+    assert "the SuperLink's certificate does not list the address 127.0.0.2" in message
+    assert "fl-imaging-deploy ca --out certs --host 127.0.0.2 --force" in message
+    assert _checked(*_supernode(tls_listener)).ca == admin / "certs" / "ca.crt"
+
+
 def test_port_taken(admin: Path, listener: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -137,7 +233,7 @@ def test_superlink_not_reachable(admin: Path) -> None:
 
 
 def test_relative_paths_from_another_folder_reach_flower_absolute(
-    admin: Path, listener: str, monkeypatch: pytest.MonkeyPatch
+    admin: Path, tls_listener: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """From another working directory, ``../admin/...`` paths are checked there and Flower's
     processes (which run in their state folder) get them absolute."""
@@ -147,7 +243,7 @@ def test_relative_paths_from_another_folder_reach_flower_absolute(
     args = _checked(
         "supernode",
         "--superlink",
-        listener,
+        tls_listener,
         "--ca",
         "../certs/ca.crt",
         "--key",
@@ -165,7 +261,7 @@ def test_relative_paths_from_another_folder_reach_flower_absolute(
     # The library takes relative paths too: Flower's command holds only absolute ones.
     spec = SuperNodeSpec(
         data_dir=Path("../data/hospital-a"),
-        superlink=listener,
+        superlink=tls_listener,
         ca_cert=Path("../certs/ca.crt"),
         private_key=Path("../keys/hospital-a.key"),
         state_dir=Path("node-a"),
@@ -217,6 +313,35 @@ def test_a_wrong_input_exits_2_with_the_message(tmp_path: Path) -> None:
     )
     assert f"error: --ca missing.crt ({tmp_path / 'missing.crt'}): no such file" in done.stderr
     assert "started" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("changed", "cause"),
+    [
+        (("--ca", "missing.crt"), "--ca missing.crt ({admin}/missing.crt): no such file"),
+        (
+            ("--key", "keys/garbage.key"),
+            "--key keys/garbage.key ({admin}/keys/garbage.key): is not an OpenSSH private key",
+        ),
+        (
+            ("--ca", "keys/hospital-a.key"),
+            "--ca keys/hospital-a.key ({admin}/keys/hospital-a."
+            "key): is a private key, not a certificate",
+        ),
+    ],
+    ids=["missing-ca", "garbage-key", "key-as-ca"],
+)
+def test_each_wrong_supernode_file_names_its_own_cause_as_a_command(
+    admin: Path, tls_listener: str, changed: tuple[str, str], cause: str
+) -> None:
+    """``fl-imaging-deploy supernode`` itself, against a TLS stand-in for the SuperLink: a
+    missing CA file, a garbage key and the key given as the CA each stop it with exit 2 and
+    their own cause (not "the SuperLink refused this SuperNode"); nothing starts."""
+    (admin / "keys" / "garbage.key").write_text("not a key\n")
+    done = run_cli("fl-imaging-deploy", *_supernode(tls_listener, *changed), cwd=admin, expect=2)
+    assert cause.format(admin=admin) in done.stderr
+    assert "refused this SuperNode" not in done.stderr and "Traceback" not in done.stderr
+    assert not (admin / "node-state" / "supernode.log").exists()
 
 
 @pytest.mark.slow

@@ -178,12 +178,14 @@ def _ctrl_c_at(
     pause_s: float = 0.0,
     timeout: float = 90,
     log: Path | None = None,
+    sig: signal.Signals = signal.SIGINT,
 ) -> tuple[str, float]:
     """Once a line of the run's output (or of its ``log`` file, main.log: a site's lines are
     only there) holds ``line`` (within 300 s) and ``pause_s`` more seconds, send SIGINT to the
-    run's whole group, as Ctrl-C in a terminal does; returns all the output and the seconds from
-    the signal to the exit. The group is killed if the run is still there after ``timeout``
-    seconds (the test then fails)."""
+    run's whole group, as Ctrl-C in a terminal does (another ``sig``: to the command's process
+    alone, as ``kill`` and systemd do); returns all the output and the seconds from the signal
+    to the exit. The group is killed if the run is still there after ``timeout`` seconds (the
+    test then fails)."""
     output: list[str] = []
     try:
         if log is None:
@@ -191,7 +193,10 @@ def _ctrl_c_at(
         else:
             _until_logged(log, line, 300)
         time.sleep(pause_s)
-        os.killpg(proc.pid, signal.SIGINT)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
         sent = time.monotonic()
         rest, _ = proc.communicate(timeout=timeout)
         return "".join(output) + rest, time.monotonic() - sent
@@ -226,6 +231,28 @@ def test_ctrl_c_in_round_2_keeps_the_files_stops_ray_and_resume_finishes(
         rest, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, rest[-3000:]
     assert max(r.round for r in read_metrics(tmp_path / "resumed" / "metrics.csv")) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc (Linux)")
+def test_sigterm_in_round_2_is_named_in_the_summary_not_ctrl_c(
+    tmp_path: Path, ray_parent: Path
+) -> None:
+    """``kill PID`` (SIGTERM, as systemd or a scheduler stops a job) stops the run as Ctrl-C
+    does, with the finished rounds' files, and its summary and output name SIGTERM."""
+    with _started(tmp_path, ray_parent, "termed") as proc:
+        text, stopped_in = _ctrl_c_at(proc, "round 1/4", timeout=60, sig=signal.SIGTERM)
+    assert proc.returncode == 130, text[-3000:]
+    assert stopped_in < 30, text[-3000:]
+    assert "Traceback" not in text
+    run = tmp_path / "termed"
+    done = max(r.round for r in read_metrics(run / "metrics.csv"))
+    summary = (run / "summary.txt").read_text()
+    assert f"interrupted (SIGTERM) after round {done} of 4" in summary, summary
+    assert "Ctrl-C" not in summary
+    assert "SIGTERM: stopping" in text and (run / "checkpoint.json").is_file()
+    time.sleep(2)  # Ray's processes are told to stop before the command exits
+    assert not [c for c in _processes_in_group(proc.pid) if RAY_PROCESS.search(c)]
 
 
 @pytest.mark.slow
@@ -306,5 +333,24 @@ def test_a_sigint_ignored_from_the_start_stays_ignored_while_a_run_is_on() -> No
             time.sleep(0.2)
             assert stop.is_set()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize(
+    ("sig", "label"),
+    [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM"), (signal.SIGHUP, "SIGHUP")],
+)
+def test_the_signal_that_stops_a_run_is_named(sig: signal.Signals, label: str) -> None:
+    """Each stop signal (Ctrl-C, kill, a closed terminal) stops the run and is handed on by the
+    name a person knows it by, for the summary."""
+    stop = threading.Event()
+    named: list[str] = []
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stop_on_signal(stop, force=lambda: None, interrupt_main=False, on_signal=named.append):
+            os.kill(os.getpid(), sig)
+            time.sleep(0.2)
+        assert stop.is_set() and named == [label]
     finally:
         signal.signal(signal.SIGINT, before)

@@ -16,9 +16,11 @@ from checkpoint_helpers import (
     START,
     assert_same,
     quick,
+    save,
     saved_and_loaded,
     train_round,
 )
+from cli_runs import run_cli
 from local_runs import local_run
 
 from fl_imaging.config import ConfigError, RunConfig, config_to_yaml
@@ -196,6 +198,43 @@ def test_check_resumable_refuses_when_no_round_is_left(rounds: int) -> None:
     checkpoint = checkpoint_after(2, quick())
     with pytest.raises(ConfigError, match=f"already holds round 2 of engine.rounds={rounds}"):
         check_resumable(checkpoint, quick(f"engine.rounds={rounds}"))
+
+
+@pytest.mark.parametrize(
+    ("model", "named"),
+    [
+        # a network this run could build, but not the one the run folder trained
+        (["task.model.channels=[8,16,32]"], "task.model.channels is [4, 8, 16] there, [8, 16, 32]"),
+        # one whose constructor would refuse its channels (SegResNet's group norm of 8)
+        (
+            ["task.model.name=segresnet", "task.model.channels=[4,8]"],
+            "task.model.name is 'unet' there, 'segresnet' here",
+        ),
+    ],
+    ids=["other-channels", "unbuildable"],
+)
+def test_resume_from_a_run_folder_of_another_model_names_the_keys(
+    tmp_path: Path, model: list[str], named: str
+) -> None:
+    """``fl-imaging resume=`` the folder of a run of another network stops before any site's
+    data is read, exit 2, one message naming the model keys that differ (both values)."""
+    first = tmp_path / "first"
+    save(first, build_strategy(quick().strategy, num_sites=2))  # experiment=quick's model
+    demo = tmp_path / "demo"
+    proc = run_cli(
+        "fl-imaging",
+        "experiment=quick",
+        "engine.rounds=3",
+        f"data.root={demo}",
+        f"resume={first}",
+        *model,
+        cwd=tmp_path,
+        expect=2,
+    )
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert f"resume={first}: that run folder holds another model" in proc.stderr
+    assert named in proc.stderr and "resume with the same model settings" in proc.stderr
+    assert not demo.exists()  # refused before any site's data was made or read
 
 
 # --- end to end: resumed == uninterrupted ----------------------------------------------------

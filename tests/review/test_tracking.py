@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -259,6 +260,92 @@ def test_an_unreachable_server_stops_fl_imaging_before_training(tmp_path: Path) 
     output = proc.stdout + proc.stderr
     assert f"tracking.uri={closed}: no MLflow server answers" in output
     assert "Traceback" not in output and not (tmp_path / "demo-data").exists()
+
+
+#: A web server that is not MLflow: every GET and POST answers 404 with an HTML page, as a
+#: web server's default site does.
+_NOT_MLFLOW = """
+import http.server, sys
+class NotFound(http.server.BaseHTTPRequestHandler):
+    def _page(self):
+        body = b"<html><body><h1>404 Not Found</h1></body></html>"
+        self.send_response(404)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = _page
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), NotFound).serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def _web_server_not_mlflow() -> Iterator[str]:
+    """A loopback HTTP server answering 404 to everything (:data:`_NOT_MLFLOW`), started in
+    its own process and waited for (at most 30 s); yields its address; stopped by its PID."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-c", _NOT_MLFLOW, str(port)])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None and time.monotonic() < deadline, "no web server"
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+
+
+def test_a_web_server_that_is_not_mlflow_stops_fl_imaging_before_training(
+    tmp_path: Path,
+) -> None:
+    """An address where a web server answers, but not MLflow (404 pages): refused before the
+    run, exit 2, naming the address and what MLflow was asked; nothing trains."""
+    with _web_server_not_mlflow() as uri:
+        proc = run_cli(
+            "fl-imaging",
+            "experiment=quick",
+            "tracking=mlflow",
+            f"tracking.uri={uri}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            cwd=tmp_path,
+            expect=2,
+        )
+    output = proc.stdout + proc.stderr
+    assert f"tracking.uri={uri}: the server there does not answer as an MLflow tracking" in output
+    assert "/api/2.0/mlflow/experiments/search: HTTP 404" in output
+    assert "Traceback" not in output and not (tmp_path / "demo-data").exists()
+
+
+def test_a_scheme_mlflow_does_not_serve_stops_fl_imaging_before_training(
+    tmp_path: Path,
+) -> None:
+    proc = run_cli(
+        "fl-imaging",
+        "experiment=quick",
+        "tracking=mlflow",
+        "tracking.uri=ftp://127.0.0.1/mlruns",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        expect=2,
+    )
+    output = proc.stdout + proc.stderr
+    assert "tracking.uri=ftp://127.0.0.1/mlruns: MLflow keeps no runs under the scheme ftp://" in (
+        output
+    )
+    assert "Traceback" not in output and not (tmp_path / "demo-data").exists()
+
+
+def test_a_database_uri_without_its_driver_is_refused_password_hidden() -> None:
+    cfg = check_overrides(["tracking=mlflow", "tracking.uri=mysql+nosuchdriver://u:secret@h/db"])
+    with pytest.raises(ConfigError, match="MLflow cannot open this database here") as err:
+        check_tracking(cfg)
+    assert "secret" not in str(err.value) and "u:***@h/db" in str(err.value)
 
 
 def test_unknown_backends_and_empty_names_are_refused() -> None:

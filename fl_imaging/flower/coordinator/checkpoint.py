@@ -56,6 +56,7 @@ __all__ = [
     "Checkpoint",
     "LEFT_OUT",
     "check_resumable",
+    "check_same_model",
     "load_checkpoint",
     "restore_strategy_state",
     "save_checkpoint",
@@ -272,6 +273,45 @@ def _flat(cfg: RunConfig) -> dict[str, Any]:
         return {prefix[:-1]: node}
 
     return walk(plain, "")
+
+
+#: The keys that make the network, besides every ``task.model.*`` but the warm start and the
+#: trainable parameters: a checkpoint's weights fit only a network built from the same values.
+MODEL_KEYS = (
+    "task.name",
+    "task.spatial_dims",
+    "task.in_channels",
+    "task.num_classes",
+    "task.bundle_sha256",
+)
+
+
+#: ``task.model`` keys that do not change the network's weights (checked by
+#: :func:`check_resumable` with the rest of the config).
+_NOT_THE_NETWORK = ("task.model.init", "task.model.trainable")
+
+
+def check_same_model(checkpoint: Checkpoint, cfg: RunConfig) -> None:
+    """Raise :class:`ConfigError` naming every key of the network (``task.model.*`` but
+    ``task.model.init`` and ``task.model.trainable``, and :data:`MODEL_KEYS`) in which ``cfg``
+    differs from the run that wrote ``checkpoint`` (its resolved config), with both values;
+    nothing when they agree.
+    Checked before ``cfg``'s own network is built, so a run folder of another model is named
+    as such, not as the constructor's error."""
+    before, now = _flat(config_from_yaml(checkpoint.config)), _flat(cfg)
+    changed = sorted(
+        k
+        for k in set(before) | set(now)
+        if (k in MODEL_KEYS or (k.startswith("task.model.") and k not in _NOT_THE_NETWORK))
+        and before.get(k) != now.get(k)
+    )
+    if changed:
+        shown = "; ".join(f"{k} is {before.get(k)!r} there, {now.get(k)!r} here" for k in changed)
+        raise ConfigError(
+            f"resume={cfg.resume}: that run folder holds another model ({shown}): its "
+            "weights fit only the network it was trained with; resume with the same model "
+            "settings (its config.yaml), or start a new run without resume="
+        )
 
 
 def check_resumable(checkpoint: Checkpoint, cfg: RunConfig) -> None:

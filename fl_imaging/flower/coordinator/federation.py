@@ -88,6 +88,9 @@ class FederationPlan:
     done: threading.Event = field(default_factory=threading.Event)
     stopped: str = ""
     interrupted: bool = False
+    #: The signal that asked the run to stop, as a person knows it (``Ctrl-C``, ``SIGTERM``);
+    #: empty when none did.
+    stop_signal: str = ""
     #: A site's refusal that stopped the run (its own policy or secure aggregation check).
     refused: str = ""
     #: The run's key (a resumed run keeps the checkpoint's), sent with every training message.
@@ -157,11 +160,16 @@ class FederationPlan:
                 f"{self.absence_note()}\nresults of the other sites are in {self.run_dir}"
             )
 
+    def note_signal(self, label: str) -> None:
+        """Note that the signal ``label`` (as a person knows it: ``Ctrl-C``, ``SIGTERM``,
+        ``SIGHUP``) asked the run to stop, for :meth:`note_interrupted` to name it."""
+        self.stop_signal = label
+
     def note_interrupted(self) -> None:
-        """Note that the run was asked to stop (Ctrl-C, or the engine failed: ``stopped`` says
-        so already), after which round, and how to go on."""
+        """Note that the run was asked to stop (by the signal :meth:`note_signal` named, or the
+        engine failed: ``stopped`` says so already), after which round, and how to go on."""
         self.interrupted = True
-        why = self.stopped or "interrupted (Ctrl-C)"
+        why = self.stopped or f"interrupted ({self.stop_signal or 'asked to stop'})"
         self.stopped = (
             f"{why} after round {self.rounds_done()} of {self.cfg.engine.rounds}: the results "
             f"and the checkpoint of the finished rounds are kept; go on with resume={self.run_dir}"
