@@ -87,6 +87,7 @@ def _bench(**fields) -> BenchConfig:
         "name": "t",
         "seeds": [0, 1],
         "baselines": [],
+        "reference": "fedavg",
         "strategies": {"fedavg": ["strategy=fedavg"], "fedprox": ["strategy=fedprox"]},
     }
     return BenchConfig(**{**base, **fields})
