@@ -117,7 +117,9 @@ def test_plan_starts_every_federated_cell_from_the_public_model(tmp_path: Path) 
 def test_bench_refuses_a_public_baseline_without_a_public_share(tmp_path: Path) -> None:
     from fl_imaging.benchmark import runner
 
-    bench = replace(BenchConfig(), name="warm", out_dir=str(tmp_path), baselines=["public"])
+    bench = replace(
+        BenchConfig(), name="warm", out_dir=str(tmp_path), baselines=["public"], reference="public"
+    )
     (cell,) = plan_cells(bench, ["experiment=hippocampus"])
     with pytest.raises(ConfigError, match="data.public_fraction is 0"):
         runner._checked(cell)

@@ -33,12 +33,14 @@ FREE_TEXT = {
     "data.sites_dir",
     "data.decoded_cache",
     "strategy.name",
+    "strategy.tune_key",  # a key under strategy., checked by config/strategy_checks.py
     "engine.ray_address",
     "engine.superlink",
     "engine.root_certificates",
     "bench.name",
     "bench.out_dir",
     "bench.reference",
+    "bench.compare_with",  # a method label; no column when the benchmark does not run it
     "tracking.uri",
     "tracking.experiment",
     "tracking.run_name",
