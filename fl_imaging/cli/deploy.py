@@ -255,7 +255,13 @@ def _cmd_check_policy(args: argparse.Namespace) -> int:
         print(f"bundle {cfg.task.bundle} (SHA-256): {cfg.task.bundle_sha256}")
     print(f"config hash (task and strategy, SHA-256): {training_config_hash(cfg)}")
     try:
-        check_request(policy, cfg, training=True, masked=cfg.strategy.secagg.enabled)
+        check_request(
+            policy,
+            cfg,
+            training=True,
+            masked=cfg.strategy.secagg.enabled,
+            encrypted=cfg.strategy.he.enabled,
+        )
     except PolicyRefusal as err:
         print(f"refused: {err}")
         return 1

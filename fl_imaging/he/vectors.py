@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fl_imaging.he.ckks import HEError, decrypt_vector, encrypt_vector
+from fl_imaging.he.records import HE, HE_SUM, HE_UPDATE
 from strategies.arrays import Arrays, flatten, floating_keys, unflatten
 
 __all__ = [
@@ -27,13 +28,6 @@ __all__ = [
     "encrypted_keys",
     "weighted_vector",
 ]
-
-#: The ConfigRecord of the coordinator's training message (and of a site's reply) about HE.
-HE = "he"
-#: The array of the global ArrayRecord holding the encrypted sum of the last round.
-HE_SUM = "he.sum"
-#: The array of a site's reply holding its encrypted weighted vector.
-HE_UPDATE = "he.update"
 
 
 def encrypted_keys(arrays: Arrays, layers: list[str] | tuple[str, ...] = ()) -> list[str]:
