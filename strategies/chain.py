@@ -36,7 +36,6 @@ from flwr.serverapp.strategy import Strategy
 from fl_imaging.compression.codec import Codec
 from fl_imaging.config import StrategyConfig
 from fl_imaging.flower.protocol import ReplySites
-from fl_imaging.he.coordinator import HomomorphicAggregation, check_homomorphic
 from fl_imaging.review.results import MetricRow
 from fl_imaging.secagg.arithmetic import SecAggSettings
 from fl_imaging.secagg.coordinator import (
@@ -104,10 +103,13 @@ def build_strategy(
     :class:`~strategies.registry.StrategyError` for an unknown name or parameter,
     a federation too small for the strategy, or a DP setting that cannot be accounted.
     """
+    # imported here: fl_imaging.he.coordinator builds on strategies.arrays and .wrapper
+    from fl_imaging.he.coordinator import HomomorphicAggregation, check_homomorphic
+
     per_round = num_sites if clients_per_round is None else clients_per_round
     sites = federation.sites if federation is not None else sites or ReplySites()
     secure: SecureAggregation | None = None
-    encrypted: HomomorphicAggregation | None = None
+    encrypted: HomomorphicAggregation | None = None  # strategy.he
     try:
         check_secure_aggregation(cfg, per_round)
         check_homomorphic(cfg)

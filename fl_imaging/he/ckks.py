@@ -26,7 +26,6 @@ suffices):
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Iterable
 from typing import Any
@@ -46,7 +45,6 @@ __all__ = [
     "context_from",
     "decrypt_vector",
     "encrypt_vector",
-    "key_id",
     "new_secret_context",
     "public_context_bytes",
     "secret_context_bytes",
@@ -129,13 +127,6 @@ def context_from(data: bytes) -> Any:
             "with other parameters"
         )
     return context
-
-
-def key_id(context: Any) -> str:
-    """The first 16 hex digits of the SHA-256 of ``context``'s public part: names the
-    consortium's key in messages and logs (the same for the sites' and the coordinator's
-    copies)."""
-    return hashlib.sha256(public_context_bytes(context)).hexdigest()[:16]
 
 
 def encrypt_vector(context: Any, vector: np.ndarray) -> bytes:

@@ -9,8 +9,9 @@ site replies with the layers in the clear that are not encrypted, and ``he.updat
 ``[w, w x weights]`` of the encrypted layers under the consortium's key (with its public
 context, once, when the coordinator does not hold it yet). The coordinator:
 
-- keeps the first public context it receives (no secret key: :func:`check_public` refuses
-  one that has it) and ignores replies under another key;
+- keeps the first public context it receives, named by the key id the site gave (no secret
+  key: :func:`check_public` refuses one that has it), and leaves out replies under another
+  key id (a site of another consortium, or with a new key);
 - adds the round's encrypted vectors (:func:`~fl_imaging.he.ckks.add_encrypted`) and puts the
   sum into the global ArrayRecord as ``he.sum``; the layers in the clear are FedAvg's mean;
 - never holds the encrypted layers' trained values: its copy of them stays the initial model
@@ -45,7 +46,6 @@ from fl_imaging.he.ckks import (
     HEUnavailable,
     add_encrypted,
     context_from,
-    key_id,
     tenseal,
 )
 from fl_imaging.he.records import HE, HE_SUM, HE_UPDATE
@@ -209,15 +209,22 @@ class HomomorphicAggregation(StrategyWrapper):
             msg.content = RecordDict({**dict(msg.content.items()), HE: ConfigRecord(record)})
         return messages
 
+    def learn_context(self, he: ConfigRecord) -> None:
+        """Keep the public context a reply's ``he`` record carries, named by its key id, when
+        none is held yet. Raises :class:`~fl_imaging.he.ckks.HEError` for a context holding a
+        secret key (not kept) or bytes that are no context."""
+        context_bytes = he.get("context")
+        if self.key or not context_bytes:
+            return
+        self.context = check_public(context_from(bytes(context_bytes)))  # type: ignore[arg-type]
+        self.key = str(he.get("key-id", ""))  # the sites' name for their key
+        log.info("homomorphic encryption: holding the public context of key %s", self.key)
+
     def _encrypted_of(self, msg: Message) -> bytes | None:
         """The reply's encrypted vector, after learning the public context it may carry; None
         (logged) when it is under another key than the one held."""
         he = msg.content.config_records.get(HE, ConfigRecord())
-        context_bytes = he.get("context")
-        if not self.key and context_bytes:
-            self.context = check_public(context_from(bytes(context_bytes)))
-            self.key = key_id(self.context)
-            log.info("homomorphic encryption: holding the public context of key %s", self.key)
+        self.learn_context(he)
         if str(he.get("key-id", "")) != self.key:
             log.warning(
                 "site %s encrypted under key %s, not the consortium's %s: left out",

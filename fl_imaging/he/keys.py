@@ -13,22 +13,43 @@ folder (``site.state_dir``), never in the run folder the coordinator writes.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fl_imaging.common.atomic import write_atomically
 from fl_imaging.he.ckks import HEError, context_from, new_secret_context, secret_context_bytes
 
-__all__ = ["SIMULATED_KEY_FILE", "HEKeyError", "ensure_key_file", "load_key", "write_key_file"]
+__all__ = [
+    "SIMULATED_KEY_FILE",
+    "ConsortiumKey",
+    "HEKeyError",
+    "ensure_key_file",
+    "load_key",
+    "write_key_file",
+]
 
 #: The simulated sites' key file, in the sites' state folder.
 SIMULATED_KEY_FILE = "he-consortium.key"
 
-_LOADED: dict[tuple[str, float], Any] = {}
+
+@dataclass(frozen=True)
+class ConsortiumKey:
+    """The consortium's key as a site holds it: the secret TenSEAL ``context`` and ``key_id``,
+    16 hex digits naming it in messages (from a SHA-256 of the key file: the same at every
+    site holding the file; TenSEAL's own serialisation of a loaded context varies, so it
+    cannot name the key)."""
+
+    context: Any
+    key_id: str
 
 
-class HEKeyError(RuntimeError):
+_LOADED: dict[tuple[str, float], ConsortiumKey] = {}
+
+
+class HEKeyError(ValueError):
     """A key file that is missing, unreadable or no secret CKKS context; names the file."""
 
 
@@ -59,8 +80,8 @@ def ensure_key_file(path: Path) -> Path:
     return path
 
 
-def load_key(path: Path) -> Any:
-    """The secret TenSEAL context in the key file ``path`` (kept loaded while the file is
+def load_key(path: Path) -> ConsortiumKey:
+    """The consortium's key in the key file ``path`` (kept loaded while the file is
     unchanged). Raises :class:`HEKeyError` naming the file when it is missing, unreadable or
     holds no secret key."""
     path = Path(path)
@@ -74,7 +95,8 @@ def load_key(path: Path) -> Any:
     if stamp in _LOADED:
         return _LOADED[stamp]
     try:
-        context = context_from(path.read_bytes())
+        data = path.read_bytes()
+        context = context_from(data)
     except (OSError, HEError) as err:
         raise HEKeyError(f"homomorphic encryption key {path}: cannot be used ({err})") from None
     if not context.has_secret_key():
@@ -82,5 +104,6 @@ def load_key(path: Path) -> Any:
             f"homomorphic encryption key {path}: holds no secret key (a coordinator's public "
             "context?); give the consortium's key file"
         )
-    _LOADED[stamp] = context
-    return context
+    digest = hashlib.sha256(b"fl-imaging consortium key id\0" + data).hexdigest()[:16]
+    _LOADED[stamp] = key = ConsortiumKey(context, digest)
+    return key

@@ -26,7 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from fl_imaging.common.atomic import write_atomically
 from fl_imaging.config import RunConfig
 from fl_imaging.flower.protocol import NUM_EXAMPLES, SiteRefusal
-from fl_imaging.he.ckks import HEError, key_id, public_context_bytes
+from fl_imaging.he.ckks import HEError, public_context_bytes
 from fl_imaging.he.vectors import (
     HE,
     HE_SUM,
@@ -61,13 +61,13 @@ def open_global_model(msg: Message, setup: SiteSetup, cfg: RunConfig, rnd: int) 
         return msg
     like = {k: v for k, v in to_numpy(arrays).items() if k != HE_SUM}
     keys = encrypted_keys(like, cfg.strategy.he.layers)
-    context = setup.he_context()
+    key = setup.he_context()
     try:
-        model = decrypted_mean(context, arrays[HE_SUM].numpy().tobytes(), like, keys)
+        model = decrypted_mean(key.context, arrays[HE_SUM].numpy().tobytes(), like, keys)
     except HEError as err:
         raise HERefusal(
             f"[site {setup.name}] the encrypted global model does not decrypt with the "
-            f"consortium's key {key_id(context)}: {err}"
+            f"consortium's key {key.key_id}: {err}"
         ) from None
     _keep_model(setup, model, rnd)
     records = {k: v for k, v in msg.content.items() if k != "arrays"}
@@ -93,21 +93,20 @@ def encrypt_reply(msg: Message, reply: Message, setup: SiteSetup, cfg: RunConfig
     when a value cannot be encrypted."""
     if reply.has_error() or "arrays" not in reply.content.array_records:
         return reply
-    context = setup.he_context()
+    key = setup.he_context()
     arrays = to_numpy(reply.content["arrays"])
     keys = encrypted_keys(arrays, cfg.strategy.he.layers)
     weight = float(reply.content["metrics"][NUM_EXAMPLES])  # type: ignore[arg-type]
     try:
-        data = encrypt_weighted(context, arrays, keys, weight)
+        data = encrypt_weighted(key.context, arrays, keys, weight)
     except HEError as err:
         raise HERefusal(f"[site {setup.name}] its update cannot be encrypted: {err}") from None
     plain = {k: Array(v) for k, v in arrays.items() if k not in keys}
     plain[HE_UPDATE] = Array(np.frombuffer(data, dtype=np.uint8))
-    kid = key_id(context)
     asked = msg.content.config_records.get(HE, ConfigRecord())
-    he: dict[str, Any] = {"key-id": kid}
-    if str(asked.get("key-id", "")) != kid:
-        he["context"] = public_context_bytes(context)  # the public part only
+    he: dict[str, Any] = {"key-id": key.key_id}
+    if str(asked.get("key-id", "")) != key.key_id:
+        he["context"] = public_context_bytes(key.context)  # the public part only
     records = {k: v for k, v in reply.content.items() if k != "arrays"}
     reply.content = RecordDict(
         {**records, "arrays": ArrayRecord(plain), HE: ConfigRecord(he)}  # type: ignore[arg-type]

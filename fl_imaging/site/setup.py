@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fl_imaging.config import RunConfig, SiteConfig
-from fl_imaging.he.keys import SIMULATED_KEY_FILE
+from fl_imaging.he.keys import SIMULATED_KEY_FILE, ConsortiumKey
 from fl_imaging.privacy.ledger import LEDGER_FILE, SiteLedger
 from fl_imaging.review.site_record import RECORD_FILE, SiteRecord
 from fl_imaging.site.identity import (
@@ -177,10 +177,10 @@ class SiteSetup:
             )
         return load_identity(self.name, self.identity_key, self.roster)
 
-    def he_context(self) -> object:
-        """The consortium's secret CKKS context (:mod:`fl_imaging.he.keys`): simulation's key
-        made on first use when ``site.he_key`` is not given. Raises :class:`SiteSetupError` in
-        a deployment started without ``--he-key``, and
+    def he_context(self) -> ConsortiumKey:
+        """The consortium's key, its secret CKKS context and id (:mod:`fl_imaging.he.keys`):
+        simulation's key made on first use when ``site.he_key`` is not given. Raises
+        :class:`SiteSetupError` in a deployment started without ``--he-key``, and
         :class:`~fl_imaging.he.keys.HEKeyError` for a key file that cannot be used."""
         from fl_imaging.he.keys import ensure_key_file, load_key
 

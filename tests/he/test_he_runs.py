@@ -69,7 +69,7 @@ def test_a_run_with_he_ends_within_0_005_dice_of_plain_and_only_the_sites_hold_t
 
     checkpoint = load_checkpoint(run)
     data = checkpoint.arrays["he.sum"].tobytes()
-    secret = load_key(tmp_path / "sites" / SIMULATED_KEY_FILE)
+    secret = load_key(tmp_path / "sites" / SIMULATED_KEY_FILE).context
     public = context_from(public_context_bytes(secret))
     with pytest.raises(HEError, match="no secret key"):
         decrypt_vector(public, data, 10)
