@@ -140,14 +140,20 @@ def parameters_line(layers: list[str] | tuple[str, ...] = ()) -> str:
 def encrypted_model_note(cfg: RunConfig) -> str:
     """summary.txt's lines on homomorphic encryption: its parameters, and where the final
     model is (at the sites, not in the run folder); empty without it."""
+    from fl_imaging.site.setup import site_state_root
+
     he = cfg.strategy.he
     if not he.enabled:
         return ""
+    where = (
+        f"{site_state_root(cfg)}/<site>-<hash>/he-model.pt"
+        if cfg.engine.name.value == "simulation"
+        else "he-model.pt in each SuperNode's --state folder"
+    )
     return (
         f"homomorphic encryption: {parameters_line(he.layers)}\n"
-        "final model: kept by the sites only, each in its state folder (he-model.pt, its round "
-        "in he-model.json; simulation: under site.state_dir); the coordinator never decrypted "
-        "it, so this folder has no model.pt and no MONAI bundle"
+        f"final model: kept by the sites only ({where}, its round in he-model.json); the "
+        "coordinator never decrypted it, so this folder has no model.pt and no MONAI bundle"
     )
 
 

@@ -48,7 +48,8 @@ def test_a_run_with_he_ends_within_0_005_dice_of_plain_and_only_the_sites_hold_t
     assert all(r.value > 1e5 for r in rows if r.metric == "bytes_he")  # ciphertexts
     summary = (run / "summary.txt").read_text()
     assert "only CKKS ciphertexts of each site's weighted update and their sum (2 sites" in summary
-    assert "polynomial degree 8192" in summary and "kept by the sites only" in summary
+    assert "polynomial degree 8192" in summary and "kept by the sites only (" in summary
+    assert f"{tmp_path / 'sites'}/<site>-<hash>/he-model.pt" in summary
     assert not (run / "model.pt").exists() and not (run / "bundle").exists()
     assert (runs["plain"] / "model.pt").is_file()
     # each site keeps the final (decrypted) model; it matches what the plain run wrote closely
