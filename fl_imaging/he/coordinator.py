@@ -49,7 +49,7 @@ from fl_imaging.he.ckks import (
     tenseal,
 )
 from fl_imaging.he.records import HE, HE_SUM, HE_UPDATE
-from strategies.arrays import Arrays, to_numpy
+from strategies.arrays import Arrays, cast_like, to_numpy
 from strategies.wrapper import StrategyWrapper
 
 __all__ = [
@@ -313,6 +313,9 @@ class HomomorphicAggregation(StrategyWrapper):
             return None, metrics
         if self.on_round is not None:
             self.on_round(server_round, added, left_out, traffic)
-        out = dict(arrays.items())
+        # Flower's averaging makes integer counters float64: back to the model's dtypes, so that
+        # the sites find the same arrays floating (encrypted) as they encrypted
+        plain = cast_like(to_numpy(arrays), self.sent_arrays)
+        out = {k: Array(np.ascontiguousarray(v)) for k, v in plain.items()}
         out[HE_SUM] = Array(np.frombuffer(total, dtype=np.uint8))
         return ArrayRecord(out), metrics  # type: ignore[arg-type]

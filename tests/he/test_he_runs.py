@@ -79,11 +79,14 @@ def test_a_run_with_he_ends_within_0_005_dice_of_plain_and_only_the_sites_hold_t
 
 
 def test_a_site_that_drops_out_leaves_a_sum_of_the_rest_that_decrypts(tmp_path: Path) -> None:
-    """Three sites, the third lost in round 2; only the first block is encrypted."""
+    """Three sites, the third lost in round 2; only the first block is encrypted; batch norm,
+    whose integer counters Flower averages into floats (the coordinator casts them back, so
+    the sites find the same arrays encrypted as they sent); then the test round decrypts."""
     run = local_run(
         tmp_path / "run", "experiment=quick", "engine.rounds=2", "data.num_sites=3", HE_ON,
         "strategy.he.layers=[model.0]", "attack=dropout", "attack.sites=[2]",
-        "attack.rounds=[2]", "engine.min_sites=2",
+        "attack.rounds=[2]", "engine.min_sites=2", "task.model.norm=batch", "engine.test=true",
+        "data.test_fraction=0.34",
         f"data.root={tmp_path / 'demo'}", f"site.state_dir={tmp_path / 'sites'}",
     )  # fmt: skip
     rows = read_metrics(run / "metrics.csv")
@@ -93,6 +96,7 @@ def test_a_site_that_drops_out_leaves_a_sum_of_the_rest_that_decrypts(tmp_path: 
         "site-2",
     }
     assert _final_dice(run, 2) > 0.3  # the sum of the two others decrypted and was scored
+    assert [r.value for r in rows if r.metric == "test_dice" and r.site == "all"]  # test round
     summary = (run / "summary.txt").read_text()
     assert "only the layers model.0 encrypted, the others' updates in the clear" in summary
     # the first block (model.0.*) alone: one ciphertext of 4096 values, about 131 kB
