@@ -19,7 +19,8 @@ suffices):
   ciphertexts, checked by the tests; after the division by the summed weight ``W`` the error on
   a model value is at most ``MAX_ERROR / W``;
 - range: a value's encoding must stay below ``2**59`` (the data prime's half) after scaling, so
-  every entry of a sum must stay below :data:`HEADROOM` = ``2**19`` in magnitude;
+  every entry of a sum must stay below :data:`HEADROOM` = ``2**19`` in magnitude (a site of
+  a round of ``n`` sites keeps its own below ``HEADROOM / n``);
 - size: 32 bytes per value on the wire (131 kB per ciphertext of 4096 values), 8 times a
   float32 model; the coordinator's public context is about 0.5 MB, sent once.
 """
@@ -129,17 +130,18 @@ def context_from(data: bytes) -> Any:
     return context
 
 
-def encrypt_vector(context: Any, vector: np.ndarray) -> bytes:
+def encrypt_vector(context: Any, vector: np.ndarray, bound: float = HEADROOM) -> bytes:
     """``vector`` (shape ``(D,)``, real) encrypted under ``context`` in ``ceil(D / SLOTS)``
     CKKS ciphertexts, framed into one byte string (each ciphertext's length, 4 bytes, then its
-    bytes). Raises :class:`HEError` when an entry is not finite or not below
-    :data:`HEADROOM` in magnitude (it would wrap around)."""
+    bytes). Raises :class:`HEError` when an entry is not finite or not below ``bound`` in
+    magnitude (default :data:`HEADROOM`; a site of ``n`` passes ``HEADROOM / n`` so that the
+    sum cannot wrap around either)."""
     ts = tenseal()
     values = np.asarray(vector, dtype=np.float64).ravel()
-    if values.size and not (np.isfinite(values).all() and np.abs(values).max() < HEADROOM):
+    if values.size and not (np.isfinite(values).all() and np.abs(values).max() < bound):
         raise HEError(
-            f"a value to encrypt is not finite or not below {HEADROOM:g} in magnitude; "
-            "CKKS with these parameters cannot hold it"
+            f"a value to encrypt is not finite or not below {bound:g} in magnitude; "
+            "CKKS with these parameters cannot hold it (or the sum of the round's sites)"
         )
     parts = []
     for start in range(0, values.size, SLOTS):

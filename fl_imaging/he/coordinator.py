@@ -206,10 +206,16 @@ class HomomorphicAggregation(StrategyWrapper):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """The inner strategy's training messages, each with the ``he`` record: the round, the
-        key id the coordinator holds ("" before the first reply), the encrypted layers."""
+        key id the coordinator holds ("" before the first reply), the encrypted layers and the
+        number of sites asked (each keeps its values below ``HEADROOM / sites``)."""
         self.sent_arrays = to_numpy(arrays)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        record = {"round": server_round, "key-id": self.key, "layers": list(self.layers)}
+        record = {
+            "round": server_round,
+            "key-id": self.key,
+            "layers": list(self.layers),
+            "sites": len(messages),  # the sum must not wrap: each site bounds its share
+        }
         for msg in messages:
             # the inner strategy's messages share one RecordDict: each gets its own
             msg.content = RecordDict({**dict(msg.content.items()), HE: ConfigRecord(record)})

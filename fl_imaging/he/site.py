@@ -97,13 +97,14 @@ def encrypt_reply(msg: Message, reply: Message, setup: SiteSetup, cfg: RunConfig
     arrays = to_numpy(reply.content["arrays"])
     keys = encrypted_keys(arrays, cfg.strategy.he.layers)
     weight = float(reply.content["metrics"][NUM_EXAMPLES])  # type: ignore[arg-type]
+    asked = msg.content.config_records.get(HE, ConfigRecord())
+    sites = int(asked.get("sites", 1))  # type: ignore[arg-type]
     try:
-        data = encrypt_weighted(key.context, arrays, keys, weight)
+        data = encrypt_weighted(key.context, arrays, keys, weight, sites)
     except HEError as err:
         raise HERefusal(f"[site {setup.name}] its update cannot be encrypted: {err}") from None
     plain = {k: Array(v) for k, v in arrays.items() if k not in keys}
     plain[HE_UPDATE] = Array(np.frombuffer(data, dtype=np.uint8))
-    asked = msg.content.config_records.get(HE, ConfigRecord())
     he: dict[str, Any] = {"key-id": key.key_id}
     if str(asked.get("key-id", "")) != key.key_id:
         he["context"] = public_context_bytes(key.context)  # the public part only

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_imaging.he.ckks import HEError, decrypt_vector, encrypt_vector
+from fl_imaging.he.ckks import HEADROOM, HEError, decrypt_vector, encrypt_vector
 from fl_imaging.he.records import HE, HE_SUM, HE_UPDATE
 from strategies.arrays import Arrays, flatten, floating_keys, unflatten
 
@@ -47,9 +47,13 @@ def weighted_vector(arrays: Arrays, keys: list[str], weight: float) -> np.ndarra
     return np.concatenate([[float(weight)], float(weight) * flatten(arrays, keys)])
 
 
-def encrypt_weighted(context: Any, arrays: Arrays, keys: list[str], weight: float) -> bytes:
-    """:func:`weighted_vector` encrypted under ``context`` (framed bytes)."""
-    return encrypt_vector(context, weighted_vector(arrays, keys, weight))
+def encrypt_weighted(
+    context: Any, arrays: Arrays, keys: list[str], weight: float, sites: int = 1
+) -> bytes:
+    """:func:`weighted_vector` encrypted under ``context`` (framed bytes); every entry must
+    stay below ``HEADROOM / sites`` (``sites``: how many sites the round's sum adds)."""
+    vector = weighted_vector(arrays, keys, weight)
+    return encrypt_vector(context, vector, HEADROOM / max(int(sites), 1))
 
 
 def decrypted_mean(context: Any, data: bytes, like: Arrays, keys: list[str]) -> Arrays:

@@ -120,6 +120,8 @@ def test_layer_selection_and_bad_input(keys) -> None:
         encrypt_vector(secret, np.array([1.0, np.nan]))
     with pytest.raises(HEError, match="magnitude"):
         encrypt_vector(secret, np.array([1e7]))
+    with pytest.raises(HEError, match="below 104858 in magnitude"):  # 2**19 / 5 sites
+        encrypt_weighted(secret, {"w": np.array([2e4])}, ["w"], 10.0, sites=5)
     one = encrypt_vector(secret, np.zeros(SLOTS + 1))
     two = encrypt_vector(secret, np.zeros(1))
     with pytest.raises(HEError, match="ciphertexts"):
