@@ -13,8 +13,11 @@ A reply travels through the chain from the outside in; the aggregate comes back 
    or rejects norm outliers; or, with ``strategy.secagg.enabled``,
    :class:`~fl_imaging.secagg.coordinator.SecureAggregation`, which unmasks the sum of the
    round's updates (the sites check their own update before masking it; what needs single
-   updates is refused); with ``engine.contributions`` or ``engine.cross_site``,
-   :class:`~strategies.last_updates.LastUpdates` inside it keeps the updates that passed;
+   updates is refused); or, with ``strategy.he.enabled``,
+   :class:`~fl_imaging.he.coordinator.HomomorphicAggregation`, which adds the sites' encrypted
+   updates without reading them (the sites decrypt the sum); with ``engine.contributions`` or
+   ``engine.cross_site``, :class:`~strategies.last_updates.LastUpdates` inside it keeps the
+   updates that passed;
 5. Flower's DP wrapper (``strategy.dp.mode``, :mod:`strategies.privacy`);
 6. :class:`~strategies.norm_bounding.NormBounding` (``strategy.norm_bound``);
 7. the aggregator itself (``strategy=NAME``, :mod:`strategies.registry`).
@@ -100,11 +103,16 @@ def build_strategy(
     :class:`~strategies.registry.StrategyError` for an unknown name or parameter,
     a federation too small for the strategy, or a DP setting that cannot be accounted.
     """
+    # imported here: fl_imaging.he.coordinator builds on strategies.arrays and .wrapper
+    from fl_imaging.he.coordinator import HomomorphicAggregation, check_homomorphic
+
     per_round = num_sites if clients_per_round is None else clients_per_round
     sites = federation.sites if federation is not None else sites or ReplySites()
     secure: SecureAggregation | None = None
+    encrypted: HomomorphicAggregation | None = None  # strategy.he
     try:
         check_secure_aggregation(cfg, per_round)
+        check_homomorphic(cfg)
         strategy = build_aggregator(
             cfg, num_sites=num_sites, clients_per_round=clients_per_round, min_sites=min_sites
         )
@@ -127,6 +135,8 @@ def build_strategy(
                 weighting=secure_weighting(cfg),
                 sites=sites,
             )
+        elif cfg.he.enabled:  # the coordinator adds ciphertexts: no update to check
+            strategy = encrypted = HomomorphicAggregation(strategy, cfg.he.layers, sites=sites)
         else:
             if keep_updates:  # engine.contributions, engine.cross_site: single updates kept
                 strategy = LastUpdates(strategy, sites=sites)
@@ -166,4 +176,6 @@ def build_strategy(
     if secure is not None:
         secure.on_round = recorder.record_secure_sum
         secure.on_reply = recorder.record_reply
+    if encrypted is not None:
+        encrypted.on_round = recorder.record_encrypted_sum
     return recorder

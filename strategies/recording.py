@@ -133,6 +133,26 @@ class RecordingStrategy(StrategyWrapper):
         if failure:
             self.failures.append((server_round, AGGREGATE_SITE, f"secure aggregation: {failure}"))
 
+    def record_encrypted_sum(
+        self,
+        server_round: int,
+        added: list[str],
+        left_out: dict[str, str],
+        traffic: dict[str, int],
+    ) -> None:
+        """Record a round aggregated under homomorphic encryption (``on_round`` of
+        :class:`~fl_imaging.he.coordinator.HomomorphicAggregation`): ``he_summed`` per site (1:
+        its ciphertext is in the sum, 0: left out, a failure with the reason), ``bytes_he`` per
+        site (its ciphertext) and, for the aggregate, ``he_sites``."""
+        for site, size in traffic.items():
+            self.rows.append(MetricRow(server_round, site, "bytes_he", float(size)))
+        for site in added:
+            self.rows.append(MetricRow(server_round, site, "he_summed", 1.0))
+        for site, why in left_out.items():
+            self.rows.append(MetricRow(server_round, site, "he_summed", 0.0))
+            self.failures.append((server_round, site, f"homomorphic encryption: {why}"))
+        self.rows.append(MetricRow(server_round, AGGREGATE_SITE, "he_sites", float(len(added))))
+
     def record_reply(self, server_round: int, kind: str, msg: Message) -> None:
         """Keep the digest of ``msg``, a good reply of ``kind`` in ``server_round``, with its
         node (named when the round is recorded: a site's name is learnt from its replies)."""

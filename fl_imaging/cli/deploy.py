@@ -60,6 +60,7 @@ from fl_imaging.deploy.certs import (
 )
 from fl_imaging.deploy.inputs import (
     InputError,
+    absolute,
     ca_certificate_file,
     certificate_file,
     existing_folder,
@@ -140,6 +141,23 @@ def _cmd_site_key(args: argparse.Namespace) -> int:
     print(
         f"private key: {key.private} (stays here; give it to fl-imaging-deploy supernode --key)\n"
         f"public key:  {key.public} (send this file to the coordinator, who registers it)"
+    )
+    return 0
+
+
+def _cmd_he_key(args: argparse.Namespace) -> int:
+    """Make the consortium's homomorphic encryption key file (``strategy.he.enabled=true``)."""
+    from fl_imaging.he.ckks import HEUnavailable
+    from fl_imaging.he.keys import load_key, write_key_file
+
+    try:
+        path = write_key_file(args.out, force=args.force)
+    except HEUnavailable as err:  # an ImportError: said as a problem to fix
+        raise ValueError(str(err)) from None
+    print(
+        f"consortium key {load_key(path).key_id}: {path} (secret: copy it to every site over "
+        "a channel the consortium trusts, give it to fl-imaging-deploy supernode --he-key; "
+        "never to the coordinator)"
     )
     return 0
 
@@ -236,6 +254,14 @@ def _check_site_files(args: argparse.Namespace) -> None:
         load_policy(args.policy)
     if args.roster is not None:
         load_identity(args.site_name or args.data_dir.name, args.key, args.roster)
+    if args.he_key is not None:
+        from fl_imaging.he.ckks import HEUnavailable
+        from fl_imaging.he.keys import load_key
+
+        try:
+            load_key(args.he_key)
+        except HEUnavailable as err:
+            raise ValueError(str(err)) from None
 
 
 def _cmd_check_policy(args: argparse.Namespace) -> int:
@@ -257,7 +283,13 @@ def _cmd_check_policy(args: argparse.Namespace) -> int:
         print(f"bundle {cfg.task.bundle} (SHA-256): {cfg.task.bundle_sha256}")
     print(f"config hash (task and strategy, SHA-256): {training_config_hash(cfg)}")
     try:
-        check_request(policy, cfg, training=True, masked=cfg.strategy.secagg.enabled)
+        check_request(
+            policy,
+            cfg,
+            training=True,
+            masked=cfg.strategy.secagg.enabled,
+            encrypted=cfg.strategy.he.enabled,
+        )
     except PolicyRefusal as err:
         print(f"refused: {err}")
         return 1
@@ -284,6 +316,7 @@ def _cmd_supernode(args: argparse.Namespace) -> int:
         isolation=args.isolation,
         roster=args.roster,
         policy=args.policy,
+        he_key=args.he_key,
     )
     ctx = StartContext(
         "supernode",
@@ -504,6 +537,11 @@ def _check_site_key(args: argparse.Namespace) -> None:
     args.out = writable_folder("--out", args.out, _folder_fix("--out"))
 
 
+def _check_he_key(args: argparse.Namespace) -> None:
+    args.out = absolute(args.out)
+    writable_folder("--out", args.out.parent, _folder_fix("--out"))
+
+
 def _check_superlink(args: argparse.Namespace) -> None:
     typed = args.certs
     fix = f"Create its files with `fl-imaging-deploy ca --out {typed} --host <SuperLink address>`."
@@ -548,6 +586,10 @@ def _check_supernode(args: argparse.Namespace) -> None:
         )
     if args.policy is not None:
         args.policy = readable_file("--policy", args.policy, "Give this site's site.yaml.")
+    if args.he_key is not None:
+        args.he_key = readable_file(
+            "--he-key", args.he_key, "Give the consortium's key file (fl-imaging-deploy he-key)."
+        )
     if not args.network_checks:
         return
     free_port_or_fail(
@@ -660,6 +702,18 @@ def _parser() -> argparse.ArgumentParser:
     key.add_argument("--force", action="store_true", help="replace existing files")
     key.set_defaults(run=_cmd_site_key, check=_check_site_key)
 
+    he_key = _sub(
+        sub,
+        "he-key",
+        "consortium: create the homomorphic encryption key every site holds",
+        "fl-imaging-deploy he-key --out consortium.he-key",
+        note="The file holds the secret key: copy it to every site over a channel the "
+        "consortium trusts (as the sites' certificates), never to the coordinator.",
+    )
+    he_key.add_argument("--out", type=Path, required=True, help="the key file to write")
+    he_key.add_argument("--force", action="store_true", help="replace an existing file")
+    he_key.set_defaults(run=_cmd_he_key, check=_check_he_key)
+
     link = _sub(
         sub,
         "superlink",
@@ -738,6 +792,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     node.add_argument(
         "--policy", type=Path, default=None, help="this site's policy file (site.yaml)"
+    )
+    node.add_argument(
+        "--he-key",
+        type=Path,
+        default=None,
+        help="the consortium's homomorphic encryption key file (fl-imaging-deploy he-key; "
+        "needed for strategy.he.enabled=true)",
     )
     node.add_argument(
         "--port",

@@ -290,6 +290,12 @@ def _site_evaluation_problems(run: RunConfig) -> list[str]:
                 f"coordinator: turn one of them off (the test round, engine.test=true, scores "
                 "the global model at every site with secure aggregation on)"
             )
+        if strategy.he.enabled:
+            problems.append(
+                f"{key}=true {why}, which strategy.he.enabled=true keeps encrypted: the "
+                "coordinator holds no site's model in the clear; turn one of them off (the "
+                "test round, engine.test=true, scores the decrypted global model at every site)"
+            )
         if strategy.dp.mode != DPMode.none:
             problems.append(
                 f"{key}=true {why}, outside the privacy accounting of strategy.dp.mode="

@@ -393,6 +393,18 @@ class SecAggConfig:
 
 
 @dataclass
+class HEConfig:
+    """Homomorphic encryption of the updates (CKKS with TenSEAL, ``fl_imaging/he/``): each
+    site encrypts its weighted weights with the consortium's key, the coordinator adds the
+    ciphertexts with the public context only and sends the encrypted sum back; the sites
+    decrypt it. ``layers``: encrypt only the arrays these names start (``model.0`` names
+    ``model.0.conv.weight``; empty: every floating array), the rest travel in the clear."""
+
+    enabled: bool = False
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass
 class StrategyConfig:
     name: str = "fedavg"
     params: dict[str, Any] = field(default_factory=dict)
@@ -408,6 +420,7 @@ class StrategyConfig:
     #: statistics) and uses the global model's other weights.
     fedbn: bool = False
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    he: HEConfig = field(default_factory=HEConfig)
     #: Update compression on the way up: what a site sends is its update, encoded as this says;
     #: the coordinator decodes it before any strategy sees it. Lossy modes keep what was not
     #: sent at the site and add it to the next round's update (error feedback).
@@ -541,6 +554,10 @@ class SiteConfig:
     state_dir: str | None = None
     policy: str | None = None
     policies: dict[str, str] = field(default_factory=dict)
+    #: The consortium's homomorphic encryption key file (``fl-imaging-deploy he-key``) every
+    #: simulated site reads (None: one made on first use in the sites' state folder, beside
+    #: their identities; never in the run folder).
+    he_key: str | None = None
 
 
 @dataclass

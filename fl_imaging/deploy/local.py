@@ -137,6 +137,7 @@ def start_local(
     database: Path | None = None,
     timeout: float = 120.0,
     policies: dict[str, Path] | None = None,
+    he_key: Path | None = None,
 ) -> LocalFederation:
     """Start a coordinator and one SuperNode per folder of ``sites`` on 127.0.0.1.
 
@@ -150,8 +151,9 @@ def start_local(
     each folder must pass ``fl-imaging-data inspect`` (``task``, ``num_classes``) first. The
     SuperLink keeps its state in memory unless ``database`` names a SQLite file (relative paths:
     in ``state_dir/superlink``). ``policies``: a site policy file by site name. Every site's
-    roster is ``keys/`` (the consortium's public keys). Everything started is stopped again
-    when a step fails.
+    roster is ``keys/`` (the consortium's public keys); ``he_key``: the consortium's homomorphic
+    encryption key file every SuperNode is given (``--he-key``; None: none). Everything
+    started is stopped again when a step fails.
     """
     sites = [Path(s).resolve() for s in sites]
     names = [s.name for s in sites]
@@ -192,6 +194,7 @@ def start_local(
                 site_index=index,
                 roster=state_dir / "keys",
                 policy=(policies or {}).get(name),
+                he_key=he_key,
             )
         # Start every SuperNode, then wait for them together (each takes seconds to start):
         # ready means each site can take a message (its ClientApp runner's imports done).

@@ -243,6 +243,8 @@ class SuperNodeSpec:
     max_retries: int | None = None
     roster: Path | None = None
     policy: Path | None = None
+    #: The consortium's homomorphic encryption key file (``--he-key``; :mod:`fl_imaging.he`).
+    he_key: Path | None = None
 
     @property
     def name(self) -> str:
@@ -264,6 +266,7 @@ class SuperNodeSpec:
             state_dir=absolute(self.state_dir),
             roster=_abs(self.roster),
             policy=_abs(self.policy),
+            he_key=_abs(self.he_key),
         )
 
 
@@ -306,8 +309,8 @@ def open_runtime_api_warning(spec: SuperNodeSpec) -> str | None:
 def supernode_command(spec: SuperNodeSpec) -> list[str]:
     """``flower-supernode`` for ``spec``. Its node config (``data-dir``, ``site-name``,
     ``site-index``, and what the site holds of its own: ``state-dir``, ``identity-key``,
-    ``roster``, ``policy``, all absolute) goes through a TOML file in the state folder, so any
-    folder name works. With
+    ``roster``, ``policy``, ``he-key``, all absolute) goes through a TOML file in the state
+    folder, so any folder name works. With
     ``isolation='process'`` it also writes a new secret (:func:`write_superexec_secret`) and
     passes it with ``--superexec-auth-secret-file``: only the ClientApp runner started with the
     same file can then take the site's tasks. Every path it passes is absolute."""
@@ -321,7 +324,12 @@ def supernode_command(spec: SuperNodeSpec) -> list[str]:
     if spec.site_index is not None:
         lines.append(f"site-index = {spec.site_index}")
     lines.append(f"state-dir = {toml_string(str(spec.state_dir))}")
-    own = {"identity-key": spec.private_key, "roster": spec.roster, "policy": spec.policy}
+    own = {
+        "identity-key": spec.private_key,
+        "roster": spec.roster,
+        "policy": spec.policy,
+        "he-key": spec.he_key,
+    }
     for key, path in own.items():
         if path is not None:
             lines.append(f"{key} = {toml_string(str(path))}")

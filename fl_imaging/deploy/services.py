@@ -302,7 +302,7 @@ RELATIVE_FLAGS = {"superlink": {"database": "state"}, "supernode": {}}
 #: Flags of each role that name files or folders the service only reads.
 READ_FLAGS = {
     "superlink": ("certs", "register"),
-    "supernode": ("ca", "key", "data_dir", "roster", "policy"),
+    "supernode": ("ca", "key", "data_dir", "roster", "policy", "he_key"),
 }
 #: Log files each role appends to in its state folder.
 ROLE_LOGS = {"superlink": ("superlink.log",), "supernode": ("supernode.log", "clientapp.log")}

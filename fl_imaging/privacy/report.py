@@ -25,6 +25,7 @@ __all__ = [
     "patient_privacy_lines",
     "patient_progress",
     "privacy_lines",
+    "encryption_line",
     "secure_aggregation_line",
     "spent_sites",
     "trained_parameters_line",
@@ -210,10 +211,32 @@ def _secure_weights(cfg: RunConfig) -> str:
     return weighting
 
 
+def encryption_line(rows: Sequence[_Row], cfg: RunConfig) -> str:
+    """What the coordinator held under homomorphic encryption (ciphertexts of how many sites
+    per round, the layers in the clear), or an empty string without it."""
+    he = cfg.strategy.he
+    if not he.enabled:
+        return ""
+    added = {r.round: int(r.value) for r in rows if r.metric == "he_sites"}
+    sizes = "/".join(str(n) for n in sorted(set(added.values()) - {0})) or "0"
+    clear = (
+        f"only the layers {', '.join(he.layers)} encrypted, the others' updates in the clear"
+        if he.layers
+        else "every floating array encrypted"
+    )
+    return (
+        f"only CKKS ciphertexts of each site's weighted update and their sum ({sizes} sites per "
+        f"round), their sizes and which sites took part; it holds the public context, no "
+        f"secret key, and never the trained model ({clear})"
+    )
+
+
 def _coordinator_saw(rows: Sequence[_Row], cfg: RunConfig) -> str:
     engine, strategy = cfg.engine, cfg.strategy
     client_dp = strategy.dp.mode != DPMode.none
-    if strategy.secagg.enabled:
+    if strategy.he.enabled:
+        saw = encryption_line(rows, cfg)
+    elif strategy.secagg.enabled:
         saw = secure_aggregation_line(rows, cfg).replace("secure aggregation: the server saw ", "")
         if client_dp:
             saw += " (it holds that sum un-noised: the DP noise is added after unmasking)"
@@ -232,7 +255,14 @@ def _coordinator_saw(rows: Sequence[_Row], cfg: RunConfig) -> str:
 
 def _deviating(cfg: RunConfig) -> str:
     strategy = cfg.strategy
-    if strategy.secagg.enabled:
+    if strategy.he.enabled:
+        line = (
+            "still no update and no aggregate: it holds no secret key (a context holding one is "
+            "refused); it can send a crafted model in the clear layers or drop sites, and a "
+            "coordinator colluding with one site can hand that site another site's ciphertext "
+            "as the sum, which that site decrypts: the sites trust each other with the key"
+        )
+    elif strategy.secagg.enabled:
         line = (
             "still no single site's update: each round's keys are new and signed (every site "
             "checks them against its own roster), each stage is answered once per round, no "
@@ -303,6 +333,11 @@ def disclosure_lines(rows: Sequence[_Row], cfg: RunConfig) -> list[str]:
     final = "its weights, from which training cases can be inferred: " + (
         "bounded by the differential privacy below" if private else "no formal bound (no DP)"
     )
+    if cfg.strategy.he.enabled:
+        final = (
+            "only the sites hold it (homomorphic encryption: each keeps he-model.pt in its "
+            "state folder; the coordinator's run folder has no model.pt); " + final
+        )
     return [
         "what each party could learn, by threat:",
         f"  coordinator, honest but curious: {_coordinator_saw(rows, cfg)}",

@@ -286,7 +286,7 @@ def write_run_files(
     cfg: RunConfig,
     rows: list[MetricRow],
     failures: list[Failure],
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     site_names: list[str],
     main_metric: str,
     stopped: str = "",
@@ -298,8 +298,10 @@ def write_run_files(
     party
     could learn (:func:`~fl_imaging.privacy.report.disclosure_lines`) and
     ``stopped``: why a run ended early. Each file is written
-    atomically. Raises :class:`RunFolderError` naming the file and the reason (``No space left
-    on device``) when one cannot be written; the files written before it stay."""
+    atomically; without ``model`` (homomorphic encryption: the coordinator never held the
+    trained weights) no model.pt. Raises :class:`RunFolderError` naming the file and the
+    reason (``No space left on device``) when one cannot be written; the files written before
+    it stay."""
     table = format_round_table(rows, main_metric, site_names)
     failed = "".join(f"\nround {rnd}: site {site} failed: {why}" for rnd, site, why in failures)
     # where the sites trained, who could learn what, then why it stopped
@@ -310,7 +312,7 @@ def write_run_files(
     writers: dict[str, Callable[[Path], object]] = {
         "metrics.csv": lambda path: write_metrics(rows, path),
         "curves.png": lambda path: plot_curves(rows, main_metric, path),
-        "model.pt": lambda path: save_weights(model.state_dict(), path),
+        "model.pt": lambda path: None if model is None else save_weights(model.state_dict(), path),
         "config.yaml": lambda path: write_atomically(path, _text(config_to_yaml(cfg))),
         "summary.txt": lambda path: write_atomically(path, _text(summary)),
     }

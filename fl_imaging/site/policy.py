@@ -11,6 +11,9 @@ with that reason. Keys (all optional; the defaults accept everything):
     secure_aggregation:
       required: true      # no update leaves this site unmasked
       min_sites: 3        # masked only among, and unmasked only inside a sum of, >= 3 sites
+    protection:
+      required: [secure_aggregation, homomorphic_encryption]  # an update leaves under one of
+                          # these (either); secure_aggregation.required: true adds the first
     dp_sgd:
       required: true      # train with DP-SGD, noise computed here from this site's cases
       max_epsilon: 8.0    # over every run on this site's data (its own privacy ledger)
@@ -56,8 +59,10 @@ from fl_imaging.flower.protocol import NUM_EXAMPLES, SiteRefusal
 __all__ = [
     "AcceptPolicy",
     "DPSGDPolicy",
+    "PROTECTIONS",
     "PolicyError",
     "PolicyRefusal",
+    "ProtectionPolicy",
     "ReleasePolicy",
     "SecureAggregationPolicy",
     "SitePolicy",
@@ -68,8 +73,12 @@ __all__ = [
     "check_statistics",
     "load_policy",
     "release_metrics",
+    "required_protections",
     "training_config_hash",
 ]
+
+#: The protections ``protection.required`` may list: an update leaves under any one of them.
+PROTECTIONS = ("secure_aggregation", "homomorphic_encryption")
 
 #: Metrics a ``release.privacy_details: false`` site keeps (they tell its number of cases).
 PRIVACY_DETAILS = ("patient_noise", "patient_sample_rate", "patient_steps")
@@ -90,6 +99,15 @@ class SecureAggregationPolicy:
 
     required: bool = False
     min_sites: int = 2
+
+
+@dataclass
+class ProtectionPolicy:
+    """``protection``: ``required`` lists the protections of :data:`PROTECTIONS` any one of
+    which a training reply must leave under (empty: none required, unless
+    ``secure_aggregation.required``, which adds ``secure_aggregation``)."""
+
+    required: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -141,6 +159,7 @@ class SitePolicy:
     default, which accepts everything)."""
 
     secure_aggregation: SecureAggregationPolicy = field(default_factory=SecureAggregationPolicy)
+    protection: ProtectionPolicy = field(default_factory=ProtectionPolicy)
     dp_sgd: DPSGDPolicy = field(default_factory=DPSGDPolicy)
     accept: AcceptPolicy = field(default_factory=AcceptPolicy)
     release: ReleasePolicy = field(default_factory=ReleasePolicy)
@@ -165,7 +184,7 @@ def load_policy(path: Path | str | None) -> SitePolicy:
     except ConfigKeyError as err:
         raise PolicyError(
             f"site policy {path}: unknown key '{err.full_key or err.key}'; the keys are "
-            "secure_aggregation, dp_sgd, accept, release, max_rounds, statistics "
+            "secure_aggregation, protection, dp_sgd, accept, release, max_rounds, statistics "
             "(docs/how-to/site-policy.md)"
         ) from None
     except ValidationError as err:
@@ -186,6 +205,12 @@ def _problems(policy: SitePolicy) -> list[str]:
     problems = []
     if policy.secure_aggregation.min_sites < 2:
         problems.append("secure_aggregation.min_sites must be at least 2")
+    unknown = [p for p in policy.protection.required if p not in PROTECTIONS]
+    if unknown:
+        problems.append(
+            f"protection.required: unknown {', '.join(unknown)}; list any of "
+            f"{', '.join(PROTECTIONS)}"
+        )
     dp = policy.dp_sgd
     if dp.max_epsilon is not None and dp.max_epsilon <= 0:
         problems.append("dp_sgd.max_epsilon must be positive")
@@ -218,6 +243,7 @@ def check_request(
     *,
     training: bool,
     masked: bool,
+    encrypted: bool = False,
     simulated: bool = False,
 ) -> None:
     """Refuse a request of the run ``cfg`` that ``policy`` does not allow: a task, strategy,
@@ -225,8 +251,8 @@ def check_request(
     simulated on the coordinator's machine) not accepted, more rounds than ``max_rounds``, a
     run without DP-SGD when it is required, a case-weighted run when case counts may not
     leave, and (for a training message, ``training``) a reply the coordinator did not ask to
-    be masked (``masked``) when secure aggregation is required. Raises
-    :class:`PolicyRefusal`."""
+    be masked (``masked``) or encrypted (``encrypted``) when the policy requires one of those
+    protections (:func:`required_protections`). Raises :class:`PolicyRefusal`."""
     if cfg.task.bundle is not None:
         check_bundle(policy, cfg, simulated=simulated)
     accept = policy.accept
@@ -266,13 +292,30 @@ def check_request(
             "sites equally (strategy.secagg.weighting=equal, or client-level DP)",
             policy,
         )
-    if training and policy.secure_aggregation.required and not masked:
+    required = required_protections(policy)
+    given = {"secure_aggregation": masked, "homomorphic_encryption": encrypted}
+    if training and required and not any(given[p] for p in required):
+        key = "protection.required" if policy.protection.required else "secure_aggregation.required"
+        how = {
+            "secure_aggregation": "secure aggregation (strategy.secagg.enabled=true)",
+            "homomorphic_encryption": "homomorphic encryption (strategy.he.enabled=true)",
+        }
         raise _refuse(
-            "secure_aggregation.required",
-            "the coordinator asked for this site's update unmasked; this site sends it only "
-            "under secure aggregation (strategy.secagg.enabled=true)",
+            key,
+            "the coordinator asked for this site's update unmasked and unencrypted; this site "
+            "sends it only "
+            f"under {' or '.join(how[p] for p in required)}",
             policy,
         )
+
+
+def required_protections(policy: SitePolicy) -> list[str]:
+    """The protections of which a training reply needs one: ``protection.required``, plus
+    ``secure_aggregation`` with ``secure_aggregation.required: true`` (empty: none)."""
+    required = list(dict.fromkeys(policy.protection.required))
+    if policy.secure_aggregation.required and "secure_aggregation" not in required:
+        required.insert(0, "secure_aggregation")
+    return required
 
 
 def check_bundle(policy: SitePolicy, cfg: RunConfig, *, simulated: bool) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fl_imaging.config import RunConfig, SiteConfig
+from fl_imaging.he.keys import SIMULATED_KEY_FILE, ConsortiumKey
 from fl_imaging.privacy.ledger import LEDGER_FILE, SiteLedger
 from fl_imaging.review.site_record import RECORD_FILE, SiteRecord
 from fl_imaging.site.identity import (
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 #: The node config keys a SuperNode's site setup is read from.
-NODE_KEYS = ("state-dir", "policy", "identity-key", "roster")
+NODE_KEYS = ("state-dir", "policy", "identity-key", "roster", "he-key")
 
 
 class SiteSetupError(RuntimeError):
@@ -108,6 +109,11 @@ class SiteSetup:
     roster: Path | None = None
     simulated_sites: tuple[tuple[str, Path], ...] = ()
     simulated: bool = False
+    #: The consortium's HE key file (deployment: ``he-key``, from ``--he-key``; simulation:
+    #: ``site.he_key`` or one made in the sites' state folder); None: none given.
+    he_key: Path | None = None
+    #: Whether ``he_key`` is simulation's own, made on first use.
+    he_key_made_here: bool = False
 
     @classmethod
     def of(cls, node_config: dict, cfg: RunConfig, site: SiteRef) -> SiteSetup:
@@ -118,12 +124,14 @@ class SiteSetup:
             folder = Path(str(node_config.get("state-dir", site.folder / ".fl-imaging-site")))
             policy = node_config.get("policy")
             key, roster = node_config.get("identity-key"), node_config.get("roster")
+            he_key = node_config.get("he-key")
             return cls(
                 site.name,
                 folder,
                 load_policy(str(policy) if policy else None),
                 Path(str(key)) if key else None,
                 Path(str(roster)) if roster else None,
+                he_key=Path(str(he_key)) if he_key else None,
             )
         root = site_state_root(cfg)
         sites = tuple(
@@ -136,6 +144,8 @@ class SiteSetup:
             load_policy(policy),
             simulated_sites=sites,
             simulated=True,
+            he_key=Path(cfg.site.he_key) if cfg.site.he_key else root / SIMULATED_KEY_FILE,
+            he_key_made_here=not cfg.site.he_key,
         )
 
     def ledger(self) -> SiteLedger:
@@ -166,3 +176,20 @@ class SiteSetup:
                 "other sites'"
             )
         return load_identity(self.name, self.identity_key, self.roster)
+
+    def he_context(self) -> ConsortiumKey:
+        """The consortium's key, its secret CKKS context and id (:mod:`fl_imaging.he.keys`):
+        simulation's key made on first use when ``site.he_key`` is not given. Raises
+        :class:`SiteSetupError` in a deployment started without ``--he-key``, and
+        :class:`~fl_imaging.he.keys.HEKeyError` for a key file that cannot be used."""
+        from fl_imaging.he.keys import ensure_key_file, load_key
+
+        if self.he_key is None:
+            raise SiteSetupError(
+                f"[site {self.name}] homomorphic encryption needs the consortium's key: start "
+                "its SuperNode with --he-key FILE (fl-imaging-deploy he-key makes one; every "
+                "site gets a copy, the coordinator none)"
+            )
+        if self.he_key_made_here:
+            ensure_key_file(self.he_key)
+        return load_key(self.he_key)

@@ -32,6 +32,7 @@ from fl_imaging.deploy.services import (
     ServiceSpec,
     exec_quote,
 )
+from fl_imaging.he.keys import write_key_file
 from fl_imaging.review.results import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +64,7 @@ def _site_files(root: Path) -> dict[str, Path]:
     policy.write_text("secure_aggregation:\n  required: true\n")
     data = root / "data" / "hospital a"
     data.mkdir(parents=True)
+    write_key_file(root / "consortium.he-key")  # checked like the other site files (tenseal: dev)
     return {
         "ca": certs / "ca.crt",
         "key": key.private,
@@ -76,7 +78,8 @@ def _site_files(root: Path) -> dict[str, Path]:
 SUPERNODE_FLAGS = [
     "--superlink", "10.0.0.5:9093", "--ca", "certs/ca.crt", "--key", "keys/hospital-a.key",
     "--data-dir", "data/hospital a", "--site-name", "hospital-a", "--state", "node%state",
-    "--roster", "roster", "--policy", "site.yaml", "--port", "9101", "--isolation", "subprocess",
+    "--roster", "roster", "--policy", "site.yaml", "--he-key", "consortium.he-key",
+    "--port", "9101", "--isolation", "subprocess",
     "--task", "classification", "--num-classes", "3", "--class-names", "a,b,c",
     "--modalities", "t1,t2",
     "--skip-check", "--rejoin-wait", "120", "--quiet",

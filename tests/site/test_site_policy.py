@@ -27,6 +27,7 @@ from fl_imaging.site.policy import (
     check_rounds,
     load_policy,
     release_metrics,
+    required_protections,
     training_config_hash,
 )
 from fl_imaging.training.site_training import SiteTrainers
@@ -81,6 +82,12 @@ def test_a_policy_file_that_cannot_be_used_names_the_file_and_the_key(
             "secure_aggregation.required",
             "asked for this site's update unmasked",
         ),
+        (
+            "protection:\n  required: [secure_aggregation, homomorphic_encryption]\n",
+            [],
+            "protection.required",
+            "only under secure aggregation .* or homomorphic encryption",
+        ),
     ],
 )
 def test_every_policy_key_refuses_with_its_name_and_accepts_what_it_allows(
@@ -100,13 +107,36 @@ def test_every_policy_key_refuses_with_its_name_and_accepts_what_it_allows(
             "strategy.secagg.enabled=true", "strategy.secagg.weighting=equal"
         ),
         "secure_aggregation.required": cfg,
+        "protection.required": cfg,
     }
     if key == "accept.config_hashes":
         digest = training_config_hash(cfg)
         policy = load_policy(policy_file(tmp_path, f"accept:\n  config_hashes: [{digest}]\n"))
         allowed[key] = cfg
-    masked = key == "secure_aggregation.required"
+    masked = key in ("secure_aggregation.required", "protection.required")
     check_request(policy, allowed[key], training=True, masked=masked)  # no refusal
+    if key == "protection.required":  # either protection will do
+        check_request(policy, cfg, training=True, masked=False, encrypted=True)
+
+
+def test_protection_required_extends_secure_aggregation_required(tmp_path: Path) -> None:
+    only_he = load_policy(
+        policy_file(tmp_path, "protection:\n  required: [homomorphic_encryption]\n")
+    )
+    with pytest.raises(PolicyRefusal, match="protection.required .*homomorphic encryption"):
+        check_request(only_he, config(), training=True, masked=True)
+    check_request(only_he, config(), training=True, masked=False, encrypted=True)
+    both = load_policy(
+        policy_file(
+            tmp_path,
+            "secure_aggregation:\n  required: true\nprotection:\n"
+            "  required: [homomorphic_encryption]\n",
+        )
+    )
+    assert required_protections(both) == ["secure_aggregation", "homomorphic_encryption"]
+    check_request(both, config(), training=False, masked=False)  # evaluation carries no update
+    with pytest.raises(PolicyError, match="protection.required: unknown masking"):
+        load_policy(policy_file(tmp_path, "protection:\n  required: [masking]\n"))
 
 
 def test_rounds_are_counted_by_the_site_and_metrics_cut_to_what_it_releases(

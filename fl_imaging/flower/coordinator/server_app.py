@@ -26,6 +26,7 @@ from fl_imaging.flower.app_config import resolve_config
 from fl_imaging.flower.coordinator.federation import FederationPlan, plan_federation
 from fl_imaging.flower.coordinator.polling import QuickPollGrid, StopRequested
 from fl_imaging.flower.coordinator.training_rounds import train_rounds
+from fl_imaging.he.coordinator import encrypted_model_note
 from fl_imaging.review.bundle_export import export_bundle
 from fl_imaging.review.result_transfer import send_results
 from fl_imaging.review.results import RunFolderError, write_run_files
@@ -83,11 +84,14 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
             plan.note_interrupted()
     emit(Progress(RUN_FINISHED, plan.rounds_done(), cfg.engine.rounds, detail=plan.stopped))
     assert recorder.global_arrays is not None
-    plan.model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
+    encrypted = cfg.strategy.he.enabled  # the trained model is the sites' (fl_imaging/he)
+    if not encrypted:
+        plan.model.load_state_dict(recorder.global_arrays.to_torch_state_dict())
     notes = "\n".join(
         n
         for n in (
             plan.initial_model.line() if plan.initial_model else "",
+            encrypted_model_note(cfg),
             plan.stopped,
             plan.absence_note(),
             *ending,
@@ -100,14 +104,15 @@ def _run_rounds(grid: Grid, plan: FederationPlan) -> None:
         cfg,
         recorder.rows,
         recorder.failures,
-        plan.model,
+        None if encrypted else plan.model,
         plan.site_names,
         plan.main_metric,
         notes,
     )
     if cfg.engine.rounds == 0 and plan.initial_model is not None:  # evaluation only
         plan.initial_model.copy_to(plan.run_dir / "model.pt")  # the scored file, byte for byte
-    _export_bundle(plan)
+    if not encrypted:
+        _export_bundle(plan)
     plan.records.finish(plan, ending)  # run_end record, report.html, tracked files
     if write_error is not None:
         raise write_error

@@ -42,6 +42,7 @@ from fl_imaging.flower.site.local_norms import restore_local_norms, save_local_n
 from fl_imaging.flower.site.outgoing_update import outgoing_update
 from fl_imaging.flower.site.personal_model import personal_scores, train_personal_model
 from fl_imaging.flower.site.queries import SITE_QUERIES, secagg_guard
+from fl_imaging.he.site import open_global_model
 from fl_imaging.privacy.site_dp import patient_metrics, site_privacy
 from fl_imaging.site.setup import SiteSetup
 from fl_imaging.training.attacks import SimulatedAttack, site_attack
@@ -73,6 +74,15 @@ def _evaluation(trainer: SiteTrainer, settings: ConfigRecord, seed: int = 0) -> 
     epochs = int(settings.get(FINETUNE_EPOCHS, 0))
     metrics, cases = trainer.scores(str(settings.get(EVAL_SPLIT, "val")), epochs, seed=seed)
     return {**metrics, NUM_EXAMPLES: cases}
+
+
+def _round(msg: Message) -> int:
+    """The round a message belongs to (its ``server-round``, else its group id, else 0)."""
+    config = msg.content.config_records.get("config") if msg.has_content() else None
+    if config is not None and SERVER_ROUND in config:
+        return int(config[SERVER_ROUND])  # type: ignore[arg-type]
+    group = str(msg.metadata.group_id)
+    return int(group) if group.isdigit() else 0
 
 
 def _epoch_lines(site: str, node: int, rnd: int, epochs: int) -> Callable[[str], None]:
@@ -181,6 +191,7 @@ def build_client_app(
             cfg,
             lambda m, c: train_site(m, c, cfg, site),
             lambda: secagg_guard(context, cfg, site),
+            lambda: SiteSetup.of(dict(context.node_config), cfg, site),
         )
 
     def evaluate(msg: Message, context: Context, cfg: RunConfig, site: SiteRef) -> Message:
@@ -199,7 +210,13 @@ def build_client_app(
             site = SiteRef.of_node(context.node_config, cfg.data.sites)
             with site_errors(site.name):  # a failure names the site in the error reply
                 setup = SiteSetup.of(dict(context.node_config), cfg, site)
-                return gated_reply(setup, msg, cfg, lambda: handler(msg, context, cfg, site))
+
+                def answer() -> Message:
+                    # homomorphic encryption: the global model arrives encrypted (he.site)
+                    opened = open_global_model(msg, setup, cfg, _round(msg))
+                    return handler(opened, context, cfg, site)
+
+                return gated_reply(setup, msg, cfg, answer)
 
         return handle
 

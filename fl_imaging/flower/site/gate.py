@@ -2,9 +2,9 @@
 
 Before the handler runs, the site checks the request against its policy
 (:func:`fl_imaging.site.policy.check_request`: accepted tasks, strategies, models and config
-hashes, DP-SGD required, case counts kept, secure aggregation required for a training reply;
-a statistics query is decided by the policy's ``statistics`` section instead,
-:mod:`fl_imaging.statistics.site_query`)
+hashes, DP-SGD required, case counts kept, secure aggregation or homomorphic encryption
+required for a training reply; a statistics query is decided by the policy's ``statistics``
+section instead, :mod:`fl_imaging.statistics.site_query`)
 and, for training, the rounds it took part in this Flower run, counted from its own record
 (:func:`~fl_imaging.site.policy.check_rounds`). After it, the reply's metrics are cut to what
 the policy releases (:func:`~fl_imaging.site.policy.release_metrics`) and one record is
@@ -22,6 +22,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 
 from fl_imaging.config import RunConfig
 from fl_imaging.flower.protocol import SERVER_ROUND, SiteRefusal, content_sha256
+from fl_imaging.he.records import HE
 from fl_imaging.review.site_metrics import append_sent_metrics, sent_metrics_path
 from fl_imaging.review.site_record import request_summary
 from fl_imaging.secagg.arithmetic import SECAGG
@@ -101,6 +102,7 @@ def gated_reply(
                 cfg,
                 training=training,
                 masked=SECAGG in msg.content.config_records,
+                encrypted=HE in msg.content.config_records,
                 simulated=setup.simulated,
             )
         if training:
