@@ -45,6 +45,7 @@ FREE_TEXT = {
     "tracking.experiment",
     "tracking.run_name",
     "site.state_dir",
+    "site.he_key",  # a key file, checked by the site when it loads it
     "site.policy",
     "run_dir",
     "resume",
