@@ -15,6 +15,7 @@ from fl_imaging.review.results import read_metrics
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_scaffold_runs_two_rounds_on_real_processes(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
@@ -31,6 +32,7 @@ def test_scaffold_runs_two_rounds_on_real_processes(
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_ditto_scores_every_site_s_personal_model_on_real_processes(
     federation: LocalFederation, tmp_path: Path
 ) -> None:

@@ -21,6 +21,7 @@ from fl_imaging.review.results import read_metrics  # noqa: E402
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_he_across_real_processes_with_the_key_only_at_the_sites(tmp_path: Path) -> None:
     sites = make_demo_data(
         tmp_path / "data", num_sites=2, cases_per_site=6, shape=(24, 24, 24), dicom_sites=(),

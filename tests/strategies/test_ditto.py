@@ -106,6 +106,7 @@ def test_every_personal_model_differs_from_the_global_one_and_is_scored(
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_real_run_with_ditto_exits_0(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_cli(
