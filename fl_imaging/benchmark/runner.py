@@ -317,8 +317,10 @@ def run_benchmark(overrides: list[str], only: str = "", list_only: bool = False)
         return 2
     out = Path(base.bench.out_dir) / name
     metrics = _main_metrics(checked[planned[0]])
-    chosen, _ = _tuning(out, trials, metrics[0])
+    chosen: dict[tuple[str, str], Choice] = {}
+    scores: dict[Trial, float] = {}
     if list_only:
+        chosen, _ = _tuning(out, trials, metrics[0])
         for _, cell in trials:
             print(f"{cell_status(cell, out / 'cells' / cell.key):8} {cell.key}")
         decided = plan_cells(base.bench, overrides, {k: c.override for k, c in chosen.items()})
@@ -350,7 +352,7 @@ def run_benchmark(overrides: list[str], only: str = "", list_only: bool = False)
         publics = [(c, checked[c]) for c in wanted_cells if c.kind == PUBLIC]
         tuning = [(c, checked[c]) for _, c in trials if c.method in wanted]
         _run_cells([*publics, *tuning], out, progress, failed)
-        chosen, _ = _tuning(out, trials, metrics[0])
+        chosen, scores = _tuning(out, trials, metrics[0])  # the trials are done from here on
         tuned = {(t.setup, t.method) for t, _ in trials if t.method in wanted}
         for setup, method in sorted(tuned - set(chosen)):
             failed.append(f"{setup}/{method}: not tuned (a trial failed), its cells did not run")
@@ -375,7 +377,6 @@ def run_benchmark(overrides: list[str], only: str = "", list_only: bool = False)
     _run_cells([(c, checked[c]) for c in planned if c.method in wanted], out, progress, failed)
     md_path = _report(name, overrides, out, [(c, checked[c]) for c in planned], metrics, chosen)
     if trials:
-        _, scores = _tuning(out, trials, metrics[0])
         tuning_csv = write_tuning_csv(
             list(dict.fromkeys(t for t, _ in trials)),
             scores,
