@@ -21,29 +21,11 @@ from PIL import Image
 
 from fl_imaging.cli.data import main as data_cli
 from fl_imaging.config.compose import check_overrides
-from fl_imaging.data.demo import make_demo_data
 from fl_imaging.data.prepare import prepare_sites
 from fl_imaging.data.sites import SiteDataError
 from fl_imaging.training.site_training import SiteRef, site_cases
 
 PERMISSION = "cannot be read: permission denied; give the account that runs fl-imaging read"
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two segmentation sites of 3 cases, 12x12x10 voxels: site-1 DICOM, site-2 NIfTI."""
-    root = tmp_path_factory.mktemp("demo")
-    return make_demo_data(root, num_sites=2, cases_per_site=3, shape=(12, 12, 10), seed=0)
-
-
-@pytest.fixture
-def dicom_site(demo: list[Path], tmp_path: Path) -> Path:
-    return Path(shutil.copytree(demo[0], tmp_path / "hospital-a"))
-
-
-@pytest.fixture
-def nifti_site(demo: list[Path], tmp_path: Path) -> Path:
-    return Path(shutil.copytree(demo[1], tmp_path / "hospital-b"))
 
 
 def _csv_site(root: Path, n: int = 4) -> Path:
